@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
-from ehrsr.config import EHRSRConfig
+from ehrsr.config import MODULE_TOGGLES, EHRSRConfig
+from ehrsr.model import EHRSR, build_model
+from ehrsr.reparam import reparameterize
 
-__all__ = ["EHRSRConfig"]
+__all__ = ["EHRSR", "MODULE_TOGGLES", "EHRSRConfig", "build_model", "reparameterize"]
 __version__ = "0.1.0"

@@ -19,6 +19,7 @@ from typing import Any, Literal
 import yaml
 
 __all__ = [
+    "MODULE_TOGGLES",
     "EHRSRConfig",
     "FSBConfig",
     "MSGConfig",
@@ -27,7 +28,6 @@ __all__ = [
     "RepMixConfig",
     "SSMConfig",
     "WABConfig",
-    "MODULE_TOGGLES",
 ]
 
 

@@ -1,0 +1,69 @@
+"""FSB: frequency-separation block. The high-frequency part of the spectrum is isolated with
+``rfft2``, re-weighted by a learned per-channel gain that depends on the radial frequency, brought
+back with ``irfft2``, gated by a conv of the input and added through a learned scalar that starts
+at 0, so the block starts as the identity (DESIGN.md invariant 4).
+
+Idea from frequency-aware restoration networks (AdaIR, Cui et al. 2024; SFHformer, Jiang et al.
+2024): texture and edges live in high frequencies that plain convs under-fit. The gain is stored
+on ``n_bins`` radial bins between ``cutoff`` and the Nyquist radius and linearly interpolated, so
+the same parameters serve any input size. FFTs run in float32 (float64 stays float64) with
+autocast disabled; the result is cast back to the input dtype.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+__all__ = ["FrequencySeparationBlock", "radial_frequency"]
+
+
+def radial_frequency(height: int, width: int, device: torch.device) -> torch.Tensor:
+    """(H, W//2+1) normalised radius of every ``rfft2`` bin: 0 at DC, 1 at the Nyquist radius."""
+    fy = torch.fft.fftfreq(height, device=device)  # cycles per pixel, in [-0.5, 0.5)
+    fx = torch.fft.rfftfreq(width, device=device)  # [0, 0.5]
+    radius = torch.sqrt(fy[:, None] ** 2 + fx[None, :] ** 2) / 0.5
+    return radius.clamp(max=1.0)  # the corners (beyond Nyquist along the diagonal) share the last bin
+
+
+class FrequencySeparationBlock(nn.Module):
+    def __init__(self, channels: int, cutoff: float = 0.25, n_bins: int = 8) -> None:
+        super().__init__()
+        if not 0 <= cutoff < 1:
+            raise ValueError(f"cutoff must be in [0, 1), got {cutoff}")
+        self.cutoff = cutoff
+        self.n_bins = n_bins
+        self.gain = nn.Parameter(torch.ones(channels, n_bins))  # per channel, per radial bin
+        self.gate = nn.Conv2d(channels, channels, 1)  # spatial gate computed from the input
+        self.project = nn.Conv2d(channels, channels, 1)
+        self.alpha = nn.Parameter(torch.zeros(1))  # learned merge scale, 0 = identity at start
+        self._weight_cache: dict[tuple, tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = {}
+
+    def _interpolation(self, height: int, width: int, device: torch.device):
+        """Bin indices and weights that map the per-bin gains onto the rfft2 grid (cached per size)."""
+        # inference-mode tensors cannot enter autograd later: cache them separately
+        key = (height, width, device, torch.is_inference_mode_enabled())
+        if key not in self._weight_cache:
+            radius = radial_frequency(height, width, device)
+            high = (radius > self.cutoff).float()  # hard split: low frequencies pass untouched
+            pos = ((radius - self.cutoff) / (1 - self.cutoff)).clamp(0, 1) * (self.n_bins - 1)
+            lower = pos.floor().long().clamp(max=self.n_bins - 2)
+            frac = (pos - lower) * high
+            if len(self._weight_cache) > 16:
+                self._weight_cache.clear()
+            self._weight_cache[key] = (lower, frac, high)
+        return self._weight_cache[key]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        _, _, height, width = x.shape
+        compute_dtype = torch.promote_types(x.dtype, torch.float32)
+        lower, frac, high = self._interpolation(height, width, x.device)
+        with torch.autocast(device_type=x.device.type, enabled=False):
+            spectrum = torch.fft.rfft2(x.to(compute_dtype), norm="ortho")  # (B, C, H, W//2+1)
+            gain = self.gain.to(compute_dtype)
+            gain_map = gain[:, lower] * (1 - frac) + gain[:, lower + 1] * frac  # (C, H, W//2+1)
+            spectrum = spectrum * (gain_map * high.to(compute_dtype))
+            high_part = torch.fft.irfft2(spectrum, s=(height, width), norm="ortho")
+        high_part = high_part.to(x.dtype)
+        y = self.project(high_part * torch.sigmoid(self.gate(x)))
+        return x + self.alpha.to(x.dtype) * y
