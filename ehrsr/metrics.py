@@ -286,7 +286,9 @@ def _build_pyiqa_lpips(device: torch.device, lin: Path | None, backbone: Path | 
         _check_lin_weights(lin)
     kwargs = {"pretrained_model_path": str(lin)} if lin is not None else {}
     with _HUB_LOCK, tempfile.TemporaryDirectory(prefix="ehrsr-hub-") as temporary_hub:
-        previous_hub = torch.hub.get_dir()
+        # torch.hub.set_dir has no "unset": remember the raw setting (None = follow $TORCH_HOME)
+        # so that pointing the hub elsewhere for one construction leaves no trace.
+        previous_hub = getattr(torch.hub, "_hub_dir", None)
         if backbone is not None:
             # torchvision loads AlexNet from <hub>/checkpoints/<file>; point the hub at a folder
             # holding a link to the caller's file for the duration of the construction.
@@ -298,7 +300,8 @@ def _build_pyiqa_lpips(device: torch.device, lin: Path | None, backbone: Path | 
         except Exception as exc:  # network errors, missing or corrupt files: all mean "no LPIPS"
             raise LPIPSUnavailable(_unavailable_message(f"pyiqa could not build LPIPS ({type(exc).__name__}: {exc})")) from None
         finally:
-            torch.hub.set_dir(previous_hub)
+            if backbone is not None:
+                torch.hub._hub_dir = previous_hub
     metric.eval()
     return metric
 
@@ -394,7 +397,7 @@ def _tile_starts(length: int, tile: int, stride: int) -> list[int]:
 def _run_tiled(model: nn.Module, x: torch.Tensor, scale: int, multiple: int, tile: int, overlap: int) -> torch.Tensor:
     """Overlapping tiles, outputs averaged where they overlap (SwinIR's test-time tiling scheme)."""
     height, width = x.shape[-2:]
-    stride = max(1, tile - overlap)
+    stride = tile - min(overlap, tile // 2)  # overlap capped at half a tile
     out = torch.zeros(x.shape[0], x.shape[1], height * scale, width * scale, device=x.device, dtype=torch.float32)
     weight = torch.zeros(1, 1, height * scale, width * scale, device=x.device, dtype=torch.float32)
     for top in _tile_starts(height, tile, stride):
@@ -437,9 +440,11 @@ def evaluate(
         val_set: items with ``name``, ``lr`` and ``hr`` (uint8 HWC), e.g. a :class:`ValSet`.
         crop_border: pixels removed on each side before PSNR/SSIM (the scale, for SR).
         lpips: an :class:`LPIPS` instance, or None to skip LPIPS.
-        tile_size: LR tile side for tiled inference; by default images with more than
-            ``max_pixels`` LR pixels are tiled with 256-pixel tiles, smaller ones run whole.
-        tile_overlap: LR pixels shared by neighbouring tiles (outputs are averaged there).
+        tile_size: LR tile side; when given, every image is tiled. By default images with more
+            than ``max_pixels`` LR pixels are tiled with ``isqrt(max_pixels)`` tiles, smaller ones
+            run whole.
+        tile_overlap: LR pixels shared by neighbouring tiles (outputs are averaged there);
+            at most half the tile.
         y_channel: PSNR/SSIM on Y (the SR convention) or on RGB.
     """
     device = torch.device(device)
@@ -463,7 +468,8 @@ def evaluate(
                 height, width = x.shape[-2:]
                 use_tiles = tile_size is not None or height * width > max_pixels
                 if use_tiles:
-                    out = _run_tiled(model, x, scale, multiple, tile_size or 256, tile_overlap)
+                    tile = tile_size or math.isqrt(max_pixels)  # tiles stay within the pixel limit
+                    out = _run_tiled(model, x, scale, multiple, tile, tile_overlap)
                 else:
                     out = _run_full(model, x, scale, multiple)
                 pred = to_uint8_image(out.float())

@@ -222,21 +222,22 @@ class _ImageBank:
         self, index: torch.Tensor, top: torch.Tensor, left: torch.Tensor, size: int, transform: torch.Tensor
     ) -> torch.Tensor:
         """Square crops ``(B, 3, size, size)`` at (top, left) of images ``index``, each under one of the
-        8 flips / 90-degree rotations (bit 0: transpose, bit 1: flip rows, bit 2: flip columns).
+        8 flips / 90-degree rotations: bit 0 transposes the crop, then bit 1 flips the patch's rows
+        and bit 2 its columns (exactly what :meth:`crop_loop` does with views).
 
-        The flat source index of patch pixel (i, j) is ``start + c*H*W + row(i)*W + col(j)`` and
-        for a transposed patch ``row(j)*W + col(i)``: a sum of a term in i and a term in j, so the
-        index is built from (B, size) vectors with a single broadcast add, then one ``gather``.
+        The flat source index of patch pixel (i, j) is ``start + c*H*W + (top + i')*W + left + j'``
+        (``i'``, ``j'`` = i, j or their flips), or with i' and j' swapped for a transposed patch:
+        a term in i plus a term in j, so the index is built from (B, size) vectors with one
+        broadcast add, then a single ``gather``.
         """
         steps = torch.arange(size, device=self.buffer.device).view(1, size)
-        flip_rows = (transform & 2 == 2).view(-1, 1)
-        flip_cols = (transform & 4 == 4).view(-1, 1)
+        steps_i = torch.where((transform & 2 == 2).view(-1, 1), size - 1 - steps, steps)  # (B, size)
+        steps_j = torch.where((transform & 4 == 4).view(-1, 1), size - 1 - steps, steps)
         transposed = (transform & 1 == 1).view(-1, 1)
         width = self.shapes[index, 1].view(-1, 1)
-        row_term = (top.view(-1, 1) + torch.where(flip_rows, size - 1 - steps, steps)) * width  # (B, size)
-        col_term = left.view(-1, 1) + torch.where(flip_cols, size - 1 - steps, steps)  # (B, size)
-        term_i = torch.where(transposed, col_term, row_term)  # varies along the patch's rows
-        term_j = torch.where(transposed, row_term, col_term)  # varies along the patch's columns
+        top, left = top.view(-1, 1), left.view(-1, 1)
+        term_i = torch.where(transposed, left + steps_i, (top + steps_i) * width)  # varies along patch rows
+        term_j = torch.where(transposed, (top + steps_j) * width, left + steps_j)  # varies along patch columns
         plane = self.shapes[index, 0] * self.shapes[index, 1]
         channel_start = self.offsets[index].view(-1, 1) + torch.arange(3, device=self.buffer.device) * plane.view(-1, 1)
         flat = (channel_start.unsqueeze(2) + term_i.unsqueeze(1)).unsqueeze(3) + term_j.view(-1, 1, 1, size)

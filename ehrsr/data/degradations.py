@@ -13,7 +13,6 @@ from the image's name, :func:`image_seed`); training noise is drawn fresh for ev
 from __future__ import annotations
 
 import io
-import math
 import zlib
 
 import numpy as np
@@ -54,8 +53,8 @@ def image_seed(name: str, salt: int = 0) -> int:
 
 
 def gaussian_kernel(sigma: float) -> np.ndarray:
-    """Normalised 1-D Gaussian of standard deviation ``sigma``, truncated at 4 sigma (scipy's default)."""
-    radius = max(1, math.ceil(4.0 * sigma))
+    """Normalised 1-D Gaussian of standard deviation ``sigma``, radius ``round(4 sigma)`` (scipy's default)."""
+    radius = max(1, int(4.0 * sigma + 0.5))
     t = np.arange(-radius, radius + 1, dtype=np.float64)
     kernel = np.exp(-0.5 * (t / sigma) ** 2)
     return kernel / kernel.sum()
