@@ -526,9 +526,10 @@ def bicubic_baseline(
     """PSNR/SSIM of MATLAB-bicubic upsampling of each LR image against its HR (the "Bicubic" row of
     SR papers; for restoration at scale 1, the quality of the degraded input itself).
 
-    ``crop_border`` defaults to the set's scale.
+    ``crop_border`` defaults to the set's scale for SR and 0 for restoration (scale 1), the
+    conventions of SR and of denoising / deblurring papers.
     """
     scale = int(getattr(val_set, "scale", 1))
-    border = scale if crop_border is None else crop_border
+    border = (scale if scale > 1 else 0) if crop_border is None else crop_border
     return evaluate(BicubicUpsampler(scale), val_set, crop_border=border, lpips=lpips, y_channel=y_channel)
 

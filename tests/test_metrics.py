@@ -226,3 +226,11 @@ def test_scale_mismatch_is_reported(val_set):
 def test_bicubic_upsampler_identity_at_scale_1():
     x = torch.rand(1, 3, 5, 5)
     assert torch.equal(BicubicUpsampler(1)(x), x)
+
+
+def test_restoration_baseline_is_the_input_quality_without_crop():
+    images = [synthetic_image(32, 32, seed=12)]
+    val = ValSet.from_images(images, TaskConfig(task="denoise", noise_sigma=10), names=["n"])
+    result = bicubic_baseline(val)
+    assert result.convention.startswith("PSNR/SSIM on Y (BT.601), crop_border=0")
+    assert result.psnr == pytest.approx(psnr(val[0].lr, val[0].hr, crop_border=0), abs=1e-12)
