@@ -1,0 +1,321 @@
+"""Latency of one inference pass: warm-up passes, then the median and spread of timed passes.
+
+Follows PLKSR's benchmark harness in spirit (Lee et al. 2024: 100 warm-up passes, 100 timed
+passes) rather than the NTIRE ESR script (each image timed once, no warm-up): the median of many
+warm passes is stable enough to rank models, and its 10th / 90th percentiles show the noise.
+
+* GPU: ``torch.backends.cudnn.benchmark = True`` (restored afterwards), CUDA events recorded
+  around each pass and synchronised before reading them, optional autocast to float16 / bfloat16.
+* CPU: a fixed ``torch.set_num_threads(threads)`` (restored afterwards), ``time.perf_counter``
+  around each pass.
+
+Both run under ``torch.inference_mode()``. Defaults scale down automatically (``plan_passes``):
+one cold pass and one calibration pass estimate the time per pass; then warm-up and timed passes
+are chosen to fill a time budget (1.5 s of timed passes on CPU, 1.0 s on GPU), between 5 and 100
+timed passes and up to 100 warm-ups. A small model is timed 100 times in well under a second; a
+model that takes 300 ms per pass on a CPU gets 5 timed passes, about 2.5 s in all. As a single
+calibration pass can mislead on a busy machine, an automatic plan also stops at twice its budget
+(after at least 5 timed passes). Explicit ``warmup`` / ``repeats`` are always honoured exactly.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import platform
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from torch import nn
+
+__all__ = [
+    "LatencyStats",
+    "PassPlan",
+    "cpu_threads",
+    "device_name",
+    "measure_latency",
+    "parse_device",
+    "parse_dtype",
+    "plan_passes",
+]
+
+MAX_WARMUP = 100  # PLKSR's harness
+MAX_REPEATS = 100  # PLKSR's harness
+MIN_REPEATS = 5  # fewer timed passes make the 10th / 90th percentiles meaningless
+CALIBRATION_PASSES = 2  # one cold pass (lazy initialisation, cuDNN autotuning), one to estimate
+BUDGET_S = {"cpu": 1.5, "cuda": 1.0}  # seconds of timed passes the automatic plan aims for
+WARMUP_SHARE = 0.25  # warm-up time as a share of the timed budget
+OVERRUN = 2.0  # an automatic plan stops at twice its budget when the calibration was optimistic
+
+_DTYPES = {
+    "float32": torch.float32,
+    "fp32": torch.float32,
+    "float": torch.float32,
+    "float16": torch.float16,
+    "fp16": torch.float16,
+    "half": torch.float16,
+    "bfloat16": torch.bfloat16,
+    "bf16": torch.bfloat16,
+}
+
+
+@dataclass(frozen=True)
+class LatencyStats:
+    """Timing of ``repeats`` passes after ``warmup`` untimed ones (milliseconds)."""
+
+    latency_ms: float  # median
+    latency_ms_p10: float
+    latency_ms_p90: float
+    samples_ms: tuple[float, ...]  # every timed pass, in order
+    warmup: int  # untimed passes actually run (calibration passes included)
+    repeats: int  # timed passes
+    dtype: str
+    device: str  # readable device name (GPU model, or CPU model and threads)
+
+
+@dataclass(frozen=True)
+class PassPlan:
+    warmup: int
+    repeats: int
+
+
+def parse_dtype(dtype: str | torch.dtype) -> tuple[str, torch.dtype]:
+    """('float32' | 'float16' | 'bfloat16', torch dtype); anything else raises ``ValueError``."""
+    if isinstance(dtype, torch.dtype):
+        for _name, value in _DTYPES.items():
+            if value == dtype:
+                return _canonical(value), value
+    elif isinstance(dtype, str) and dtype.lower() in _DTYPES:
+        value = _DTYPES[dtype.lower()]
+        return _canonical(value), value
+    raise ValueError(f"dtype must be one of float32, float16, bfloat16, got {dtype!r}")
+
+
+def _canonical(dtype: torch.dtype) -> str:
+    return {torch.float32: "float32", torch.float16: "float16", torch.bfloat16: "bfloat16"}[dtype]
+
+
+def parse_device(device: str | torch.device) -> torch.device:
+    """A CPU or an available CUDA device; anything else raises ``ValueError`` naming the problem."""
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError):
+        raise ValueError(f"device must be 'cpu', 'cuda' or 'cuda:N', got {device!r}") from None
+    if dev.type not in ("cpu", "cuda"):
+        raise ValueError(f"device must be 'cpu', 'cuda' or 'cuda:N', got {device!r}")
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ValueError(f"device {device!r} requested but CUDA is not available (torch.cuda.is_available() is False)")
+        index = dev.index if dev.index is not None else torch.cuda.current_device()
+        if index >= torch.cuda.device_count():
+            raise ValueError(f"device {device!r} requested but only {torch.cuda.device_count()} CUDA device(s) exist")
+        dev = torch.device("cuda", index)
+    return dev
+
+
+def _check_count(name: str, value: int | None, minimum: int) -> None:
+    if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < minimum):
+        raise ValueError(f"{name} must be an integer >= {minimum} or None (automatic), got {value!r}")
+
+
+def plan_passes(
+    pass_ms: float, device_type: str, warmup: int | None = None, repeats: int | None = None
+) -> PassPlan:
+    """Warm-up and timed passes for a model that takes ``pass_ms`` per pass (see module docstring).
+
+    Explicit ``warmup`` / ``repeats`` win; the warm-up count includes the calibration passes.
+    """
+    budget_ms = 1000.0 * BUDGET_S[device_type]
+    pass_ms = max(pass_ms, 1e-3)
+    if repeats is None:
+        repeats = min(MAX_REPEATS, max(MIN_REPEATS, math.floor(budget_ms / pass_ms)))
+    if warmup is None:
+        warmup = min(MAX_WARMUP, max(CALIBRATION_PASSES, math.floor(WARMUP_SHARE * budget_ms / pass_ms)))
+    return PassPlan(warmup=warmup, repeats=repeats)
+
+
+def _cpu_name() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return " ".join(line.split(":", 1)[1].split())
+    except OSError:
+        pass
+    return platform.processor() or platform.machine() or "unknown CPU"
+
+
+def device_name(device: str | torch.device, threads: int | None = None) -> str:
+    """A readable name: the GPU model for CUDA, the CPU model and thread count for the CPU."""
+    dev = parse_device(device)
+    if dev.type == "cuda":
+        return f"{torch.cuda.get_device_name(dev)} (cuda:{dev.index})"
+    n = threads if threads is not None else torch.get_num_threads()
+    return f"{_cpu_name()} ({n} thread{'s' if n != 1 else ''})"
+
+
+@contextlib.contextmanager
+def cpu_threads(threads: int | None) -> Iterator[int]:
+    """``torch.set_num_threads(threads)`` for the duration (None: leave as is); restored afterwards."""
+    _check_count("threads", threads, 1)
+    previous = torch.get_num_threads()
+    if threads is not None:
+        torch.set_num_threads(threads)
+    try:
+        yield torch.get_num_threads()
+    finally:
+        torch.set_num_threads(previous)
+
+
+@contextlib.contextmanager
+def _cudnn_benchmark() -> Iterator[None]:
+    previous = torch.backends.cudnn.benchmark
+    torch.backends.cudnn.benchmark = True  # pick the fastest conv algorithm for these shapes
+    try:
+        yield
+    finally:
+        torch.backends.cudnn.benchmark = previous
+
+
+def autocast_context(device_type: str, dtype: torch.dtype) -> contextlib.AbstractContextManager:
+    """Autocast to ``dtype`` (weights stay float32); nothing for float32."""
+    if dtype == torch.float32:
+        return contextlib.nullcontext()
+    return torch.autocast(device_type=device_type, dtype=dtype)
+
+
+class _PerfCounterClock:
+    """Wall-clock time of a CPU pass."""
+
+    def time_ms(self, run: Callable[[], object]) -> float:
+        start = time.perf_counter()
+        run()
+        return 1000.0 * (time.perf_counter() - start)
+
+
+class _CudaEventClock:
+    """GPU time of a pass between two CUDA events; the end event is synchronised before reading.
+
+    ``event_factory`` / ``synchronize`` default to ``torch.cuda.Event`` / ``torch.cuda.synchronize``
+    (injectable so the control flow can be tested on a machine without a GPU).
+    """
+
+    def __init__(
+        self,
+        device: torch.device,
+        event_factory: Callable[..., object] | None = None,
+        synchronize: Callable[[torch.device], None] | None = None,
+    ) -> None:
+        self.device = device
+        self.event_factory = event_factory or torch.cuda.Event
+        self.synchronize = synchronize or torch.cuda.synchronize
+
+    def time_ms(self, run: Callable[[], object]) -> float:
+        start = self.event_factory(enable_timing=True)
+        end = self.event_factory(enable_timing=True)
+        self.synchronize(self.device)  # nothing queued before the start event
+        start.record()
+        run()
+        end.record()
+        end.synchronize()
+        return float(start.elapsed_time(end))
+
+
+def _run_timed(
+    run: Callable[[], object],
+    clock: _PerfCounterClock | _CudaEventClock,
+    device_type: str,
+    warmup: int | None,
+    repeats: int | None,
+) -> tuple[list[float], int, int]:
+    """Warm up, time; returns (samples in ms, warm-up passes run, timed passes run).
+
+    Explicit counts are always honoured. Automatic counts come from the calibration estimate; as
+    one estimate can be far off on a busy machine, an automatic count also stops at a deadline of
+    ``OVERRUN`` times its share of the budget (timing stops only once ``MIN_REPEATS`` are done).
+    """
+    budget_s = BUDGET_S[device_type]
+    warmup_deadline = repeats_deadline = math.inf
+    done = 0
+    if warmup is None or repeats is None:
+        clock.time_ms(run)  # cold pass: lazy initialisation, allocator growth, cuDNN autotuning
+        estimate = clock.time_ms(run)
+        done = CALIBRATION_PASSES
+        plan = plan_passes(estimate, device_type, warmup, repeats)
+        if warmup is None:
+            warmup_deadline = time.perf_counter() + OVERRUN * WARMUP_SHARE * budget_s
+        if repeats is None:
+            repeats_deadline = OVERRUN * budget_s  # relative: starts with the timed passes
+        warmup = max(plan.warmup, done)
+        repeats = plan.repeats
+    while done < warmup and time.perf_counter() < warmup_deadline:
+        clock.time_ms(run)
+        done += 1
+    samples: list[float] = []
+    stop = time.perf_counter() + repeats_deadline
+    while len(samples) < repeats:
+        samples.append(clock.time_ms(run))
+        if len(samples) >= MIN_REPEATS and time.perf_counter() > stop:
+            break
+    return samples, done, len(samples)
+
+
+def measure_latency(
+    model: nn.Module,
+    inputs: torch.Tensor,
+    dtype: str | torch.dtype = "float32",
+    warmup: int | None = None,
+    repeats: int | None = None,
+    threads: int | None = None,
+) -> LatencyStats:
+    """Time ``model(inputs)`` on the inputs' device (the model must already be there, in eval mode).
+
+    ``dtype`` float16 / bfloat16 runs under autocast. ``warmup`` / ``repeats`` None: automatic
+    (module docstring). ``threads`` applies to the CPU only (None: the current setting).
+    """
+    dtype_name, torch_dtype = parse_dtype(dtype)
+    _check_count("warmup", warmup, 0)
+    _check_count("repeats", repeats, 1)
+    device = inputs.device
+    _check_model_device(model, device)
+
+    def run() -> object:
+        with autocast_context(device.type, torch_dtype):
+            return model(inputs)
+
+    with torch.inference_mode():
+        if device.type == "cuda":
+            with _cudnn_benchmark():
+                samples, warmup_done, repeats_done = _run_timed(run, _CudaEventClock(device), "cuda", warmup, repeats)
+            name = device_name(device)
+        else:
+            with cpu_threads(threads) as n_threads:
+                samples, warmup_done, repeats_done = _run_timed(run, _PerfCounterClock(), "cpu", warmup, repeats)
+            name = device_name(device, n_threads)
+    p10, median, p90 = (float(v) for v in np.percentile(samples, [10, 50, 90]))
+    return LatencyStats(
+        latency_ms=median,
+        latency_ms_p10=p10,
+        latency_ms_p90=p90,
+        samples_ms=tuple(samples),
+        warmup=warmup_done,
+        repeats=repeats_done,
+        dtype=dtype_name,
+        device=name,
+    )
+
+
+def _check_model_device(model: nn.Module, device: torch.device) -> None:
+    """The model's first parameter (or buffer) must be on the inputs' device."""
+    first = next(iter((*model.parameters(), *model.buffers())), None)
+    if first is None:
+        return
+    same_index = device.index is None or first.device.index in (None, device.index)
+    if first.device.type != device.type or not same_index:
+        raise ValueError(
+            f"{type(model).__name__} has tensors on {first.device} but the input is on {device}; "
+            "move the model first (profile_model does this for you)"
+        )
