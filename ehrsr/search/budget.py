@@ -1,0 +1,384 @@
+"""Search budgets: parsing ``--budget`` and accounting for it in the Optuna storage.
+
+A budget is one or more limits joined by commas; the first one exhausted stops the search::
+
+    gpu-hours=48        device-seconds of trials that ran on CUDA, / 3600
+    cpu-hours=2         device-seconds of trials that ran on the CPU, / 3600
+    hours=1.5           device-seconds of every trial whatever its device, / 3600
+    minutes=10          the same, / 60
+    trials=30           trials that ran (refused-before-training ones do not count)
+
+A trial's *charge* is its wall time times the devices it used (one GPU = one device; a CPU trial
+is one device whatever its thread count). Each trial records its own charge in its user
+attributes (``record_start`` when it begins, ``record_charge`` when it ends), and the spent budget
+is the sum over the study's trials, read from the storage. So every worker on the storage sees
+the same total, resumes continue from it, and no worker ever read-modify-writes a shared counter.
+
+How each trial is counted:
+
+* ``WAITING`` (enqueued, not started): nothing.
+* refused before training (user attribute ``refused``): nothing, neither time nor ``trials``.
+* ``RUNNING``: its elapsed wall time so far (``now - datetime_start``) times its devices; it
+  counts as one trial. When deciding whether a new trial may start (``allows_new_trial``) a
+  running trial is counted as ``max(elapsed, estimate)``: it will most likely use the estimate.
+* ``COMPLETE``/``PRUNED``/``FAIL``: ``charged_seconds`` if recorded, else
+  ``datetime_complete - datetime_start`` times its devices (a worker killed mid-trial leaves no
+  charge; Optuna's heartbeat or the driver later marks that trial failed, and its time up to then
+  is charged).
+
+Clocks: Optuna stores ``datetime_start`` in the local time of the worker that started the trial,
+so workers on several machines should share a time zone and NTP-synchronised clocks.
+"""
+
+from __future__ import annotations
+
+import math
+import statistics
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Any
+
+from optuna.trial import TrialState
+
+__all__ = [
+    "ATTR_CHARGED_SECONDS",
+    "ATTR_DEVICE_KIND",
+    "ATTR_N_DEVICES",
+    "ATTR_REFUSED",
+    "UNITS",
+    "Budget",
+    "BudgetError",
+    "Limit",
+    "Spent",
+    "TrialCharge",
+    "check_budget_device",
+    "estimate_trial_seconds",
+    "parse_budget",
+    "record_charge",
+    "record_refused",
+    "record_start",
+    "trial_charge",
+]
+
+UNITS: tuple[str, ...] = ("gpu-hours", "cpu-hours", "hours", "minutes", "trials")
+
+ATTR_CHARGED_SECONDS = "charged_seconds"  # wall seconds x devices, set when the trial ends
+ATTR_DEVICE_KIND = "device_kind"  # 'cuda' or 'cpu' (any torch device type), set when it starts
+ATTR_N_DEVICES = "n_devices"  # devices the trial used, set when it starts
+ATTR_REFUSED = "refused"  # why it was refused before training (costs no budget)
+
+_SECONDS_PER_UNIT = {"gpu-hours": 3600.0, "cpu-hours": 3600.0, "hours": 3600.0, "minutes": 60.0}
+_UNIT_KIND = {"gpu-hours": "cuda", "cpu-hours": "cpu"}  # time units that count one device kind
+_FINISHED = (TrialState.COMPLETE, TrialState.PRUNED, TrialState.FAIL)
+
+
+class BudgetError(ValueError):
+    """A budget is malformed or cannot be honoured on this machine (one line, for the CLI)."""
+
+
+@dataclass(frozen=True)
+class Limit:
+    """One limit of a budget, in the unit the user wrote (``gpu-hours=48``)."""
+
+    unit: str
+    amount: float
+
+    @property
+    def amount_text(self) -> str:
+        return str(int(self.amount)) if float(self.amount).is_integer() else str(self.amount)
+
+    def describe(self) -> str:
+        return f"{self.unit}={self.amount_text}"
+
+    @property
+    def seconds(self) -> float | None:
+        """The limit in device-seconds; None for ``trials``."""
+        factor = _SECONDS_PER_UNIT.get(self.unit)
+        return None if factor is None else self.amount * factor
+
+
+@dataclass(frozen=True)
+class Spent:
+    """What a study has used so far."""
+
+    gpu_seconds: float  # device-seconds charged by CUDA trials
+    cpu_seconds: float  # device-seconds charged by CPU trials
+    total_seconds: float  # device-seconds charged by every trial, any device
+    trials: int  # trials that ran or are running (refused ones excluded)
+    running: int  # of which still running
+    refused: int  # trials refused before training (not in ``trials``)
+
+    def amount(self, unit: str) -> float:
+        """Spent in a budget unit's own terms (GPU-hours, minutes, trials, ...)."""
+        if unit == "trials":
+            return float(self.trials)
+        seconds = {"gpu-hours": self.gpu_seconds, "cpu-hours": self.cpu_seconds}.get(unit, self.total_seconds)
+        return seconds / _SECONDS_PER_UNIT[unit]
+
+    def describe(self) -> str:
+        parts = [f"{self.trials} trial{'s' if self.trials != 1 else ''}"]
+        if self.gpu_seconds:
+            parts.append(f"{self.gpu_seconds / 3600:.3g} GPU-hours")
+        if self.cpu_seconds:
+            parts.append(f"{self.cpu_seconds / 3600:.3g} CPU-hours")
+        parts.append(f"{self.total_seconds / 60:.3g} device-minutes in all")
+        return ", ".join(parts)
+
+
+@dataclass(frozen=True)
+class TrialCharge:
+    """One trial's share of the budget."""
+
+    seconds: float  # device-seconds (wall x devices)
+    device_kind: str | None  # None when the trial never recorded it
+    counted: bool  # counts toward ``trials``
+    running: bool
+    refused: bool
+
+
+# ---------------------------------------------------------------------------------------------
+# parsing
+
+
+def parse_budget(text: str) -> Budget:
+    """Parse ``gpu-hours=48``, ``minutes=10``, ``trials=30,hours=2`` ... (see the module docstring).
+
+    Malformed text raises ``BudgetError`` with one line naming what is wrong.
+    """
+    if not isinstance(text, str) or not text.strip():
+        raise BudgetError("empty budget; give UNIT=AMOUNT, e.g. gpu-hours=48, minutes=10 or trials=30")
+    limits: list[Limit] = []
+    for raw in text.split(","):
+        item = raw.strip()
+        if not item:
+            raise BudgetError(f"budget {text!r} has an empty item; separate limits with single commas")
+        if "=" not in item:
+            raise BudgetError(f"budget item {item!r} has no '='; write UNIT=AMOUNT, e.g. trials=30")
+        unit, _, amount_text = (part.strip() for part in item.partition("="))
+        unit = unit.lower()
+        if unit not in UNITS:
+            raise BudgetError(f"unknown budget unit {unit!r} in {item!r}; valid units: {', '.join(UNITS)}")
+        try:
+            amount = float(amount_text)
+        except ValueError:
+            raise BudgetError(f"budget amount {amount_text!r} of {unit} is not a number") from None
+        if not math.isfinite(amount):
+            raise BudgetError(f"budget amount of {unit} must be a finite number, got {amount_text!r}")
+        if amount <= 0:
+            raise BudgetError(f"budget amount of {unit} must be > 0, got {amount_text}")
+        if unit == "trials" and not amount.is_integer():
+            raise BudgetError(f"trials must be a whole number, got {amount_text}")
+        if any(limit.unit == unit for limit in limits):
+            raise BudgetError(f"budget unit {unit!r} is given twice in {text!r}")
+        if {unit, *(limit.unit for limit in limits)} >= {"hours", "minutes"}:
+            raise BudgetError("hours and minutes both limit the total device time; give one of them")
+        limits.append(Limit(unit, int(amount) if unit == "trials" else amount))
+    return Budget(tuple(limits), text.strip())
+
+
+def check_budget_device(budget: Budget, cuda_available: bool, device_kind: str | None = None) -> None:
+    """Refuse budgets this machine cannot spend: ``gpu-hours`` without CUDA, or a budget whose
+    only limits count a device kind the trials will not run on (it would never be exhausted)."""
+    units = {limit.unit for limit in budget.limits}
+    if "gpu-hours" in units and not cuda_available:
+        limit = next(limit for limit in budget.limits if limit.unit == "gpu-hours")
+        raise BudgetError(
+            f"{limit.describe()} needs a CUDA GPU and none is available; "
+            f"budget CPU time with cpu-hours=... or minutes=... (or use trials=...)"
+        )
+    if (
+        device_kind is not None
+        and units <= set(_UNIT_KIND)
+        and all(_UNIT_KIND[unit] != device_kind for unit in units)
+    ):
+        raise BudgetError(
+            f"budget {budget.describe_short()} only counts "
+            f"{' and '.join(sorted(_UNIT_KIND[u] for u in units))} trials but the trials run on "
+            f"{device_kind}, so it would never be spent; use hours=..., minutes=... or trials=..."
+        )
+
+
+# ---------------------------------------------------------------------------------------------
+# recording (called by the driver inside each trial)
+
+
+def record_start(trial: Any, device_kind: str, n_devices: int = 1) -> None:
+    """Mark which device kind and how many devices a trial uses (set at its start, so a running
+    trial is charged to the right limit)."""
+    if n_devices < 1:
+        raise ValueError(f"n_devices must be >= 1, got {n_devices}")
+    trial.set_user_attr(ATTR_DEVICE_KIND, str(device_kind))
+    trial.set_user_attr(ATTR_N_DEVICES, int(n_devices))
+
+
+def record_charge(trial: Any, wall_seconds: float, n_devices: int | None = None) -> float:
+    """Record a finished trial's charge (``wall_seconds`` x devices) and return it."""
+    if n_devices is None:
+        n_devices = int(getattr(trial, "user_attrs", {}).get(ATTR_N_DEVICES, 1))
+    charged = max(0.0, float(wall_seconds)) * n_devices
+    trial.set_user_attr(ATTR_CHARGED_SECONDS, charged)
+    return charged
+
+
+def record_refused(trial: Any, reason: str) -> None:
+    """Mark a trial refused before training: it costs no budget and does not count as a trial."""
+    trial.set_user_attr(ATTR_REFUSED, str(reason))
+
+
+# ---------------------------------------------------------------------------------------------
+# accounting
+
+
+def _elapsed_seconds(start: datetime, now: datetime | None) -> float:
+    if now is None:
+        now = datetime.now(start.tzinfo) if start.tzinfo is not None else datetime.now()
+    elif (now.tzinfo is None) != (start.tzinfo is None):
+        now = now.astimezone(start.tzinfo) if start.tzinfo is not None else now.astimezone().replace(tzinfo=None)
+    return max(0.0, (now - start).total_seconds())
+
+
+def trial_charge(trial: Any, now: datetime | None = None) -> TrialCharge:
+    """One frozen trial's charge (see the module docstring for the rules)."""
+    attrs = trial.user_attrs
+    kind = attrs.get(ATTR_DEVICE_KIND)
+    n_devices = int(attrs.get(ATTR_N_DEVICES, 1))
+    if trial.state == TrialState.WAITING:
+        return TrialCharge(0.0, kind, counted=False, running=False, refused=False)
+    if ATTR_REFUSED in attrs:
+        return TrialCharge(0.0, kind, counted=False, running=trial.state == TrialState.RUNNING, refused=True)
+    if trial.state == TrialState.RUNNING:
+        seconds = _elapsed_seconds(trial.datetime_start, now) * n_devices if trial.datetime_start else 0.0
+        return TrialCharge(seconds, kind, counted=True, running=True, refused=False)
+    if ATTR_CHARGED_SECONDS in attrs:
+        seconds = float(attrs[ATTR_CHARGED_SECONDS])
+    elif trial.datetime_start is not None and trial.datetime_complete is not None:
+        seconds = max(0.0, (trial.datetime_complete - trial.datetime_start).total_seconds()) * n_devices
+    else:
+        seconds = 0.0
+    return TrialCharge(seconds, kind, counted=True, running=False, refused=False)
+
+
+def _sum(charges: list[TrialCharge]) -> Spent:
+    return Spent(
+        gpu_seconds=sum(c.seconds for c in charges if c.device_kind == "cuda"),
+        cpu_seconds=sum(c.seconds for c in charges if c.device_kind == "cpu"),
+        total_seconds=sum(c.seconds for c in charges),
+        trials=sum(c.counted for c in charges),
+        running=sum(c.running and c.counted for c in charges),
+        refused=sum(c.refused for c in charges),
+    )
+
+
+def estimate_trial_seconds(study: Any, prior_seconds: float, device_kind: str | None = None) -> float:
+    """Expected charge of the next trial: the median charge of the study's trials that ran to an
+    end (complete or stopped early; of ``device_kind`` when given), or ``prior_seconds`` (the
+    space's ``seconds_per_trial_estimate``) before there are any."""
+    charges = []
+    for frozen in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE, TrialState.PRUNED)):
+        charge = trial_charge(frozen)
+        if charge.refused or charge.seconds <= 0:
+            continue
+        if device_kind is not None and charge.device_kind not in (device_kind, None):
+            continue
+        charges.append(charge.seconds)
+    return float(statistics.median(charges)) if charges else float(prior_seconds)
+
+
+class Budget:
+    """Parsed limits plus the accounting against a study. Build with ``parse_budget``."""
+
+    def __init__(self, limits: tuple[Limit, ...], text: str = "") -> None:
+        if not limits:
+            raise BudgetError("a budget needs at least one limit")
+        self.limits = limits
+        self.text = text or ",".join(limit.describe() for limit in limits)
+
+    def __repr__(self) -> str:
+        return f"Budget({self.describe_short()!r})"
+
+    def describe_short(self) -> str:
+        return ",".join(limit.describe() for limit in self.limits)
+
+    def describe(self) -> str:
+        """Plain-English description, e.g. 'at most 48 GPU-hours (CUDA trials' device time) or
+        30 trials, whichever is exhausted first'."""
+        words = {
+            "gpu-hours": "GPU-hours (device time of CUDA trials)",
+            "cpu-hours": "CPU-hours (device time of CPU trials)",
+            "hours": "hours of device time (all trials)",
+            "minutes": "minutes of device time (all trials)",
+            "trials": "trials",
+        }
+        parts = [f"{limit.amount_text} {words[limit.unit]}" for limit in self.limits]
+        text = "at most " + " or ".join(parts)
+        return text + (", whichever is exhausted first" if len(parts) > 1 else "")
+
+    # -- accounting -------------------------------------------------------------------------------
+    def spent(self, study: Any, now: datetime | None = None) -> Spent:
+        """Everything charged so far by the study's trials (all workers, all sessions)."""
+        return _sum([trial_charge(t, now) for t in study.get_trials(deepcopy=False)])
+
+    def remaining(self, study: Any, now: datetime | None = None) -> dict[str, float]:
+        """What is left of each limit, in its own unit (never below 0)."""
+        spent = self.spent(study, now)
+        return {limit.unit: max(0.0, limit.amount - spent.amount(limit.unit)) for limit in self.limits}
+
+    def used_fraction(self, spent: Spent) -> float:
+        """Share of the budget used, for a progress bar: the largest share over the limits (the
+        search stops when the first one is exhausted), capped at 1."""
+        return min(1.0, max(spent.amount(limit.unit) / limit.amount for limit in self.limits))
+
+    def exhausted(self, study: Any, now: datetime | None = None) -> str | None:
+        """The first exhausted limit, described (e.g. 'trials=3 reached: 3 trials ran'), or None."""
+        return self._exhausted(self.spent(study, now))
+
+    def _exhausted(self, spent: Spent) -> str | None:
+        for limit in self.limits:
+            used = spent.amount(limit.unit)
+            if used >= limit.amount:
+                return f"{limit.describe()} reached: {spent.describe()}"
+        return None
+
+    def allows_new_trial(
+        self,
+        study: Any,
+        estimate_seconds: float,
+        *,
+        device_kind: str | None = None,
+        trial_number: int | None = None,
+        now: datetime | None = None,
+    ) -> tuple[bool, str]:
+        """May one more trial start? Only if no limit is exhausted and every limit that would be
+        charged for it (all of them when ``device_kind`` is None) covers ``estimate_seconds``.
+
+        Running trials count as ``max(elapsed, estimate_seconds)``. Call it once before
+        ``study.ask()`` and again with ``trial_number`` (the asked trial's number) afterwards:
+        then only trials numbered below it count, so when several workers race for the last
+        slot, the lower-numbered trial wins and the others (told FAIL with ``record_refused``)
+        cost nothing.
+        """
+        charges = []
+        for frozen in study.get_trials(deepcopy=False):
+            if trial_number is not None and frozen.number >= trial_number:
+                continue
+            charge = trial_charge(frozen, now)
+            if charge.running and charge.counted:
+                charge = TrialCharge(max(charge.seconds, estimate_seconds), charge.device_kind, True, True, False)
+            charges.append(charge)
+        spent = _sum(charges)
+        reason = self._exhausted(spent)
+        if reason is not None:
+            return False, reason
+        for limit in self.limits:
+            if limit.unit == "trials":
+                continue  # not exhausted means at least one more trial fits
+            kind = _UNIT_KIND.get(limit.unit)
+            if kind is not None and device_kind is not None and kind != device_kind:
+                continue  # this trial will not be charged to that limit
+            left_seconds = limit.seconds - spent.amount(limit.unit) * _SECONDS_PER_UNIT[limit.unit]
+            if left_seconds < estimate_seconds:
+                return False, (
+                    f"{limit.describe()}: {left_seconds:.0f} device-seconds left, less than the "
+                    f"{estimate_seconds:.0f} s a trial is estimated to cost"
+                )
+        return True, f"within budget {self.describe_short()} ({spent.describe()})"
