@@ -141,8 +141,8 @@ def _verbosity(args: argparse.Namespace) -> int:
 
 def _user_errors() -> tuple[type[BaseException], ...]:
     """Exception types that mean 'the input is wrong', printed as one line with exit 2."""
-    from ehrsr.search.driver import SearchError
     from ehrsr.search.storage import StorageError
+    from ehrsr.search.study import SearchError
 
     errors: list[type[BaseException]] = [SearchError, StorageError, ValueError, FileNotFoundError]
     try:
@@ -161,8 +161,9 @@ def _user_errors() -> tuple[type[BaseException], ...]:
 
 
 def _search(args: argparse.Namespace) -> int:
-    from ehrsr.search.driver import SearchSettings, run_search
+    from ehrsr.search.driver import run_search
     from ehrsr.search.runner import Limits
+    from ehrsr.search.study import SearchSettings
 
     task: dict[str, Any] = {"task": args.task}
     for key in ("scale", "noise_sigma", "blur_sigma", "jpeg_quality"):
@@ -206,7 +207,7 @@ def _need_study(args: argparse.Namespace, command: str) -> None:
 
 def _report(args: argparse.Namespace) -> int:
     from ehrsr.reports import write_report
-    from ehrsr.search.driver import load_study
+    from ehrsr.search.study import load_study
 
     _need_study(args, "report")
     study, _, study_dir = load_study(args.study_name, args.storage, args.out_dir)
@@ -216,17 +217,40 @@ def _report(args: argparse.Namespace) -> int:
 
 
 def _ablate(args: argparse.Namespace) -> int:
-    from ehrsr.search.ablation import run_ablation_command
+    from ehrsr.search.driver import run_ablation_for_study
 
     _need_study(args, "ablate")
-    return run_ablation_command(args)
+    budget_seconds = None
+    if args.budget:
+        from ehrsr.search.budget import parse_budget
+
+        limits = [limit for limit in parse_budget(args.budget).limits if limit.seconds is not None]
+        if not limits:
+            raise ValueError(f"ablate --budget {args.budget}: give a time (hours=, minutes=, gpu-hours=, cpu-hours=)")
+        budget_seconds = min(limit.seconds for limit in limits)
+    result = run_ablation_for_study(
+        args.study_name, args.storage, args.out_dir, device=args.device, reference=args.reference,
+        seeds=args.ablation_seeds, budget_seconds=budget_seconds, lpips_weights=args.lpips_weights,
+        verbosity=_verbosity(args),
+    )
+    print(f"controlled ablation of trial #{result.reference_trial}: {result.runs_run} runs now, "
+          f"{result.runs_skipped} already stored, {result.runs_planned} planned"
+          + (f"; stopped: {result.stopped}" if result.stopped else ""))
+    return 0
 
 
 def _deploy(args: argparse.Namespace) -> int:
-    from ehrsr.search.deployment import run_deploy_command
+    from ehrsr.reports import pick_deployment, write_report
+    from ehrsr.search.study import load_study
 
     _need_study(args, "deploy")
-    return run_deploy_command(args)
+    study, _, study_dir = load_study(args.study_name, args.storage, args.out_dir)
+    for name in args.device_profile:
+        pick = pick_deployment(study, name, study_dir, weights_root=study_dir, onnx=args.onnx,
+                               devices_path=args.devices_file, progress=not args.quiet)
+        print(pick.summary() if hasattr(pick, "summary") else f"{name}: {pick}")
+    write_report(study, study_dir, quiet=True)
+    return 0
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -235,7 +259,14 @@ def main(argv: list[str] | None = None) -> int:
     if argv and argv[0] in SUBCOMMANDS:
         argv = argv[1:]
     parser = build_parser()[command]
-    args = parser.parse_args(argv)
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as exc:  # --help (0) or a usage error (2, already printed in one line)
+        return int(exc.code or 0)
+    import optuna
+
+    # Optuna's own INFO lines ("A new study created ...") would interleave with ours
+    optuna.logging.set_verbosity(optuna.logging.INFO if getattr(args, "verbose", False) else optuna.logging.WARNING)
     handler = {"search": _search, "report": _report, "ablate": _ablate, "deploy": _deploy}[command]
     try:
         return handler(args)

@@ -1,0 +1,403 @@
+"""Opening a study: validated settings, the stored recipe (``ContextSpec``), samplers, resume checks.
+
+``prepare_study`` turns the command line into an Optuna study whose user attributes say
+everything the reports and later runs need (docs/study_schema.md): the space, task, data,
+objectives, device, profile settings, limits, budget and the measuring conventions. Re-running
+the same command finds the study again; asking a different question of an existing study
+(other objectives, task, data or space) is refused, so its trials stay comparable.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import warnings
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import optuna
+import torch
+
+import ehrsr
+from ehrsr.search.objectives import DEFAULT_OBJECTIVES, OBJECTIVES, Objective, parse_objectives
+from ehrsr.search.runner import Limits, RunContext
+from ehrsr.search.storage import StorageError, default_storage_url, mask_url, open_storage
+
+__all__ = [
+    "ContextSpec",
+    "PreparedStudy",
+    "SearchError",
+    "SearchSettings",
+    "build_context",
+    "load_study",
+    "prepare_study",
+]
+
+class SearchError(RuntimeError):
+    """A problem the user must fix (bad option, incompatible existing study...); one line."""
+
+
+@dataclass
+class SearchSettings:
+    """Everything ``run_search.py`` can set; the defaults are the newcomer's CPU demo."""
+
+    space: str | None = None  # None: "full" with CUDA, else "tiny"
+    budget: str | None = None  # None: gpu-hours=1 with CUDA, else minutes=10
+    objectives: str = ",".join(DEFAULT_OBJECTIVES)
+    device: str | None = None  # None: cuda when present, else cpu
+    profile_size: tuple[int, int] = (256, 256)  # LR input of the latency profile (NTIRE: 256x256)
+    profile_dtype: str = "float32"
+    threads: int | None = None  # CPU threads for training and latency (None: torch's default)
+    limits: Limits = field(default_factory=Limits)
+    sampler: str = "tpe"
+    seed: int = 0
+    storage: str | None = None  # None: reports/<study>/study.db (or .journal for several workers)
+    study_name: str | None = None
+    out_dir: Path = Path("reports")
+    workers: int | str = 1  # int or "auto" (one per visible GPU)
+    train_data: str | None = None
+    val_data: str | None = None
+    task: dict[str, Any] = field(default_factory=dict)  # TaskConfig fields (task, scale, noise_sigma...)
+    cache_dir: str | None = None
+    lpips_weights: str | None = None
+    early_stopping: bool = True
+    isolate: bool | None = None  # None: child process per trial on CUDA only
+    ablation_share: float = 0.15
+    ablation_seeds: int = 2
+    write_reports: bool = True
+    verbosity: int = 1  # 0 quiet, 1 normal, 2 verbose
+
+    def resolved_device(self) -> torch.device:
+        if self.device is None:
+            return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        try:
+            device = torch.device(self.device)
+        except RuntimeError:
+            raise SearchError(f"--device {self.device!r} is not a device: use cpu, cuda or cuda:N") from None
+        if device.type == "cuda" and not torch.cuda.is_available():
+            raise SearchError(f"--device {self.device}: CUDA is not available on this machine; use --device cpu")
+        if device.type not in ("cpu", "cuda"):
+            raise SearchError(f"--device {self.device}: only cpu and cuda are supported")
+        return device
+
+
+@dataclass
+class ContextSpec:
+    """What rebuilds a ``RunContext`` anywhere (child processes, workers, ``ablate``, ``deploy``).
+
+    Stored in the study (user attribute ``context``), so a study carries its own recipe.
+    """
+
+    task: dict[str, Any]
+    train_data: str | None
+    val_data: str | None
+    objectives: list[str]
+    profile_shape: list[int]
+    profile_dtype: str
+    threads: int | None
+    limits: dict[str, float | None]
+    patch_size: int
+    batch_size: int
+    loss: str
+    crop_border: int
+    cache_dir: str | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> ContextSpec:
+        return cls(**{k: data[k] for k in cls.__dataclass_fields__ if k in data})
+
+
+def build_context(
+    spec: ContextSpec,
+    device: torch.device,
+    *,
+    lpips_weights: str | None = None,
+    need_lpips: bool = False,
+    progress: bool = False,
+    log: Any = None,
+) -> RunContext:
+    """Prepare data (from the on-disk cache after the first time), LPIPS and the run context."""
+    from ehrsr.data import TaskConfig, prepare_data
+
+    task = TaskConfig.from_dict(spec.task)
+    train_set, val_set = prepare_data(
+        task,
+        spec.train_data,
+        spec.val_data,
+        cache_dir=spec.cache_dir,
+        progress=progress,
+    )
+    train_set = train_set.to(device)
+    lpips = _load_lpips(device, lpips_weights, required=need_lpips, log=log)
+    return RunContext(
+        train_set=train_set,
+        val_set=val_set,
+        objectives=[OBJECTIVES[n] for n in spec.objectives],
+        device=device,
+        crop_border=spec.crop_border,
+        patch_size=spec.patch_size,
+        batch_size=spec.batch_size,
+        loss=spec.loss,
+        profile_shape=tuple(spec.profile_shape),
+        profile_dtype=spec.profile_dtype,
+        threads=spec.threads,
+        lpips=lpips,
+        limits=Limits.from_dict(spec.limits),
+    )
+
+
+def _load_lpips(device: torch.device, weights: str | None, *, required: bool, log: Any) -> Any:
+    from ehrsr.metrics import LPIPS, LPIPSUnavailable
+
+    try:
+        return LPIPS(device=device, weights_path=weights)
+    except LPIPSUnavailable as exc:
+        if required:
+            raise SearchError(f"lpips is an objective but LPIPS is unavailable: {exc}") from None
+        if log is not None:
+            log(f"note: LPIPS unavailable, continuing without it ({exc})")
+        return None
+
+
+def _default_study_name(space_name: str, task: Any, train_data: str | None, val_data: str | None) -> str:
+    name = f"ehrsr-{space_name}-{_task_slug(task)}"
+    if train_data or val_data:
+        digest = hashlib.sha1(f"{train_data}|{val_data}".encode()).hexdigest()[:6]
+        name += f"-{digest}"
+    return name
+
+
+def _task_slug(task: Any) -> str:
+    if task.task == "sr":
+        return f"sr-x{task.scale}"
+    return f"{task.task}-x{task.scale}" if task.scale > 1 else task.task
+
+
+@dataclass
+class PreparedStudy:
+    study: optuna.Study
+    storage_url: str
+    study_dir: Path
+    space: Any
+    budget: Any
+    spec: ContextSpec
+    objectives: list[Objective]
+    device: torch.device
+    device_name: str
+    created: bool
+
+
+def _sampler(name: str, seed: int, n_objectives: int, constrained: bool) -> optuna.samplers.BaseSampler:
+    constraints_func = _constraints_of if constrained else None
+    name = name.lower()
+    if name == "tpe":
+        # multivariate + group: TPE models the conditional parameters of each module jointly
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+            return optuna.samplers.TPESampler(
+                seed=seed, constraints_func=constraints_func, multivariate=True, group=True
+            )
+    if name == "nsga2":
+        return optuna.samplers.NSGAIISampler(seed=seed, constraints_func=constraints_func)
+    if name == "nsga3":
+        return optuna.samplers.NSGAIIISampler(seed=seed, constraints_func=constraints_func)
+    if name == "gp":
+        return optuna.samplers.GPSampler(seed=seed, constraints_func=constraints_func)
+    if name == "random":
+        return optuna.samplers.RandomSampler(seed=seed)
+    raise SearchError(f"--sampler {name!r} is not one of tpe, nsga2, nsga3, gp, random")
+
+
+def _constraints_of(trial: optuna.trial.FrozenTrial) -> list[float]:
+    constraints = trial.constraints
+    return [constraints[k] for k in sorted(constraints)]
+
+
+def prepare_study(settings: SearchSettings, log: Any = print) -> PreparedStudy:
+    """Validate the settings, open or create the study, store its recipe, enqueue references."""
+    from ehrsr.data import TaskConfig
+    from ehrsr.profiling import device_name
+    from ehrsr.search.budget import BudgetError, check_budget_device, parse_budget
+    from ehrsr.search.space import SearchSpaceError, load_space
+
+    device = settings.resolved_device()
+    try:
+        objectives = parse_objectives(settings.objectives)
+    except ValueError as exc:
+        raise SearchError(str(exc)) from None
+    budget_text = settings.budget or ("gpu-hours=1" if device.type == "cuda" else "minutes=10")
+    try:
+        budget = parse_budget(budget_text)
+        check_budget_device(budget, torch.cuda.is_available(), device.type)
+    except BudgetError as exc:
+        raise SearchError(f"--budget {budget_text}: {exc}") from None
+    try:
+        space = load_space(settings.space or ("full" if device.type == "cuda" else "tiny"))
+    except SearchSpaceError as exc:
+        raise SearchError(str(exc)) from None
+    try:
+        task = TaskConfig.from_dict(settings.task)
+    except ValueError as exc:
+        raise SearchError(f"task: {exc}") from None
+    if not 0 <= settings.ablation_share < 1:
+        raise SearchError(f"--ablation-share must be in [0, 1), got {settings.ablation_share}")
+
+    study_name = settings.study_name or _default_study_name(space.name, task, settings.train_data, settings.val_data)
+    study_dir = Path(settings.out_dir) / study_name
+    try:
+        study_dir.mkdir(parents=True, exist_ok=True)
+        probe = study_dir / ".write-test"
+        probe.write_text("ok")
+        probe.unlink()
+    except OSError as exc:
+        raise SearchError(f"output folder {study_dir} is not writable: {exc.strerror}") from None
+    workers = _resolve_workers(settings.workers, device)
+    storage_url = settings.storage or default_storage_url(study_dir, workers)
+    storage = open_storage(storage_url)
+
+    fidelity = space.fidelity
+    spec = ContextSpec(
+        task=task.to_dict(),
+        train_data=settings.train_data,
+        val_data=settings.val_data,
+        objectives=[o.name for o in objectives],
+        profile_shape=[1, 3, *settings.profile_size],
+        profile_dtype=settings.profile_dtype,
+        threads=settings.threads,
+        limits=settings.limits.to_dict(),
+        patch_size=fidelity.patch_size,
+        batch_size=fidelity.batch_size,
+        loss=fidelity.loss,
+        crop_border=task.scale if task.scale > 1 else 0,
+        cache_dir=settings.cache_dir,
+    )
+    constrained = settings.limits.max_latency_ms is not None or settings.limits.max_memory_mb is not None
+    sampler = _sampler(settings.sampler, settings.seed, len(objectives), constrained)
+    try:
+        existing = {s.study_name for s in optuna.get_all_study_summaries(storage)}
+    except Exception as exc:
+        raise StorageError(f"cannot read storage {mask_url(storage_url)}: {str(exc).splitlines()[0]}") from None
+    created = study_name not in existing
+    study = optuna.create_study(
+        storage=storage,
+        study_name=study_name,
+        directions=[o.direction for o in objectives],
+        sampler=sampler,
+        load_if_exists=True,
+    )
+    dev_name = device_name(device, settings.threads)
+    if created or "context" not in study.user_attrs:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+            study.set_metric_names([o.name for o in objectives])
+        attrs = {
+            "ehrsr_version": ehrsr.__version__,
+            "objectives": [o.name for o in objectives],
+            "space": {"name": space.name, "path": str(space.path) if space.path else None, "yaml": space.source_text},
+            "task": task.to_dict(),
+            "data": {
+                "train": settings.train_data or "built-in scikit-image sample images",
+                "val": settings.val_data or "built-in scikit-image sample images",
+                "builtin": settings.train_data is None and settings.val_data is None,
+            },
+            "device": {"kind": device.type, "name": dev_name, "n_devices": workers if device.type == "cuda" else 1},
+            "profile": {"input_shape": spec.profile_shape, "dtype": settings.profile_dtype, "threads": settings.threads},
+            "budget": budget.text,
+            "limits": settings.limits.to_dict(),
+            "conventions": _conventions(spec, dev_name),
+            "early_stopping": {
+                "enabled": settings.early_stopping,
+                "rung_steps": list(fidelity.rung_steps),
+                "eta": fidelity.eta,
+            },
+            "ablation_share": settings.ablation_share,
+            "ablation_seeds": settings.ablation_seeds,
+            "seed": settings.seed,
+            "sampler": settings.sampler,
+            "context": spec.to_dict(),
+        }
+        for key, value in attrs.items():
+            study.set_user_attr(key, value)
+        for name, params in space.reference_params().items():
+            study.enqueue_trial(params, user_attrs={"reference": name}, skip_if_exists=True)
+    else:
+        _check_compatible(study, spec, space, settings)
+        study.set_user_attr("budget", budget.text)  # a resume may extend the budget
+    return PreparedStudy(study, storage_url, study_dir, space, budget, spec, objectives, device, dev_name, created)
+
+
+def load_study(study_name: str, storage: str | None, out_dir: Path) -> tuple[optuna.Study, str, Path]:
+    """Open an existing study for ``report`` / ``ablate`` / ``deploy``; clear error if missing."""
+    study_dir = Path(out_dir) / study_name
+    url = storage or default_storage_url(study_dir)
+    if storage is None and not (study_dir / "study.db").exists() and not (study_dir / "study.journal").exists():
+        raise SearchError(f"no study {study_name!r}: {study_dir}/study.db does not exist (give --storage URL?)")
+    backend = open_storage(url)
+    try:
+        names = {s.study_name for s in optuna.get_all_study_summaries(backend)}
+    except Exception as exc:
+        raise StorageError(f"cannot read storage {mask_url(url)}: {str(exc).splitlines()[0]}") from None
+    if study_name not in names:
+        known = ", ".join(sorted(names)) or "none"
+        raise SearchError(f"no study {study_name!r} in storage {mask_url(url)} (studies there: {known})")
+    return optuna.load_study(study_name=study_name, storage=backend), url, study_dir
+
+
+def _conventions(spec: ContextSpec, dev_name: str) -> dict[str, str]:
+    shape = "x".join(str(s) for s in spec.profile_shape)
+    y = f"Y channel (ITU-R BT.601, MATLAB rgb2ycbcr), crop_border={spec.crop_border}, uint8-rounded (BasicSR)"
+    return {
+        "psnr": f"PSNR on {y}",
+        "ssim": f"SSIM (11x11 Gaussian, sigma 1.5) on {y}",
+        "lpips": "LPIPS (AlexNet, v0.1) via pyiqa on RGB in [0, 1]",
+        "macs": f"fvcore MACs (one multiply-add = 1) of the deploy form at {shape}",
+        "latency": f"median latency of the deploy form at {shape}, {spec.profile_dtype}, on {dev_name}",
+        "memory": f"peak memory of one inference at {shape} on {dev_name}",
+        "lr": "LR made by MATLAB-compatible bicubic (antialiased, a=-0.5) after cropping HR to a multiple of the scale",
+    }
+
+
+def _check_compatible(study: optuna.Study, spec: ContextSpec, space: Any, settings: SearchSettings) -> None:
+    """A resume must ask the same question; otherwise the trials would not be comparable."""
+    stored = ContextSpec.from_dict(study.user_attrs["context"])
+    hint = "use another --study-name for a different search"
+    if stored.objectives != spec.objectives:
+        raise SearchError(
+            f"study {study.study_name!r} optimises {','.join(stored.objectives)}, not {','.join(spec.objectives)}; {hint}"
+        )
+    for key, label in (("task", "task"), ("train_data", "--train-data"), ("val_data", "--val-data"),
+                       ("profile_shape", "--profile-size"), ("profile_dtype", "--profile-dtype")):
+        if getattr(stored, key) != getattr(spec, key):
+            raise SearchError(
+                f"study {study.study_name!r} was created with {label} {getattr(stored, key)}, "
+                f"not {getattr(spec, key)}; {hint}"
+            )
+    stored_space = study.user_attrs.get("space", {})
+    if stored_space.get("yaml") != space.source_text:
+        raise SearchError(
+            f"study {study.study_name!r} was created with a different search space "
+            f"({stored_space.get('name')}); {hint}"
+        )
+
+
+def _resolve_workers(workers: int | str, device: torch.device) -> int:
+    if workers == "auto":
+        return max(1, torch.cuda.device_count()) if device.type == "cuda" else 1
+    try:
+        n = int(workers)
+    except (TypeError, ValueError):
+        raise SearchError(f"--workers must be a positive integer or 'auto', got {workers!r}") from None
+    if n < 1:
+        raise SearchError(f"--workers must be >= 1, got {n}")
+    if device.type == "cuda" and n > max(1, torch.cuda.device_count()):
+        raise SearchError(f"--workers {n}: only {torch.cuda.device_count()} GPU(s) visible; use --workers auto")
+    return n
+
+
+def _task(spec: ContextSpec) -> Any:
+    from ehrsr.data import TaskConfig
+
+    return TaskConfig.from_dict(spec.task)

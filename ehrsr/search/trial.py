@@ -1,0 +1,223 @@
+"""One trial of the search: the picklable job, its execution (in-process or in a child process),
+MO-ASHA at the rungs, and the heartbeat that lets other workers detect a dead one.
+
+A running trial refreshes a ``heartbeat`` user attribute every ``HEARTBEAT_SECONDS``; a worker
+finding a RUNNING trial whose heartbeat is older than ``STALE_SECONDS`` marks it failed ("its
+worker stopped"), so a dead worker's trial neither stays RUNNING forever nor keeps eating the
+budget. On CUDA (or with ``isolate=True``) each trial runs in a spawned child process: a CUDA
+error or a crash in an extension ends that trial only, and its GPU memory goes with the process.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import multiprocessing as mp
+import queue
+import threading
+import time
+import traceback
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import optuna
+import torch
+from optuna.trial import TrialState
+
+from ehrsr.config import EHRSRConfig
+from ehrsr.search.runner import RunContext, RunResult, run_configuration
+from ehrsr.search.storage import open_storage
+from ehrsr.search.study import ContextSpec, build_context
+
+__all__ = [
+    "HEARTBEAT_SECONDS",
+    "STALE_SECONDS",
+    "TrialJob",
+    "execute_isolated",
+    "execute_trial",
+    "fail_stale_trials",
+]
+
+STALE_SECONDS = 300.0  # a running trial silent this long belongs to a dead worker
+
+
+HEARTBEAT_SECONDS = 30.0
+
+
+@dataclass
+class TrialJob:
+    """What a trial needs, picklable so it can cross into a child process."""
+
+    storage_url: str
+    study_name: str
+    trial_id: int
+    trial_number: int
+    config: dict[str, Any]
+    train: dict[str, Any]
+    steps: int
+    seed: int
+    rung_steps: list[int]
+    eta: int
+    early_stopping: bool
+    spec: dict[str, Any]
+    device: str
+    lpips_weights: str | None
+    weights_path: str | None
+    threads: int | None
+
+
+def execute_trial(job: TrialJob, ctx: RunContext | None = None, study: optuna.Study | None = None) -> dict[str, Any]:
+    """Run one trial and write its attributes; returns a small picklable outcome for ``tell``."""
+    from ehrsr.search.asha import MOASHA
+
+    if study is None:
+        study = optuna.load_study(study_name=job.study_name, storage=open_storage(job.storage_url))
+    trial = optuna.trial.Trial(study, job.trial_id)
+    if job.threads:
+        torch.set_num_threads(job.threads)
+    device = torch.device(job.device)
+    spec = ContextSpec.from_dict(job.spec)
+    if ctx is None:
+        ctx = build_context(spec, device, lpips_weights=job.lpips_weights)
+    config = EHRSRConfig.from_dict(job.config)
+    asha = MOASHA(job.rung_steps[0], job.eta, job.steps, [o.direction for o in ctx.objectives])
+    stop_reason: dict[str, str] = {}
+
+    def on_rung(rung_index: int, step: int, values: list[float], metrics: dict[str, Any]) -> bool:
+        trial.set_user_attr(f"rung_{rung_index}", {"step": step, "values": values, "metrics": _jsonable(metrics)})
+        constraints = ctx.limits.constraints(metrics)
+        violated = {k: v for k, v in constraints.items() if v > 0}
+        if violated and job.early_stopping:
+            # cost does not change with training: an infeasible configuration stays infeasible
+            stop_reason["reason"] = f"infeasible at rung {rung_index} ({step} steps): " + ", ".join(
+                f"{k} exceeds its limit by {v:.3g}" for k, v in violated.items()
+            )
+            return False
+        if not job.early_stopping:
+            return True
+        decision = asha.decide(trial, rung_index, values)
+        if not decision.promote:
+            stop_reason["reason"] = f"stopped by MO-ASHA at {decision.reason}"
+        return decision.promote
+
+    rung_steps = asha.rungs[:-1] if job.early_stopping else ()
+    result: RunResult = run_configuration(
+        config, job.train, ctx, steps=job.steps, seed=job.seed, rung_steps=rung_steps, on_rung=on_rung
+    )
+    outcome: dict[str, Any] = {
+        "status": result.status,
+        "reason": stop_reason.get("reason", result.reason),
+        "values": result.values,
+        "metrics": _jsonable(result.metrics),
+        "seconds": result.seconds,
+        "steps_done": result.steps_done,
+        "constraints": {},
+    }
+    if result.metrics and "latency_ms" in result.metrics:
+        outcome["constraints"] = ctx.limits.constraints(result.metrics)
+    if result.status == "complete" and result.model is not None and job.weights_path:
+        from safetensors.torch import save_model
+
+        Path(job.weights_path).parent.mkdir(parents=True, exist_ok=True)
+        save_model(result.model.cpu(), job.weights_path)
+        outcome["weights"] = job.weights_path
+    return outcome
+
+
+def _child_main(job: TrialJob, results: Any) -> None:
+    try:
+        results.put(("ok", execute_trial(job)))
+    except BaseException as exc:  # report every failure to the parent, then exit non-zero
+        results.put(("error", f"{type(exc).__name__}: {exc}", traceback.format_exc()))
+        raise SystemExit(1) from None
+
+
+def execute_isolated(job: TrialJob, poll_seconds: float = 1.0, target: Any = None) -> dict[str, Any]:
+    """Run ``execute_trial`` in a spawned child process; a crash becomes an outcome, not an exception.
+
+    ``target(job, results)`` is the child's entry point (``_child_main``; tests pass crashing ones).
+    """
+    ctx = mp.get_context("spawn")
+    results = ctx.Queue()
+    child = ctx.Process(target=target or _child_main, args=(job, results), daemon=True)
+    child.start()
+    message = None
+    try:
+        while message is None:
+            try:
+                message = results.get(timeout=poll_seconds)
+            except queue.Empty:
+                if not child.is_alive():
+                    with contextlib.suppress(queue.Empty):
+                        message = results.get(timeout=1.0)
+                    break
+    except KeyboardInterrupt:
+        child.terminate()
+        raise
+    child.join(timeout=30)
+    if child.is_alive():
+        child.kill()
+    if message is None:
+        code = child.exitcode
+        what = f"signal {-code}" if code is not None and code < 0 else f"exit code {code}"
+        return {"status": "crashed", "reason": f"trial process died ({what})", "values": None, "metrics": {},
+                "seconds": {}, "steps_done": 0, "constraints": {}}
+    if message[0] == "error":
+        return {"status": "error", "reason": message[1], "traceback": message[2], "values": None, "metrics": {},
+                "seconds": {}, "steps_done": 0, "constraints": {}}
+    return message[1]
+
+
+def _jsonable(metrics: dict[str, Any]) -> dict[str, Any]:
+    out = {}
+    for key, value in metrics.items():
+        if isinstance(value, torch.Tensor):
+            value = value.item()
+        if isinstance(value, float) and not math.isfinite(value):
+            value = None
+        out[key] = value
+    return out
+
+
+class _Heartbeat:
+    """Refreshes the trial's ``heartbeat`` user attribute while it runs (see module docstring)."""
+
+    def __init__(self, study: optuna.Study, trial_id: int) -> None:
+        self.study, self.trial_id = study, trial_id
+        self.stop = threading.Event()
+        self.thread = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self) -> None:
+        while not self.stop.wait(HEARTBEAT_SECONDS):
+            with contextlib.suppress(Exception):
+                self.study._storage.set_trial_user_attr(self.trial_id, "heartbeat", time.time())
+
+    def __enter__(self) -> _Heartbeat:
+        self.study._storage.set_trial_user_attr(self.trial_id, "heartbeat", time.time())
+        self.thread.start()
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.stop.set()
+        self.thread.join(timeout=5)
+
+
+def fail_stale_trials(study: optuna.Study, now: float | None = None) -> list[int]:
+    """Mark RUNNING trials whose heartbeat is older than ``STALE_SECONDS`` failed; return their numbers."""
+    now = time.time() if now is None else now
+    failed = []
+    for frozen in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
+        beat = frozen.user_attrs.get("heartbeat")
+        if beat is None or now - float(beat) < STALE_SECONDS:
+            continue
+        storage = study._storage
+        start = frozen.datetime_start.timestamp() if frozen.datetime_start else float(beat)
+        with contextlib.suppress(Exception):
+            storage.set_trial_user_attr(frozen._trial_id, "status", "crashed")
+            storage.set_trial_user_attr(frozen._trial_id, "reason", "its worker stopped (no heartbeat)")
+            n_dev = int(frozen.user_attrs.get("n_devices", 1))
+            storage.set_trial_user_attr(frozen._trial_id, "charged_seconds", max(0.0, float(beat) - start) * n_dev)
+            storage.set_trial_state_values(frozen._trial_id, state=TrialState.FAIL)
+            failed.append(frozen.number)
+    return failed
