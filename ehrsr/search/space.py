@@ -531,7 +531,10 @@ class _Parser:
             data = yaml.safe_load(self.text)
             root = yaml.compose(self.text, Loader=yaml.SafeLoader)
         except yaml.YAMLError as exc:
-            raise SearchSpaceError(f"{self.where}: not valid YAML: {exc}") from None
+            mark = getattr(exc, "problem_mark", None)
+            location = f"{self.where}:{mark.line + 1}" if mark is not None else self.where
+            problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
+            raise SearchSpaceError(f"{location}: not valid YAML: {problem}") from None
         if data is None:
             raise SearchSpaceError(f"{self.where}: the file is empty")
         if not isinstance(data, dict):
