@@ -445,7 +445,7 @@ def _middle(dist: BaseDistribution | None) -> Any:
         return math.sqrt(dist.low * dist.high)
     if dist.step is not None:
         n_steps = round((dist.high - dist.low) / dist.step)
-        return dist.low + dist.step * (n_steps // 2)
+        return round(dist.low + dist.step * (n_steps // 2), 12)  # 0.3, not 0.30000000000000004
     return (dist.low + dist.high) / 2
 
 
