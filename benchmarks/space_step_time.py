@@ -1,48 +1,51 @@
-"""Time one training step of random configurations from a search space (sizing the fidelity).
+"""Time one training step of random configurations from a search space (sizing its fidelity).
 
-For each of N random configurations (Optuna's RandomSampler, fixed seed) plus the two reference
-anchors: build the network, run a few forward + backward + Adam steps on a batch of the space's
-LR patch size, and print the median step time and what the top rung (max_steps) would cost.
-Prints a table; asserts nothing. Example:
+For the two reference anchors and N random configurations (Optuna's RandomSampler, fixed seed):
+build the network and time forward + backward + Adam steps on a batch of the space's LR patch
+size; print the median step time and what training to the top rung (max_steps) would cost.
 
-    PYTHONPATH=. python benchmarks/space_step_time.py --space tiny --configs 20 --threads 2
+    python benchmarks/space_step_time.py [--space tiny] [--configs 20] [--threads 2]
+
+Prints tables; asserts nothing (timings on shared machines are noisy).
 """
 
 from __future__ import annotations
 
 import argparse
 import statistics
-import time
+import sys
+from pathlib import Path
 
 import optuna
 import torch
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from benchmarks._common import median_ms, print_table
 from ehrsr import build_model
 from ehrsr.search.space import load_space
 
 
-def step_ms(model: torch.nn.Module, batch: int, patch: int, scale: int, steps: int) -> float:
-    """Median wall time of one optimisation step, after one warm-up step."""
+def train_step_ms(model: torch.nn.Module, batch: int, patch: int, scale: int, repeats: int) -> float:
+    """Median ms of one optimisation step (L1 + MoE auxiliary loss, Adam) after one warm-up."""
     optimizer = torch.optim.Adam(model.parameters(), lr=1e-4)
-    lr = torch.rand(batch, 3, patch, patch)
-    hr = torch.rand(batch, 3, patch * scale, patch * scale)
-    times = []
-    for i in range(steps + 1):
-        start = time.perf_counter()
-        loss = (model(lr) - hr).abs().mean() + model.aux_loss()
+    lr_batch = torch.rand(batch, 3, patch, patch)
+    hr_batch = torch.rand(batch, 3, patch * scale, patch * scale)
+
+    def step() -> None:
+        loss = (model(lr_batch) - hr_batch).abs().mean() + model.aux_loss()
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
-        if i:
-            times.append((time.perf_counter() - start) * 1000)
-    return statistics.median(times)
+
+    return median_ms(step, warmup=1, repeats=repeats)
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--space", default="tiny")
-    parser.add_argument("--configs", type=int, default=20)
-    parser.add_argument("--steps", type=int, default=3, help="timed steps per configuration")
+    parser.add_argument("--configs", type=int, default=20, help="random configurations besides the anchors")
+    parser.add_argument("--repeats", type=int, default=3, help="timed steps per configuration")
     parser.add_argument("--scale", type=int, default=4)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--seed", type=int, default=0)
@@ -54,34 +57,39 @@ def main() -> None:
     space = load_space(args.space)
     fid = space.fidelity
     print(
-        f"space {space.name}: batch {fid.batch_size} x {fid.patch_size}x{fid.patch_size} LR, x{args.scale}, "
-        f"rungs {list(fid.rung_steps)}, {args.threads} threads"
+        f"space {space.name}: batch {fid.batch_size} x {fid.patch_size}x{fid.patch_size} LR patches, "
+        f"x{args.scale}, rungs {list(fid.rung_steps)}, {args.threads} threads"
     )
     study = optuna.create_study(sampler=optuna.samplers.RandomSampler(args.seed))
-    for name, params in space.reference_params().items():
+    references = space.reference_params()
+    for name, params in references.items():
         study.enqueue_trial(params, user_attrs={"reference": name})
-    n = args.configs + len(space.reference_params())
+
     rows = []
-    for i in range(n):
+    for i in range(args.configs + len(references)):
         trial = study.ask()
         sampled = space.suggest(trial, scale=args.scale)
         if sampled.config is None:
-            print(f"{i:3d} refused: {sampled.refused}")
+            print(f"#{i}: refused: {sampled.refused}")
             continue
         model = build_model(sampled.config).train()
         params_k = sum(p.numel() for p in model.parameters()) / 1e3
-        ms = step_ms(model, fid.batch_size, fid.patch_size, args.scale, args.steps)
-        label = trial.user_attrs.get("reference", "")
-        rows.append((ms, params_k, sampled.summary(), label))
-        print(f"{i:3d} {ms:8.1f} ms/step {ms * fid.max_steps / 1000:7.1f} s/top rung {params_k:9.1f} k params  "
-              f"{sampled.summary()} {label}", flush=True)
-    times = sorted(r[0] for r in rows)
-    quantile = lambda q: times[min(len(times) - 1, round(q * (len(times) - 1)))]  # noqa: E731
-    print()
-    print("| statistic | ms/step | s at max_steps |")
-    print("|---|---|---|")
-    for label, q in (("min", 0.0), ("median", 0.5), ("90 %", 0.9), ("max", 1.0)):
-        print(f"| {label} | {quantile(q):.1f} | {quantile(q) * fid.max_steps / 1000:.1f} |")
+        ms = train_step_ms(model, fid.batch_size, fid.patch_size, args.scale, args.repeats)
+        rows.append([i, trial.user_attrs.get("reference", ""), sampled.summary(), params_k, ms, ms * fid.max_steps / 1e3])
+        print(f"#{i}: {ms:.1f} ms/step  {sampled.summary()}", flush=True)
+
+    print_table(
+        ["#", "anchor", "configuration", "params (k)", "ms/step", f"s for {fid.max_steps} steps"],
+        rows,
+        title=f"training step time, space {space.name}",
+    )
+    times = sorted(row[4] for row in rows)
+    summary = [
+        ["median", statistics.median(times), statistics.median(times) * fid.max_steps / 1e3],
+        ["90 %", times[round(0.9 * (len(times) - 1))], times[round(0.9 * (len(times) - 1))] * fid.max_steps / 1e3],
+        ["max", times[-1], times[-1] * fid.max_steps / 1e3],
+    ]
+    print_table(["statistic", "ms/step", f"s for {fid.max_steps} steps"], summary, title="over all configurations")
 
 
 if __name__ == "__main__":
