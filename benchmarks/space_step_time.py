@@ -4,7 +4,7 @@ For the two reference anchors and N random configurations (Optuna's RandomSample
 build the network and time forward + backward + Adam steps on a batch of the space's LR patch
 size; print the median step time and what training to the top rung (max_steps) would cost.
 
-    python benchmarks/space_step_time.py [--space tiny] [--configs 20] [--threads 2]
+    python benchmarks/space_step_time.py [--space tiny] [--configs 20] [--threads 2] [--device cuda]
 
 Prints tables; asserts nothing (timings on shared machines are noisy).
 """
@@ -26,17 +26,21 @@ from ehrsr import build_model
 from ehrsr.search.space import load_space
 
 
-def train_step_ms(model: torch.nn.Module, batch: int, patch: int, scale: int, repeats: int) -> float:
+def train_step_ms(
+    model: torch.nn.Module, batch: int, patch: int, scale: int, repeats: int, device: torch.device
+) -> float:
     """Median ms of one optimisation step (L1 + MoE auxiliary loss, Adam) after one warm-up."""
     optimizer = torch.optim.Adam(model.parameters(), lr=1e-4)
-    lr_batch = torch.rand(batch, 3, patch, patch)
-    hr_batch = torch.rand(batch, 3, patch * scale, patch * scale)
+    lr_batch = torch.rand(batch, 3, patch, patch, device=device)
+    hr_batch = torch.rand(batch, 3, patch * scale, patch * scale, device=device)
 
     def step() -> None:
         loss = (model(lr_batch) - hr_batch).abs().mean() + model.aux_loss()
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)  # wall time of the step, not of its launch
 
     return median_ms(step, warmup=1, repeats=repeats)
 
@@ -49,7 +53,9 @@ def main() -> None:
     parser.add_argument("--scale", type=int, default=4)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--device", default="cpu", help="cpu or cuda[:N]")
     args = parser.parse_args()
+    device = torch.device(args.device)
 
     torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)
@@ -58,7 +64,7 @@ def main() -> None:
     fid = space.fidelity
     print(
         f"space {space.name}: batch {fid.batch_size} x {fid.patch_size}x{fid.patch_size} LR patches, "
-        f"x{args.scale}, rungs {list(fid.rung_steps)}, {args.threads} threads"
+        f"x{args.scale}, rungs {list(fid.rung_steps)}, {device}, {args.threads} threads"
     )
     study = optuna.create_study(sampler=optuna.samplers.RandomSampler(args.seed))
     references = space.reference_params()
@@ -72,9 +78,9 @@ def main() -> None:
         if sampled.config is None:
             print(f"#{i}: refused: {sampled.refused}")
             continue
-        model = build_model(sampled.config).train()
+        model = build_model(sampled.config).to(device).train()
         params_k = sum(p.numel() for p in model.parameters()) / 1e3
-        ms = train_step_ms(model, fid.batch_size, fid.patch_size, args.scale, args.repeats)
+        ms = train_step_ms(model, fid.batch_size, fid.patch_size, args.scale, args.repeats, device)
         rows.append([i, trial.user_attrs.get("reference", ""), sampled.summary(), params_k, ms, ms * fid.max_steps / 1e3])
         print(f"#{i}: {ms:.1f} ms/step  {sampled.summary()}", flush=True)
 

@@ -249,7 +249,7 @@ def test_a_parameter_keeps_one_distribution():
 def test_round_trip_params_to_config_through_sqlite(tmp_path, space_name):
     space = load_space(space_name)
     storage = f"sqlite:///{tmp_path / 'study.db'}"
-    for frozen, sampled in _sample(space, 15, seed=2, storage=storage):
+    for frozen, sampled in _sample(space, 10, seed=2, storage=storage):
         rebuilt = space.config_from_params(frozen.params)
         assert rebuilt.config == sampled.config
         assert rebuilt.params == sampled.params == frozen.params
