@@ -285,3 +285,21 @@ def test_decide_sees_other_workers_through_sqlite(tmp_path):
     assert stored[rung_attr(0)] == [3.0, 3.0]
     assert "stop" in stored[decision_attr(0)]
     assert len(rung_values(resumed, 0)) == 4
+
+
+@pytest.mark.parametrize("eta", [2, 3, 4])
+def test_about_one_in_eta_continues_on_random_arrivals(eta):
+    # Asynchronous arrivals with independent values: a newcomer's rank is about uniform among the
+    # n at the rung, so about 1/eta of the arrivals continue (a little more: the first eta-1
+    # always continue and ties go to the newcomer).
+    asha = MOASHA(10, eta, 1000, ["maximize", "minimize"])
+    promoted = arrivals = 0
+    for seed in range(5):
+        rng = np.random.default_rng(seed)
+        seen: list[np.ndarray] = []
+        for _ in range(90):
+            values = rng.normal(size=2)
+            promoted += asha.should_promote(values, seen).promote
+            seen.append(values)
+            arrivals += 1
+    assert 0.75 / eta < promoted / arrivals < 1.4 / eta

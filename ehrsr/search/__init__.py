@@ -1,5 +1,9 @@
-"""Search: spaces (YAML -> Optuna parameters -> EHRSRConfig), budget accounting, MO-ASHA early
-stopping and the Pareto maths they share (DESIGN.md section 5)."""
+"""The search: spaces, budget, multi-fidelity early stopping, the study driver and its storage.
+
+The building blocks are re-exported here: search spaces (YAML -> Optuna parameters ->
+EHRSRConfig), budget accounting, MO-ASHA early stopping and the Pareto maths they share
+(DESIGN.md section 5). The driver lives in ``ehrsr.search.driver``.
+"""
 
 from __future__ import annotations
 

@@ -445,7 +445,7 @@ def _middle(dist: BaseDistribution | None) -> Any:
         return math.sqrt(dist.low * dist.high)
     if dist.step is not None:
         n_steps = round((dist.high - dist.low) / dist.step)
-        return dist.low + dist.step * (n_steps // 2)
+        return round(dist.low + dist.step * (n_steps // 2), 12)  # 0.3, not 0.30000000000000004
     return (dist.low + dist.high) / 2
 
 
@@ -531,7 +531,10 @@ class _Parser:
             data = yaml.safe_load(self.text)
             root = yaml.compose(self.text, Loader=yaml.SafeLoader)
         except yaml.YAMLError as exc:
-            raise SearchSpaceError(f"{self.where}: not valid YAML: {exc}") from None
+            mark = getattr(exc, "problem_mark", None)
+            location = f"{self.where}:{mark.line + 1}" if mark is not None else self.where
+            problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
+            raise SearchSpaceError(f"{location}: not valid YAML: {problem}") from None
         if data is None:
             raise SearchSpaceError(f"{self.where}: the file is empty")
         if not isinstance(data, dict):
