@@ -223,7 +223,9 @@ def build_variants(
     Leave-one-out: one per module the reference has on. Add-one-in: one per module in
     ``switchable`` (the modules the search space can switch on), added to the baseline with the
     reference's own settings for that module when the reference uses it, else with
-    ``module_settings[module]`` (the space's middle values), else the configuration defaults.
+    ``module_settings[module]`` (the space's middle values) when they fit the reference (e.g. the
+    heads divide its width), else with the values the reference's configuration holds for the
+    switched-off module (the space's fixed values or the configuration defaults).
     A variant whose configuration equals an earlier one's is marked ``same_as`` it (its runs are
     shared, never repeated); one that cannot be built is kept with ``refused`` set.
     """
@@ -254,7 +256,7 @@ def build_variants(
         else:
             if module in settings:
                 candidates.append({**settings[module], "enabled": True})
-            candidates.append({"enabled": True})  # the configuration's own defaults
+            candidates.append({"enabled": True})  # the reference's own (switched-off) section
         config, errors = None, []
         for section in candidates:
             try:

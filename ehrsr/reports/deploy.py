@@ -608,10 +608,15 @@ def _json_default(value: Any) -> Any:
 # ONNX
 
 
-def export_onnx(model: nn.Module, input_shape: Sequence[int], path: str | Path) -> dict[str, Any]:
+def export_onnx(
+    model: nn.Module, input_shape: Sequence[int], path: str | Path, *, exporter: str | None = None
+) -> dict[str, Any]:
     """Export ``model`` (deploy form, float32, CPU) at a fixed ``input_shape`` and check it.
 
-    Uses the dynamo exporter when ``onnxscript`` is installed, else the TorchScript one. The file
+    ``exporter``: ``"dynamo"`` (``torch.onnx.export(dynamo=True)``, needs ``onnxscript``),
+    ``"torchscript"`` (the tracing exporter), or None: dynamo when ``onnxscript`` is installed,
+    else TorchScript. The shape is fixed because the network pads its input to size multiples
+    computed in Python, which tracing records as constants. The file
     is validated with ``onnx.checker``; with ``onnxruntime`` installed it is also run on one
     seeded random input and compared with PyTorch (pass: max abs difference <= 1e-4). Returns a
     dict for the pick's JSON; a failed export is reported there (``error``), not raised, since
@@ -623,13 +628,17 @@ def export_onnx(model: nn.Module, input_shape: Sequence[int], path: str | Path) 
     result: dict[str, Any] = {"path": path.name, "input_shape": list(input_shape), "opset": None}
     model = model.to("cpu").float().eval()
     example = torch.rand(tuple(input_shape), generator=torch.Generator().manual_seed(0))
-    try:
-        import onnxscript  # noqa: F401  (the dynamo exporter needs it)
+    if exporter is None:
+        try:
+            import onnxscript  # noqa: F401  (the dynamo exporter needs it)
 
-        dynamo = True
-    except ImportError:
-        dynamo = False
-    result["exporter"] = "dynamo" if dynamo else "torchscript"
+            exporter = "dynamo"
+        except ImportError:
+            exporter = "torchscript"
+    if exporter not in ("dynamo", "torchscript"):
+        raise ValueError(f"exporter must be 'dynamo', 'torchscript' or None (automatic), got {exporter!r}")
+    dynamo = exporter == "dynamo"
+    result["exporter"] = exporter
     sink = io.StringIO()
     try:
         with warnings.catch_warnings(), contextlib.redirect_stdout(sink), contextlib.redirect_stderr(sink):
