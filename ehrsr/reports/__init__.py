@@ -34,7 +34,7 @@ from ehrsr.reports.deploy import (
     pick_deployment,
     profiles_for_device,
 )
-from ehrsr.reports.pareto import knee_point, knee_trial, pareto_table, trials_table
+from ehrsr.reports.pareto import knee_point, knee_trial, pareto_table, trials_table, write_trials_csv
 from ehrsr.reports.plots import (
     ImportancePlotData,
     ParetoPlotData,
@@ -82,4 +82,5 @@ __all__ = [
     "run_controlled_ablation",
     "trials_table",
     "write_report",
+    "write_trials_csv",
 ]

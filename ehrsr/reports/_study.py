@@ -46,11 +46,11 @@ METRIC_KEYS: tuple[str, ...] = (
 )
 """Keys of ``trial.user_attrs["metrics"]`` (docs/study_schema.md), in table order."""
 
-QUALITY_METRICS: tuple[str, ...] = ("psnr", "ssim", "lpips")
-"""Metric keys that measure restoration quality (the y axes of the Pareto plots)."""
+QUALITY_METRICS: tuple[str, ...] = tuple(o.metric_key for o in OBJECTIVES.values() if o.kind == "quality")
+"""Metric keys that measure restoration quality (psnr, ssim, lpips: the y axes of the plots)."""
 
-COST_METRICS: tuple[str, ...] = ("latency_ms", "macs", "params_deploy", "peak_memory_mb")
-"""Metric keys that measure cost (the x axes of the Pareto plots, the deployment limits)."""
+COST_METRICS: tuple[str, ...] = tuple(o.metric_key for o in OBJECTIVES.values() if o.kind == "cost")
+"""Metric keys that measure cost (latency_ms, macs, params_deploy, peak_memory_mb: the x axes)."""
 
 
 @dataclass(frozen=True)

@@ -9,6 +9,7 @@ Optuna can never disagree about it.
 from __future__ import annotations
 
 import json
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -26,7 +27,7 @@ from ehrsr.reports._study import (
 )
 from ehrsr.search.pareto import to_minimization
 
-__all__ = ["knee_point", "knee_trial", "pareto_table", "trial_row", "trials_table"]
+__all__ = ["knee_point", "knee_trial", "pareto_table", "trial_row", "trials_table", "write_trials_csv"]
 
 SECONDS_KEYS: tuple[str, ...] = ("train", "eval", "profile", "total")
 
@@ -90,6 +91,15 @@ def trials_table(study: optuna.Study) -> pd.DataFrame:
     table = pd.DataFrame(rows)
     # columns that only some trials have (constraints, params, config) are filled with NaN by pandas
     return table.sort_values("number").reset_index(drop=True)
+
+
+def write_trials_csv(study: optuna.Study, path: str | Path) -> Path:
+    """Write ``trials_table(study)`` to ``path`` (the search refreshes ``trials.csv`` after every
+    trial with this); returns the path."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    trials_table(study).to_csv(path, index=False)
+    return path
 
 
 def _empty_columns(objectives: tuple[ObjectiveInfo, ...]) -> list[str]:
