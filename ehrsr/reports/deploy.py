@@ -493,11 +493,22 @@ def pick_deployment(
         if not path.is_file():
             skipped[trial.number] = f"weights file {path} is missing"
             continue
-        model = load_trained_model(config, path)
+        try:
+            model = load_trained_model(config, path)
+        except ValueError as exc:  # a damaged file must not hide the other candidates
+            skipped[trial.number] = str(exc)
+            continue
         if progress:
             print(f"[deploy {profile.name}] profiling trial {trial.number} at {input_hw[0]}x{input_hw[1]} "
                   f"on {profile.kind} ({profile.dtype})", file=sys.stderr)
-        measured = _measure(model, profile, input_hw, model.config.in_channels)
+        try:
+            measured = _measure(model, profile, input_hw, model.config.in_channels)
+        except torch.cuda.OutOfMemoryError:
+            # too big for this device at this size: it cannot be deployed here, the others may be
+            del model
+            torch.cuda.empty_cache()
+            skipped[trial.number] = f"out of GPU memory at {input_hw[0]}x{input_hw[1]} ({profile.dtype})"
+            continue
         metrics = trial.user_attrs.get("metrics") or {}
         candidates.append(
             MeasuredCandidate(
