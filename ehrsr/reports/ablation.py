@@ -495,9 +495,11 @@ def run_controlled_ablation(
                     f"needs about {estimate:.0f} s; {left} run{'s' if left != 1 else ''} left out"
                 )
                 break
-            _run_one(ablation, run, ctx, variant, seed, ref_trial.number, train, steps, kind, info)
+            status, reason = _run_one(ablation, run, ctx, variant, seed, ref_trial.number, train, steps, kind, info)
             ran += 1
             bar(f"{variant.name} seed {seed}")
+            if status != "complete" and progress:
+                print(f"[ablation] {variant.name} seed {seed}: {status}: {reason}", file=sys.stderr)
     finally:
         bar(None)
     if stopped and progress:
@@ -549,8 +551,9 @@ def _run_one(
     steps: int,
     device_kind: str,
     info: StudyInfo,
-) -> None:
-    """Train and measure one (variant, seed) and store it as a trial of the ablation study."""
+) -> tuple[str, str | None]:
+    """Train and measure one (variant, seed), store it as a trial of the ablation study, and
+    return its (status, reason)."""
     assert variant.config is not None
     trial = ablation.ask()
     run_train = {**train, "seed": seed, "steps": steps}
@@ -576,10 +579,11 @@ def _run_one(
         raise
     except Exception as exc:  # a crash of one run must not lose the others: record it, go on
         record_charge(trial, _clock() - start)
+        reason = f"{type(exc).__name__}: {exc}"[:500]
         trial.set_user_attr("status", "error")
-        trial.set_user_attr("reason", f"{type(exc).__name__}: {exc}"[:500])
+        trial.set_user_attr("reason", reason)
         ablation.tell(trial, state=TrialState.FAIL)
-        return
+        return "error", reason
     record_charge(trial, _clock() - start)
     trial.set_user_attr("metrics", dict(result.metrics or {}))
     trial.set_user_attr("seconds", dict(result.seconds or {}))
@@ -590,13 +594,15 @@ def _run_one(
     values = list(result.values or [])
     if result.status == "complete" and len(values) == len(info.objectives) and all(map(math.isfinite, values)):
         ablation.tell(trial, values)
-    else:
-        if result.status == "complete":
-            trial.set_user_attr("status", "error")
-            trial.set_user_attr(
-                "reason", f"runner returned {len(values)} objective values for {len(info.objectives)} objectives"
-            )
-        ablation.tell(trial, state=TrialState.FAIL)
+        return "complete", None
+    status, reason = result.status, result.reason
+    if result.status == "complete":
+        status = "error"
+        reason = f"runner returned {len(values)} finite objective values for {len(info.objectives)} objectives"
+        trial.set_user_attr("status", status)
+        trial.set_user_attr("reason", reason)
+    ablation.tell(trial, state=TrialState.FAIL)
+    return status, reason
 
 
 # ---------------------------------------------------------------------------------------------
