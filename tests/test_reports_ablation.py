@@ -289,6 +289,15 @@ def test_controlled_ablation_resumes_and_records_failures(tmp_path):
     runner.calls.clear()
     third = run_controlled_ablation(study, CTX, seeds=3, progress=False, runner=runner)
     assert sorted({s for _, s, _, _ in runner.calls}) == [2] and third.runs_run == 5
+    assert third.table.set_index("variant").at["reference", "n_complete"] == 3
+    # back to one seed: nothing runs, and the table (and the report's) counts seed 0 only
+    again = run_controlled_ablation(study, CTX, seeds=1, progress=False, runner=runner)
+    assert again.runs_run == 0 and (again.table["n_complete"] <= 1).all()
+    assert (load_controlled_ablation(study)[0]["n_complete"] <= 1).all()
+    # another training length is another experiment: every run is redone
+    runner.calls.clear()
+    longer = run_controlled_ablation(study, CTX, seeds=1, steps=12, progress=False, runner=runner)
+    assert longer.runs_run == 5 and {steps for *_, steps in runner.calls} == {12}
 
 
 def test_controlled_ablation_stops_when_its_budget_is_spent(tmp_path, monkeypatch):

@@ -388,12 +388,16 @@ def _is_done(trial: FrozenTrial) -> bool:
     return trial.state == TrialState.FAIL and trial.user_attrs.get("status") in FINAL_FAILURES
 
 
-def _stored_runs(ablation: optuna.Study, reference_trial: int) -> dict[tuple[str, int], FrozenTrial]:
-    """The last finished run of each (variant, seed) for this reference."""
+def _stored_runs(
+    ablation: optuna.Study, reference_trial: int, steps: int | None = None
+) -> dict[tuple[str, int], FrozenTrial]:
+    """The last finished run of each (variant, seed) for this reference (and training length)."""
     runs: dict[tuple[str, int], FrozenTrial] = {}
     for trial in ablation.get_trials(deepcopy=False):
         attrs = trial.user_attrs
         if attrs.get("reference_trial") != reference_trial or not _is_done(trial):
+            continue
+        if steps is not None and (attrs.get("train") or {}).get("steps") != steps:
             continue
         runs[(str(attrs.get("variant")), int(attrs.get("seed", -1)))] = trial
     return runs
@@ -425,8 +429,8 @@ def run_controlled_ablation(
 ) -> AblationResult:
     """Run (or resume) the controlled ablation of ``study`` and return its table.
 
-    ``ctx`` is the runner's ``RunContext`` (``RunContext.from_study(study)``): data, task,
-    objectives and profiling settings. ``reference``: trial number to ablate (default: the knee of
+    ``ctx`` is the runner's ``RunContext`` (``ehrsr.search.driver.build_context`` from the
+    study's stored context): data, task, objectives and profiling settings. ``reference``: trial number to ablate (default: the knee of
     the Pareto front). ``seeds``: runs per variant (seeds 0..seeds-1). ``budget_seconds``: device
     seconds the whole ablation study may spend (its stored runs included, so a resumed ablation
     continues the same budget); a run is not started when the estimate of its cost (median of the
@@ -465,7 +469,7 @@ def run_controlled_ablation(
             "variants": [v.to_dict() for v in variants],
         },
     )
-    stored = _stored_runs(ablation, ref_trial.number)
+    stored = _stored_runs(ablation, ref_trial.number, steps)
     planned = [(v, s) for s in seed_list for v in variants if v.runnable]
     todo = []
     skipped = 0
@@ -505,7 +509,7 @@ def run_controlled_ablation(
     if stopped and progress:
         print(stopped, file=sys.stderr)
 
-    runs = ablation_runs(ablation, ref_trial.number)
+    runs = ablation_runs(ablation, ref_trial.number, seeds=seed_list, steps=steps)
     table = controlled_table(runs, variants)
     finished = [t for t in ablation.get_trials(deepcopy=False) if t.state.is_finished()]
     return AblationResult(
@@ -611,13 +615,22 @@ def _run_one(
 TABLE_METRICS: tuple[str, ...] = (*QUALITY_METRICS, *COST_METRICS)
 
 
-def ablation_runs(ablation: optuna.Study, reference_trial: int | None = None) -> pd.DataFrame:
+def ablation_runs(
+    ablation: optuna.Study,
+    reference_trial: int | None = None,
+    *,
+    seeds: Sequence[int] | None = None,
+    steps: int | None = None,
+) -> pd.DataFrame:
     """One row per stored run (the last finished one of each variant and seed) of a reference
-    (default: the ablation study's current ``reference_trial``)."""
+    (default: the ablation study's current ``reference_trial``), optionally only ``seeds`` and
+    runs trained for ``steps``."""
     if reference_trial is None:
         reference_trial = ablation.user_attrs.get("reference_trial")
     rows = []
-    for (variant, seed), trial in sorted(_stored_runs(ablation, reference_trial).items()):
+    for (variant, seed), trial in sorted(_stored_runs(ablation, reference_trial, steps).items()):
+        if seeds is not None and seed not in seeds:
+            continue
         metrics = trial.user_attrs.get("metrics") or {}
         row = {
             "trial": trial.number,
@@ -718,5 +731,5 @@ def load_controlled_ablation(study: optuna.Study) -> tuple[pd.DataFrame, dict[st
     if not plan:
         return None
     variants = [Variant.from_dict(v) for v in plan["variants"]]
-    runs = ablation_runs(ablation, plan["reference_trial"])
+    runs = ablation_runs(ablation, plan["reference_trial"], seeds=plan.get("seeds"), steps=plan.get("steps"))
     return controlled_table(runs, variants), plan
