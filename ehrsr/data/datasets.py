@@ -345,6 +345,8 @@ class TrainSet:
         if not hr_images:
             raise ValueError("a training set needs at least one image")
         if lr_images is not None:
+            if len(lr_images) != len(hr_images):
+                raise ValueError(f"got {len(hr_images)} HR but {len(lr_images)} LR images; they must pair up")
             hr_list = [_crop_to_lr(hr, lr, task.scale, name) for hr, lr, name in zip(hr_images, lr_images, names)]
             return cls(
                 _ImageBank.from_images(hr_list, names),
@@ -558,6 +560,8 @@ class ValSet(Sequence[ValItem]):
         if not hr_images:
             raise ValueError("a validation set needs at least one image")
         if lr_images is not None:
+            if len(lr_images) != len(hr_images):
+                raise ValueError(f"got {len(hr_images)} HR but {len(lr_images)} LR images; they must pair up")
             hr_list = [_crop_to_lr(hr, lr, task.scale, name) for hr, lr, name in zip(hr_images, lr_images, names)]
             lr_list = list(lr_images)
         else:

@@ -1,0 +1,169 @@
+"""Tables of a study: every trial (``trials.csv``) and the Pareto front (``pareto.csv``), and the
+knee of the front (the default reference of the controlled ablation).
+
+The front is taken from Optuna (``study.best_trials``: finished, feasible when the study has
+constraints, non-dominated over the study's objectives) rather than re-derived, so the report and
+Optuna can never disagree about it.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import optuna
+import pandas as pd
+from optuna.trial import FrozenTrial, TrialState
+
+from ehrsr.reports._study import (
+    METRIC_KEYS,
+    ObjectiveInfo,
+    StudyInfo,
+    is_feasible,
+    objective_values,
+    trial_status,
+)
+from ehrsr.search.pareto import to_minimization
+
+__all__ = ["knee_point", "knee_trial", "pareto_table", "trial_row", "trials_table", "write_trials_csv"]
+
+SECONDS_KEYS: tuple[str, ...] = ("train", "eval", "profile", "total")
+
+
+def _flatten(data: Any, prefix: str, out: dict[str, Any]) -> None:
+    """Nested dicts to dotted keys; lists become JSON text so they fit one CSV cell."""
+    if isinstance(data, dict):
+        for key, value in data.items():
+            _flatten(value, f"{prefix}.{key}" if prefix else str(key), out)
+    elif isinstance(data, (list, tuple)):
+        out[prefix] = json.dumps(list(data))
+    else:
+        out[prefix] = data
+
+
+def trial_row(trial: FrozenTrial, objectives: tuple[ObjectiveInfo, ...]) -> dict[str, Any]:
+    """One row of ``trials.csv``: identity, state, feasibility, objective values, every metric,
+    timings, the search parameters (``param.*``), training settings (``train.*``) and the
+    configuration (``config.*``)."""
+    attrs = trial.user_attrs
+    row: dict[str, Any] = {
+        "number": trial.number,
+        "state": trial.state.name,
+        "status": trial_status(trial),
+        "reason": attrs.get("reason"),
+        "reference": attrs.get("reference"),
+        "feasible": is_feasible(trial),
+    }
+    for key, value in sorted(trial.constraints.items()):
+        row[f"constraint.{key}"] = value
+    values = objective_values(trial, objectives)
+    for index, objective in enumerate(objectives):
+        row[f"value.{objective.name}"] = values[index] if values is not None else np.nan
+    metrics = attrs.get("metrics") or {}
+    for key in METRIC_KEYS:
+        value = metrics.get(key)
+        row[key] = np.nan if value is None else value
+    seconds = attrs.get("seconds") or {}
+    for key in SECONDS_KEYS:
+        value = seconds.get(key)
+        row[f"seconds.{key}"] = np.nan if value is None else value
+    row["charged_seconds"] = attrs.get("charged_seconds", np.nan)
+    row["steps_done"] = attrs.get("steps_done", np.nan)
+    row["device_name"] = attrs.get("device_name")
+    row["weights"] = attrs.get("weights")
+    row["datetime_start"] = trial.datetime_start.isoformat() if trial.datetime_start else None
+    row["duration_s"] = trial.duration.total_seconds() if trial.duration is not None else np.nan
+    for name, value in sorted(trial.params.items()):
+        row[f"param.{name}"] = value
+    _flatten(attrs.get("train") or {}, "train", row)
+    _flatten(attrs.get("config") or {}, "config", row)
+    return row
+
+
+def trials_table(study: optuna.Study) -> pd.DataFrame:
+    """Every trial of the study, one row each, ordered by trial number (``trials.csv``)."""
+    objectives = StudyInfo.from_study(study).objectives
+    rows = [trial_row(t, objectives) for t in study.get_trials(deepcopy=False)]
+    if not rows:
+        return pd.DataFrame(columns=_empty_columns(objectives))
+    table = pd.DataFrame(rows)
+    # columns that only some trials have (constraints, params, config) are filled with NaN by pandas
+    return table.sort_values("number").reset_index(drop=True)
+
+
+def write_trials_csv(study: optuna.Study, path: str | Path) -> Path:
+    """Write ``trials_table(study)`` to ``path`` (the search refreshes ``trials.csv`` after every
+    trial with this); returns the path."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    trials_table(study).to_csv(path, index=False)
+    return path
+
+
+def _empty_columns(objectives: tuple[ObjectiveInfo, ...]) -> list[str]:
+    return [
+        "number",
+        "state",
+        "status",
+        "reason",
+        "reference",
+        "feasible",
+        *(f"value.{o.name}" for o in objectives),
+        *METRIC_KEYS,
+        *(f"seconds.{k}" for k in SECONDS_KEYS),
+        "charged_seconds",
+        "steps_done",
+    ]
+
+
+def pareto_table(study: optuna.Study, trials: pd.DataFrame | None = None) -> pd.DataFrame:
+    """The study's Pareto front (``study.best_trials``), best first in the first objective, with
+    the same columns as ``trials_table`` plus ``knee`` (True on the knee point)."""
+    if trials is None:
+        trials = trials_table(study)
+    info = StudyInfo.from_study(study)
+    front = study.best_trials
+    numbers = [t.number for t in front]
+    table = trials[trials["number"].isin(numbers)].copy()
+    first = f"value.{info.objectives[0].name}"
+    table = table.sort_values(
+        [first, "number"], ascending=[not info.objectives[0].maximize, True]
+    ).reset_index(drop=True)
+    knee = knee_trial(study, front)
+    table["knee"] = table["number"] == (knee.number if knee is not None else -1)
+    return table
+
+
+def knee_point(values: np.ndarray | list[list[float]], directions: list[str] | tuple[str, ...]) -> int | None:
+    """Index of the knee of a Pareto front: the point closest (Euclidean) to the utopia point after
+    each objective is min-max normalised over the front so that 0 is its best value and 1 its
+    worst. An objective that is equal on the whole front contributes 0. Ties go to the lower index.
+
+    Closest-to-utopia (the "compromise programming" choice, Zeleny 1973) works for any number of
+    objectives; with two it picks the point where a unit gain in one objective starts to cost
+    more than a unit of the other, on the normalised scale.
+    """
+    loss = to_minimization(values, directions)
+    if loss.shape[0] == 0:
+        return None
+    low = loss.min(axis=0)
+    span = loss.max(axis=0) - low
+    span[span == 0] = 1.0  # equal everywhere: normalised value 0 for every point
+    normalised = (loss - low) / span
+    distance = np.sqrt((normalised**2).sum(axis=1))
+    return int(np.argmin(distance))  # argmin returns the first (lowest index) of equal minima
+
+
+def knee_trial(study: optuna.Study, front: list[FrozenTrial] | None = None) -> FrozenTrial | None:
+    """The knee (``knee_point``) of ``study.best_trials`` (trials ordered by number), or None when
+    the study has no finished feasible trial."""
+    if front is None:
+        front = study.best_trials
+    front = sorted((t for t in front if t.state == TrialState.COMPLETE), key=lambda t: t.number)
+    if not front:
+        return None
+    info = StudyInfo.from_study(study)
+    index = knee_point([list(t.values) for t in front], info.directions)
+    return front[index] if index is not None else None

@@ -1,0 +1,401 @@
+"""``write_report``: everything under ``reports/<study>/``, regenerated from the storage alone.
+
+Files (``docs/reports.md`` describes each):
+
+    report.md                         the summary tying everything together
+    trials.csv  pareto.csv            every trial; the Pareto front (study.best_trials)
+    figures/pareto_<q>_vs_<c>.png|svg quality q against cost c
+    figures/importance.png|svg        parameter importance per objective
+    importance.csv
+    ablation_observational.csv|md|tex from the study (module on vs off among finished trials)
+    ablation_controlled.csv|md|tex    retrained variants (only once ``ablate`` has run)
+    deploy/<profile>.json             deployment picks (written by ``deploy``; listed here)
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import sys
+from collections import Counter
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+import optuna
+import pandas as pd
+
+import ehrsr
+from ehrsr.config import MODULE_TOGGLES
+from ehrsr.reports._study import COST_METRICS, QUALITY_METRICS, StudyInfo, metric_info
+from ehrsr.reports.ablation import load_controlled_ablation, observational_table, param_importances
+from ehrsr.reports.pareto import pareto_table, trials_table
+from ehrsr.reports.plots import (
+    importance_plot_data,
+    pareto_plot_data,
+    render_importance_plot,
+    render_pareto_plot,
+)
+from ehrsr.reports.render import (
+    DASH,
+    controlled_rows,
+    format_metric,
+    markdown_table,
+    metric_header,
+    observational_rows,
+    write_table,
+)
+
+__all__ = ["write_report"]
+
+
+def _log(message: str, quiet: bool) -> None:
+    if not quiet:
+        print(f"[report] {message}", file=sys.stderr)
+
+
+def write_report(study: optuna.Study, out_dir: Path, *, quiet: bool = False) -> Path:
+    """Write the whole report of ``study`` into ``out_dir`` and return the path of ``report.md``.
+
+    Works for any study the search wrote (docs/study_schema.md), including one with no finished
+    trial (the report says so) and one with a single objective.
+    """
+    out_dir = Path(out_dir)
+    figures = out_dir / "figures"
+    out_dir.mkdir(parents=True, exist_ok=True)
+    info = StudyInfo.from_study(study)
+
+    trials = trials_table(study)
+    trials.to_csv(out_dir / "trials.csv", index=False)
+    pareto = pareto_table(study, trials)
+    pareto.to_csv(out_dir / "pareto.csv", index=False)
+    _log(f"{len(trials)} trials, {len(pareto)} on the Pareto front", quiet)
+
+    # figures: each quality metric measured by some finished trial against each cost
+    plots: list[tuple[str, str, Path]] = []
+    front_numbers = pareto["number"].astype(int).tolist()
+    knee = pareto.loc[pareto["knee"], "number"]
+    knee_number = int(knee.iloc[0]) if len(knee) else None
+    for quality in QUALITY_METRICS:
+        for cost in COST_METRICS:
+            data = pareto_plot_data(trials, info, quality, cost, front_numbers, knee_number)
+            if data is None:
+                continue
+            stem = figures / f"pareto_{metric_info(quality).name}_vs_{metric_info(cost).name}"
+            render_pareto_plot(data, stem)
+            plots.append((quality, cost, stem.with_suffix(".png")))
+    _log(f"{len(plots)} Pareto plots", quiet)
+
+    observational = observational_table(trials, info.objectives)
+    headers, rows = observational_rows(observational, info.objectives)
+    write_table(
+        observational, headers, rows, out_dir / "ablation_observational",
+        caption=f"Ablation from the study {info.name} (observational): finished trials with each module on vs off",
+        label="tab:ablation-observational",
+    )
+
+    importances = param_importances(study)
+    importance_png = None
+    if not importances.empty:
+        importances.to_csv(out_dir / "importance.csv")
+        data = importance_plot_data(importances, info.name)
+        if data is not None:
+            importance_png = render_importance_plot(data, figures / "importance")[0]
+    else:
+        pd.DataFrame(columns=["param"]).to_csv(out_dir / "importance.csv", index=False)
+
+    controlled = load_controlled_ablation(study)
+    if controlled is not None:
+        table, plan = controlled
+        headers, rows = controlled_rows(table)
+        write_table(
+            table, headers, rows, out_dir / "ablation_controlled",
+            caption=(
+                f"Controlled ablation of trial {plan['reference_trial']} of {info.name}: each variant "
+                f"retrained for {plan.get('steps', '?')} steps with seeds {plan.get('seeds')}; "
+                "reference row absolute, other rows change vs the 'vs' variant (mean ± std over seeds)"
+            ),
+            label="tab:ablation-controlled",
+        )
+        _log(f"controlled ablation of trial {plan['reference_trial']}: {len(table)} variants", quiet)
+
+    picks = _deployment_picks(out_dir / "deploy")
+    report = out_dir / "report.md"
+    report.write_text(
+        _report_text(
+            study, info, trials, pareto, plots, observational, importances, importance_png, controlled,
+            picks, out_dir,
+        )
+    )
+    _log(f"wrote {report}", quiet)
+    return report
+
+
+# ---------------------------------------------------------------------------------------------
+# report.md
+
+
+def _rel(path: Path | None, root: Path) -> str:
+    return path.relative_to(root).as_posix() if path is not None else ""
+
+
+def _deployment_picks(deploy_dir: Path) -> list[dict[str, Any]]:
+    picks = []
+    if deploy_dir.is_dir():
+        for path in sorted(deploy_dir.glob("*.json")):
+            try:
+                data = json.loads(path.read_text())
+            except (OSError, json.JSONDecodeError):
+                continue
+            data["_file"] = path
+            picks.append(data)
+    return picks
+
+
+def _config_summary(row: pd.Series) -> str:
+    """'w16 L2 T2 naf: wab+moe' from the config.* columns of a trials row."""
+
+    def get(key: str) -> Any:
+        value = row.get(f"config.{key}")
+        return None if value is None or (isinstance(value, float) and math.isnan(value)) else value
+
+    if get("width") is None:
+        return DASH
+    modules = [m for m in MODULE_TOGGLES if get(f"{m}.enabled") in (True, "True", "true")]
+    return (
+        f"w{int(get('width'))} L{int(get('msg.levels') or 0)} T{int(get('trunk_blocks') or 0)} "
+        f"{get('block_type')}: {'+'.join(modules) or 'conv-only'}"
+    )
+
+
+def _bullets(items: dict[str, Any]) -> str:
+    return "".join(f"- **{k}**: {v}\n" for k, v in items.items() if v not in (None, "", {}))
+
+
+def _plain(value: Any) -> str:
+    if isinstance(value, dict):
+        return ", ".join(f"{k}={_plain(v)}" for k, v in value.items() if v is not None) or DASH
+    if isinstance(value, (list, tuple)):
+        return "x".join(map(str, value)) if all(isinstance(v, int) for v in value) else ", ".join(map(str, value))
+    return str(value)
+
+
+def _budget_text(study: optuna.Study, info: StudyInfo) -> str:
+    text = info.attrs.get("budget")
+    if not text:
+        return "not recorded"
+    try:
+        from ehrsr.search.budget import BudgetError, parse_budget
+
+        budget = parse_budget(str(text))
+    except (ImportError, BudgetError) as exc:
+        return f"`{text}` (cannot be parsed: {exc})"
+    spent = budget.spent(study)
+    share = info.attrs.get("ablation_share")
+    extra = f"; {share:.0%} reserved for the controlled ablation" if isinstance(share, (int, float)) else ""
+    return f"`{budget.describe_short()}`: used {spent.describe()} ({budget.used_fraction(spent):.0%}){extra}"
+
+
+def _summary(study: optuna.Study, info: StudyInfo, trials: pd.DataFrame) -> str:
+    attrs = info.attrs
+    space = attrs.get("space") or {}
+    device = attrs.get("device") or {}
+    states = Counter(trials["state"]) if len(trials) else Counter()
+    statuses = Counter(trials["status"]) if len(trials) else Counter()
+    objectives = ", ".join(f"{o.name} ({o.direction})" for o in info.objectives)
+    early = attrs.get("early_stopping") or {}
+    items = {
+        "Objectives": objectives,
+        "Search space": f"`{space.get('name', '?')}`" + (f" ({space['path']})" if space.get("path") else ""),
+        "Task": _plain(attrs.get("task") or {}),
+        "Data": _plain(attrs.get("data") or {}),
+        "Limits": _plain({k: v for k, v in info.limits.items() if v is not None}) or "none",
+        "Budget": _budget_text(study, info),
+        "Device": f"{info.device_name} ({device.get('kind', '?')}, {device.get('n_devices', 1)} device(s))",
+        "Profiling": _plain(attrs.get("profile") or {}),
+        "Early stopping": (
+            f"MO-ASHA, rungs at {early.get('rung_steps')} steps, eta {early.get('eta')}"
+            if early.get("enabled") else "off"
+        ),
+        "Trials": (", ".join(f"{n} {s.lower()}" for s, n in sorted(states.items())) or "none")
+        + (f" (status: {', '.join(f'{n} {s}' for s, n in sorted(statuses.items()))})" if statuses else ""),
+        "ehrsr version": attrs.get("ehrsr_version"),
+    }
+    return _bullets(items)
+
+
+def _conventions(info: StudyInfo) -> str:
+    conventions = dict(info.conventions)
+    conventions.setdefault("psnr", "PSNR on the Y channel (BT.601), crop_border = scale, uint8-rounded images")
+    conventions.setdefault("macs", f"fvcore MACs (one multiply-add = 1) of the deploy form at {info.shape_text()}")
+    return _bullets(conventions)
+
+
+def _pareto_markdown(pareto: pd.DataFrame, info: StudyInfo) -> str:
+    metrics = [k for k in (*QUALITY_METRICS, *COST_METRICS) if k in pareto and pareto[k].notna().any()]
+    headers = ["trial", "configuration", *(metric_header(k) for k in metrics), "note"]
+    rows = []
+    for _, r in pareto.iterrows():
+        notes = []
+        if r.get("knee"):
+            notes.append("knee")
+        if isinstance(r.get("reference"), str):
+            notes.append(r["reference"])
+        rows.append([int(r["number"]), _config_summary(r), *(format_metric(k, r[k]) for k in metrics), ", ".join(notes)])
+    return markdown_table(headers, rows)
+
+
+def _report_text(
+    study: optuna.Study,
+    info: StudyInfo,
+    trials: pd.DataFrame,
+    pareto: pd.DataFrame,
+    plots: list[tuple[str, str, Path]],
+    observational: pd.DataFrame,
+    importances: pd.DataFrame,
+    importance_png: Path | None,
+    controlled: tuple[pd.DataFrame, dict[str, Any]] | None,
+    picks: list[dict[str, Any]],
+    root: Path,
+) -> str:
+    n_complete = int((trials["state"] == "COMPLETE").sum()) if len(trials) else 0
+    date = datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+    out = [
+        f"# Search report: {info.name}\n\n",
+        f"Generated {date} by ehrsr {ehrsr.__version__} from the study storage alone "
+        f"(`run_search.py report --study-name {info.name}` regenerates it).\n\n",
+        "## Summary\n\n",
+        _summary(study, info, trials),
+        "\nConventions of the numbers below:\n\n",
+        _conventions(info),
+        "\n",
+    ]
+
+    out.append("## Pareto front\n\n")
+    if n_complete == 0:
+        out.append(
+            f"No trial has finished yet ({len(trials)} trial{'s' if len(trials) != 1 else ''} in the study), "
+            "so there is no front, no figure and no ablation from the study. Resume the search "
+            "(the same command continues the study).\n\n"
+        )
+    elif pareto.empty:
+        out.append(
+            f"{n_complete} trials finished but none meets the study's limits "
+            f"({_plain({k: v for k, v in info.limits.items() if v is not None})}): the front is empty. "
+            "The figures mark the violating trials with x.\n\n"
+        )
+    else:
+        objectives = " and ".join(f"{o.direction} {o.label}" for o in info.objectives)
+        out.append(
+            f"{len(pareto)} of {n_complete} finished trials are non-dominated ({objectives}; "
+            "`study.best_trials`, feasible trials only). The knee (closest to the utopia point after "
+            "min-max normalising each objective over the front) is the default reference of the "
+            "controlled ablation. Full table: [pareto.csv](pareto.csv); every trial: "
+            "[trials.csv](trials.csv).\n\n"
+        )
+        out.append(_pareto_markdown(pareto, info) + "\n")
+    if plots:
+        out.append(
+            "Each figure: the step line is the front of that quality/cost pair; solid points are on "
+            "the study's Pareto front, faint points are dominated, x marks trials over a limit, "
+            "diamonds are the reference configurations, the star is the knee.\n\n"
+        )
+        for quality, cost, png in plots:
+            out.append(f"![{metric_info(quality).label} vs {metric_info(cost).label}]({_rel(png, root)})\n\n")
+
+    out.append("## Ablation from the study (observational)\n\n")
+    if n_complete == 0:
+        out.append("No finished trials yet.\n\n")
+    else:
+        out.append(
+            "For each module: the best and median of each objective among the finished trials with "
+            "the module on and with it off. The other parameters vary too, so these are correlations "
+            "over the sampled configurations, not the effect of the module (see the controlled "
+            "ablation for that). Files: [csv](ablation_observational.csv), "
+            "[LaTeX](ablation_observational.tex).\n\n"
+        )
+        headers, rows = observational_rows(observational, info.objectives)
+        out.append(markdown_table(headers, rows) + "\n")
+
+    out.append("## Parameter importance\n\n")
+    if importances.empty:
+        out.append("Needs at least two finished trials with searched parameters.\n\n")
+    else:
+        out.append(
+            f"PED-ANOVA (Optuna's default evaluator) over the {n_complete} finished trials: how much "
+            "each parameter's values among the best 10 % differ from all trials, per objective"
+            + (", and for reaching the Pareto front (`pareto`)" if "pareto" in importances else "")
+            + ". Each column sums to 1. File: [importance.csv](importance.csv).\n\n"
+        )
+        if importance_png is not None:
+            out.append(f"![parameter importance]({_rel(importance_png, root)})\n\n")
+        top = importances.head(10)
+        out.append(
+            markdown_table(["param", *top.columns], [[p, *(f"{v:.3f}" for v in r)] for p, r in top.iterrows()])
+            + "\n"
+        )
+
+    out.append("## Controlled ablation (what papers call an ablation)\n\n")
+    if controlled is None:
+        out.append(
+            "Not run yet. `run_search.py ablate --study-name "
+            f"{info.name}` retrains the knee configuration with each module left out and the "
+            "conv-only baseline with each module added, with several seeds.\n\n"
+        )
+    else:
+        table, plan = controlled
+        out.append(
+            f"Reference: trial {plan['reference_trial']}, retrained with seeds {plan.get('seeds')} for "
+            f"{plan.get('steps', '?')} steps, as every variant. `-m`: the reference without module m "
+            "(vs the reference); `baseline`: every module off (vs the reference); `+m`: the baseline "
+            "with m added (vs the baseline). Quality: mean ± std over seeds of the per-seed "
+            "difference; cost: difference of the means. Files: [csv](ablation_controlled.csv), "
+            "[LaTeX](ablation_controlled.tex).\n\n"
+        )
+        headers, rows = controlled_rows(table)
+        out.append(markdown_table(headers, rows) + "\n")
+
+    out.append("## Deployment picks\n\n")
+    if not picks:
+        out.append(
+            "None yet. `run_search.py deploy --study-name "
+            f"{info.name} --device-profile NAME` measures the Pareto trials on the machine it runs on "
+            "and picks the best one within the profile's limits (profiles: search_spaces/devices.yaml).\n\n"
+        )
+    else:
+        headers = ["profile", "trial", "PSNR (dB)", "latency (ms)", "memory (MiB)", "params", "MACs", "measured on", "date"]
+        rows = []
+        for pick in picks:
+            measured = pick.get("measured") or {}
+            quality = pick.get("quality") or {}
+            where = pick.get("where") or {}
+            rows.append(
+                [
+                    f"[{pick['profile']['name']}]({_rel(pick['_file'], root)})",
+                    pick.get("trial"),
+                    format_metric("psnr", quality.get("psnr")),
+                    format_metric("latency_ms", measured.get("latency_ms")),
+                    format_metric("peak_memory_mb", measured.get("peak_memory_mb")),
+                    format_metric("params_deploy", measured.get("params_deploy")),
+                    format_metric("macs", measured.get("macs")),
+                    where.get("device", DASH),
+                    where.get("date", DASH),
+                ]
+            )
+        out.append(
+            "Latency and memory measured on the named device at the profile's input size; MACs at that "
+            "input size; PSNR from the search. Each pick has its fused weights beside its JSON.\n\n"
+        )
+        out.append(markdown_table(headers, rows) + "\n")
+
+    out.append("## What to do next\n\n")
+    if n_complete == 0:
+        out.append("Let the search run: nothing has finished yet.\n")
+    else:
+        out.append(
+            "Every number above comes from brief training. Take the deployment pick for your device "
+            "(or the knee of the front) and train it fully, with the long schedule and the full "
+            "training set, before deploying or publishing it; then re-measure its quality on the "
+            "standard benchmarks.\n"
+        )
+    return "".join(out)
