@@ -3,6 +3,8 @@ code path (exercised with stand-in events on machines without a GPU). No wall-cl
 
 from __future__ import annotations
 
+from typing import ClassVar
+
 import pytest
 import torch
 from torch import nn
@@ -44,7 +46,7 @@ def test_warmup_and_timed_passes_are_counted_exactly() -> None:
 def test_automatic_plan_scales_with_pass_time() -> None:
     fast = plan_passes(0.5, "cpu")
     assert (fast.warmup, fast.repeats) == (latency_module.MAX_WARMUP, latency_module.MAX_REPEATS)
-    slow = plan_passes(300.0, "cpu")  # 1.5 s budget / 300 ms = 5 timed, 0.375 s / 300 ms -> 2 warm-up
+    slow = plan_passes(300.0, "cpu")  # 1.0 s budget / 300 ms = 3 -> at least 5 timed; 2 warm-up
     assert (slow.warmup, slow.repeats) == (latency_module.CALIBRATION_PASSES, 5)
     very_slow = plan_passes(5000.0, "cpu")
     assert very_slow.repeats == latency_module.MIN_REPEATS  # never fewer than 5 timed passes
@@ -78,10 +80,11 @@ def test_automatic_plan_stops_at_its_deadline_but_explicit_counts_do_not(monkeyp
         clock["now"] += next(durations)
 
     samples, warmup, repeats = latency_module._run_timed(run, latency_module._PerfCounterClock(), "cpu", None, None)
-    # plan: 100 / 100 from a 1 ms estimate; reality 500 ms per pass: warm-up stops after
-    # 2 x 0.375 s, timing after 2 x 1.5 s once 5 passes are in
-    assert warmup == latency_module.CALIBRATION_PASSES + 2
-    assert repeats == len(samples) == 7
+    # plan: 100 / 100 from a 1 ms estimate; reality 500 ms per pass. Warm-up stops at its
+    # deadline (2 x 0.25 s: one 0.5 s pass), timing at 2 x 1.0 s, here after the 5 passes it must do
+    assert latency_module.BUDGET_S["cpu"] == 1.0 and latency_module.OVERRUN == 2.0
+    assert warmup == latency_module.CALIBRATION_PASSES + 1
+    assert repeats == len(samples) == 5
     assert samples[-1] == pytest.approx(500.0)
 
     durations = iter([0.5] * 1000)
@@ -140,7 +143,7 @@ def test_channels_last_input_is_kept() -> None:
 class _FakeEvent:
     """Stands in for torch.cuda.Event: records the perf_counter time when recorded."""
 
-    log: list[str] = []
+    log: ClassVar[list[str]] = []
 
     def __init__(self, enable_timing: bool = False) -> None:
         assert enable_timing
@@ -216,3 +219,17 @@ def test_model_on_another_device_than_the_input_is_rejected() -> None:
 
     with pytest.raises(ValueError, match="move the model first"):
         measure_latency(Meta(), torch.rand(2), warmup=0, repeats=1)
+
+
+def test_automatic_timing_stops_at_twice_the_budget_after_the_minimum(monkeypatch) -> None:
+    """Passes of 0.1 s after a 1 ms calibration: plan 100 timed, deadline 2 s -> 20 passes (+1)."""
+    clock = {"now": 0.0}
+    durations = iter([0.5, 0.001] + [0.1] * 1000)
+    monkeypatch.setattr(latency_module.time, "perf_counter", lambda: clock["now"])
+
+    def run() -> None:
+        clock["now"] += next(durations)
+
+    samples, warmup, repeats = latency_module._run_timed(run, latency_module._PerfCounterClock(), "cpu", 2, None)
+    assert warmup == 2  # explicit: honoured (the calibration passes count towards it)
+    assert 20 <= repeats == len(samples) <= 21
