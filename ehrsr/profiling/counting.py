@@ -5,7 +5,7 @@ Two independent counters look at the same forward pass:
 * **fvcore** ``FlopCountAnalysis`` traces the model with ``torch.jit`` and prices the nodes of the
   trace. It counts one multiply-add as one, so its total is MACs (the NTIRE ESR challenges report
   it as "FLOPs"). Its own handlers are kept for every operator it knows (so totals match NTIRE),
-  except ``matmul``/``mm`` and ``einsum`` (see ``rules.matmul_macs``/``rules.einsum_macs``).
+  except ``matmul``/``mm``, ``einsum`` and the norms (same formulas, see ``_FVCORE_OVERRIDDEN``).
 * **ptflops** (aten backend, 0.7.x) intercepts the operators at dispatch time
   (``TorchDispatchMode``). Its ``ATEN_OPS_MAPPING`` prices only ``mm``, ``matmul``, ``addmm``,
   ``bmm`` and ``convolution`` (adding bias terms); we hand it, through its own ``custom_hooks``
@@ -48,8 +48,17 @@ from ehrsr.profiling.rules import OP_RULES, ZERO_COST_OPS, OpRule, TensorShape
 
 __all__ = ["CountingError", "MacCount", "count_macs", "count_parameters", "deploy_form", "is_ehrsr_model"]
 
-# fvcore handlers replaced by ours (everything else fvcore prices keeps fvcore's own handler)
-_FVCORE_OVERRIDDEN = ("aten::matmul", "aten::mm", "aten::einsum")
+# fvcore handlers replaced by ours (everything else fvcore prices keeps fvcore's own handler):
+# matmul/mm and einsum (see rules.matmul_macs / rules.einsum_macs), and the norms, whose fvcore
+# handler asserts a 2-5-D input (OmniSR normalises 6-D window tensors); ours is the same formula
+_FVCORE_OVERRIDDEN = (
+    "aten::matmul",
+    "aten::mm",
+    "aten::einsum",
+    "aten::layer_norm",
+    "aten::group_norm",
+    "aten::instance_norm",
+)
 # operators whose result is shape information only: data dependence does not flow through them
 _SHAPE_ONLY = frozenset({"aten::size", "aten::sym_size", "aten::numel", "aten::dim", "prim::shape", "aten::len"})
 

@@ -11,9 +11,9 @@ warm passes is stable enough to rank models, and its 10th / 90th percentiles sho
 
 Both run under ``torch.inference_mode()``. Defaults scale down automatically (``plan_passes``):
 one cold pass and one calibration pass estimate the time per pass; then warm-up and timed passes
-are chosen to fill a time budget (1.5 s of timed passes on CPU, 1.0 s on GPU), between 5 and 100
-timed passes and up to 100 warm-ups. A small model is timed 100 times in well under a second; a
-model that takes 300 ms per pass on a CPU gets 5 timed passes, about 2.5 s in all. As a single
+are chosen to fill a time budget (1.0 s of timed passes, plus a quarter of that warming up), 5 to 100
+timed passes and up to 100 warm-ups. A 5 ms model gets 50 warm-ups and 100 timed passes (0.75 s); a
+model that takes 300 ms per pass gets 2 warm-ups and 5 timed passes (about 2 s). As a single
 calibration pass can mislead on a busy machine, an automatic plan also stops at twice its budget
 (after at least 5 timed passes). Explicit ``warmup`` / ``repeats`` are always honoured exactly.
 """
@@ -46,7 +46,7 @@ MAX_WARMUP = 100  # PLKSR's harness
 MAX_REPEATS = 100  # PLKSR's harness
 MIN_REPEATS = 5  # fewer timed passes make the 10th / 90th percentiles meaningless
 CALIBRATION_PASSES = 2  # one cold pass (lazy initialisation, cuDNN autotuning), one to estimate
-BUDGET_S = {"cpu": 1.5, "cuda": 1.0}  # seconds of timed passes the automatic plan aims for
+BUDGET_S = {"cpu": 1.0, "cuda": 1.0}  # seconds of timed passes the automatic plan aims for
 WARMUP_SHARE = 0.25  # warm-up time as a share of the timed budget
 OVERRUN = 2.0  # an automatic plan stops at twice its budget when the calibration was optimistic
 

@@ -21,9 +21,13 @@ import torch
 from torch import nn
 
 from ehrsr.profiling.counting import (
+    DEPLOY_EHRSR,
+    DEPLOY_GENERIC,
+    MacCount,
     _count_prepared,
     _eval_mode,
     deploy_form,
+    is_ehrsr_model,
     validate_input_shape,
 )
 from ehrsr.profiling.latency import cpu_threads, measure_latency, parse_device, parse_dtype
@@ -84,13 +88,16 @@ def profile_model(
     channels_last: bool = False,
     measure_memory: bool = True,
     macs_input_shape: Sequence[int] | None = None,
+    mac_count: MacCount | None = None,
 ) -> Profile:
     """Count, time and measure ``model`` (module docstring says what exactly is profiled).
 
     ``warmup`` / ``repeats`` None: chosen automatically from a calibration pass (see
     ``ehrsr.profiling.latency``). ``threads``: CPU threads for the whole profile (restored
     afterwards; None keeps the current setting). ``macs_input_shape`` defaults to ``input_shape``;
-    the NTIRE convention counts at ``(1, 3, 256, 256)``. Invalid arguments raise ``ValueError``.
+    the NTIRE convention counts at ``(1, 3, 256, 256)``. ``mac_count``: the result of an earlier
+    ``count_macs(model, macs_input_shape)`` (a search counts first to refuse over-limit
+    configurations); it is reused instead of counting again. Invalid arguments raise ``ValueError``.
     """
     shape = validate_input_shape(input_shape, model)
     macs_shape = validate_input_shape(macs_input_shape if macs_input_shape is not None else shape, model)
@@ -103,12 +110,19 @@ def profile_model(
         raise ValueError(f"channels_last must be true or false, got {channels_last!r}")
     if channels_last and len(shape) != 4:
         raise ValueError(f"channels_last needs a 4-D input_shape, got {shape}")
+    if mac_count is not None:
+        expected = (macs_shape, DEPLOY_EHRSR if is_ehrsr_model(model) else DEPLOY_GENERIC)
+        if not isinstance(mac_count, MacCount) or (mac_count.input_shape, mac_count.deploy_form) != expected:
+            raise ValueError(
+                f"mac_count must be count_macs(model, {macs_shape}) for this model, got "
+                f"{getattr(mac_count, 'input_shape', mac_count)!r}"
+            )
 
     with cpu_threads(threads if dev.type == "cpu" else None) as n_threads:
         deploy, description = deploy_form(model)
         copied = deploy is not model
         log.info("profiling %s (%s) on %s", type(model).__name__, description, dev)
-        count = _count_prepared(model, deploy, description, macs_shape)
+        count = mac_count if mac_count is not None else _count_prepared(model, deploy, description, macs_shape)
 
         runtime = deploy
         if _needs_copy(deploy, dev, channels_last) and not copied:

@@ -18,10 +18,11 @@ dependent: the counters count the one input they are given).
 
 fvcore 0.1.5 has its own handlers for ``_convolution``, ``linear``, ``addmm``, ``mm``, ``bmm``,
 ``matmul``, ``einsum``, the norms, nearest/bilinear up-sampling, ``adaptive_avg_pool2d`` and
-``grid_sampler``. ``counting.py`` keeps fvcore's handlers for all of them except ``matmul``/``mm``
-and ``einsum`` (see ``matmul_macs`` and ``einsum_macs`` for why), so totals stay comparable with
-NTIRE numbers; the rules here re-state the same formulas for ptflops, and the tests check that the
-two implementations agree.
+``grid_sampler``. ``counting.py`` keeps fvcore's handlers for convolutions, linear layers,
+``bmm``, batch norm, resampling and pooling, so totals stay comparable with NTIRE numbers; it
+replaces ``matmul``/``mm`` and ``einsum`` (see ``matmul_macs`` and ``einsum_macs`` for why) and the
+norms (fvcore's formula, without its 2-5-D assertion). The rules here re-state fvcore's formulas for
+ptflops, and the tests check that the two implementations agree.
 """
 
 from __future__ import annotations
