@@ -133,6 +133,11 @@ def run_worker(prepared: PreparedStudy, settings: SearchSettings, *, log: _Log |
             ok, why = search_budget.allows_new_trial(study, estimate, device_kind=device.type)
             if not ok:
                 summary.stopped_reason = why
+                if settings.ablation_share > 0 and any(limit.seconds for limit in budget.limits):
+                    summary.stopped_reason += (
+                        f" (the search's {1 - settings.ablation_share:.0%} of --budget {budget.text}; "
+                        "the rest is kept for the controlled ablation)"
+                    )
                 break
             trial = study.ask()
             running_trial = trial
@@ -436,7 +441,7 @@ def _after_search(study: optuna.Study, prepared: PreparedStudy, settings: Search
         try:
             pick = pick_deployment(study, name, prepared.study_dir, weights_root=prepared.study_dir,
                                    progress=settings.verbosity >= 2)
-            log(f"deployment pick for {name}: trial #{pick.trial_number}")
+            log(f"deployment pick for {name}: trial #{pick.trial} ({pick.json_path})")
         except (DeploymentError, DeviceProfileError) as exc:
             log(f"deployment pick for {name}: none ({exc})")
 

@@ -149,17 +149,23 @@ def build_context(
     )
 
 
+_LPIPS_FAILURES: dict[str | None, str] = {}  # weights path -> why it failed (tried once per process)
+
+
 def _load_lpips(device: torch.device, weights: str | None, *, required: bool, log: Any) -> Any:
+    """LPIPS on ``device``, or None (said once) when its weights cannot be had."""
     from ehrsr.metrics import LPIPS, LPIPSUnavailable
 
-    try:
-        return LPIPS(device=device, weights_path=weights)
-    except LPIPSUnavailable as exc:
-        if required:
-            raise SearchError(f"lpips is an objective but LPIPS is unavailable: {exc}") from None
-        if log is not None:
-            log(f"note: LPIPS unavailable, continuing without it ({exc})")
-        return None
+    if weights not in _LPIPS_FAILURES:
+        try:
+            return LPIPS(device=device, weights_path=weights)
+        except LPIPSUnavailable as exc:
+            _LPIPS_FAILURES[weights] = str(exc)
+            if log is not None and not required:
+                log(f"note: LPIPS unavailable, continuing without it ({exc})")
+    if required:
+        raise SearchError(f"lpips is an objective but LPIPS is unavailable: {_LPIPS_FAILURES[weights]}")
+    return None
 
 
 def _default_study_name(space_name: str, task: Any, train_data: str | None, val_data: str | None) -> str:
