@@ -167,7 +167,8 @@ class WindowAttentionBlock(nn.Module):
         shift = self.shift_size if hp > ws and wp > ws else 0
         if shift:
             y = torch.roll(y, shifts=(-shift, -shift), dims=(1, 2))
-        key = (hp, wp, pad_h, pad_w, shift, x.device)
+        # inference-mode tensors cannot enter autograd later: cache them separately
+        key = (hp, wp, pad_h, pad_w, shift, x.device, torch.is_inference_mode_enabled())
         if key not in self._mask_cache:  # masks depend only on sizes: build once per input size
             if len(self._mask_cache) > 16:
                 self._mask_cache.clear()

@@ -41,7 +41,8 @@ class FrequencySeparationBlock(nn.Module):
 
     def _interpolation(self, height: int, width: int, device: torch.device):
         """Bin indices and weights that map the per-bin gains onto the rfft2 grid (cached per size)."""
-        key = (height, width, device)
+        # inference-mode tensors cannot enter autograd later: cache them separately
+        key = (height, width, device, torch.is_inference_mode_enabled())
         if key not in self._weight_cache:
             radius = radial_frequency(height, width, device)
             high = (radius > self.cutoff).float()  # hard split: low frequencies pass untouched

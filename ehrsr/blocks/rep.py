@@ -117,4 +117,12 @@ class RepMixBlock(nn.Module):
         self.drop_path = DropPath(drop_path)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return x + self.drop_path(self.project(self.act(self.plk(self.rep(x)))))
+        y = self.rep(x)
+        if self.plk.conv.fused is not None and not torch.is_grad_enabled():
+            # deploy path: the large kernel overwrites its channels of the fresh tensor ``y`` in
+            # place (as PLKSR does at inference) instead of concatenating a copy of every channel
+            p = self.plk.partial
+            y[:, :p] = self.plk.conv(y[:, :p])
+        else:
+            y = self.plk(y)
+        return x + self.drop_path(self.project(self.act(y)))

@@ -1,0 +1,258 @@
+"""Command line of ``run_search.py``: ``search`` (the default), ``report``, ``ablate``, ``deploy``.
+
+Every problem the user can fix (bad budget text, unknown key in a YAML file, unreadable image,
+unreachable storage, ...) is printed as one ``error:`` line and exits with status 2; nothing that
+is already stored is touched. Passwords in storage URLs are masked everywhere.
+"""
+
+from __future__ import annotations
+
+import argparse
+import re
+import sys
+from pathlib import Path
+from typing import Any
+
+__all__ = ["main"]
+
+SUBCOMMANDS = ("search", "report", "ablate", "deploy")
+EXIT_USAGE = 2
+
+_SI = {"": 1.0, "k": 1e3, "K": 1e3, "m": 1e6, "M": 1e6, "g": 1e9, "G": 1e9, "t": 1e12, "T": 1e12}
+
+
+def parse_si(text: str, what: str) -> float:
+    """``1.5M`` -> 1.5e6, ``900k`` -> 9e5, ``2G`` -> 2e9, plain numbers as they are."""
+    match = re.fullmatch(r"\s*([0-9]*\.?[0-9]+(?:[eE][-+]?[0-9]+)?)\s*([kKmMgGtT]?)\s*", str(text))
+    if not match:
+        raise argparse.ArgumentTypeError(f"{what}: {text!r} is not a number (examples: 500000, 1.5M, 2G)")
+    value = float(match[1]) * _SI[match[2]]
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"{what}: must be positive, got {text!r}")
+    return value
+
+
+def _positive_float(what: str):
+    def parse(text: str) -> float:
+        try:
+            value = float(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{what}: {text!r} is not a number") from None
+        if value <= 0:
+            raise argparse.ArgumentTypeError(f"{what}: must be positive, got {text!r}")
+        return value
+
+    return parse
+
+
+def parse_size(text: str) -> tuple[int, int]:
+    """``256`` or ``256x320`` (height x width of the LR input)."""
+    match = re.fullmatch(r"\s*(\d+)\s*(?:[xX]\s*(\d+))?\s*", text)
+    if not match:
+        raise argparse.ArgumentTypeError(f"--profile-size: {text!r} is not SIZE or HEIGHTxWIDTH (e.g. 256 or 270x480)")
+    height = int(match[1])
+    width = int(match[2]) if match[2] else height
+    if height < 8 or width < 8:
+        raise argparse.ArgumentTypeError(f"--profile-size: {text!r} is too small (at least 8x8)")
+    return height, width
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse that reports errors in one line with exit status 2 (its default status too)."""
+
+    def error(self, message: str) -> None:  # type: ignore[override]
+        self.exit(EXIT_USAGE, f"error: {message} (see {self.prog} --help)\n")
+
+
+def _common(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--study-name", help="study to use (default for search: derived from space and task)")
+    parser.add_argument("--storage", help="Optuna storage URL (default: reports/<study>/study.db); "
+                        "postgresql://..., mysql://..., sqlite:///PATH or journal:PATH")
+    parser.add_argument("--out-dir", type=Path, default=Path("reports"), help="reports folder (default: reports)")
+    verbosity = parser.add_mutually_exclusive_group()
+    verbosity.add_argument("--quiet", "-q", action="store_true", help="print only the summary")
+    verbosity.add_argument("--verbose", "-v", action="store_true", help="print more detail")
+
+
+def build_parser() -> dict[str, argparse.ArgumentParser]:
+    search = _Parser(
+        prog="run_search.py",
+        description="Hardware-aware multi-objective architecture search over EHR-SR. "
+        "Subcommands: report, ablate, deploy (run_search.py SUBCOMMAND --help).",
+    )
+    search.add_argument("--budget", help="gpu-hours=48, cpu-hours=2, hours=1.5, minutes=10, trials=30, or several "
+                        "joined by commas (default: gpu-hours=1 with CUDA, minutes=10 without)")
+    search.add_argument("--space", help="search space: tiny, full, or a YAML file (default: full with CUDA, else tiny)")
+    search.add_argument("--objectives", default="psnr,latency",
+                        help="comma list of psnr, ssim, lpips, latency, macs, params, memory (default: psnr,latency)")
+    search.add_argument("--device", help="cpu, cuda or cuda:N (default: cuda when present)")
+    search.add_argument("--profile-size", type=parse_size, default=(256, 256),
+                        help="LR input size for latency/memory/MACs (default 256, the NTIRE convention)")
+    search.add_argument("--profile-dtype", choices=("float32", "float16", "bfloat16"), default="float32")
+    search.add_argument("--threads", type=int, help="CPU threads for training and timing (default: torch's)")
+    search.add_argument("--max-params", type=lambda t: parse_si(t, "--max-params"), help="e.g. 500k, 1.5M")
+    search.add_argument("--max-macs", type=lambda t: parse_si(t, "--max-macs"), help="at the profile size, e.g. 20G")
+    search.add_argument("--max-latency-ms", type=_positive_float("--max-latency-ms"))
+    search.add_argument("--max-memory-mb", type=_positive_float("--max-memory-mb"))
+    search.add_argument("--sampler", default="tpe", choices=("tpe", "nsga2", "nsga3", "gp", "random"))
+    search.add_argument("--seed", type=int, default=0)
+    search.add_argument("--workers", default="1", help="worker processes on this machine, or 'auto' (one per GPU)")
+    search.add_argument("--train-data", help="HR training images folder (default: built-in sample images)")
+    search.add_argument("--val-data", help="HR validation images folder (default: built-in sample images)")
+    search.add_argument("--task", default="sr", choices=("sr", "denoise", "deblur", "jpeg"))
+    search.add_argument("--scale", type=int, help="SR scale 2-4, or 1 for restoration (default: 4 for sr, else 1)")
+    search.add_argument("--noise-sigma", type=float, help="Gaussian noise std, 0-255 units")
+    search.add_argument("--blur-sigma", type=float, help="Gaussian blur std in HR pixels")
+    search.add_argument("--jpeg-quality", type=int, help="JPEG quality 1-100")
+    search.add_argument("--cache-dir", help="prepared-data cache (default: $EHRSR_CACHE or ~/.cache/ehrsr)")
+    search.add_argument("--lpips-weights", help="local LPIPS weights file or folder (offline machines)")
+    search.add_argument("--no-early-stopping", action="store_true", help="train every trial at full fidelity")
+    search.add_argument("--isolate", action=argparse.BooleanOptionalAction, default=None,
+                        help="run each trial in a child process (default: on with CUDA)")
+    search.add_argument("--ablation-share", type=float, default=0.15,
+                        help="share of the budget kept for the controlled ablation (default 0.15; 0 = none)")
+    search.add_argument("--ablation-seeds", type=int, default=2)
+    search.add_argument("--no-report", action="store_true", help="do not write reports at the end")
+    _common(search)
+
+    report = _Parser(prog="run_search.py report", description="Regenerate reports/<study>/ from the storage alone.")
+    _common(report)
+
+    ablate = _Parser(prog="run_search.py ablate", description="Run the controlled ablation of a finished search.")
+    ablate.add_argument("--reference", type=int, help="trial number of the reference (default: the Pareto knee)")
+    ablate.add_argument("--ablation-seeds", type=int, default=2)
+    ablate.add_argument("--budget", help="time for the ablation (hours=, minutes=); default: unlimited")
+    ablate.add_argument("--device", help="cpu, cuda or cuda:N (default: cuda when present)")
+    ablate.add_argument("--lpips-weights")
+    _common(ablate)
+
+    deploy = _Parser(prog="run_search.py deploy", description="Re-profile the Pareto set here and pick per device profile.")
+    deploy.add_argument("--device-profile", required=True, action="append",
+                        help="profile name from search_spaces/devices.yaml (repeatable)")
+    deploy.add_argument("--devices-file", help="device profiles YAML (default: search_spaces/devices.yaml)")
+    deploy.add_argument("--onnx", action="store_true", help="also export ONNX, checked against PyTorch")
+    _common(deploy)
+    return {"search": search, "report": report, "ablate": ablate, "deploy": deploy}
+
+
+def _verbosity(args: argparse.Namespace) -> int:
+    return 0 if args.quiet else 2 if args.verbose else 1
+
+
+def _user_errors() -> tuple[type[BaseException], ...]:
+    """Exception types that mean 'the input is wrong', printed as one line with exit 2."""
+    from ehrsr.search.driver import SearchError
+    from ehrsr.search.storage import StorageError
+
+    errors: list[type[BaseException]] = [SearchError, StorageError, ValueError, FileNotFoundError]
+    try:
+        from ehrsr.data import ImageReadError
+
+        errors.append(ImageReadError)
+    except ImportError:
+        pass
+    try:
+        from ehrsr.reports import DeploymentError
+
+        errors.append(DeploymentError)
+    except ImportError:
+        pass
+    return tuple(errors)
+
+
+def _search(args: argparse.Namespace) -> int:
+    from ehrsr.search.driver import SearchSettings, run_search
+    from ehrsr.search.runner import Limits
+
+    task: dict[str, Any] = {"task": args.task}
+    for key in ("scale", "noise_sigma", "blur_sigma", "jpeg_quality"):
+        if getattr(args, key) is not None:
+            task[key] = getattr(args, key)
+    settings = SearchSettings(
+        space=args.space,
+        budget=args.budget,
+        objectives=args.objectives,
+        device=args.device,
+        profile_size=args.profile_size,
+        profile_dtype=args.profile_dtype,
+        threads=args.threads,
+        limits=Limits(args.max_params, args.max_macs, args.max_latency_ms, args.max_memory_mb),
+        sampler=args.sampler,
+        seed=args.seed,
+        storage=args.storage,
+        study_name=args.study_name,
+        out_dir=args.out_dir,
+        workers=args.workers,
+        train_data=args.train_data,
+        val_data=args.val_data,
+        task=task,
+        cache_dir=args.cache_dir,
+        lpips_weights=args.lpips_weights,
+        early_stopping=not args.no_early_stopping,
+        isolate=args.isolate,
+        ablation_share=args.ablation_share,
+        ablation_seeds=args.ablation_seeds,
+        write_reports=not args.no_report,
+        verbosity=_verbosity(args),
+    )
+    summary = run_search(settings)
+    return 130 if summary.interrupted else 0
+
+
+def _need_study(args: argparse.Namespace, command: str) -> None:
+    if not args.study_name:
+        raise ValueError(f"{command} needs --study-name NAME (the folder name under {args.out_dir}/)")
+
+
+def _report(args: argparse.Namespace) -> int:
+    from ehrsr.reports import write_report
+    from ehrsr.search.driver import load_study
+
+    _need_study(args, "report")
+    study, _, study_dir = load_study(args.study_name, args.storage, args.out_dir)
+    path = write_report(study, study_dir, quiet=args.quiet)
+    print(f"report written: {path}")
+    return 0
+
+
+def _ablate(args: argparse.Namespace) -> int:
+    from ehrsr.search.ablation import run_ablation_command
+
+    _need_study(args, "ablate")
+    return run_ablation_command(args)
+
+
+def _deploy(args: argparse.Namespace) -> int:
+    from ehrsr.search.deployment import run_deploy_command
+
+    _need_study(args, "deploy")
+    return run_deploy_command(args)
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    command = argv[0] if argv and argv[0] in SUBCOMMANDS else "search"
+    if argv and argv[0] in SUBCOMMANDS:
+        argv = argv[1:]
+    parser = build_parser()[command]
+    args = parser.parse_args(argv)
+    handler = {"search": _search, "report": _report, "ablate": _ablate, "deploy": _deploy}[command]
+    try:
+        return handler(args)
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+    except _user_errors() as exc:
+        from ehrsr.search.storage import mask_url
+
+        if getattr(args, "verbose", False):
+            import traceback
+
+            traceback.print_exc()
+        message = mask_url(str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__)
+        print(f"error: {message}", file=sys.stderr)
+        return EXIT_USAGE
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

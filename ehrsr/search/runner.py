@@ -1,0 +1,279 @@
+"""One configuration, measured: build -> count -> profile -> train (with rung evaluations) -> evaluate.
+
+``run_configuration`` is what a search trial, a controlled-ablation variant and a benchmark run
+all do. It returns a ``RunResult`` instead of raising for the expected failures (refused by a
+cheap limit, diverged, out of memory), so callers record the reason and carry on.
+
+Order of work, cheapest first: the MAC / parameter count of the deploy form (a second or two)
+refuses configurations over ``--max-params`` / ``--max-macs`` before any budget is spent; the
+latency / memory profile follows (cost does not depend on training, so it is measured once, on
+the device the search runs on); then training, evaluating on the validation set at every rung so
+multi-fidelity early stopping can rank the trial against others at the same step.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+
+from ehrsr.config import EHRSRConfig
+from ehrsr.model import build_model
+from ehrsr.search.objectives import OBJECTIVES, Objective
+
+__all__ = ["Limits", "RunContext", "RunResult", "run_configuration"]
+
+# on_rung(rung_index, step, values, metrics) -> True to continue training, False to stop here
+RungCallback = Callable[[int, int, list[float], dict[str, Any]], bool]
+
+
+@dataclass(frozen=True)
+class Limits:
+    """Hard limits: params and MACs are checked before training, latency and memory measured."""
+
+    max_params: float | None = None
+    max_macs: float | None = None
+    max_latency_ms: float | None = None
+    max_memory_mb: float | None = None
+
+    def to_dict(self) -> dict[str, float | None]:
+        return {
+            "max_params": self.max_params,
+            "max_macs": self.max_macs,
+            "max_latency_ms": self.max_latency_ms,
+            "max_memory_mb": self.max_memory_mb,
+        }
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any] | None) -> Limits:
+        return cls(**{k: v for k, v in (data or {}).items() if k in cls.__dataclass_fields__})
+
+    def refusal(self, params_deploy: int, macs: int) -> str | None:
+        """Why a configuration is refused before training, or None."""
+        if self.max_params is not None and params_deploy > self.max_params:
+            return f"params {_si(params_deploy)} > --max-params {_si(self.max_params)}"
+        if self.max_macs is not None and macs > self.max_macs:
+            return f"MACs {_si(macs)} > --max-macs {_si(self.max_macs)}"
+        return None
+
+    def constraints(self, metrics: dict[str, Any]) -> dict[str, float]:
+        """Optuna constraint values (measured - limit; feasible when <= 0) for the measured limits."""
+        out = {}
+        if self.max_latency_ms is not None:
+            out["latency_ms"] = float(metrics["latency_ms"]) - self.max_latency_ms
+        if self.max_memory_mb is not None:
+            out["peak_memory_mb"] = float(metrics["peak_memory_mb"]) - self.max_memory_mb
+        return out
+
+
+def _si(value: float) -> str:
+    for factor, suffix in ((1e12, "T"), (1e9, "G"), (1e6, "M"), (1e3, "K")):
+        if abs(value) >= factor:
+            return f"{value / factor:.3g}{suffix}"
+    return f"{value:.3g}"
+
+
+@dataclass
+class RunContext:
+    """Everything that stays the same across the runs of one study."""
+
+    train_set: Any  # ehrsr.data.TrainSet (already on ``device``)
+    val_set: Any  # ehrsr.data.ValSet
+    objectives: list[Objective]
+    device: torch.device = field(default_factory=lambda: torch.device("cpu"))
+    crop_border: int = 4
+    patch_size: int = 32
+    batch_size: int = 8
+    loss: str = "l1"
+    profile_shape: tuple[int, int, int, int] = (1, 3, 256, 256)
+    profile_dtype: str = "float32"
+    threads: int | None = None
+    profile_warmup: int | None = None
+    profile_repeats: int | None = None
+    lpips: Any = None  # ehrsr.metrics.LPIPS or None when unavailable
+    limits: Limits = field(default_factory=Limits)
+    progress: bool = False
+
+    @property
+    def objective_names(self) -> list[str]:
+        return [o.name for o in self.objectives]
+
+    def values(self, metrics: dict[str, Any]) -> list[float]:
+        return [float(metrics[o.metric_key]) for o in self.objectives]
+
+
+@dataclass
+class RunResult:
+    status: str  # complete | stopped | refused | diverged | oom | error
+    reason: str | None = None
+    metrics: dict[str, Any] = field(default_factory=dict)
+    values: list[float] | None = None
+    seconds: dict[str, float] = field(default_factory=dict)
+    steps_done: int = 0
+    rungs: list[dict[str, Any]] = field(default_factory=list)
+    model: nn.Module | None = None
+
+
+def measure_cost(model: nn.Module, ctx: RunContext) -> dict[str, Any]:
+    """Latency, memory and counts of the deploy form on the search device (``profile_model``)."""
+    from ehrsr.profiling import profile_model
+
+    profile = profile_model(
+        model,
+        input_shape=ctx.profile_shape,
+        device=ctx.device,
+        dtype=ctx.profile_dtype,
+        warmup=ctx.profile_warmup,
+        repeats=ctx.profile_repeats,
+        threads=ctx.threads,
+    )
+    return {
+        "latency_ms": profile.latency_ms,
+        "latency_ms_p10": profile.latency_ms_p10,
+        "latency_ms_p90": profile.latency_ms_p90,
+        "macs": profile.macs,
+        "macs_ptflops": profile.macs_ptflops,
+        "params": profile.params,
+        "params_deploy": profile.params_deploy,
+        "peak_memory_mb": profile.peak_memory_mb,
+        "profile_device": profile.device,
+    }
+
+
+def _evaluate(model: nn.Module, ctx: RunContext, with_lpips: bool) -> dict[str, Any]:
+    from ehrsr.metrics import evaluate
+
+    result = evaluate(
+        model,
+        ctx.val_set,
+        crop_border=ctx.crop_border,
+        device=ctx.device,
+        lpips=ctx.lpips if with_lpips else None,
+    )
+    return {"psnr": result.psnr, "ssim": result.ssim, "lpips": result.lpips, "eval_seconds": result.seconds}
+
+
+def run_configuration(
+    config: EHRSRConfig,
+    train: dict[str, Any],
+    ctx: RunContext,
+    *,
+    steps: int,
+    seed: int = 0,
+    rung_steps: Sequence[int] = (),
+    on_rung: RungCallback | None = None,
+    precomputed_cost: dict[str, Any] | None = None,
+) -> RunResult:
+    """Train ``config`` for ``steps`` steps (evaluating at ``rung_steps``) and measure it.
+
+    ``train`` holds ``lr`` (required) and may override ``batch_size``, ``patch_size`` and ``loss``.
+    ``on_rung`` is called after the evaluation at each rung step below ``steps`` and may stop the
+    run (status ``stopped``; the metrics are then those of the last rung). The final evaluation
+    (at ``steps``) includes LPIPS when it is available.
+    """
+    from ehrsr.profiling import count_macs
+    from ehrsr.training import TrainingDiverged, TrainingOutOfMemory
+    from ehrsr.training import train as train_model
+
+    start = time.perf_counter()
+    seconds = {"train": 0.0, "eval": 0.0, "profile": 0.0}
+    torch.manual_seed(seed)
+    model = build_model(config)
+
+    # 1. cheap counting: refuse over-limit configurations before spending budget
+    t0 = time.perf_counter()
+    if precomputed_cost is None:
+        count = count_macs(model, ctx.profile_shape)
+        refusal = ctx.limits.refusal(count.params_deploy, count.macs)
+        if refusal is not None:
+            seconds["profile"] = time.perf_counter() - t0
+            seconds["total"] = time.perf_counter() - start
+            metrics = {"macs": count.macs, "params": count.params, "params_deploy": count.params_deploy}
+            return RunResult("refused", f"refused before training: {refusal}", metrics, seconds=seconds)
+        # 2. measured cost of the deploy form on this device
+        cost = measure_cost(model, ctx)
+    else:
+        cost = dict(precomputed_cost)
+    seconds["profile"] = time.perf_counter() - t0
+
+    quality_needs_lpips = any(o.name == "lpips" for o in ctx.objectives)
+    final: dict[str, Any] = {}
+    rungs: list[dict[str, Any]] = []
+    rung_list = sorted({s for s in rung_steps if 0 < s < steps})
+
+    def on_eval(step: int, trained: nn.Module) -> bool:
+        is_final = step >= steps
+        quality = _evaluate(trained, ctx, with_lpips=is_final or quality_needs_lpips)
+        metrics = {**cost, **{k: v for k, v in quality.items() if k != "eval_seconds"}}
+        if not all(_finite(metrics.get(o.metric_key)) for o in ctx.objectives):
+            missing = [o.name for o in ctx.objectives if not _finite(metrics.get(o.metric_key))]
+            raise TrainingDiverged(step, f"objective {', '.join(missing)} is not a finite number")
+        values = ctx.values(metrics)
+        if is_final:
+            final.update(metrics)
+            return True
+        rungs.append({"step": step, "values": values, "metrics": _plain(metrics)})
+        if on_rung is not None:
+            return bool(on_rung(rung_list.index(step), step, values, metrics))
+        return True
+
+    # 3. brief training, evaluating at each rung and at the end
+    batch_size = int(train.get("batch_size", ctx.batch_size))
+    patch_size = int(train.get("patch_size", ctx.patch_size))
+    try:
+        result = train_model(
+            model,
+            ctx.train_set,
+            steps=steps,
+            lr=float(train["lr"]),
+            batch_size=batch_size,
+            patch_size=patch_size,
+            device=ctx.device,
+            seed=seed,
+            loss=train.get("loss", ctx.loss),
+            eval_steps=[*rung_list, steps],
+            on_eval=on_eval,
+            progress=ctx.progress,
+        )
+    except TrainingDiverged as exc:
+        seconds["total"] = time.perf_counter() - start
+        return RunResult("diverged", str(exc), _plain(cost), seconds=seconds, rungs=rungs)
+    except TrainingOutOfMemory as exc:
+        seconds["total"] = time.perf_counter() - start
+        return RunResult("oom", str(exc), _plain(cost), seconds=seconds, rungs=rungs)
+    seconds["train"] = result.train_seconds
+    seconds["eval"] = result.eval_seconds
+    seconds["total"] = time.perf_counter() - start
+    if final:
+        metrics = _plain(final)
+        return RunResult(
+            "complete", None, metrics, ctx.values(metrics), seconds, result.steps_done, rungs, model
+        )
+    last = rungs[-1] if rungs else {"metrics": _plain(cost), "values": None, "step": result.steps_done}
+    reason = f"stopped at step {result.steps_done} ({result.stop_reason})"
+    return RunResult("stopped", reason, last["metrics"], last["values"], seconds, result.steps_done, rungs, model)
+
+
+def _finite(value: Any) -> bool:
+    return isinstance(value, (int, float)) and math.isfinite(value)
+
+
+def _plain(metrics: dict[str, Any]) -> dict[str, Any]:
+    """JSON-friendly copy (Optuna user attributes must be JSON serialisable)."""
+    out = {}
+    for key, value in metrics.items():
+        if isinstance(value, torch.Tensor):
+            value = value.item()
+        if isinstance(value, float) and not math.isfinite(value):
+            value = None
+        out[key] = value
+    return out
+
+
+def objective_by_name(name: str) -> Objective:
+    return OBJECTIVES[name]
