@@ -8,6 +8,7 @@ Columns:
 * ``params all``: every parameter of the module as built (training branches included);
 * ``params deploy`` / ``MACs (ours)``: ``ehrsr.profiling.count_macs`` (data path only, fused);
 * ``ptflops``: our cross-check counter;
+* ``weights-only``: input-independent MACs left out of both (``MacCount.macs_constant``);
 * ``plain fvcore``: the NTIRE recipe run as is on the same module, for comparison;
 * ``published``: the number and its source; "n/a" where no NTIRE-convention figure was sourced.
 
@@ -106,14 +107,14 @@ def main() -> None:
     torch.manual_seed(0)
 
     header = (
-        "| model | built as | params all (M) | params deploy (M) | MACs ours (G) | ptflops (G) | plain fvcore (G) "
-        "| published params (M) | published FLOPs (G) | source | unsupported ops |"
+        "| model | built as | params all (M) | params deploy (M) | MACs ours (G) | ptflops (G) | weights-only (G) "
+        "| plain fvcore (G) | published params (M) | published FLOPs (G) | source | unsupported ops |"
     )
-    rows = [header, "|" + "|".join("---" for _ in range(11)) + "|"]
+    rows = [header, "|" + "|".join("---" for _ in range(12)) + "|"]
     for name, note, build, published, source in MODELS:
         pub_p, pub_f = (f"{published[0]:.3f}", f"{published[1]:.2f}") if published else ("n/a", "n/a")
         if build is None:
-            rows.append(f"| {name} | {note} | - | - | - | - | - | {pub_p} | {pub_f} | {source} | - |")
+            rows.append(f"| {name} | {note} | - | - | - | - | - | - | {pub_p} | {pub_f} | {source} | - |")
             print(f"[reference] {name}: not built (published figure only)", flush=True)
             continue
         start = time.perf_counter()
@@ -123,7 +124,8 @@ def main() -> None:
         unsupported = ", ".join(f"{k} x{v}" for k, v in result.unsupported_ops.items()) or "none"
         rows.append(
             f"| {name} | {note} | {result.params / 1e6:.3f} | {result.params_deploy / 1e6:.3f} | "
-            f"{result.macs / 1e9:.3f} | {result.macs_ptflops / 1e9:.3f} | {plain} | {pub_p} | {pub_f} "
+            f"{result.macs / 1e9:.3f} | {result.macs_ptflops / 1e9:.3f} | {result.macs_constant / 1e9:.3f} | {plain} "
+            f"| {pub_p} | {pub_f} "
             f"| {source} | {unsupported} |"
         )
         print(f"[reference] {name}: {time.perf_counter() - start:.1f} s", flush=True)

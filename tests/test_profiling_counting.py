@@ -150,3 +150,19 @@ def test_count_macs_works_under_no_grad_and_inference_mode() -> None:
         assert count_macs(model, shape).macs == reference.macs
     with torch.inference_mode():
         assert count_macs(model, shape).macs_ptflops == reference.macs_ptflops
+
+
+def test_spandrel_span_matches_the_published_ntire_figures() -> None:
+    """SPAN (28 channels, x4), the NTIRE 2026 ESR baseline: 0.151 M parameters and 9.83 G fvcore
+    FLOPs at 256x256 (NTIRE 2026 ESR README). spandrel's SPAN keeps its training branches beside
+    ``eval_conv``; params_deploy must count only what the eval forward uses. Counted at 64x64
+    (every conv keeps the resolution, so MACs scale exactly with the pixel count)."""
+    span_module = pytest.importorskip("spandrel.architectures.SPAN.__arch.span")
+    model = span_module.SPAN(num_in_ch=3, num_out_ch=3, feature_channels=28, upscale=4).eval()
+    result = count_macs(model, (1, 3, 64, 64))
+    assert round(result.params_deploy / 1e6, 3) == 0.151
+    assert result.params > 5 * result.params_deploy  # training branches are not deploy parameters
+    assert round(result.macs * 16 / 1e9, 2) == 9.83
+    assert result.macs_ptflops == result.macs
+    assert result.macs_constant > 0  # the per-forward kernel fusion, seen by ptflops, left out
+    assert result.unsupported_ops == {}

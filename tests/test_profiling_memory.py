@@ -61,11 +61,14 @@ def test_cuda_path_reads_the_allocator_statistics_in_order(monkeypatch) -> None:
 
     class Probe(nn.Module):
         def forward(self, x):
-            log.append("forward")
+            log.append(f"forward benchmark={torch.backends.cudnn.benchmark}")
             return x
 
+    before = torch.backends.cudnn.benchmark
     result = memory_module._cuda_peak(Probe(), torch.rand(2), torch.float32)
-    assert log == ["synchronize", "reset", "allocated", "forward", "synchronize", "max"]
+    # same cuDNN autotuning as the timed passes, restored afterwards
+    assert log == ["synchronize", "reset", "allocated", "forward benchmark=True", "synchronize", "max"]
+    assert torch.backends.cudnn.benchmark == before
     assert (result.peak_memory_mb, result.peak_memory_total_mb) == (25.0, 35.0)
     assert result.method == memory_module.CUDA_METHOD
 

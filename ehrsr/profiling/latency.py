@@ -35,6 +35,7 @@ __all__ = [
     "LatencyStats",
     "PassPlan",
     "cpu_threads",
+    "cudnn_benchmark",
     "device_name",
     "measure_latency",
     "parse_device",
@@ -171,7 +172,8 @@ def cpu_threads(threads: int | None) -> Iterator[int]:
 
 
 @contextlib.contextmanager
-def _cudnn_benchmark() -> Iterator[None]:
+def cudnn_benchmark() -> Iterator[None]:
+    """``torch.backends.cudnn.benchmark = True`` for the duration; the previous value is restored."""
     previous = torch.backends.cudnn.benchmark
     torch.backends.cudnn.benchmark = True  # pick the fastest conv algorithm for these shapes
     try:
@@ -288,7 +290,7 @@ def measure_latency(
 
     with torch.inference_mode():
         if device.type == "cuda":
-            with _cudnn_benchmark():
+            with cudnn_benchmark():
                 samples, warmup_done, repeats_done = _run_timed(run, _CudaEventClock(device), "cuda", warmup, repeats)
             name = device_name(device)
         else:

@@ -31,7 +31,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from ehrsr.profiling.latency import autocast_context, parse_dtype
+from ehrsr.profiling.latency import autocast_context, cudnn_benchmark, parse_dtype
 
 __all__ = ["CPU_METHOD", "CUDA_METHOD", "PeakMemory", "measure_peak_memory"]
 
@@ -70,7 +70,8 @@ def _cuda_peak(model: nn.Module, inputs: torch.Tensor, dtype: torch.dtype) -> Pe
     torch.cuda.synchronize(inputs.device)
     torch.cuda.reset_peak_memory_stats(inputs.device)
     before = torch.cuda.memory_allocated(inputs.device)
-    with autocast_context("cuda", dtype):
+    # the same cuDNN algorithms (and workspaces) as the timed passes
+    with cudnn_benchmark(), autocast_context("cuda", dtype):
         output = model(inputs)
     torch.cuda.synchronize(inputs.device)
     peak = torch.cuda.max_memory_allocated(inputs.device)
