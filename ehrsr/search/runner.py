@@ -24,7 +24,7 @@ from torch import nn
 
 from ehrsr.config import EHRSRConfig
 from ehrsr.model import build_model
-from ehrsr.search.objectives import OBJECTIVES, Objective
+from ehrsr.search.objectives import Objective
 
 __all__ = ["Limits", "RunContext", "RunResult", "run_configuration"]
 
@@ -119,8 +119,9 @@ class RunResult:
     model: nn.Module | None = None
 
 
-def measure_cost(model: nn.Module, ctx: RunContext) -> dict[str, Any]:
-    """Latency, memory and counts of the deploy form on the search device (``profile_model``)."""
+def measure_cost(model: nn.Module, ctx: RunContext, mac_count: Any = None) -> dict[str, Any]:
+    """Latency, memory and counts of the deploy form on the search device (``profile_model``);
+    ``mac_count`` (from ``count_macs`` at the same shape) saves counting twice."""
     from ehrsr.profiling import profile_model
 
     profile = profile_model(
@@ -131,6 +132,7 @@ def measure_cost(model: nn.Module, ctx: RunContext) -> dict[str, Any]:
         warmup=ctx.profile_warmup,
         repeats=ctx.profile_repeats,
         threads=ctx.threads,
+        mac_count=mac_count,
     )
     return {
         "latency_ms": profile.latency_ms,
@@ -196,7 +198,7 @@ def run_configuration(
             metrics = {"macs": count.macs, "params": count.params, "params_deploy": count.params_deploy}
             return RunResult("refused", f"refused before training: {refusal}", metrics, seconds=seconds)
         # 2. measured cost of the deploy form on this device
-        cost = measure_cost(model, ctx)
+        cost = measure_cost(model, ctx, mac_count=count)
     else:
         cost = dict(precomputed_cost)
     seconds["profile"] = time.perf_counter() - t0
@@ -273,7 +275,3 @@ def _plain(metrics: dict[str, Any]) -> dict[str, Any]:
             value = None
         out[key] = value
     return out
-
-
-def objective_by_name(name: str) -> Objective:
-    return OBJECTIVES[name]
