@@ -1,0 +1,106 @@
+"""run_configuration: refusal before training, rung callbacks, divergence, and the metrics it returns."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from ehrsr import EHRSRConfig
+from ehrsr.search.objectives import parse_objectives
+from ehrsr.search.runner import Limits, RunContext, run_configuration
+from ehrsr.search.study import ContextSpec, build_context
+
+TINY = EHRSRConfig.from_dict({"width": 8, "msg": {"levels": 1, "depths": [1]}, "trunk_blocks": 1})
+
+
+@pytest.fixture(scope="module")
+def ctx(tmp_path_factory) -> RunContext:
+    spec = ContextSpec(
+        task={"task": "sr", "scale": 4}, train_data=None, val_data=None, objectives=["psnr", "latency"],
+        profile_shape=[1, 3, 32, 32], profile_dtype="float32", threads=None, limits={}, patch_size=16,
+        batch_size=4, loss="l1", crop_border=4, cache_dir=str(tmp_path_factory.mktemp("cache")),
+    )
+    return build_context(spec, torch.device("cpu"))
+
+
+def test_complete_run_measures_quality_and_cost(ctx: RunContext) -> None:
+    result = run_configuration(TINY, {"lr": 2e-3}, ctx, steps=6, seed=0, rung_steps=[2, 4])
+    assert result.status == "complete" and result.reason is None and result.steps_done == 6
+    m = result.metrics
+    assert 10 < m["psnr"] < 50 and 0 < m["ssim"] <= 1
+    assert m["latency_ms_p10"] <= m["latency_ms"] <= m["latency_ms_p90"]
+    assert m["macs"] > 0 and m["params_deploy"] <= m["params"] and m["peak_memory_mb"] > 0
+    assert result.values == [m["psnr"], m["latency_ms"]]
+    assert [r["step"] for r in result.rungs] == [2, 4]
+    assert set(result.seconds) >= {"train", "eval", "profile", "total"}
+    assert result.model is not None
+
+
+def test_rung_callback_can_stop_the_run(ctx: RunContext) -> None:
+    seen = []
+
+    def stop_at_second(rung_index, step, values, metrics):
+        seen.append((rung_index, step, len(values)))
+        return rung_index == 0
+
+    result = run_configuration(TINY, {"lr": 2e-3}, ctx, steps=8, rung_steps=[2, 4], on_rung=stop_at_second)
+    assert seen == [(0, 2, 2), (1, 4, 2)]
+    assert result.status == "stopped" and result.steps_done == 4
+    assert result.values == result.rungs[-1]["values"]  # a stopped run carries its last rung's values
+
+
+def test_cheap_limits_refuse_before_any_training(ctx: RunContext, monkeypatch) -> None:
+    import ehrsr.training
+
+    def no_training(*args, **kwargs):
+        raise AssertionError("a refused configuration must not train")
+
+    monkeypatch.setattr(ehrsr.training, "train", no_training)
+    limited = RunContext(**{**ctx.__dict__, "limits": Limits(max_params=1000)})
+    result = run_configuration(TINY, {"lr": 1e-3}, limited, steps=4)
+    assert result.status == "refused" and "max-params" in result.reason
+    assert result.metrics["params_deploy"] > 1000
+    limited = RunContext(**{**ctx.__dict__, "limits": Limits(max_macs=1e3)})
+    assert "max-macs" in run_configuration(TINY, {"lr": 1e-3}, limited, steps=4).reason
+
+
+def test_divergence_is_a_result_not_a_crash(ctx: RunContext) -> None:
+    result = run_configuration(TINY, {"lr": 1e6}, ctx, steps=30, rung_steps=[10])
+    assert result.status == "diverged" and "step" in result.reason
+
+
+def test_constraints_follow_the_measured_limits() -> None:
+    limits = Limits(max_latency_ms=10.0, max_memory_mb=100.0)
+    assert limits.constraints({"latency_ms": 12.5, "peak_memory_mb": 40.0}) == {
+        "latency_ms": 2.5, "peak_memory_mb": -60.0,
+    }
+    assert Limits().constraints({"latency_ms": 1.0}) == {}
+    assert Limits.from_dict(limits.to_dict()) == limits
+
+
+def test_objectives_parse_and_directions() -> None:
+    objectives = parse_objectives("psnr, lpips ,memory")
+    assert [(o.name, o.metric_key, o.direction) for o in objectives] == [
+        ("psnr", "psnr", "maximize"), ("lpips", "lpips", "minimize"), ("memory", "peak_memory_mb", "minimize"),
+    ]
+    for bad, message in [("psnr,psnr", "twice"), ("", "at least one"), ("flops", "unknown objective")]:
+        with pytest.raises(ValueError, match=message):
+            parse_objectives(bad)
+
+
+def test_storage_helpers(tmp_path: Path) -> None:
+    from ehrsr.search.storage import StorageError, default_storage_url, mask_url, open_storage
+
+    assert mask_url("postgresql://me:pw@db:5432/x") == "postgresql://me:***@db:5432/x"
+    assert mask_url("mysql+pymysql://u:p%40ss@h/x?a=b") == "mysql+pymysql://u:***@h/x?a=b"
+    assert mask_url("sqlite:///a/b.db") == "sqlite:///a/b.db"
+    assert default_storage_url(tmp_path, workers=1) == f"sqlite:///{tmp_path / 'study.db'}"
+    assert default_storage_url(tmp_path, workers=3) == f"journal:{tmp_path / 'study.journal'}"
+    (tmp_path / "study.db").write_bytes(b"")
+    assert default_storage_url(tmp_path, workers=3).startswith("sqlite:///")  # an existing study wins
+    with pytest.raises(StorageError, match="does not exist"):
+        open_storage(f"sqlite:///{tmp_path / 'missing' / 'x.db'}")
+    with pytest.raises(StorageError, match="not a URL"):
+        open_storage("my-study.db")
