@@ -26,7 +26,7 @@ from typing import NamedTuple
 import numpy as np
 import pandas as pd
 from matplotlib.figure import Figure
-from matplotlib.ticker import EngFormatter
+from matplotlib.ticker import EngFormatter, FuncFormatter, LogLocator, NullFormatter
 
 from ehrsr.reports._study import StudyInfo, metric_info
 from ehrsr.search.pareto import pareto_front
@@ -174,6 +174,12 @@ def render_pareto_plot(data: ParetoPlotData, path_stem: Path, formats: Sequence[
         ax.set_xscale("log")
     if data.cost_key in ("macs", "params_deploy", "params"):
         ax.xaxis.set_major_formatter(EngFormatter(sep=""))  # 1.2M rather than 1.2e6 in a corner
+    if data.x_log:
+        # labels at 1, 2 and 5 per decade; matplotlib's labelled minor ticks would overlap
+        ax.xaxis.set_major_locator(LogLocator(base=10, subs=(1.0, 2.0, 5.0)))
+        ax.xaxis.set_minor_formatter(NullFormatter())
+        if data.cost_key not in ("macs", "params_deploy", "params"):
+            ax.xaxis.set_major_formatter(FuncFormatter(lambda value, _: f"{value:g}"))  # 50, 100, 200 ms
     ax.set_xlabel(data.x_label, fontsize=9)
     ax.set_ylabel(data.y_label, fontsize=9)
     ax.set_title(data.title, fontsize=10)

@@ -55,6 +55,8 @@ def format_metric(key: str, value: Any, *, signed: bool = False, std: Any = None
         return DASH
     value = float(value)
     _, decimals = _METRIC_FORMAT.get(key, (key, 3))
+    if decimals is not None and round(value, decimals) == 0:
+        value = 0.0  # no "-0.00" for a tiny negative difference
     if decimals is None:
         text = _engineering(value, signed)
     else:
