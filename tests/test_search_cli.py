@@ -32,8 +32,8 @@ def _study(out: Path, name: str) -> optuna.Study:
 
 @pytest.mark.slow
 def test_tiny_search_three_trials_then_resume_to_five(tmp_path: Path) -> None:
-    common = ["--space", "tiny", "--out-dir", str(tmp_path / "reports"), "--cache-dir", str(tmp_path / "cache"),
-              "--profile-size", "64", "--no-report"]
+    # the literal command of the issue (plus where to write), with the report, ablation and picks
+    common = ["--space", "tiny", "--out-dir", str(tmp_path / "reports"), "--cache-dir", str(tmp_path / "cache")]
     first = _run([*common, "--budget", "trials=3"], tmp_path)
     assert first.returncode == 0, first.stderr[-3000:]
     name = "ehrsr-tiny-sr-x4"
@@ -51,6 +51,7 @@ def test_tiny_search_three_trials_then_resume_to_five(tmp_path: Path) -> None:
     rows = list(csv.DictReader((tmp_path / "reports" / name / "trials.csv").open()))
     assert len(rows) == 3
     assert "Search ehrsr-tiny-sr-x4" in first.stdout and "budget used" in first.stdout
+    assert (tmp_path / "reports" / name / "report.md").exists()
 
     second = _run([*common, "--budget", "trials=5"], tmp_path)
     assert second.returncode == 0, second.stderr[-3000:]
