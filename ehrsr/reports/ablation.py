@@ -361,7 +361,9 @@ def _open_ablation_study(study: optuna.Study) -> optuna.Study:
             f"{study.study_name!r} has {[d.name for d in study.directions]}; delete it or rename the study"
         )
     if study.metric_names and not ablation.metric_names:
-        ablation.set_metric_names(list(study.metric_names))
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+            ablation.set_metric_names(list(study.metric_names))
     return ablation
 
 

@@ -209,7 +209,9 @@ def _sampler(name: str, seed: int, n_objectives: int, constrained: bool) -> optu
     if name == "nsga2":
         return optuna.samplers.NSGAIISampler(seed=seed, constraints_func=constraints_func)
     if name == "nsga3":
-        return optuna.samplers.NSGAIIISampler(seed=seed, constraints_func=constraints_func)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+            return optuna.samplers.NSGAIIISampler(seed=seed, constraints_func=constraints_func)
     if name == "gp":
         return optuna.samplers.GPSampler(seed=seed, constraints_func=constraints_func)
     if name == "random":
