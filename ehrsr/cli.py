@@ -248,7 +248,10 @@ def _deploy(args: argparse.Namespace) -> int:
     for name in args.device_profile:
         pick = pick_deployment(study, name, study_dir, weights_root=study_dir, onnx=args.onnx,
                                devices_path=args.devices_file, progress=not args.quiet)
-        print(pick.summary() if hasattr(pick, "summary") else f"{name}: {pick}")
+        quality = ", ".join(f"{k} {v:.4g}" for k, v in pick.quality.items() if v is not None)
+        latency = pick.measured.get("latency_ms")
+        where = pick.measured.get("device", "this machine")
+        print(f"{name}: trial #{pick.trial} ({quality}; {latency:.1f} ms on {where}) -> {pick.json_path}")
     write_report(study, study_dir, quiet=True)
     return 0
 
