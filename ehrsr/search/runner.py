@@ -26,7 +26,7 @@ from ehrsr.config import EHRSRConfig
 from ehrsr.model import build_model
 from ehrsr.search.objectives import Objective
 
-__all__ = ["Limits", "RunContext", "RunResult", "run_configuration"]
+__all__ = ["Limits", "RunContext", "RunResult", "jsonable_metrics", "run_configuration"]
 
 # on_rung(rung_index, step, values, metrics) -> True to continue training, False to stop here
 RungCallback = Callable[[int, int, list[float], dict[str, Any]], bool]
@@ -219,7 +219,7 @@ def run_configuration(
         if is_final:
             final.update(metrics)
             return True
-        rungs.append({"step": step, "values": values, "metrics": _plain(metrics)})
+        rungs.append({"step": step, "values": values, "metrics": jsonable_metrics(metrics)})
         if on_rung is not None:
             return bool(on_rung(rung_list.index(step), step, values, metrics))
         return True
@@ -244,19 +244,19 @@ def run_configuration(
         )
     except TrainingDiverged as exc:
         seconds["total"] = time.perf_counter() - start
-        return RunResult("diverged", str(exc), _plain(cost), seconds=seconds, rungs=rungs)
+        return RunResult("diverged", str(exc), jsonable_metrics(cost), seconds=seconds, rungs=rungs)
     except TrainingOutOfMemory as exc:
         seconds["total"] = time.perf_counter() - start
-        return RunResult("oom", str(exc), _plain(cost), seconds=seconds, rungs=rungs)
+        return RunResult("oom", str(exc), jsonable_metrics(cost), seconds=seconds, rungs=rungs)
     seconds["train"] = result.train_seconds
     seconds["eval"] = result.eval_seconds
     seconds["total"] = time.perf_counter() - start
     if final:
-        metrics = _plain(final)
+        metrics = jsonable_metrics(final)
         return RunResult(
             "complete", None, metrics, ctx.values(metrics), seconds, result.steps_done, rungs, model
         )
-    last = rungs[-1] if rungs else {"metrics": _plain(cost), "values": None, "step": result.steps_done}
+    last = rungs[-1] if rungs else {"metrics": jsonable_metrics(cost), "values": None, "step": result.steps_done}
     reason = f"stopped at step {result.steps_done} ({result.stop_reason})"
     return RunResult("stopped", reason, last["metrics"], last["values"], seconds, result.steps_done, rungs, model)
 
@@ -265,7 +265,7 @@ def _finite(value: Any) -> bool:
     return isinstance(value, (int, float)) and math.isfinite(value)
 
 
-def _plain(metrics: dict[str, Any]) -> dict[str, Any]:
+def jsonable_metrics(metrics: dict[str, Any]) -> dict[str, Any]:
     """JSON-friendly copy (Optuna user attributes must be JSON serialisable)."""
     out = {}
     for key, value in metrics.items():

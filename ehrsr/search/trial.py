@@ -11,7 +11,6 @@ error or a crash in an extension ends that trial only, and its GPU memory goes w
 from __future__ import annotations
 
 import contextlib
-import math
 import multiprocessing as mp
 import queue
 import threading
@@ -26,7 +25,7 @@ import torch
 from optuna.trial import TrialState
 
 from ehrsr.config import EHRSRConfig
-from ehrsr.search.runner import RunContext, RunResult, run_configuration
+from ehrsr.search.runner import RunContext, RunResult, jsonable_metrics, run_configuration
 from ehrsr.search.storage import open_storage
 from ehrsr.search.study import ContextSpec, build_context
 
@@ -85,7 +84,7 @@ def execute_trial(job: TrialJob, ctx: RunContext | None = None, study: optuna.St
     stop_reason: dict[str, str] = {}
 
     def on_rung(rung_index: int, step: int, values: list[float], metrics: dict[str, Any]) -> bool:
-        trial.set_user_attr(f"rung_{rung_index}", {"step": step, "values": values, "metrics": _jsonable(metrics)})
+        trial.set_user_attr(f"rung_{rung_index}", {"step": step, "values": values, "metrics": jsonable_metrics(metrics)})
         constraints = ctx.limits.constraints(metrics)
         violated = {k: v for k, v in constraints.items() if v > 0}
         if violated and job.early_stopping:
@@ -109,7 +108,7 @@ def execute_trial(job: TrialJob, ctx: RunContext | None = None, study: optuna.St
         "status": result.status,
         "reason": stop_reason.get("reason", result.reason),
         "values": result.values,
-        "metrics": _jsonable(result.metrics),
+        "metrics": jsonable_metrics(result.metrics),
         "seconds": result.seconds,
         "steps_done": result.steps_done,
         "constraints": {},
@@ -167,17 +166,6 @@ def execute_isolated(job: TrialJob, poll_seconds: float = 1.0, target: Any = Non
         return {"status": "error", "reason": message[1], "traceback": message[2], "values": None, "metrics": {},
                 "seconds": {}, "steps_done": 0, "constraints": {}}
     return message[1]
-
-
-def _jsonable(metrics: dict[str, Any]) -> dict[str, Any]:
-    out = {}
-    for key, value in metrics.items():
-        if isinstance(value, torch.Tensor):
-            value = value.item()
-        if isinstance(value, float) and not math.isfinite(value):
-            value = None
-        out[key] = value
-    return out
 
 
 class _Heartbeat:
