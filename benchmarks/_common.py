@@ -19,6 +19,23 @@ def median_ms(fn: Callable[[], object], warmup: int = 2, repeats: int = 7) -> fl
     return statistics.median(times)
 
 
+def paired_median_ms(
+    fn_a: Callable[[], object], fn_b: Callable[[], object], warmup: int = 3, repeats: int = 21
+) -> tuple[float, float]:
+    """Medians of two functions timed alternately (a, b, a, b, ...), so that drift in the machine's
+    speed (other processes, clock changes) hits both alike and their ratio stays meaningful."""
+    for _ in range(warmup):
+        fn_a()
+        fn_b()
+    times_a, times_b = [], []
+    for _ in range(repeats):
+        for fn, times in ((fn_a, times_a), (fn_b, times_b)):
+            start = time.perf_counter()
+            fn()
+            times.append((time.perf_counter() - start) * 1e3)
+    return statistics.median(times_a), statistics.median(times_b)
+
+
 def print_table(headers: Sequence[str], rows: Sequence[Sequence[object]], title: str | None = None) -> None:
     """Markdown-style table (pastes straight into an issue note)."""
     cells = [[_fmt(v) for v in row] for row in rows]

@@ -17,7 +17,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from benchmarks._common import median_ms, print_table
+from benchmarks._common import median_ms, paired_median_ms, print_table
 from ehrsr import reparameterize
 from ehrsr.blocks import (
     FrequencySeparationBlock,
@@ -82,8 +82,12 @@ def scan_table(lengths: list[int], repeats: int) -> None:
         a = -torch.rand(d, n) - 0.5
         bm, cm, dv = torch.randn(1, n, length), torch.randn(1, n, length), torch.randn(d)
         with torch.inference_mode():
-            seq = median_ms(lambda: selective_scan_sequential(u, delta, a, bm, cm, dv), warmup=1, repeats=3)
-            par = median_ms(lambda: selective_scan_parallel(u, delta, a, bm, cm, dv), repeats=repeats)
+            seq, par = paired_median_ms(
+                lambda: selective_scan_sequential(u, delta, a, bm, cm, dv),
+                lambda: selective_scan_parallel(u, delta, a, bm, cm, dv),
+                warmup=1,
+                repeats=5,
+            )
         rows.append([length, d, n, seq, par, f"{seq / par:.1f}x"])
     print_table(
         ["L", "d_inner", "d_state", "sequential ms", "parallel ms", "speed-up"],
@@ -100,8 +104,7 @@ def repmix_table(sizes: list[int], repeats: int) -> None:
         fused = reparameterize(block)
         x = torch.randn(1, WIDTH, size, size)
         with torch.inference_mode():
-            t_unfused = median_ms(lambda: block(x), repeats=repeats)
-            t_fused = median_ms(lambda: fused(x), repeats=repeats)
+            t_unfused, t_fused = paired_median_ms(lambda: block(x), lambda: fused(x), repeats=3 * repeats)
             err = (block(x) - fused(x)).abs().max().item()
         p_unfused = sum(p.numel() for p in block.parameters())
         p_fused = sum(p.numel() for p in fused.parameters())
