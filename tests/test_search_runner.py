@@ -104,3 +104,41 @@ def test_storage_helpers(tmp_path: Path) -> None:
         open_storage(f"sqlite:///{tmp_path / 'missing' / 'x.db'}")
     with pytest.raises(StorageError, match="not a URL"):
         open_storage("my-study.db")
+
+
+def test_cost_is_reused_for_a_configuration_already_profiled_on_this_device() -> None:
+    import optuna
+    from optuna.distributions import FloatDistribution
+
+    from ehrsr.search.trial import COST_KEYS, cached_cost
+
+    study = optuna.create_study(directions=["maximize", "minimize"])
+    config = TINY.to_dict()
+    metrics = {k: 1.0 for k in COST_KEYS[:-1]} | {"profile_device": "cpu X", "psnr": 30.0}
+    study.add_trial(optuna.trial.create_trial(
+        params={"lr": 1e-3}, distributions={"lr": FloatDistribution(1e-4, 1e-2, log=True)}, values=[30.0, 1.0],
+        user_attrs={"config": config, "metrics": metrics, "device_name": "cpu X"},
+    ))
+    number, cost = cached_cost(study, config, "cpu X")
+    assert number == 0 and cost["latency_ms"] == 1.0 and "psnr" not in cost  # cost only, never quality
+    assert cached_cost(study, config, "another device") is None  # latency belongs to its device
+    assert cached_cost(study, TINY.replace(width=16).to_dict(), "cpu X") is None
+    assert cached_cost(study, config, "cpu X", exclude=0) is None
+
+
+def test_precomputed_cost_skips_profiling_but_not_the_limits(ctx: RunContext, monkeypatch) -> None:
+    import ehrsr.profiling
+
+    first = run_configuration(TINY, {"lr": 2e-3}, ctx, steps=2)
+    cost = {k: first.metrics[k] for k in ("latency_ms", "latency_ms_p10", "latency_ms_p90", "macs",
+                                            "macs_ptflops", "params", "params_deploy", "peak_memory_mb")}
+
+    def no_profiling(*args, **kwargs):
+        raise AssertionError("a precomputed cost must not be measured again")
+
+    monkeypatch.setattr(ehrsr.profiling, "profile_model", no_profiling)
+    monkeypatch.setattr(ehrsr.profiling, "count_macs", no_profiling)
+    again = run_configuration(TINY, {"lr": 2e-3}, ctx, steps=2, precomputed_cost=cost)
+    assert again.status == "complete" and again.metrics["latency_ms"] == cost["latency_ms"]
+    limited = RunContext(**{**ctx.__dict__, "limits": Limits(max_params=10)})
+    assert run_configuration(TINY, {"lr": 2e-3}, limited, steps=2, precomputed_cost=cost).status == "refused"

@@ -185,6 +185,7 @@ def run_worker(prepared: PreparedStudy, settings: SearchSettings, *, log: _Log |
                 lpips_weights=settings.lpips_weights,
                 weights_path=str(prepared.study_dir / "weights" / f"trial_{trial.number:05d}.safetensors"),
                 threads=settings.threads,
+                device_name=prepared.device_name,
             )
             start = time.perf_counter()
             with _Heartbeat(study, trial._trial_id):
@@ -305,9 +306,12 @@ class SearchSummary:
     stopped_reason: str
     interrupted: bool
     report: Path | None = None
+    ablation: str | None = None  # what the controlled ablation at the end did
 
 
 def _worker_process(settings: SearchSettings, worker_index: int, gpu: int | None) -> None:
+    if settings.threads:
+        torch.set_num_threads(settings.threads)
     if gpu is not None:
         os.environ["CUDA_VISIBLE_DEVICES"] = str(gpu)
         settings.device = "cuda:0"
@@ -347,6 +351,9 @@ def _run_worker_processes(settings: SearchSettings, prepared: PreparedStudy, wor
     worker_settings = SearchSettings(**{**asdict(settings), "study_name": prepared.study.study_name,
                                         "storage": prepared.storage_url})
     worker_settings.limits = settings.limits
+    if prepared.device.type == "cpu" and settings.threads is None:
+        # CPU workers share the cores: more threads than cores makes every process crawl
+        worker_settings.threads = max(1, (os.cpu_count() or 1) // workers)
     gpus = list(range(workers)) if prepared.device.type == "cuda" else [None] * workers
     procs = [ctx.Process(target=_worker_process, args=(worker_settings, i, gpus[i])) for i in range(workers)]
     log(f"starting {workers} workers on {mask_url(prepared.storage_url)}")
@@ -392,7 +399,7 @@ def _summarise(prepared: PreparedStudy, settings: SearchSettings, worker: Worker
     _write_trials_csv(study, prepared.study_dir)
     if settings.write_reports and not worker.interrupted:
         try:
-            _after_search(study, prepared, settings, log)
+            summary.ablation = _after_search(study, prepared, settings, log)
         except Exception as exc:  # the search results are safe in the storage; say what went wrong
             log(f"warning: ablation / deployment step failed: {type(exc).__name__}: {exc}")
     if settings.write_reports:
@@ -410,15 +417,17 @@ def _write_reports(study: optuna.Study, prepared: PreparedStudy, settings: Searc
     return write_report(study, prepared.study_dir, quiet=settings.verbosity == 0)
 
 
-def _after_search(study: optuna.Study, prepared: PreparedStudy, settings: SearchSettings, log: _Log) -> None:
+def _after_search(study: optuna.Study, prepared: PreparedStudy, settings: SearchSettings, log: _Log) -> str | None:
     """The end of a search: the controlled ablation on its reserved budget, then deployment picks
-    for the device profiles that match this machine. Problems are reported, never fatal."""
+    for the device profiles that match this machine. Problems are reported, never fatal.
+    Returns a line on the ablation for the summary."""
     from ehrsr.reports import AblationError, DeploymentError, load_device_profiles, pick_deployment
     from ehrsr.reports.deploy import DeviceProfileError, profiles_for_device
 
     if not study.best_trials:
         log("no finished feasible trial: no controlled ablation and no deployment pick")
-        return
+        return None
+    ablation_line = None
     if settings.ablation_share > 0:
         seconds = ablation_budget_seconds(prepared.budget, study, settings.ablation_share)
         log(f"controlled ablation: up to {seconds / 60:.1f} device-minutes ({settings.ablation_share:.0%} of the budget)")
@@ -428,15 +437,18 @@ def _after_search(study: optuna.Study, prepared: PreparedStudy, settings: Search
                 reference=None, seeds=settings.ablation_seeds, budget_seconds=seconds,
                 lpips_weights=settings.lpips_weights, verbosity=settings.verbosity,
             )
-            log(f"controlled ablation of trial #{result.reference_trial}: {result.runs_run + result.runs_skipped}"
-                f" of {result.runs_planned} runs" + (f" ({result.stopped})" if result.stopped else ""))
+            ablation_line = (
+                f"trial #{result.reference_trial}: {result.runs_run + result.runs_skipped} of {result.runs_planned} "
+                f"runs, {result.seconds_spent / 60:.3g} device-minutes"
+            )
+            log(f"controlled ablation of {ablation_line}" + (f" ({result.stopped})" if result.stopped else ""))
         except AblationError as exc:
             log(f"controlled ablation skipped: {exc}")
     try:
         profiles = load_device_profiles()
     except DeviceProfileError as exc:
         log(f"deployment picks skipped: {exc}")
-        return
+        return ablation_line
     for name in profiles_for_device(profiles, prepared.device.type):
         try:
             pick = pick_deployment(study, name, prepared.study_dir, weights_root=prepared.study_dir,
@@ -444,6 +456,7 @@ def _after_search(study: optuna.Study, prepared: PreparedStudy, settings: Search
             log(f"deployment pick for {name}: trial #{pick.trial} ({pick.json_path})")
         except (DeploymentError, DeviceProfileError) as exc:
             log(f"deployment pick for {name}: none ({exc})")
+    return ablation_line
 
 
 def ablation_budget_seconds(budget: Any, study: optuna.Study, share: float) -> float:
@@ -494,7 +507,9 @@ def _print_summary(summary: SearchSummary, objectives: list[Objective], log: _Lo
         if objective.name in summary.best:
             number, value = summary.best[objective.name]
             rows.append((f"best {objective.name}", f"{_fmt_value(objective, value).split(' ', 1)[1]} (trial #{number})"))
-    rows.append(("budget used", summary.spent))
+    rows.append(("budget used", summary.spent + (" by the search" if summary.ablation else "")))
+    if summary.ablation:
+        rows.append(("ablation", summary.ablation))
     rows.append(("storage", summary.storage_url))
     rows.append(("results", str(summary.study_dir) + (f" (report: {summary.report})" if summary.report else "")))
     width = max(len(r[0]) for r in rows)

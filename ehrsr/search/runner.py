@@ -176,7 +176,9 @@ def run_configuration(
     ``train`` holds ``lr`` (required) and may override ``batch_size``, ``patch_size`` and ``loss``.
     ``on_rung`` is called after the evaluation at each rung step below ``steps`` and may stop the
     run (status ``stopped``; the metrics are then those of the last rung). The final evaluation
-    (at ``steps``) includes LPIPS when it is available.
+    (at ``steps``) includes LPIPS when it is available. ``precomputed_cost`` (the cost metrics of
+    ``measure_cost`` for this configuration on this device) skips counting and profiling; the
+    limits are still checked against it.
     """
     from ehrsr.profiling import count_macs
     from ehrsr.training import TrainingDiverged, TrainingOutOfMemory
@@ -191,16 +193,18 @@ def run_configuration(
     t0 = time.perf_counter()
     if precomputed_cost is None:
         count = count_macs(model, ctx.profile_shape)
-        refusal = ctx.limits.refusal(count.params_deploy, count.macs)
-        if refusal is not None:
-            seconds["profile"] = time.perf_counter() - t0
-            seconds["total"] = time.perf_counter() - start
-            metrics = {"macs": count.macs, "params": count.params, "params_deploy": count.params_deploy}
-            return RunResult("refused", f"refused before training: {refusal}", metrics, seconds=seconds)
-        # 2. measured cost of the deploy form on this device
-        cost = measure_cost(model, ctx, mac_count=count)
+        params_deploy, macs = count.params_deploy, count.macs
+        counted = {"macs": count.macs, "params": count.params, "params_deploy": count.params_deploy}
     else:
-        cost = dict(precomputed_cost)
+        params_deploy, macs = precomputed_cost["params_deploy"], precomputed_cost["macs"]
+        counted = dict(precomputed_cost)
+    refusal = ctx.limits.refusal(params_deploy, macs)
+    if refusal is not None:
+        seconds["profile"] = time.perf_counter() - t0
+        seconds["total"] = time.perf_counter() - start
+        return RunResult("refused", f"refused before training: {refusal}", counted, seconds=seconds)
+    # 2. measured cost of the deploy form on this device (unless the caller measured it already)
+    cost = measure_cost(model, ctx, mac_count=count) if precomputed_cost is None else dict(precomputed_cost)
     seconds["profile"] = time.perf_counter() - t0
 
     quality_needs_lpips = any(o.name == "lpips" for o in ctx.objectives)

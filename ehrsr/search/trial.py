@@ -64,6 +64,7 @@ class TrialJob:
     lpips_weights: str | None
     weights_path: str | None
     threads: int | None
+    device_name: str | None = None  # readable device name; profiles are reused only on the same one
 
 
 def execute_trial(job: TrialJob, ctx: RunContext | None = None, study: optuna.Study | None = None) -> dict[str, Any]:
@@ -101,8 +102,12 @@ def execute_trial(job: TrialJob, ctx: RunContext | None = None, study: optuna.St
         return decision.promote
 
     rung_steps = asha.rungs[:-1] if job.early_stopping else ()
+    cached = cached_cost(study, job.config, job.device_name, exclude=job.trial_number)
+    if cached is not None:
+        trial.set_user_attr("cost_from_trial", cached[0])
     result: RunResult = run_configuration(
-        config, job.train, ctx, steps=job.steps, seed=job.seed, rung_steps=rung_steps, on_rung=on_rung
+        config, job.train, ctx, steps=job.steps, seed=job.seed, rung_steps=rung_steps, on_rung=on_rung,
+        precomputed_cost=cached[1] if cached is not None else None,
     )
     outcome: dict[str, Any] = {
         "status": result.status,
@@ -122,6 +127,32 @@ def execute_trial(job: TrialJob, ctx: RunContext | None = None, study: optuna.St
         save_model(result.model.cpu(), job.weights_path)
         outcome["weights"] = job.weights_path
     return outcome
+
+
+COST_KEYS = (
+    "latency_ms", "latency_ms_p10", "latency_ms_p90", "macs", "macs_ptflops", "params", "params_deploy",
+    "peak_memory_mb", "profile_device",
+)
+
+
+def cached_cost(study: optuna.Study, config: dict[str, Any], device_name: str | None,
+                exclude: int | None = None) -> tuple[int, dict[str, Any]] | None:
+    """Cost metrics already measured in this study for the same configuration on the same device.
+
+    Cost does not depend on training (the deploy form's MACs, parameters, latency and memory are
+    properties of the architecture and the device), and samplers often revisit a configuration, so
+    re-profiling it would only add timing noise and spend budget. Returns (trial number, metrics).
+    MoE routing, hence its MACs, varies slightly with the weights; the first measurement is kept.
+    """
+    if device_name is None:
+        return None
+    for frozen in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE, TrialState.PRUNED)):
+        if frozen.number == exclude or frozen.user_attrs.get("device_name") != device_name:
+            continue
+        metrics = frozen.user_attrs.get("metrics") or {}
+        if frozen.user_attrs.get("config") == config and all(metrics.get(k) is not None for k in COST_KEYS[:-1]):
+            return frozen.number, {k: metrics[k] for k in COST_KEYS if k in metrics}
+    return None
 
 
 def _child_main(job: TrialJob, results: Any) -> None:
