@@ -286,12 +286,34 @@ def test_onnx_exporters_match_pytorch_on_a_conv_network(tmp_path, exporter):
         assert result["numeric_check"] == "passed" and result["max_abs_diff"] <= 1e-4
 
 
+class _RawScan(torch.nn.Module):
+    """Calls the selective-scan custom operator directly: no ONNX exporter knows that operator
+    (EHR-SR's own SSMB hands exporters the plain-ops scan instead)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b, c, h, w = x.shape
+        u = x.flatten(2)
+        n = 2
+        return torch.ops.ehrsr.selective_scan(
+            u, u.abs(), -torch.ones(c, n), u[:, :n], u[:, :n], torch.ones(c)
+        ).view(b, c, h, w)
+
+
 @pytest.mark.parametrize("exporter", EXPORTERS)
 def test_onnx_export_failure_is_reported_not_raised(tmp_path, exporter):
-    # the selective scan is a custom operator no ONNX exporter knows
-    config = EHRSRConfig.from_dict({**COMMON, "width": 8, "ssm": {"enabled": True}})
-    result = export_onnx(reparameterize(build_model(config)), (1, 3, 16, 16), tmp_path / "ssm.onnx", exporter=exporter)
-    assert result["error"].startswith("export failed") and "selective_scan" in result["error"]
-    assert len(result["error"]) < 600 and not (tmp_path / "ssm.onnx").exists()
+    result = export_onnx(_RawScan(), (1, 3, 4, 4), tmp_path / "scan.onnx", exporter=exporter)
+    assert result["error"].startswith(f"{exporter}: export failed") and "selective_scan" in result["error"]
+    assert len(result["error"]) < 600 and not (tmp_path / "scan.onnx").exists()
     with pytest.raises(ValueError, match="exporter must be"):
-        export_onnx(build_model(config), (1, 3, 16, 16), tmp_path / "x.onnx", exporter="tensorrt")
+        export_onnx(_RawScan(), (1, 3, 4, 4), tmp_path / "x.onnx", exporter="tensorrt")
+
+
+def test_every_module_exports_to_onnx_and_matches_pytorch(tmp_path):
+    # WAB falls back to the tracing exporter, FSB and SSMB go through dynamo or tracing
+    modules = {m: {"enabled": True} for m in ("wab", "ssm", "fsb", "moe", "repmix", "noise")}
+    config = EHRSRConfig.from_dict({**COMMON, "width": 8, **modules, "wab": {"enabled": True, "window_size": 4}})
+    result = export_onnx(reparameterize(build_model(config)), (1, 3, 16, 20), tmp_path / "all.onnx")
+    assert "error" not in result, result
+    assert result["checker"] == "passed"
+    if importlib.util.find_spec("onnxruntime") is not None:
+        assert result["numeric_check"] == "passed" and result["max_abs_diff"] <= 1e-4, result

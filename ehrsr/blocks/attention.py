@@ -98,7 +98,8 @@ class WindowAttention(nn.Module):
         bias = self.bias_table[self.bias_index.view(-1)].view(n, n, self.heads).permute(2, 0, 1)  # (heads, N, N)
         attn_mask = bias if mask is None else bias[None] + mask[:, None]  # (heads|nW x heads, N, N)
         attn_mask = attn_mask.to(q.dtype)
-        if self.use_sdpa:
+        exporting = torch.onnx.is_in_onnx_export() or torch.compiler.is_exporting()
+        if self.use_sdpa and not exporting:  # ONNX exporters get the plain matmul path (same result)
             out = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask)
         else:
             scores = (q * (q.shape[-1] ** -0.5)) @ k.transpose(-2, -1) + attn_mask  # (B, nW, heads, N, N)

@@ -20,8 +20,10 @@ __all__ = ["FrequencySeparationBlock", "radial_frequency"]
 
 def radial_frequency(height: int, width: int, device: torch.device) -> torch.Tensor:
     """(H, W//2+1) normalised radius of every ``rfft2`` bin: 0 at DC, 1 at the Nyquist radius."""
-    fy = torch.fft.fftfreq(height, device=device)  # cycles per pixel, in [-0.5, 0.5)
-    fx = torch.fft.rfftfreq(width, device=device)  # [0, 0.5]
+    # torch.fft.fftfreq / rfftfreq, written with arange so that exporters (ONNX) can trace it
+    fy = torch.remainder(torch.arange(height, device=device) + height // 2, height) - height // 2
+    fy = fy / height  # cycles per pixel, in [-0.5, 0.5)
+    fx = torch.arange(width // 2 + 1, device=device) / width  # [0, 0.5]
     radius = torch.sqrt(fy[:, None] ** 2 + fx[None, :] ** 2) / 0.5
     return radius.clamp(max=1.0)  # the corners (beyond Nyquist along the diagonal) share the last bin
 

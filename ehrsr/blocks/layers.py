@@ -31,7 +31,8 @@ class LayerNorm2d(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = x.permute(0, 2, 3, 1)  # (B, H, W, C)
-        x = F.layer_norm(x, (x.shape[-1],), self.weight.to(x.dtype), self.bias.to(x.dtype), self.eps)
+        # the normalised shape comes from the parameter, a constant for tracers and exporters
+        x = F.layer_norm(x, self.weight.shape, self.weight.to(x.dtype), self.bias.to(x.dtype), self.eps)
         return x.permute(0, 3, 1, 2)  # (B, C, H, W)
 
 

@@ -187,6 +187,9 @@ def selective_scan(u, delta, A, B, C, D, impl: ScanImpl = "auto") -> torch.Tenso
     """Dispatch: ``auto`` uses the CUDA kernel when available, else the parallel custom op."""
     if impl == "sequential":
         return selective_scan_sequential(u, delta, A, B, C, D)
+    if torch.onnx.is_in_onnx_export() or torch.compiler.is_exporting():
+        # exporters do not know the custom op: give them the same scan as plain tensor ops
+        return selective_scan_parallel(u, delta, A, B, C, D)
     if impl == "auto" and u.is_cuda:
         kernel = _mamba_kernel()
         if kernel is not None:

@@ -643,27 +643,37 @@ def export_onnx(
         try:
             import onnxscript  # noqa: F401  (the dynamo exporter needs it)
 
-            exporter = "dynamo"
+            # the dynamo exporter first; the tracing one when dynamo cannot convert an operator
+            candidates = ["dynamo", "torchscript"]
         except ImportError:
-            exporter = "torchscript"
-    if exporter not in ("dynamo", "torchscript"):
+            candidates = ["torchscript"]
+    elif exporter in ("dynamo", "torchscript"):
+        candidates = [exporter]
+    else:
         raise ValueError(f"exporter must be 'dynamo', 'torchscript' or None (automatic), got {exporter!r}")
-    dynamo = exporter == "dynamo"
-    result["exporter"] = exporter
-    sink = io.StringIO()
-    try:
-        with warnings.catch_warnings(), contextlib.redirect_stdout(sink), contextlib.redirect_stderr(sink):
-            warnings.simplefilter("ignore")
-            torch.onnx.export(model, (example,), str(path), dynamo=dynamo, opset_version=18 if dynamo else 17)
-    except Exception as exc:
-        # the exporters put whole graphs in their messages: keep the line that names the operator
-        lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
-        named = [line for line in lines if "not supported" in line or "translating node" in line
-                 or "unrecognized namespace" in line or "Failed to export" in line]
-        message = (named or lines or [type(exc).__name__])[0]
-        result["error"] = f"export failed ({type(exc).__name__}): {message[:400]}"
-        path.unlink(missing_ok=True)
+    errors = []
+    for exporter in candidates:
+        dynamo = exporter == "dynamo"
+        result["exporter"] = exporter
+        sink = io.StringIO()
+        try:
+            with warnings.catch_warnings(), contextlib.redirect_stdout(sink), contextlib.redirect_stderr(sink):
+                warnings.simplefilter("ignore")
+                torch.onnx.export(model, (example,), str(path), dynamo=dynamo, opset_version=18 if dynamo else 17)
+            break
+        except Exception as exc:
+            # the exporters put whole graphs in their messages: keep the line that names the operator
+            lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
+            named = [line for line in lines if "not supported" in line or "translating node" in line
+                     or "unrecognized namespace" in line or "Failed to export" in line]
+            message = (named or lines or [type(exc).__name__])[0]
+            errors.append(f"{exporter}: export failed ({type(exc).__name__}): {message[:400]}")
+            path.unlink(missing_ok=True)
+    else:
+        result["error"] = "; ".join(errors)
         return result
+    if errors:
+        result["fallback"] = errors[0]
     try:
         proto = onnx.load(str(path))
         onnx.checker.check_model(proto)
