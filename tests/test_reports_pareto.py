@@ -152,6 +152,20 @@ def test_pareto_plot_data_marks_front_dominated_infeasible_and_references(constr
     assert "fvcore" in macs.x_label and "1x3x256x256" in macs.x_label
     # LPIPS was never measured: no plot
     assert pareto_plot_data(trials, info, "lpips", "latency_ms", front) is None
+    # the study stores no baseline: no baseline line
+    assert data.baseline is None
+
+
+def test_baseline_quality_is_drawn_and_reported(tmp_path):
+    study = make_study(tmp_path, n_trials=8)
+    study.set_user_attr("baseline", {"name": "bicubic (MATLAB)", "psnr": 27.5, "ssim": 0.71, "lpips": None})
+    trials = trials_table(study)
+    info = StudyInfo.from_study(study)
+    front = [t.number for t in study.best_trials]
+    assert pareto_plot_data(trials, info, "psnr", "latency_ms", front).baseline == ("bicubic (MATLAB)", 27.5)
+    assert pareto_plot_data(trials, info, "ssim", "macs", front).baseline == ("bicubic (MATLAB)", 0.71)
+    report = write_report(study, tmp_path / "out", quiet=True).read_text()
+    assert "bicubic (MATLAB) on the validation set: PSNR 27.50 dB, SSIM 0.7100" in report
 
 
 def test_single_objective_study(tmp_path):

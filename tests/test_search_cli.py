@@ -75,6 +75,13 @@ def test_micro_search_records_everything_the_reports_need(tmp_path: Path) -> Non
                 "early_stopping", "context"):
         assert key in attrs, key
     assert attrs["space"]["yaml"] == Path(MICRO).read_text()
+    # the bicubic baseline, computed independently from the same cached data
+    from ehrsr.data import TaskConfig, prepare_data
+    from ehrsr.metrics import bicubic_baseline
+
+    expected = bicubic_baseline(prepare_data(TaskConfig(), cache_dir=str(tmp_path / "c"), progress=False)[1])
+    assert attrs["baseline"]["psnr"] == pytest.approx(expected.psnr, abs=1e-9)
+    assert attrs["baseline"]["name"] == "bicubic (MATLAB)"
     assert "crop_border=4" in attrs["conventions"]["psnr"]
     for t in study.trials:
         assert t.user_attrs["status"] in ("complete", "pruned", "refused", "diverged", "oom")

@@ -63,6 +63,7 @@ class ParetoPlotData(NamedTuple):
     references: list[tuple[PlotPoint, str]]  # labelled reference configurations
     knee: PlotPoint | None  # the study's knee (default reference of the controlled ablation)
     x_log: bool  # log x axis when the cost spans more than a decade
+    baseline: tuple[str, float] | None = None  # e.g. ("bicubic", 29.38): quality of the trivial answer
 
 
 def pareto_plot_data(
@@ -124,7 +125,17 @@ def pareto_plot_data(
         references=references,
         knee=next((p for p in on_front if p.number == knee_number), None),
         x_log=x_log,
+        baseline=_baseline(info, quality_key),
     )
+
+
+def _baseline(info: StudyInfo, quality_key: str) -> tuple[str, float] | None:
+    """The study's stored baseline quality (bicubic upsampling, or the degraded input) for a metric."""
+    baseline = info.attrs.get("baseline") or {}
+    value = baseline.get(quality_key)
+    if not isinstance(value, (int, float)) or not np.isfinite(value):
+        return None
+    return str(baseline.get("name", "baseline")), float(value)
 
 
 def _save(fig: Figure, path_stem: Path, formats: Sequence[str]) -> list[Path]:
@@ -167,6 +178,9 @@ def render_pareto_plot(data: ParetoPlotData, path_stem: Path, formats: Sequence[
             f"{name} (#{point.number})", (point.x, point.y), xytext=(6, 6),
             textcoords="offset points", fontsize=8,
         )
+    if data.baseline is not None:
+        name, value = data.baseline
+        ax.axhline(value, color="grey", linestyle="--", linewidth=1.0, label=f"{name} ({value:.4g})")
     if data.knee is not None:
         ax.scatter([data.knee.x], [data.knee.y], s=160, marker="*", color="gold", edgecolors="black",
                    linewidths=0.6, zorder=5, label=f"knee (#{data.knee.number})")

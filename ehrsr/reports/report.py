@@ -213,6 +213,7 @@ def _summary(study: optuna.Study, info: StudyInfo, trials: pd.DataFrame) -> str:
         "Budget": _budget_text(study, info),
         "Device": f"{info.device_name} ({device.get('kind', '?')}, {device.get('n_devices', 1)} device(s))",
         "Profiling": _plain(attrs.get("profile") or {}),
+        "Baseline": _baseline_text(attrs.get("baseline")),
         "Early stopping": (
             f"MO-ASHA, rungs at {early.get('rung_steps')} steps, eta {early.get('eta')}"
             if early.get("enabled") else "off"
@@ -222,6 +223,16 @@ def _summary(study: optuna.Study, info: StudyInfo, trials: pd.DataFrame) -> str:
         "ehrsr version": attrs.get("ehrsr_version"),
     }
     return _bullets(items)
+
+
+def _baseline_text(baseline: dict | None) -> str | None:
+    """The trivial answer's quality on the validation set: trials below it have not learned yet."""
+    if not baseline:
+        return None
+    parts = [f"PSNR {baseline['psnr']:.2f} dB" if baseline.get("psnr") is not None else None,
+             f"SSIM {baseline['ssim']:.4f}" if baseline.get("ssim") is not None else None]
+    values = ", ".join(p for p in parts if p)
+    return f"{baseline.get('name', 'baseline')} on the validation set: {values} (dashed line in the quality plots)"
 
 
 def _conventions(info: StudyInfo) -> str:

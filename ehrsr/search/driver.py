@@ -333,7 +333,9 @@ def run_search(settings: SearchSettings) -> SearchSummary:
         log("warning: training and validating on the built-in scikit-image sample images: the numbers "
             "only demonstrate the suite; pass --train-data/--val-data for real results")
     # prepare the data cache once here, so workers and child processes only read it
-    build_context(prepared.spec, torch.device("cpu"), lpips_weights=None, progress=settings.verbosity >= 1)
+    ctx = build_context(prepared.spec, torch.device("cpu"), lpips_weights=None, progress=settings.verbosity >= 1)
+    if "baseline" not in study.user_attrs:
+        study.set_user_attr("baseline", baseline_quality(ctx, prepared.spec))
     workers = _resolve_workers(settings.workers, prepared.device)
     summary = WorkerSummary()
     try:
@@ -344,6 +346,16 @@ def run_search(settings: SearchSettings) -> SearchSummary:
     finally:
         log.close()
     return _summarise(prepared, settings, summary, log)
+
+
+def baseline_quality(ctx: Any, spec: ContextSpec) -> dict[str, Any]:
+    """Quality of the trivial answer on the validation set, with the study's conventions:
+    MATLAB-bicubic upsampling of the LR input for SR, the degraded input itself for restoration."""
+    from ehrsr.metrics import bicubic_baseline
+
+    result = bicubic_baseline(ctx.val_set, crop_border=spec.crop_border)
+    name = "bicubic (MATLAB)" if spec.task.get("scale", 4) > 1 else "degraded input"
+    return {"name": name, "psnr": result.psnr, "ssim": result.ssim, "lpips": None}
 
 
 def _run_worker_processes(settings: SearchSettings, prepared: PreparedStudy, workers: int, log: _Log) -> WorkerSummary:
