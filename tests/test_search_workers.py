@@ -95,8 +95,9 @@ def test_killed_worker_keeps_finished_trials_and_its_trial_is_failed_later(tmp_p
     assert all(kept[t.number] == t.values for t in done)  # nothing finished was lost
     orphans = [t.number for t in study.trials if t.state == TrialState.RUNNING]
     assert orphans  # the trial it was running stays RUNNING ...
+    assert fail_stale_trials(study) == []  # not yet stale: it might still be alive
     failed = fail_stale_trials(study, now=time.time() + STALE_SECONDS + 1)
-    assert failed == orphans  # ... until a live worker sees its heartbeat is stale
+    assert failed == orphans  # ... until a live worker sees its heartbeat (or start) is stale
     stale = study.trials[orphans[0]]
     assert stale.state == TrialState.FAIL and stale.user_attrs["status"] == "crashed"
 
@@ -158,3 +159,14 @@ def test_every_sampler_runs(sampler: str, tmp_path: Path) -> None:
                               write_reports=False, verbosity=0, early_stopping=False)
     summary = run_search(settings)
     assert summary.n_complete == 3
+
+
+def test_a_trial_killed_before_its_first_heartbeat_is_failed_too(tmp_path: Path) -> None:
+    study = optuna.create_study(storage=f"sqlite:///{tmp_path / 's.db'}", study_name="s")
+    orphan = study.ask()  # a worker died right after ask(): no heartbeat was ever written
+    alive = study.ask()
+    study._storage.set_trial_user_attr(alive._trial_id, "heartbeat", time.time() + 10 * STALE_SECONDS)
+    assert fail_stale_trials(study) == []
+    assert fail_stale_trials(study, now=time.time() + STALE_SECONDS + 1) == [orphan.number]
+    assert study.trials[orphan.number].state == TrialState.FAIL
+    assert study.trials[alive.number].state == TrialState.RUNNING

@@ -228,7 +228,12 @@ def fail_stale_trials(study: optuna.Study, now: float | None = None) -> list[int
     failed = []
     for frozen in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
         beat = frozen.user_attrs.get("heartbeat")
-        if beat is None or now - float(beat) < STALE_SECONDS:
+        if beat is None:
+            # killed between ask() and its first heartbeat: its start is its last sign of life
+            if frozen.datetime_start is None:
+                continue
+            beat = frozen.datetime_start.timestamp()
+        if now - float(beat) < STALE_SECONDS:
             continue
         storage = study._storage
         start = frozen.datetime_start.timestamp() if frozen.datetime_start else float(beat)
