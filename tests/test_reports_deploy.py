@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import importlib.util
 import json
 
@@ -317,3 +318,14 @@ def test_every_module_exports_to_onnx_and_matches_pytorch(tmp_path):
     assert result["checker"] == "passed"
     if importlib.util.find_spec("onnxruntime") is not None:
         assert result["numeric_check"] == "passed" and result["max_abs_diff"] <= 1e-4, result
+
+
+def test_cpu_profiles_never_oversubscribe_the_cores():
+    from ehrsr.reports.deploy import cpu_threads_for
+
+    profile = cpu_profile()
+    wide = dataclasses.replace(profile, threads=8)
+    assert cpu_threads_for(wide, cores=8) == (8, None)
+    threads, note = cpu_threads_for(wide, cores=2)
+    assert threads == 2 and "asks for 8 threads" in note and "2 cores" in note
+    assert cpu_threads_for(dataclasses.replace(profile, kind="cuda", threads=None), cores=2) == (None, None)

@@ -31,6 +31,7 @@ import contextlib
 import io
 import json
 import math
+import os
 import platform
 import re
 import sys
@@ -431,6 +432,7 @@ class DeploymentPick:
 def _measure(model: nn.Module, profile: DeviceProfile, input_hw: tuple[int, int], in_channels: int) -> dict[str, Any]:
     from ehrsr.profiling import profile_model  # fvcore / ptflops, imported only when measuring
 
+    threads, note = cpu_threads_for(profile)
     result = profile_model(
         model,
         (1, in_channels, *input_hw),
@@ -438,14 +440,34 @@ def _measure(model: nn.Module, profile: DeviceProfile, input_hw: tuple[int, int]
         dtype=profile.dtype,
         warmup=profile.warmup,
         repeats=profile.repeats,
-        threads=profile.threads if profile.kind == "cpu" else None,
+        threads=threads,
     )
     data = result.to_dict()
     keep = (
         "latency_ms", "latency_ms_p10", "latency_ms_p90", "peak_memory_mb", "params", "params_deploy",
         "macs", "device", "dtype", "threads", "warmup", "repeats", "input_shape", "memory_method",
     )
-    return {k: data[k] for k in keep if k in data}
+    measured = {k: data[k] for k in keep if k in data}
+    if note:
+        measured["note"] = note
+    return measured
+
+
+def cpu_threads_for(profile: DeviceProfile, cores: int | None = None) -> tuple[int | None, str | None]:
+    """Threads to time a CPU profile with, and a note when this machine cannot honour it.
+
+    More threads than cores makes every pass wait on descheduled threads (timings several times
+    too slow), so a profile asking for more threads than this machine has is timed with one thread
+    per core and the pick says so; run ``deploy`` on the target device for the real figure."""
+    if profile.kind != "cpu" or profile.threads is None:
+        return None, None
+    cores = cores or os.cpu_count() or 1
+    if profile.threads <= cores:
+        return profile.threads, None
+    return cores, (
+        f"profile {profile.name!r} asks for {profile.threads} threads but this machine has {cores} cores: "
+        f"timed with {cores} threads"
+    )
 
 
 def pick_deployment(
