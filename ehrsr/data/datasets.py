@@ -341,13 +341,8 @@ class TrainSet:
     ) -> TrainSet:
         """Build from uint8 HWC RGB arrays (HR is mod-cropped to the scale; LR made by the task's
         degradation unless given, in which case HR is cropped to ``LR * scale``)."""
-        names = list(names) if names is not None else [f"image{i:04d}" for i in range(len(hr_images))]
-        if not hr_images:
-            raise ValueError("a training set needs at least one image")
+        names, hr_list = _paired_hr(hr_images, lr_images, names, task, "a training set")
         if lr_images is not None:
-            if len(lr_images) != len(hr_images):
-                raise ValueError(f"got {len(hr_images)} HR but {len(lr_images)} LR images; they must pair up")
-            hr_list = [_crop_to_lr(hr, lr, task.scale, name) for hr, lr, name in zip(hr_images, lr_images, names)]
             return cls(
                 _ImageBank.from_images(hr_list, names),
                 _ImageBank.from_images(list(lr_images), names),
@@ -355,7 +350,6 @@ class TrainSet:
                 description=description,
                 is_builtin=is_builtin,
             )
-        hr_list = [mod_crop(hr, task.scale) for hr in hr_images]
         for hr, name in zip(hr_list, names):
             if min(hr.shape[:2]) < task.scale:
                 raise ValueError(f"training image {name} ({hr.shape[1]}x{hr.shape[0]}) is smaller than the scale")
@@ -502,6 +496,25 @@ class TrainSet:
         return lr, hr
 
 
+def _paired_hr(
+    hr_images: Sequence[np.ndarray],
+    lr_images: Sequence[np.ndarray] | None,
+    names: Sequence[str] | None,
+    task: TaskConfig,
+    what: str,
+) -> tuple[list[str], list[np.ndarray]]:
+    """Names (default ``image0000``...) and the HR images a set keeps: cropped to ``LR * scale``
+    when LR images are given (they must pair up one to one), else mod-cropped to the scale."""
+    names = list(names) if names is not None else [f"image{i:04d}" for i in range(len(hr_images))]
+    if not hr_images:
+        raise ValueError(f"{what} needs at least one image")
+    if lr_images is None:
+        return names, [mod_crop(hr, task.scale) for hr in hr_images]
+    if len(lr_images) != len(hr_images):
+        raise ValueError(f"got {len(hr_images)} HR but {len(lr_images)} LR images; they must pair up")
+    return names, [_crop_to_lr(hr, lr, task.scale, name) for hr, lr, name in zip(hr_images, lr_images, names)]
+
+
 def _crop_to_lr(hr: np.ndarray, lr: np.ndarray, scale: int, name: str) -> np.ndarray:
     """Crop HR to exactly ``LR * scale`` (BasicSR's paired-data rule), checking the sizes agree."""
     want_h, want_w = lr.shape[0] * scale, lr.shape[1] * scale
@@ -556,16 +569,10 @@ class ValSet(Sequence[ValItem]):
     ) -> ValSet:
         """Build from uint8 HWC arrays; LR made by the task's pipeline with per-image seeded noise
         unless given (then HR is cropped to ``LR * scale``)."""
-        names = list(names) if names is not None else [f"image{i:04d}" for i in range(len(hr_images))]
-        if not hr_images:
-            raise ValueError("a validation set needs at least one image")
+        names, hr_list = _paired_hr(hr_images, lr_images, names, task, "a validation set")
         if lr_images is not None:
-            if len(lr_images) != len(hr_images):
-                raise ValueError(f"got {len(hr_images)} HR but {len(lr_images)} LR images; they must pair up")
-            hr_list = [_crop_to_lr(hr, lr, task.scale, name) for hr, lr, name in zip(hr_images, lr_images, names)]
             lr_list = list(lr_images)
         else:
-            hr_list = [mod_crop(hr, task.scale) for hr in hr_images]
 
             def make(i: int) -> np.ndarray:
                 rng = np.random.default_rng(image_seed(names[i]))  # same noise for this image every run
