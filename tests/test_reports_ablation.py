@@ -357,6 +357,16 @@ def test_param_importances_per_objective_and_for_the_front(tmp_path):
         )
     for name, value in direct.items():
         assert table.at[name, "psnr"] == pytest.approx(value)
+    # latency is a cost: only architecture parameters compete for it, the learning rate cannot
+    assert "lr" in searched and table.at["lr", "latency"] == 0.0
+    architecture = [n for n in searched if n != "lr"]
+    with pytest.warns(UserWarning):
+        direct = optuna.importance.get_param_importances(
+            study, evaluator=optuna.importance.PedAnovaImportanceEvaluator(), params=architecture,
+            target=lambda t: t.values[1],
+        )
+    for name, value in direct.items():
+        assert table.at[name, "latency"] == pytest.approx(value)
     # one objective: no pareto column; no finished trial: empty
     single = make_study(subdir(tmp_path, "single"), objectives=("psnr",), n_trials=8)
     assert list(param_importances(single).columns) == ["psnr"]

@@ -137,12 +137,18 @@ def param_importances(study: optuna.Study) -> pd.DataFrame:
     maximised objectives are negated. Multi-objective studies get one more column, ``pareto``:
     the importance for reaching the Pareto front (Optuna's multi-objective mode, ``target=None``).
     Each column sums to 1. Empty when fewer than two trials finished or no parameter was searched.
+
+    Cost objectives (latency, MACs, parameters, memory) are properties of the architecture, so
+    their columns consider architecture parameters only: a training parameter such as ``lr`` can
+    only look important for them through the sampler's correlations, never through cause.
     """
     info = StudyInfo.from_study(study)
     finished = study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
     params = sorted({name for t in finished for name in t.params})
     if len(finished) < 2 or not params:
         return pd.DataFrame()
+    training = {name for t in finished for name in t.params if name in (t.user_attrs.get("train") or {})}
+    architecture = [name for name in params if name not in training]
     columns: dict[str, dict[str, float]] = {}
     with warnings.catch_warnings():
         # PED-ANOVA warns that it treats low targets as better (we negate maximised objectives)
@@ -150,9 +156,11 @@ def param_importances(study: optuna.Study) -> pd.DataFrame:
         warnings.simplefilter("ignore")
         for index, objective in enumerate(info.objectives):
             sign = -1.0 if objective.maximize else 1.0
+            is_cost = _is_cost(objective)
             columns[objective.name] = optuna.importance.get_param_importances(
                 study,
                 evaluator=PedAnovaImportanceEvaluator(),
+                params=architecture if is_cost and architecture else None,
                 target=lambda t, i=index, s=sign: s * t.values[i],
             )
         if len(info.objectives) > 1:
@@ -162,6 +170,13 @@ def param_importances(study: optuna.Study) -> pd.DataFrame:
     table = pd.DataFrame(columns).reindex(params).fillna(0.0)
     table.index.name = "param"
     return table.loc[table.sum(axis=1).sort_values(ascending=False, kind="stable").index]
+
+
+def _is_cost(objective: ObjectiveInfo) -> bool:
+    from ehrsr.search.objectives import OBJECTIVES
+
+    known = OBJECTIVES.get(objective.name)
+    return known is not None and known.kind == "cost"
 
 
 # ---------------------------------------------------------------------------------------------
