@@ -33,8 +33,10 @@ def _counted(study: optuna.Study) -> list[optuna.trial.FrozenTrial]:
     return [t for t in study.trials if t.state != TrialState.WAITING and "refused" not in t.user_attrs]
 
 
-def test_two_workers_on_one_sqlite_share_the_budget(tmp_path: Path) -> None:
-    url = f"sqlite:///{tmp_path / 'shared.db'}"
+def test_two_independent_processes_on_one_journal_share_the_budget(tmp_path: Path) -> None:
+    # a journal file, as Optuna advises for several processes: on one SQLite file two processes
+    # can both claim the same enqueued trial (seen here), so --workers refuses SQLite
+    url = f"journal:{tmp_path / 'shared.journal'}"
 
     def args(budget: str) -> list[str]:
         return ["--space", MICRO, "--storage", url, "--study-name", "shared", "--budget", budget,
@@ -49,9 +51,22 @@ def test_two_workers_on_one_sqlite_share_the_budget(tmp_path: Path) -> None:
     for proc in workers:
         _, err = proc.communicate(timeout=600)
         assert proc.returncode == 0, err[-2000:]
-    study = optuna.load_study(study_name="shared", storage=url)
+    from ehrsr.search.storage import open_storage
+
+    study = optuna.load_study(study_name="shared", storage=open_storage(url))
     assert len(_counted(study)) == 6  # exactly the budget, however the two workers interleaved
+    numbers = [t.number for t in study.trials]
+    assert len(numbers) == len(set(numbers))
     assert not [t for t in study.trials if t.state == TrialState.RUNNING]
+
+
+def test_workers_refuse_a_shared_sqlite_file(tmp_path: Path, capsys) -> None:
+    from ehrsr.cli import main
+
+    code = main(["--space", MICRO, "--workers", "2", "--storage", f"sqlite:///{tmp_path / 'x.db'}",
+                 "--out-dir", str(tmp_path / "r"), "--budget", "trials=2"])
+    err = capsys.readouterr().err
+    assert code == 2 and "cannot share the SQLite storage" in err and "journal:" in err
 
 
 def test_workers_option_starts_processes_on_a_journal(tmp_path: Path) -> None:

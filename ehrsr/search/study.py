@@ -10,6 +10,7 @@ the same command finds the study again; asking a different question of an existi
 from __future__ import annotations
 
 import hashlib
+import os
 import warnings
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -257,13 +258,21 @@ def prepare_study(settings: SearchSettings, log: Any = print) -> PreparedStudy:
     study_dir = Path(settings.out_dir) / study_name
     try:
         study_dir.mkdir(parents=True, exist_ok=True)
-        probe = study_dir / ".write-test"
+        probe = study_dir / f".write-test-{os.getpid()}"  # per process: workers start together
         probe.write_text("ok")
         probe.unlink()
     except OSError as exc:
         raise SearchError(f"output folder {study_dir} is not writable: {exc.strerror}") from None
     workers = _resolve_workers(settings.workers, device)
     storage_url = settings.storage or default_storage_url(study_dir, workers)
+    if workers > 1 and storage_url.startswith("sqlite"):
+        # Optuna's advice, and a race seen in this project's tests: two processes on one SQLite file
+        # can both claim the same enqueued trial (SQLite has no row locks)
+        raise SearchError(
+            f"--workers {workers} cannot share the SQLite storage {mask_url(storage_url)}: use "
+            "--storage journal:PATH (one machine) or a database server URL (several machines), "
+            "or --workers 1 (a study begun in SQLite resumes with --workers 1)"
+        )
     storage = open_storage(storage_url)
 
     fidelity = space.fidelity
