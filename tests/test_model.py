@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from ehrsr import EHRSR, MODULE_TOGGLES, EHRSRConfig, build_model
+from tests.model_helpers import randomize_head
 from tests.pairwise import pairwise_rows, uncovered_pairs
 
 FACTORS: dict[str, list] = {
@@ -55,7 +56,7 @@ def test_rows_cover_every_pair() -> None:
 def test_forward_backward_determinism(row: dict) -> None:
     cfg = _config(row)
     torch.manual_seed(0)
-    model = build_model(cfg)
+    model = randomize_head(build_model(cfg))  # a zero head would hide every other weight
     x = torch.rand(2, 3, 37, 53)
     y = model(x)
     assert y.shape == (2, 3, 37 * cfg.scale, 53 * cfg.scale)
@@ -68,7 +69,7 @@ def test_forward_backward_determinism(row: dict) -> None:
 
     # same seed, same weights and same output (eval mode: noise injection is deterministic there)
     torch.manual_seed(0)
-    twin = build_model(cfg)
+    twin = randomize_head(build_model(cfg))
     model.eval()
     twin.eval()
     with torch.no_grad():
@@ -98,15 +99,36 @@ def test_conv_only_baseline_has_no_token_mixers() -> None:
             "NoiseInjection"} <= kinds
 
 
-def test_sr_head_starts_near_bicubic_and_restoration_near_identity() -> None:
-    # global residuals: the network predicts a correction to bicubic (SR) or to the input (scale 1)
-    x = torch.rand(1, 3, 12, 12)
-    sr = build_model(EHRSRConfig(width=8, scale=2)).eval()
+def test_untrained_network_is_exactly_bicubic_or_identity() -> None:
+    # the head starts at zero: SR starts from the bicubic-upsampled input, restoration from the
+    # input (odd sizes: the base is the unpadded input's, not the padded one's)
+    x = torch.rand(2, 3, 13, 19)
+    for scale in (2, 3, 4):
+        sr = build_model({"width": 8, "scale": scale, "msg": {"levels": 2, "depths": [1, 1]}}).eval()
+        with torch.no_grad():
+            bicubic = torch.nn.functional.interpolate(x, scale_factor=scale, mode="bicubic", align_corners=False)
+            torch.testing.assert_close(sr(x), bicubic, atol=0, rtol=0)
     restore = build_model(EHRSRConfig(width=8, scale=1)).eval()
     with torch.no_grad():
-        bicubic = torch.nn.functional.interpolate(x, scale_factor=2, mode="bicubic", align_corners=False)
-        assert (sr(x) - bicubic).abs().mean() < 0.5
-        assert restore(x).shape == x.shape
+        torch.testing.assert_close(restore(x), x, atol=0, rtol=0)
+
+
+def test_zero_head_still_trains_the_body() -> None:
+    # the first step moves the head; from the second step gradients reach every other weight
+    torch.manual_seed(0)
+    model = build_model({"width": 8, "scale": 2, "msg": {"levels": 1, "depths": [1]}})
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    x, target = torch.rand(2, 3, 12, 12), torch.rand(2, 3, 24, 24)
+    body = {name: p for name, p in model.named_parameters() if not name.startswith("head.")}
+    for step in range(2):
+        optimizer.zero_grad()
+        (model(x) - target).abs().mean().backward()
+        reached = {name for name, p in body.items() if p.grad is not None and p.grad.any()}
+        if step == 0:
+            assert not reached and model.head[0].weight.grad.any()
+        else:  # blocks with zero-initialised layer scales (NAF) join one step later still
+            assert {name for name in body if name.startswith(("stem.0.", "down.0.", "up.0."))} <= reached
+        optimizer.step()
 
 
 def test_bad_input_and_config_types() -> None:
