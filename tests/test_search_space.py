@@ -181,7 +181,7 @@ def test_shipped_spaces_load_by_name_and_path():
     assert tiny.source_text == (SPACES_DIR / "tiny.yaml").read_text()
     by_path = load_space(str(SPACES_DIR / "tiny.yaml"))
     assert by_path.distributions == tiny.distributions
-    assert tiny.fidelity.rung_steps == (12, 36, 108)
+    assert tiny.fidelity.rung_steps == (36, 108)
     assert tiny.fidelity.max_steps == 108
     assert tiny.fidelity.patch_size == 32 and tiny.fidelity.loss == "l1"
     full = load_space("full")
