@@ -8,6 +8,7 @@ is already stored is touched. Passwords in storage URLs are masked everywhere.
 from __future__ import annotations
 
 import argparse
+import math
 import re
 import sys
 from pathlib import Path
@@ -38,8 +39,8 @@ def _positive_float(what: str):
             value = float(text)
         except ValueError:
             raise argparse.ArgumentTypeError(f"{what}: {text!r} is not a number") from None
-        if value <= 0:
-            raise argparse.ArgumentTypeError(f"{what}: must be positive, got {text!r}")
+        if not (value > 0 and math.isfinite(value)):
+            raise argparse.ArgumentTypeError(f"{what}: must be a positive finite number, got {text!r}")
         return value
 
     return parse
@@ -89,6 +90,9 @@ def build_parser() -> dict[str, argparse.ArgumentParser]:
     search.add_argument("--profile-size", type=parse_size, default=(256, 256),
                         help="LR input size for latency/memory/MACs (default 256, the NTIRE convention)")
     search.add_argument("--profile-dtype", choices=("float32", "float16", "bfloat16"), default="float32")
+    search.add_argument("--profile-seconds", type=_positive_float("--profile-seconds"),
+                        help="seconds of timed passes per latency measurement, at least 5 passes "
+                             "(default 0.25: a ranking signal; deploy re-measures with 1 s)")
     search.add_argument("--threads", type=int, help="CPU threads for training and timing (default: torch's)")
     search.add_argument("--max-params", type=lambda t: parse_si(t, "--max-params"), help="e.g. 500k, 1.5M")
     search.add_argument("--max-macs", type=lambda t: parse_si(t, "--max-macs"), help="at the profile size, e.g. 20G")
@@ -176,6 +180,7 @@ def _search(args: argparse.Namespace) -> int:
         device=args.device,
         profile_size=args.profile_size,
         profile_dtype=args.profile_dtype,
+        **({"profile_seconds": args.profile_seconds} if args.profile_seconds else {}),
         threads=args.threads,
         limits=Limits(args.max_params, args.max_macs, args.max_latency_ms, args.max_memory_mb),
         sampler=args.sampler,

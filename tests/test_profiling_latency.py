@@ -201,6 +201,10 @@ def test_device_name_reads_the_cpu_model_and_threads() -> None:
         ({"threads": 0}, "threads"),
         ({"dtype": "int8"}, "dtype"),
         ({"repeats": 2.5}, "repeats"),
+        ({"budget_s": 0}, "latency budget"),
+        ({"budget_s": -1.0}, "latency budget"),
+        ({"budget_s": float("inf")}, "latency budget"),
+        ({"budget_s": True}, "latency budget"),
     ],
 )
 def test_bad_arguments_raise_value_error(kwargs, message) -> None:
@@ -233,3 +237,34 @@ def test_automatic_timing_stops_at_twice_the_budget_after_the_minimum(monkeypatc
     samples, warmup, repeats = latency_module._run_timed(run, latency_module._PerfCounterClock(), "cpu", 2, None)
     assert warmup == 2  # explicit: honoured (the calibration passes count towards it)
     assert 20 <= repeats == len(samples) <= 21
+
+
+def test_a_smaller_budget_plans_fewer_passes_but_never_fewer_than_five() -> None:
+    # the search's 0.25 s plan: a 40 ms model gets 6 timed passes (250 / 40) and the 2 calibration
+    # passes as warm-up; the default 1 s plan gives it 25 timed and 6 warm-up
+    assert plan_passes(40.0, "cpu", budget_s=0.25) == latency_module.PassPlan(2, 6)
+    assert plan_passes(40.0, "cpu") == latency_module.PassPlan(6, 25)
+    assert plan_passes(300.0, "cpu", budget_s=0.25).repeats == latency_module.MIN_REPEATS
+    assert plan_passes(40.0, "cpu", warmup=1, repeats=9, budget_s=0.25) == latency_module.PassPlan(1, 9)
+
+
+def test_budget_reaches_the_timing_loop_and_its_deadline(monkeypatch) -> None:
+    """Passes of 50 ms: a 0.25 s budget times 5 of them; its deadline (2 x 0.25 s) cuts an
+    optimistic plan after 10 timed passes where the default budget would allow 40."""
+    clock = {"now": 0.0}
+    monkeypatch.setattr(latency_module.time, "perf_counter", lambda: clock["now"])
+
+    def run_with(durations):
+        it = iter(durations)
+
+        def run() -> None:
+            clock["now"] += next(it)
+
+        return run
+
+    _, warmup, repeats = latency_module._run_timed(
+        run_with([0.05] * 1000), latency_module._PerfCounterClock(), "cpu", None, None, 0.25)
+    assert (warmup, repeats) == (2, 5)
+    _, _, repeats = latency_module._run_timed(
+        run_with([0.05, 0.001] + [0.05] * 1000), latency_module._PerfCounterClock(), "cpu", None, None, 0.25)
+    assert 10 <= repeats <= 11

@@ -66,7 +66,8 @@ def test_tiny_search_three_trials_then_resume_to_five(tmp_path: Path) -> None:
 def test_micro_search_records_everything_the_reports_need(tmp_path: Path) -> None:
     out = tmp_path / "reports"
     code = main(["--space", MICRO, "--budget", "trials=4", "--out-dir", str(out), "--cache-dir", str(tmp_path / "c"),
-                 "--profile-size", "32", "--study-name", "micro", "--no-report", "--quiet", "--seed", "3"])
+                 "--profile-size", "32", "--study-name", "micro", "--no-report", "--quiet", "--seed", "3",
+                 "--profile-seconds", "0.000001"])
     assert code == 0
     study = _study(out, "micro")
     assert study.metric_names == ["psnr", "latency"]
@@ -83,6 +84,10 @@ def test_micro_search_records_everything_the_reports_need(tmp_path: Path) -> Non
     assert attrs["baseline"]["psnr"] == pytest.approx(expected.psnr, abs=1e-9)
     assert attrs["baseline"]["name"] == "bicubic (MATLAB)"
     assert "crop_border=4" in attrs["conventions"]["psnr"]
+    # --profile-seconds reaches the stored recipe, the stated convention and every latency plan
+    assert attrs["context"]["profile_seconds"] == 1e-6 and "about 1e-06 s" in attrs["conventions"]["latency"]
+    measured = [t for t in study.trials if "latency_repeats" in t.user_attrs.get("metrics", {})]
+    assert measured and all(t.user_attrs["metrics"]["latency_repeats"] == 5 for t in measured)
     for t in study.trials:
         assert t.user_attrs["status"] in ("complete", "pruned", "refused", "diverged", "oom")
         assert "config" in t.user_attrs and "train" in t.user_attrs

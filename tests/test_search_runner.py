@@ -38,6 +38,15 @@ def test_complete_run_measures_quality_and_cost(ctx: RunContext) -> None:
     assert result.model is not None
 
 
+def test_search_latency_plan_follows_the_context_budget(ctx: RunContext) -> None:
+    # a 32x32 micro network takes about a millisecond: the default 1 s plan times 100 passes, a
+    # budget far below one pass times the minimum of 5
+    default = run_configuration(TINY, {"lr": 2e-3}, ctx, steps=1, seed=0).metrics
+    short = RunContext(**{**ctx.__dict__, "profile_seconds": 1e-6})
+    assert run_configuration(TINY, {"lr": 2e-3}, short, steps=1, seed=0).metrics["latency_repeats"] == 5
+    assert default["latency_repeats"] > 5
+
+
 def test_rung_callback_can_stop_the_run(ctx: RunContext) -> None:
     seen = []
 

@@ -117,19 +117,32 @@ def parse_device(device: str | torch.device) -> torch.device:
     return dev
 
 
+def _budget(device_type: str, budget_s: float | None) -> float:
+    if budget_s is None:
+        return BUDGET_S[device_type]
+    if isinstance(budget_s, bool) or not isinstance(budget_s, (int, float)) or not 0 < budget_s < math.inf:
+        raise ValueError(f"the latency budget must be a positive number of seconds or None, got {budget_s!r}")
+    return float(budget_s)
+
+
 def _check_count(name: str, value: int | None, minimum: int) -> None:
     if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < minimum):
         raise ValueError(f"{name} must be an integer >= {minimum} or None (automatic), got {value!r}")
 
 
 def plan_passes(
-    pass_ms: float, device_type: str, warmup: int | None = None, repeats: int | None = None
+    pass_ms: float,
+    device_type: str,
+    warmup: int | None = None,
+    repeats: int | None = None,
+    budget_s: float | None = None,
 ) -> PassPlan:
     """Warm-up and timed passes for a model that takes ``pass_ms`` per pass (see module docstring).
 
     Explicit ``warmup`` / ``repeats`` win; the warm-up count includes the calibration passes.
+    ``budget_s``: seconds of timed passes to aim for (default ``BUDGET_S`` of the device type).
     """
-    budget_ms = 1000.0 * BUDGET_S[device_type]
+    budget_ms = 1000.0 * _budget(device_type, budget_s)
     pass_ms = max(pass_ms, 1e-3)
     if repeats is None:
         repeats = min(MAX_REPEATS, max(MIN_REPEATS, math.floor(budget_ms / pass_ms)))
@@ -232,6 +245,7 @@ def _run_timed(
     device_type: str,
     warmup: int | None,
     repeats: int | None,
+    budget_s: float | None = None,
 ) -> tuple[list[float], int, int]:
     """Warm up, time; returns (samples in ms, warm-up passes run, timed passes run).
 
@@ -239,14 +253,14 @@ def _run_timed(
     one estimate can be far off on a busy machine, an automatic count also stops at a deadline of
     ``OVERRUN`` times its share of the budget (timing stops only once ``MIN_REPEATS`` are done).
     """
-    budget_s = BUDGET_S[device_type]
+    budget_s = _budget(device_type, budget_s)
     warmup_deadline = repeats_deadline = math.inf
     done = 0
     if warmup is None or repeats is None:
         clock.time_ms(run)  # cold pass: lazy initialisation, allocator growth, cuDNN autotuning
         estimate = clock.time_ms(run)
         done = CALIBRATION_PASSES
-        plan = plan_passes(estimate, device_type, warmup, repeats)
+        plan = plan_passes(estimate, device_type, warmup, repeats, budget_s)
         if warmup is None:
             warmup_deadline = time.perf_counter() + OVERRUN * WARMUP_SHARE * budget_s
         if repeats is None:
@@ -272,12 +286,16 @@ def measure_latency(
     warmup: int | None = None,
     repeats: int | None = None,
     threads: int | None = None,
+    budget_s: float | None = None,
 ) -> LatencyStats:
     """Time ``model(inputs)`` on the inputs' device (the model must already be there, in eval mode).
 
     ``dtype`` float16 / bfloat16 runs under autocast. ``warmup`` / ``repeats`` None: automatic
-    (module docstring). ``threads`` applies to the CPU only (None: the current setting).
+    (module docstring), aiming at ``budget_s`` seconds of timed passes (default ``BUDGET_S``; the
+    search uses less, see ``ehrsr.search``). ``threads`` applies to the CPU only (None: the
+    current setting).
     """
+    _budget(inputs.device.type, budget_s)  # validate before running anything
     dtype_name, torch_dtype = parse_dtype(dtype)
     _check_count("warmup", warmup, 0)
     _check_count("repeats", repeats, 1)
@@ -291,11 +309,11 @@ def measure_latency(
     with torch.inference_mode():
         if device.type == "cuda":
             with cudnn_benchmark():
-                samples, warmup_done, repeats_done = _run_timed(run, _CudaEventClock(device), "cuda", warmup, repeats)
+                samples, warmup_done, repeats_done = _run_timed(run, _CudaEventClock(device), "cuda", warmup, repeats, budget_s)
             name = device_name(device)
         else:
             with cpu_threads(threads) as n_threads:
-                samples, warmup_done, repeats_done = _run_timed(run, _PerfCounterClock(), "cpu", warmup, repeats)
+                samples, warmup_done, repeats_done = _run_timed(run, _PerfCounterClock(), "cpu", warmup, repeats, budget_s)
             name = device_name(device, n_threads)
     p10, median, p90 = (float(v) for v in np.percentile(samples, [10, 50, 90]))
     return LatencyStats(

@@ -30,7 +30,7 @@ from ehrsr.profiling.counting import (
     is_ehrsr_model,
     validate_input_shape,
 )
-from ehrsr.profiling.latency import cpu_threads, measure_latency, parse_device, parse_dtype
+from ehrsr.profiling.latency import _budget, cpu_threads, measure_latency, parse_device, parse_dtype
 from ehrsr.profiling.memory import measure_peak_memory
 
 __all__ = ["Profile", "profile_model"]
@@ -89,6 +89,7 @@ def profile_model(
     measure_memory: bool = True,
     macs_input_shape: Sequence[int] | None = None,
     mac_count: MacCount | None = None,
+    latency_budget_s: float | None = None,
 ) -> Profile:
     """Count, time and measure ``model`` (module docstring says what exactly is profiled).
 
@@ -97,7 +98,9 @@ def profile_model(
     afterwards; None keeps the current setting). ``macs_input_shape`` defaults to ``input_shape``;
     the NTIRE convention counts at ``(1, 3, 256, 256)``. ``mac_count``: the result of an earlier
     ``count_macs(model, macs_input_shape)`` (a search counts first to refuse over-limit
-    configurations); it is reused instead of counting again. Invalid arguments raise ``ValueError``.
+    configurations); it is reused instead of counting again. ``latency_budget_s``: seconds of timed
+    passes an automatic plan aims for (default 1 s; at least 5 timed passes whatever the budget).
+    Invalid arguments raise ``ValueError``.
     """
     shape = validate_input_shape(input_shape, model)
     macs_shape = validate_input_shape(macs_input_shape if macs_input_shape is not None else shape, model)
@@ -106,6 +109,7 @@ def profile_model(
     for name, value, minimum in (("warmup", warmup, 0), ("repeats", repeats, 1), ("threads", threads, 1)):
         if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < minimum):
             raise ValueError(f"{name} must be an integer >= {minimum} or None (automatic), got {value!r}")
+    _budget(dev.type, latency_budget_s)
     if not isinstance(channels_last, bool):
         raise ValueError(f"channels_last must be true or false, got {channels_last!r}")
     if channels_last and len(shape) != 4:
@@ -134,7 +138,9 @@ def profile_model(
             x = torch.rand(shape, generator=torch.Generator().manual_seed(0)).to(dev)
             if channels_last:
                 x = x.contiguous(memory_format=torch.channels_last)
-            timing = measure_latency(runtime, x, dtype=dtype_name, warmup=warmup, repeats=repeats)
+            timing = measure_latency(
+                runtime, x, dtype=dtype_name, warmup=warmup, repeats=repeats, budget_s=latency_budget_s
+            )
             memory = measure_peak_memory(runtime, x, dtype=dtype_name) if measure_memory else None
 
     return Profile(

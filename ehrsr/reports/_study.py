@@ -38,6 +38,7 @@ METRIC_KEYS: tuple[str, ...] = (
     "latency_ms",
     "latency_ms_p10",
     "latency_ms_p90",
+    "latency_repeats",
     "macs",
     "macs_ptflops",
     "params",

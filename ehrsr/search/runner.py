@@ -95,6 +95,7 @@ class RunContext:
     threads: int | None = None
     profile_warmup: int | None = None
     profile_repeats: int | None = None
+    profile_seconds: float | None = None  # timed-pass budget of the latency plan (None: 1 s)
     lpips: Any = None  # ehrsr.metrics.LPIPS or None when unavailable
     limits: Limits = field(default_factory=Limits)
     progress: bool = False
@@ -133,6 +134,7 @@ def measure_cost(model: nn.Module, ctx: RunContext, mac_count: Any = None) -> di
         repeats=ctx.profile_repeats,
         threads=ctx.threads,
         mac_count=mac_count,
+        latency_budget_s=ctx.profile_seconds,
     )
     return {
         "latency_ms": profile.latency_ms,
@@ -144,6 +146,7 @@ def measure_cost(model: nn.Module, ctx: RunContext, mac_count: Any = None) -> di
         "params_deploy": profile.params_deploy,
         "peak_memory_mb": profile.peak_memory_mb,
         "profile_device": profile.device,
+        "latency_repeats": profile.repeats,
     }
 
 

@@ -34,6 +34,11 @@ __all__ = [
     "prepare_study",
 ]
 
+# Seconds of timed passes per latency measurement in a search. A CPU trial of the tiny space
+# trains for a few seconds, and the default 1 s plan (plus calibration and warm-up) made profiling
+# a third of it; 0.25 s keeps the median of at least 5 passes. ``deploy`` uses the full plan.
+SEARCH_LATENCY_BUDGET_S = 0.25
+
 class SearchError(RuntimeError):
     """A problem the user must fix (bad option, incompatible existing study...); one line."""
 
@@ -48,6 +53,9 @@ class SearchSettings:
     device: str | None = None  # None: cuda when present, else cpu
     profile_size: tuple[int, int] = (256, 256)  # LR input of the latency profile (NTIRE: 256x256)
     profile_dtype: str = "float32"
+    # seconds of timed passes per latency measurement (at least 5 passes, after warm-up): a
+    # ranking signal in the search; `deploy` re-measures its candidates with the full 1 s plan
+    profile_seconds: float = SEARCH_LATENCY_BUDGET_S
     threads: int | None = None  # CPU threads for training and latency (None: torch's default)
     limits: Limits = field(default_factory=Limits)
     sampler: str = "tpe"
@@ -102,6 +110,7 @@ class ContextSpec:
     loss: str
     crop_border: int
     cache_dir: str | None = None
+    profile_seconds: float | None = None  # None (older studies): the profiler's default plan
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -144,6 +153,7 @@ def build_context(
         loss=spec.loss,
         profile_shape=tuple(spec.profile_shape),
         profile_dtype=spec.profile_dtype,
+        profile_seconds=spec.profile_seconds,
         threads=spec.threads,
         lpips=lpips,
         limits=Limits.from_dict(spec.limits),
@@ -290,6 +300,7 @@ def prepare_study(settings: SearchSettings, log: Any = print) -> PreparedStudy:
         loss=fidelity.loss,
         crop_border=task.scale if task.scale > 1 else 0,
         cache_dir=settings.cache_dir,
+        profile_seconds=settings.profile_seconds,
     )
     constrained = settings.limits.max_latency_ms is not None or settings.limits.max_memory_mb is not None
     sampler = _sampler(settings.sampler, settings.seed, len(objectives), constrained)
@@ -371,7 +382,8 @@ def _conventions(spec: ContextSpec, dev_name: str) -> dict[str, str]:
         "ssim": f"SSIM (11x11 Gaussian, sigma 1.5) on {y}",
         "lpips": "LPIPS (AlexNet, v0.1) via pyiqa on RGB in [0, 1]",
         "macs": f"fvcore MACs (one multiply-add = 1) of the deploy form at {shape}",
-        "latency": f"median latency of the deploy form at {shape}, {spec.profile_dtype}, on {dev_name}",
+        "latency": f"median latency of the deploy form at {shape}, {spec.profile_dtype}, on {dev_name} "
+        f"(at least 5 timed passes, about {spec.profile_seconds or 1.0:g} s of them, after warm-up)",
         "memory": f"peak memory of one inference at {shape} on {dev_name}",
         "lr": "LR made by MATLAB-compatible bicubic (antialiased, a=-0.5) after cropping HR to a multiple of the scale",
     }

@@ -131,7 +131,7 @@ def execute_trial(job: TrialJob, ctx: RunContext | None = None, study: optuna.St
 
 COST_KEYS = (
     "latency_ms", "latency_ms_p10", "latency_ms_p90", "macs", "macs_ptflops", "params", "params_deploy",
-    "peak_memory_mb", "profile_device",
+    "peak_memory_mb", "profile_device", "latency_repeats",
 )
 
 
