@@ -99,6 +99,27 @@ def test_objectives_parse_and_directions() -> None:
             parse_objectives(bad)
 
 
+@pytest.mark.parametrize(("module", "package"), [("psycopg", "psycopg[binary]"), ("pymysql", "PyMySQL")])
+def test_a_missing_database_driver_is_named_with_its_pip_package(monkeypatch, module, package) -> None:
+    import optuna
+
+    from ehrsr.search.storage import StorageError, open_storage
+
+    def without_driver(url, **kwargs):
+        # what Optuna does: SQLAlchemy's ModuleNotFoundError re-raised as a bare ImportError
+        try:
+            raise ModuleNotFoundError(f"No module named '{module}'", name=module)
+        except ModuleNotFoundError as exc:
+            raise ImportError("Failed to import DB access module for the specified storage URL.") from exc
+
+    monkeypatch.setattr(optuna.storages, "RDBStorage", without_driver)
+    with pytest.raises(StorageError) as info:
+        open_storage("postgresql://me:pw@db/x")
+    message = str(info.value)
+    assert f"missing database driver {module}" in message and f"pip install '{package}'" in message
+    assert "pw" not in message.replace("pip", "")
+
+
 def test_storage_helpers(tmp_path: Path) -> None:
     from ehrsr.search.storage import StorageError, default_storage_url, mask_url, open_storage
 

@@ -47,6 +47,27 @@ def default_storage_url(study_dir: Path, workers: int = 1) -> str:
     return f"journal:{journal}"
 
 
+# Python module SQLAlchemy imports for a URL -> the pip package that provides it
+_DRIVER_PACKAGES = {
+    "psycopg": "psycopg[binary]",  # postgresql:// (SQLAlchemy 2's default PostgreSQL driver)
+    "psycopg2": "psycopg2-binary",  # postgresql+psycopg2://
+    "pymysql": "PyMySQL",  # mysql+pymysql://
+    "MySQLdb": "mysqlclient",  # mysql://
+}
+
+
+def _missing_module(exc: BaseException) -> str | None:
+    """The module whose import failed: Optuna re-raises SQLAlchemy's error without the name."""
+    seen = 0
+    while exc is not None and seen < 10:
+        name = getattr(exc, "name", None)
+        if name:
+            return name.split(".")[0]
+        exc = exc.__cause__ or exc.__context__
+        seen += 1
+    return None
+
+
 def open_storage(url: str) -> optuna.storages.BaseStorage:
     """Open an Optuna storage from a URL or ``journal:PATH``; failures raise ``StorageError``."""
     masked = mask_url(url)
@@ -72,7 +93,12 @@ def open_storage(url: str) -> optuna.storages.BaseStorage:
     except StorageError:
         raise
     except ImportError as exc:
-        raise StorageError(f"cannot open storage {masked}: missing database driver ({exc.name}); install it with pip") from None
+        module = _missing_module(exc)
+        package = _DRIVER_PACKAGES.get(module or "", module or "the driver SQLAlchemy names for this URL")
+        raise StorageError(
+            f"cannot open storage {masked}: missing database driver {module or '(unknown)'}; "
+            f"install it with: pip install '{package}'"
+        ) from None
     except Exception as exc:  # SQLAlchemy / driver errors: keep one line, never the password
         detail = mask_url(str(exc).strip().splitlines()[0]) if str(exc).strip() else type(exc).__name__
         raise StorageError(f"cannot open storage {masked}: {detail}") from None
