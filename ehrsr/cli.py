@@ -145,23 +145,12 @@ def _verbosity(args: argparse.Namespace) -> int:
 
 def _user_errors() -> tuple[type[BaseException], ...]:
     """Exception types that mean 'the input is wrong', printed as one line with exit 2."""
+    from ehrsr.data import ImageReadError
+    from ehrsr.reports import DeploymentError
     from ehrsr.search.storage import StorageError
     from ehrsr.search.study import SearchError
 
-    errors: list[type[BaseException]] = [SearchError, StorageError, ValueError, FileNotFoundError]
-    try:
-        from ehrsr.data import ImageReadError
-
-        errors.append(ImageReadError)
-    except ImportError:
-        pass
-    try:
-        from ehrsr.reports import DeploymentError
-
-        errors.append(DeploymentError)
-    except ImportError:
-        pass
-    return tuple(errors)
+    return (SearchError, StorageError, ValueError, FileNotFoundError, ImageReadError, DeploymentError)
 
 
 def _search(args: argparse.Namespace) -> int:

@@ -367,6 +367,8 @@ def _storage_key(t: torch.Tensor) -> int | None:
     try:
         return t.untyped_storage().data_ptr() or None
     except (RuntimeError, NotImplementedError):
+        # tensors without a real storage (meta, functional or subclass wrappers) cannot alias a
+        # parameter, so they are simply not tracked as data-path storages
         return None
 
 

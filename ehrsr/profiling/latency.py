@@ -41,6 +41,7 @@ __all__ = [
     "parse_device",
     "parse_dtype",
     "plan_passes",
+    "resolve_budget",
 ]
 
 MAX_WARMUP = 100  # PLKSR's harness
@@ -117,7 +118,11 @@ def parse_device(device: str | torch.device) -> torch.device:
     return dev
 
 
-def _budget(device_type: str, budget_s: float | None) -> float:
+def resolve_budget(device_type: str, budget_s: float | None) -> float:
+    """Seconds of timed passes an automatic plan aims for: ``budget_s``, or the device's default.
+
+    Raises ``ValueError`` unless ``budget_s`` is None or a positive finite number.
+    """
     if budget_s is None:
         return BUDGET_S[device_type]
     if isinstance(budget_s, bool) or not isinstance(budget_s, (int, float)) or not 0 < budget_s < math.inf:
@@ -142,7 +147,7 @@ def plan_passes(
     Explicit ``warmup`` / ``repeats`` win; the warm-up count includes the calibration passes.
     ``budget_s``: seconds of timed passes to aim for (default ``BUDGET_S`` of the device type).
     """
-    budget_ms = 1000.0 * _budget(device_type, budget_s)
+    budget_ms = 1000.0 * resolve_budget(device_type, budget_s)
     pass_ms = max(pass_ms, 1e-3)
     if repeats is None:
         repeats = min(MAX_REPEATS, max(MIN_REPEATS, math.floor(budget_ms / pass_ms)))
@@ -253,7 +258,7 @@ def _run_timed(
     one estimate can be far off on a busy machine, an automatic count also stops at a deadline of
     ``OVERRUN`` times its share of the budget (timing stops only once ``MIN_REPEATS`` are done).
     """
-    budget_s = _budget(device_type, budget_s)
+    budget_s = resolve_budget(device_type, budget_s)
     warmup_deadline = repeats_deadline = math.inf
     done = 0
     if warmup is None or repeats is None:
@@ -295,7 +300,7 @@ def measure_latency(
     search uses less, see ``ehrsr.search``). ``threads`` applies to the CPU only (None: the
     current setting).
     """
-    _budget(inputs.device.type, budget_s)  # validate before running anything
+    resolve_budget(inputs.device.type, budget_s)  # validate before running anything
     dtype_name, torch_dtype = parse_dtype(dtype)
     _check_count("warmup", warmup, 0)
     _check_count("repeats", repeats, 1)

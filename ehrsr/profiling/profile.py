@@ -30,7 +30,7 @@ from ehrsr.profiling.counting import (
     is_ehrsr_model,
     validate_input_shape,
 )
-from ehrsr.profiling.latency import _budget, cpu_threads, measure_latency, parse_device, parse_dtype
+from ehrsr.profiling.latency import cpu_threads, measure_latency, parse_device, parse_dtype, resolve_budget
 from ehrsr.profiling.memory import measure_peak_memory
 
 __all__ = ["Profile", "profile_model"]
@@ -109,7 +109,7 @@ def profile_model(
     for name, value, minimum in (("warmup", warmup, 0), ("repeats", repeats, 1), ("threads", threads, 1)):
         if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < minimum):
             raise ValueError(f"{name} must be an integer >= {minimum} or None (automatic), got {value!r}")
-    _budget(dev.type, latency_budget_s)
+    resolve_budget(dev.type, latency_budget_s)
     if not isinstance(channels_last, bool):
         raise ValueError(f"channels_last must be true or false, got {channels_last!r}")
     if channels_last and len(shape) != 4:

@@ -39,6 +39,7 @@ __all__ = [
 # a third of it; 0.25 s keeps the median of at least 5 passes. ``deploy`` uses the full plan.
 SEARCH_LATENCY_BUDGET_S = 0.25
 
+
 class SearchError(RuntimeError):
     """A problem the user must fix (bad option, incompatible existing study...); one line."""
 
