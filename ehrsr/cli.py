@@ -155,7 +155,7 @@ def _user_errors() -> tuple[type[BaseException], ...]:
 
 def _search(args: argparse.Namespace) -> int:
     from ehrsr.search.driver import run_search
-    from ehrsr.search.runner import Limits
+    from ehrsr.search.runner import CostLimits
     from ehrsr.search.study import SearchSettings
 
     task: dict[str, Any] = {"task": args.task}
@@ -171,7 +171,7 @@ def _search(args: argparse.Namespace) -> int:
         profile_dtype=args.profile_dtype,
         **({"profile_seconds": args.profile_seconds} if args.profile_seconds else {}),
         threads=args.threads,
-        limits=Limits(args.max_params, args.max_macs, args.max_latency_ms, args.max_memory_mb),
+        limits=CostLimits(args.max_params, args.max_macs, args.max_latency_ms, args.max_memory_mb),
         sampler=args.sampler,
         seed=args.seed,
         storage=args.storage,

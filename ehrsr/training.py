@@ -2,30 +2,39 @@
 
 The recipe is the usual one of light SR / restoration models (BasicSR, NAFNet, SwinIR): AdamW
 (betas 0.9 / 0.99), linear warm-up then cosine decay to zero over the full number of ``steps``,
-L1 or Charbonnier loss (plus the network's MoE load-balancing loss), gradient-norm clipping,
+L1, MSE or Charbonnier loss (plus the network's MoE load-balancing loss), gradient-norm clipping,
 random LR/HR patches with flips and rotations. On CUDA it adds bf16 autocast and channels_last.
 
 The cosine schedule always spans ``steps`` (the full-fidelity length), even when the run is cut
 short by ``seconds`` or stopped by ``on_eval``: a trial stopped at a quarter of its steps has
 trained exactly like the first quarter of the full run, which is what multi-fidelity early
 stopping compares (and ``start_state`` lets a promoted trial continue the same run).
+
+What the user chooses (learning rate, weight decay, loss, batch, patch, steps, ...) travels as one
+frozen :class:`TrainSettings` from the search space to the optimizer, so no setting can be
+dropped on the way (``docs/data_and_metrics.md``, "Brief training").
 """
 
 from __future__ import annotations
 
 import math
 import time
-from collections.abc import Callable, Iterable
-from dataclasses import dataclass, field
-from typing import Any, Literal
+from collections.abc import Callable, Collection, Iterable, Mapping
+from dataclasses import dataclass, field, fields
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
 
-from ehrsr.data.datasets import TrainSet
+if TYPE_CHECKING:  # the settings are read by light modules (reports) that need no data code
+    from ehrsr.data.datasets import TrainSet
+
+_clock = time.perf_counter  # module-level so tests can drive time with a fake clock
 
 __all__ = [
+    "LOSSES",
     "TrainResult",
+    "TrainSettings",
     "TrainingDiverged",
     "TrainingError",
     "TrainingOutOfMemory",
@@ -92,13 +101,98 @@ def learning_rate_at(step: int, *, base_lr: float, steps: int, warmup_steps: int
     return base_lr * 0.5 * (1.0 + math.cos(math.pi * progress))
 
 
-def _reconstruction_loss(kind: str) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
-    if kind == "l1":
-        return lambda pred, target: (pred - target).abs().mean()
-    if kind == "charbonnier":
-        # Charbonnier (a smooth L1) with eps = 1e-3, as in LapSRN / MPRNet / Restormer.
-        return lambda pred, target: torch.sqrt((pred - target) ** 2 + 1e-6).mean()
-    raise ValueError(f"loss must be 'l1' or 'charbonnier', got {kind!r}")
+def _l1_loss(pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    return (pred - target).abs().mean()
+
+
+def _mse_loss(pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    return ((pred - target) ** 2).mean()
+
+
+def _charbonnier_loss(pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    # Charbonnier (a smooth L1) with eps = 1e-3, as in LapSRN / MPRNet / Restormer.
+    return torch.sqrt((pred - target) ** 2 + 1e-6).mean()
+
+
+_LOSS_FUNCTIONS: dict[str, Callable[[torch.Tensor, torch.Tensor], torch.Tensor]] = {
+    "l1": _l1_loss,
+    "mse": _mse_loss,
+    "charbonnier": _charbonnier_loss,
+}
+# looked up when a run starts (not bound at import), so a test can spy on the one a run uses
+
+LOSSES: tuple[str, ...] = tuple(_LOSS_FUNCTIONS)
+"""Reconstruction losses ``train`` implements; the one list a search space validates against."""
+
+
+@dataclass(frozen=True)
+class TrainSettings:
+    """What the user chooses about one training run (the runtime knobs such as device, seed and
+    callbacks are ``train``'s keyword arguments instead).
+
+    Validated on construction: a bad value raises one ``ValueError`` naming the field. Stored
+    with a trial as ``dataclasses.asdict(settings)`` and read back with ``from_dict``.
+    """
+
+    steps: int  # optimizer updates of the full run; the schedule spans them (no sensible default)
+    lr: float = 1e-3  # AdamW peak learning rate; 1e-3 suits light SR nets with warm-up (NAFNet-like)
+    weight_decay: float = 1e-4  # decoupled decay; small, as in light SR recipes (0 turns it off)
+    loss: str = "l1"  # L1 is the SR default (EDSR / SwinIR): sharper than MSE for the same PSNR
+    batch_size: int = 16  # patches per step; 16 is the usual light-SR batch
+    patch_size: int = 48  # LR patch side in pixels (HR = patch_size * scale); 48 as in EDSR / RCAN
+    warmup_steps: int | None = None  # linear warm-up; None: 5% of steps (at most 500), enough for AdamW's moments
+    grad_clip: float | None = 1.0  # max global gradient norm (None: off); 1.0 guards brief high-lr runs
+
+    def __post_init__(self) -> None:
+        def bad(name: str, rule: str) -> ValueError:
+            return ValueError(f"training setting {name} {rule}, got {getattr(self, name)!r}")
+
+        def integer(name: str, minimum: int) -> None:
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int):
+                raise bad(name, "must be an integer")
+            if value < minimum:
+                raise bad(name, f"must be >= {minimum}")
+
+        def number(name: str, *, positive: bool) -> None:
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+                raise bad(name, "must be a finite number")
+            if value < 0 or (positive and value == 0):
+                raise bad(name, "must be > 0" if positive else "must be >= 0")
+
+        integer("steps", 1)
+        number("lr", positive=True)
+        number("weight_decay", positive=False)
+        if self.loss not in LOSSES:
+            raise bad("loss", f"must be one of {', '.join(LOSSES)}")
+        integer("batch_size", 1)
+        integer("patch_size", 1)
+        if self.warmup_steps is not None:
+            integer("warmup_steps", 0)
+        if self.grad_clip is not None:
+            number("grad_clip", positive=True)
+
+    @property
+    def resolved_warmup_steps(self) -> int:
+        """``warmup_steps``, or its default: 5% of ``steps``, at most 500."""
+        if self.warmup_steps is not None:
+            return self.warmup_steps
+        return min(500, max(0, round(0.05 * self.steps)))
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any], *, ignore: Collection[str] = ()) -> TrainSettings:
+        """Settings from a stored dict (``dataclasses.asdict`` of one). Missing keys take their
+        defaults; an unknown key is an error, except those in ``ignore`` (e.g. the ``seed`` a
+        trial stores alongside)."""
+        names = {f.name for f in fields(cls)}
+        unknown = sorted(str(k) for k in data if k not in names and k not in ignore)
+        if unknown:
+            raise ValueError(
+                f"unknown training setting{'s' if len(unknown) > 1 else ''} {', '.join(unknown)}; "
+                f"valid: {', '.join(f.name for f in fields(cls))}"
+            )
+        return cls(**{k: v for k, v in data.items() if k in names})
 
 
 def _is_out_of_memory(exc: BaseException) -> bool:
@@ -111,18 +205,11 @@ def _is_out_of_memory(exc: BaseException) -> bool:
 def train(
     model: nn.Module,
     train_set: TrainSet,
+    settings: TrainSettings,
     *,
-    steps: int,
     seconds: float | None = None,
-    lr: float = 1e-3,
-    weight_decay: float = 1e-4,
-    batch_size: int = 16,
-    patch_size: int = 48,
     device: str | torch.device = "cpu",
     seed: int = 0,
-    loss: Literal["l1", "charbonnier"] = "l1",
-    warmup_steps: int | None = None,
-    grad_clip: float | None = 1.0,
     eval_steps: Iterable[int] = (),
     on_eval: Callable[[int, nn.Module], bool | None] | None = None,
     amp: bool | None = None,
@@ -131,7 +218,7 @@ def train(
     start_state: dict[str, Any] | None = None,
     log_every: int = 10,
 ) -> TrainResult:
-    """Train ``model`` on random patches of ``train_set`` until ``steps`` or ``seconds`` run out.
+    """Train ``model`` on random patches of ``train_set`` until ``settings.steps`` or ``seconds`` run out.
 
     Args:
         model: maps LR ``(B, 3, p, p)`` to HR ``(B, 3, p*s, p*s)``; if it has ``aux_loss()``,
@@ -139,14 +226,12 @@ def train(
             It is moved to ``device`` and left in train mode.
         train_set: a prepared :class:`~ehrsr.data.TrainSet` (move it with ``.to(device)`` first
             to cut patches on the GPU).
-        steps: optimizer updates of the full run; the schedule is defined over them.
+        settings: the user's choices (:class:`TrainSettings`): ``steps`` (optimizer updates of
+            the full run; the schedule is defined over them), AdamW ``lr`` and decoupled
+            ``weight_decay``, ``loss`` (one of ``LOSSES``), ``batch_size`` and ``patch_size`` (LR
+            patch side; HR is ``patch_size * scale``), ``warmup_steps``, ``grad_clip``.
         seconds: optional wall-clock limit on training (``on_eval`` time not counted).
-        lr, weight_decay: AdamW peak learning rate and decoupled weight decay.
-        batch_size, patch_size: patches per step and LR patch side (HR is ``patch_size * scale``).
         seed: seeds patch sampling and torch's global RNG (dropout, noise injection).
-        loss: ``"l1"`` or ``"charbonnier"``.
-        warmup_steps: linear warm-up length; default 5% of ``steps`` (at most 500).
-        grad_clip: max global gradient norm, or None.
         eval_steps, on_eval: after each step in ``eval_steps``, ``on_eval(step, model)`` runs with
             the model in eval mode; returning ``False`` stops training (early stopping).
         amp: bf16 autocast; default on for CUDA only. channels_last: default on for CUDA only.
@@ -157,23 +242,23 @@ def train(
         TrainingDiverged: NaN/inf loss or gradient norm (names the step).
         TrainingOutOfMemory: the device ran out of memory (names batch and patch size).
     """
-    if steps < 1:
-        raise ValueError(f"steps must be >= 1, got {steps}")
+    if not isinstance(settings, TrainSettings):
+        raise TypeError(f"settings must be a TrainSettings, got {type(settings).__name__}")
+    steps, lr, weight_decay = settings.steps, settings.lr, settings.weight_decay
+    batch_size, patch_size, grad_clip = settings.batch_size, settings.patch_size, settings.grad_clip
+    warmup_steps = settings.resolved_warmup_steps
     if seconds is not None and seconds < 0:
         raise ValueError(f"seconds must be >= 0, got {seconds}")
-    if batch_size < 1 or patch_size < 1:
-        raise ValueError(f"batch_size and patch_size must be >= 1, got {batch_size} and {patch_size}")
     if patch_size > train_set.max_patch_size:
         raise ValueError(f"patch_size {patch_size} exceeds the largest that fits the training images ({train_set.max_patch_size})")
     model_scale = getattr(getattr(model, "config", None), "scale", None)
     if model_scale is not None and model_scale != train_set.scale:
         raise ValueError(f"the model's scale ({model_scale}) differs from the training data's ({train_set.scale})")
-    criterion = _reconstruction_loss(loss)
+    criterion = _LOSS_FUNCTIONS[settings.loss]
     device = torch.device(device)
     is_cuda = device.type == "cuda"
     amp = is_cuda if amp is None else amp
     channels_last = is_cuda if channels_last is None else channels_last
-    warmup_steps = min(500, max(0, round(0.05 * steps))) if warmup_steps is None else warmup_steps
     eval_at = set(eval_steps)
     has_aux = callable(getattr(model, "aux_loss", None))
 
@@ -216,7 +301,7 @@ def train(
     eval_seconds = 0.0
     stop_reason = "steps"
     step = first_step
-    segment_start = time.perf_counter()
+    segment_start = _clock()
 
     def flush_history() -> None:
         if interval_losses:
@@ -270,25 +355,25 @@ def train(
         if step in eval_at and on_eval is not None:
             if is_cuda:
                 torch.cuda.synchronize(device)
-            train_seconds += time.perf_counter() - segment_start
-            eval_start = time.perf_counter()
+            train_seconds += _clock() - segment_start
+            eval_start = _clock()
             model.eval()
             try:
                 keep_going = on_eval(step, model)
             finally:
                 model.train()
-            eval_seconds += time.perf_counter() - eval_start
-            segment_start = time.perf_counter()
+            eval_seconds += _clock() - eval_start
+            segment_start = _clock()
             if keep_going is False:
                 stop_reason = "on_eval"
                 break
-        if seconds is not None and train_seconds + (time.perf_counter() - segment_start) >= seconds and step < steps:
+        if seconds is not None and train_seconds + (_clock() - segment_start) >= seconds and step < steps:
             stop_reason = "seconds"
             break
 
     if is_cuda:
         torch.cuda.synchronize(device)
-    train_seconds += time.perf_counter() - segment_start
+    train_seconds += _clock() - segment_start
     flush_history()
     if bar is not None:
         bar.close()

@@ -20,7 +20,7 @@ from ehrsr.search.budget import (
     ATTR_REFUSED,
     Budget,
     BudgetError,
-    Limit,
+    BudgetLimit,
     check_budget_device,
     estimate_trial_seconds,
     parse_budget,
@@ -79,7 +79,7 @@ def _finished(study, charged=None, kind="cuda", devices=1, state=TrialState.COMP
 )
 def test_parse_each_form(text, unit, amount, seconds):
     budget = parse_budget(text)
-    assert budget.limits == (Limit(unit, amount),)
+    assert budget.limits == (BudgetLimit(unit, amount),)
     assert budget.limits[0].seconds == seconds
 
 

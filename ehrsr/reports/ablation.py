@@ -28,6 +28,7 @@ import math
 import statistics
 import sys
 import time
+import dataclasses
 import warnings
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -51,6 +52,7 @@ from ehrsr.reports._study import (
 )
 from ehrsr.reports.pareto import knee_trial
 from ehrsr.search.budget import record_charge, record_start, trial_charge
+from ehrsr.training import TrainSettings
 
 __all__ = [
     "AblationError",
@@ -463,13 +465,17 @@ def run_controlled_ablation(
     info = StudyInfo.from_study(study)
     ref_trial = _reference_trial(study, reference)
     ref_config = EHRSRConfig.from_dict(ref_trial.user_attrs["config"])
-    train = dict(ref_trial.user_attrs.get("train") or {})
-    steps = int(steps if steps is not None else train.get("steps", 0))
+    stored_train = dict(ref_trial.user_attrs.get("train") or {})
+    steps = int(steps if steps is not None else stored_train.get("steps", 0))
     if steps < 1:
         raise AblationError(
             f"reference trial {ref_trial.number} records no training steps (user_attrs['train']['steps']); "
             "pass steps="
         )
+    try:
+        train = TrainSettings.from_dict({**stored_train, "steps": steps}, ignore=("seed",))
+    except (TypeError, ValueError) as exc:
+        raise AblationError(f"reference trial {ref_trial.number}'s stored training settings: {exc}") from None
     switchable, settings = module_settings_from_space(study)
     variants = build_variants(ref_config, switchable, settings)
     seed_list = list(range(seeds))
@@ -516,7 +522,7 @@ def run_controlled_ablation(
                     f"needs about {estimate:.0f} s; {left} run{'s' if left != 1 else ''} left out"
                 )
                 break
-            status, reason = _run_one(ablation, run, ctx, variant, seed, ref_trial.number, train, steps, kind, info)
+            status, reason = _run_one(ablation, run, ctx, variant, seed, ref_trial.number, train, kind, info)
             ran += 1
             bar(f"{variant.name} seed {seed}")
             if status != "complete" and progress:
@@ -568,8 +574,7 @@ def _run_one(
     variant: Variant,
     seed: int,
     reference_trial: int,
-    train: dict[str, Any],
-    steps: int,
+    train: TrainSettings,
     device_kind: str,
     info: StudyInfo,
 ) -> tuple[str, str | None]:
@@ -577,7 +582,7 @@ def _run_one(
     return its (status, reason)."""
     assert variant.config is not None
     trial = ablation.ask()
-    run_train = {**train, "seed": seed, "steps": steps}
+    run_train = {**dataclasses.asdict(train), "seed": seed}
     for key, value in (
         ("variant", variant.name),
         ("kind", variant.kind),
@@ -591,7 +596,7 @@ def _run_one(
     record_start(trial, device_kind, 1)
     start = _clock()
     try:
-        result = run(variant.config, run_train, ctx, steps=steps, seed=seed)
+        result = run(variant.config, train, ctx, seed=seed)
     except KeyboardInterrupt:
         record_charge(trial, _clock() - start)
         trial.set_user_attr("status", "interrupted")

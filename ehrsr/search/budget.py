@@ -48,7 +48,7 @@ __all__ = [
     "UNITS",
     "Budget",
     "BudgetError",
-    "Limit",
+    "BudgetLimit",
     "Spent",
     "TrialCharge",
     "check_budget_device",
@@ -77,7 +77,7 @@ class BudgetError(ValueError):
 
 
 @dataclass(frozen=True)
-class Limit:
+class BudgetLimit:
     """One limit of a budget, in the unit the user wrote (``gpu-hours=48``)."""
 
     unit: str
@@ -147,7 +147,7 @@ def parse_budget(text: str) -> Budget:
     """
     if not isinstance(text, str) or not text.strip():
         raise BudgetError("empty budget; give UNIT=AMOUNT, e.g. gpu-hours=48, minutes=10 or trials=30")
-    limits: list[Limit] = []
+    limits: list[BudgetLimit] = []
     for raw in text.split(","):
         item = raw.strip()
         if not item:
@@ -172,7 +172,7 @@ def parse_budget(text: str) -> Budget:
             raise BudgetError(f"budget unit {unit!r} is given twice in {text!r}")
         if {unit, *(limit.unit for limit in limits)} >= {"hours", "minutes"}:
             raise BudgetError("hours and minutes both limit the total device time; give one of them")
-        limits.append(Limit(unit, int(amount) if unit == "trials" else amount))
+        limits.append(BudgetLimit(unit, int(amount) if unit == "trials" else amount))
     return Budget(tuple(limits), text.strip())
 
 
@@ -287,7 +287,7 @@ def estimate_trial_seconds(study: Any, prior_seconds: float, device_kind: str | 
 class Budget:
     """Parsed limits plus the accounting against a study. Build with ``parse_budget``."""
 
-    def __init__(self, limits: tuple[Limit, ...], text: str = "") -> None:
+    def __init__(self, limits: tuple[BudgetLimit, ...], text: str = "") -> None:
         if not limits:
             raise BudgetError("a budget needs at least one limit")
         self.limits = limits

@@ -153,8 +153,7 @@ def run_worker(prepared: PreparedStudy, settings: SearchSettings, *, log: _Log |
             sampled = space.suggest(trial, scale=prepared.spec.task.get("scale", 4))
             if sampled.config is not None:
                 trial.set_user_attr("config", sampled.config.to_dict())
-            train = {**sampled.train, "steps": fidelity.max_steps, "batch_size": fidelity.batch_size,
-                     "patch_size": fidelity.patch_size, "loss": fidelity.loss, "seed": settings.seed}
+            train = {**asdict(sampled.train), "seed": settings.seed}
             trial.set_user_attr("train", train)
             if sampled.refused is not None:
                 record_refused(trial, sampled.refused)
@@ -220,10 +219,10 @@ def run_worker(prepared: PreparedStudy, settings: SearchSettings, *, log: _Log |
 def search_share(budget: Any, fraction: float) -> Any:
     """The part of a budget the search itself may use: time limits scaled by ``fraction`` (the rest is
     kept for the controlled ablation); a ``trials`` limit counts search trials and is kept as is."""
-    from ehrsr.search.budget import Budget, Limit
+    from ehrsr.search.budget import Budget, BudgetLimit
 
     limits = tuple(
-        limit if limit.unit == "trials" else Limit(limit.unit, limit.amount * fraction) for limit in budget.limits
+        limit if limit.unit == "trials" else BudgetLimit(limit.unit, limit.amount * fraction) for limit in budget.limits
     )
     return Budget(limits, text=budget.text)
 
@@ -244,12 +243,12 @@ def _finish(study: optuna.Study, trial: optuna.Trial, outcome: dict[str, Any], s
         trial.set_user_attr("weights", os.path.relpath(outcome["weights"], study_dir))
     for key, value in (outcome.get("constraints") or {}).items():
         trial.set_constraint(key, value)
-    trial.set_user_attr("status", {"stopped": "pruned"}.get(status, status))
+    trial.set_user_attr("status", status)
     if outcome.get("reason"):
         trial.set_user_attr("reason", outcome["reason"])
     if status == "complete":
         study.tell(trial, outcome["values"])
-    elif status == "stopped":
+    elif status == "pruned":
         study.tell(trial, state=TrialState.PRUNED)
     else:
         study.tell(trial, state=TrialState.FAIL)
@@ -277,7 +276,7 @@ def _trial_line(number: int, summary: str, outcome: dict[str, Any], objectives: 
         cost.append(f"{metrics['params_deploy'] / 1e6:.3f}M params")
     if metrics.get("macs") is not None:
         cost.append(f"{metrics['macs'] / 1e9:.2f}G MACs")
-    status = {"stopped": "pruned"}.get(outcome["status"], outcome["status"])
+    status = outcome["status"]
     reason = f" ({outcome['reason']})" if outcome.get("reason") and status != "complete" else ""
     return (
         f"#{number:<4} {summary:<42} {'  '.join(parts):<34} "

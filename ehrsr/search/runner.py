@@ -2,7 +2,8 @@
 
 ``run_configuration`` is what a search trial, a controlled-ablation variant and a benchmark run
 all do. It returns a ``RunResult`` instead of raising for the expected failures (refused by a
-cheap limit, diverged, out of memory), so callers record the reason and carry on.
+cheap limit, diverged, out of memory), so callers record the reason and carry on. The training
+settings arrive as one typed ``TrainSettings`` and reach ``ehrsr.training.train`` whole.
 
 Order of work, cheapest first: the MAC / parameter count of the deploy form (a second or two)
 refuses configurations over ``--max-params`` / ``--max-macs`` before any budget is spent; the
@@ -25,16 +26,27 @@ from torch import nn
 from ehrsr.config import EHRSRConfig
 from ehrsr.model import build_model
 from ehrsr.search.objectives import Objective
+from ehrsr.training import TrainSettings
 
-__all__ = ["Limits", "RunContext", "RunResult", "jsonable_metrics", "run_configuration"]
+__all__ = [
+    "TRAIN_SETTINGS_VERSION",
+    "TRAIN_SETTINGS_VERSION_ATTR",
+    "CostLimits",
+    "RunContext",
+    "RunResult",
+    "jsonable_metrics",
+    "run_configuration",
+    "stale_train_settings",
+]
 
 # on_rung(rung_index, step, values, metrics) -> True to continue training, False to stop here
 RungCallback = Callable[[int, int, list[float], dict[str, Any]], bool]
 
 
 @dataclass(frozen=True)
-class Limits:
-    """Hard limits: params and MACs are checked before training, latency and memory measured."""
+class CostLimits:
+    """Caps on a configuration's cost: params and MACs are checked before training, latency and
+    memory measured."""
 
     max_params: float | None = None
     max_macs: float | None = None
@@ -50,7 +62,7 @@ class Limits:
         }
 
     @classmethod
-    def from_dict(cls, data: dict[str, Any] | None) -> Limits:
+    def from_dict(cls, data: dict[str, Any] | None) -> CostLimits:
         return cls(**{k: v for k, v in (data or {}).items() if k in cls.__dataclass_fields__})
 
     def refusal(self, params_deploy: int, macs: int) -> str | None:
@@ -87,9 +99,6 @@ class RunContext:
     objectives: list[Objective]
     device: torch.device = field(default_factory=lambda: torch.device("cpu"))
     crop_border: int = 4
-    patch_size: int = 32
-    batch_size: int = 8
-    loss: str = "l1"
     profile_shape: tuple[int, int, int, int] = (1, 3, 256, 256)
     profile_dtype: str = "float32"
     threads: int | None = None
@@ -97,7 +106,7 @@ class RunContext:
     profile_repeats: int | None = None
     profile_seconds: float | None = None  # timed-pass budget of the latency plan (None: 1 s)
     lpips: Any = None  # ehrsr.metrics.LPIPS or None when unavailable
-    limits: Limits = field(default_factory=Limits)
+    limits: CostLimits = field(default_factory=CostLimits)
     progress: bool = False
 
     @property
@@ -110,7 +119,7 @@ class RunContext:
 
 @dataclass
 class RunResult:
-    status: str  # complete | stopped | refused | diverged | oom | error
+    status: str  # complete | pruned | refused | diverged | oom | error (pruned: stopped at a rung)
     reason: str | None = None
     metrics: dict[str, Any] = field(default_factory=dict)
     values: list[float] | None = None
@@ -165,20 +174,20 @@ def _evaluate(model: nn.Module, ctx: RunContext, with_lpips: bool) -> dict[str, 
 
 def run_configuration(
     config: EHRSRConfig,
-    train: dict[str, Any],
+    train: TrainSettings,
     ctx: RunContext,
     *,
-    steps: int,
     seed: int = 0,
     rung_steps: Sequence[int] = (),
     on_rung: RungCallback | None = None,
     precomputed_cost: dict[str, Any] | None = None,
 ) -> RunResult:
-    """Train ``config`` for ``steps`` steps (evaluating at ``rung_steps``) and measure it.
+    """Train ``config`` with ``train`` (its ``steps``, evaluating at ``rung_steps``) and measure it.
 
-    ``train`` holds ``lr`` (required) and may override ``batch_size``, ``patch_size`` and ``loss``.
-    ``on_rung`` is called after the evaluation at each rung step below ``steps`` and may stop the
-    run (status ``stopped``; the metrics are then those of the last rung). The final evaluation
+    ``train`` reaches ``ehrsr.training.train`` as it is (learning rate, weight decay, loss, batch,
+    patch, steps). ``on_rung`` is called after the evaluation at each rung step below
+    ``train.steps`` and may stop the run (status ``pruned``; the metrics are then those of the
+    last rung). The final evaluation
     (at ``steps``) includes LPIPS when it is available. ``precomputed_cost`` (the cost metrics of
     ``measure_cost`` for this configuration on this device) skips counting and profiling; the
     limits are still checked against it.
@@ -187,6 +196,9 @@ def run_configuration(
     from ehrsr.training import TrainingDiverged, TrainingOutOfMemory
     from ehrsr.training import train as train_model
 
+    if not isinstance(train, TrainSettings):
+        raise TypeError(f"train must be a TrainSettings, got {type(train).__name__}")
+    steps = train.steps
     start = time.perf_counter()
     seconds = {"train": 0.0, "eval": 0.0, "profile": 0.0}
     torch.manual_seed(seed)
@@ -232,19 +244,13 @@ def run_configuration(
         return True
 
     # 3. brief training, evaluating at each rung and at the end
-    batch_size = int(train.get("batch_size", ctx.batch_size))
-    patch_size = int(train.get("patch_size", ctx.patch_size))
     try:
         result = train_model(
             model,
             ctx.train_set,
-            steps=steps,
-            lr=float(train["lr"]),
-            batch_size=batch_size,
-            patch_size=patch_size,
+            train,
             device=ctx.device,
             seed=seed,
-            loss=train.get("loss", ctx.loss),
             eval_steps=[*rung_list, steps],
             on_eval=on_eval,
             progress=ctx.progress,
@@ -265,7 +271,7 @@ def run_configuration(
         )
     last = rungs[-1] if rungs else {"metrics": jsonable_metrics(cost), "values": None, "step": result.steps_done}
     reason = f"stopped at step {result.steps_done} ({result.stop_reason})"
-    return RunResult("stopped", reason, last["metrics"], last["values"], seconds, result.steps_done, rungs, model)
+    return RunResult("pruned", reason, last["metrics"], last["values"], seconds, result.steps_done, rungs, model)
 
 
 def _finite(value: Any) -> bool:
@@ -282,3 +288,37 @@ def jsonable_metrics(metrics: dict[str, Any]) -> dict[str, Any]:
             value = None
         out[key] = value
     return out
+
+
+TRAIN_SETTINGS_VERSION = 2
+"""Version of how a study's training settings reach training. 2: the whole ``TrainSettings``
+(weight decay included) reaches the optimizer. Before it, ``weight_decay`` was recorded with each
+trial but training always used 1e-4, and a space's ``loss: mse`` crashed."""
+
+TRAIN_SETTINGS_VERSION_ATTR = "ehrsr_train_settings_version"
+"""Study user attribute holding ``TRAIN_SETTINGS_VERSION``, written when the study is created."""
+
+_WEIGHT_DECAY_USED_BEFORE_V2 = 1e-4  # what training applied, whatever a trial recorded
+
+
+def stale_train_settings(study: Any) -> str | None:
+    """Why ``study`` (an Optuna study being resumed) must not be continued, or None.
+
+    A study without ``TRAIN_SETTINGS_VERSION_ATTR`` was created before the weight decay reached
+    the optimizer; when any of its trials records (or searched) a weight decay other than the
+    1e-4 training actually used, its results do not mean what they say, and new trials would be
+    trained differently from the old ones. A study with no such trial can continue.
+    """
+    if study.user_attrs.get(TRAIN_SETTINGS_VERSION_ATTR, 0) >= TRAIN_SETTINGS_VERSION:
+        return None
+    for trial in study.get_trials(deepcopy=False):
+        recorded = (trial.user_attrs.get("train") or {}).get("weight_decay", trial.params.get("weight_decay"))
+        if "weight_decay" in trial.params or (
+            recorded is not None and not math.isclose(float(recorded), _WEIGHT_DECAY_USED_BEFORE_V2)
+        ):
+            return (
+                f"study {study.study_name!r} was created before weight_decay reached the optimizer "
+                f"(training settings version < {TRAIN_SETTINGS_VERSION}): its stored weight_decay values "
+                f"were not used (training applied 1e-4); start a new --study-name"
+            )
+    return None

@@ -21,7 +21,13 @@ import torch
 
 import ehrsr
 from ehrsr.search.objectives import DEFAULT_OBJECTIVES, OBJECTIVES, Objective, parse_objectives
-from ehrsr.search.runner import Limits, RunContext
+from ehrsr.search.runner import (
+    TRAIN_SETTINGS_VERSION,
+    TRAIN_SETTINGS_VERSION_ATTR,
+    CostLimits,
+    RunContext,
+    stale_train_settings,
+)
 from ehrsr.search.storage import StorageError, default_storage_url, mask_url, open_storage
 
 __all__ = [
@@ -58,7 +64,7 @@ class SearchSettings:
     # ranking signal in the search; `deploy` re-measures its candidates with the full 1 s plan
     profile_seconds: float = SEARCH_LATENCY_BUDGET_S
     threads: int | None = None  # CPU threads for training and latency (None: torch's default)
-    limits: Limits = field(default_factory=Limits)
+    limits: CostLimits = field(default_factory=CostLimits)
     sampler: str = "tpe"
     seed: int = 0
     storage: str | None = None  # None: reports/<study>/study.db (or .journal for several workers)
@@ -149,15 +155,12 @@ def build_context(
         objectives=[OBJECTIVES[n] for n in spec.objectives],
         device=device,
         crop_border=spec.crop_border,
-        patch_size=spec.patch_size,
-        batch_size=spec.batch_size,
-        loss=spec.loss,
         profile_shape=tuple(spec.profile_shape),
         profile_dtype=spec.profile_dtype,
         profile_seconds=spec.profile_seconds,
         threads=spec.threads,
         lpips=lpips,
-        limits=Limits.from_dict(spec.limits),
+        limits=CostLimits.from_dict(spec.limits),
     )
 
 
@@ -347,6 +350,7 @@ def prepare_study(settings: SearchSettings, log: Any = print) -> PreparedStudy:
             "seed": settings.seed,
             "sampler": settings.sampler,
             "context": spec.to_dict(),
+            TRAIN_SETTINGS_VERSION_ATTR: TRAIN_SETTINGS_VERSION,
         }
         for key, value in attrs.items():
             study.set_user_attr(key, value)
@@ -354,6 +358,10 @@ def prepare_study(settings: SearchSettings, log: Any = print) -> PreparedStudy:
             study.enqueue_trial(params, user_attrs={"reference": name}, skip_if_exists=True)
     else:
         _check_compatible(study, spec, space, settings)
+        stale = stale_train_settings(study)
+        if stale is not None:
+            raise SearchError(stale)
+        study.set_user_attr(TRAIN_SETTINGS_VERSION_ATTR, TRAIN_SETTINGS_VERSION)
         study.set_user_attr("budget", budget.text)  # a resume may extend the budget
     return PreparedStudy(study, storage_url, study_dir, space, budget, spec, objectives, device, dev_name, created)
 

@@ -26,6 +26,7 @@ from optuna.trial import TrialState
 
 from ehrsr.config import EHRSRConfig
 from ehrsr.search.runner import RunContext, RunResult, jsonable_metrics, run_configuration
+from ehrsr.training import TrainSettings
 from ehrsr.search.storage import open_storage
 from ehrsr.search.study import ContextSpec, build_context
 
@@ -106,7 +107,7 @@ def execute_trial(job: TrialJob, ctx: RunContext | None = None, study: optuna.St
     if cached is not None:
         trial.set_user_attr("cost_from_trial", cached[0])
     result: RunResult = run_configuration(
-        config, job.train, ctx, steps=job.steps, seed=job.seed, rung_steps=rung_steps, on_rung=on_rung,
+        config, TrainSettings.from_dict(job.train, ignore=("seed",)), ctx, seed=job.seed, rung_steps=rung_steps, on_rung=on_rung,
         precomputed_cost=cached[1] if cached is not None else None,
     )
     outcome: dict[str, Any] = {
