@@ -232,7 +232,7 @@ def test_conditional_parameters_follow_their_toggles_and_levels():
         if params["wab.enabled"]:
             assert sampled.config.wab.window_size == 4
         assert sampled.config.ssm.directions == (1 if params["ssm.enabled"] else EHRSRConfig().ssm.directions)
-        assert sampled.train["lr"] == params["lr"]
+        assert sampled.train.lr == params["lr"] and sampled.train.steps == space.fidelity.max_steps
     assert all(seen_on.values()) and all(seen_off.values())
 
 
