@@ -9,10 +9,15 @@ import torch
 
 from ehrsr import EHRSRConfig
 from ehrsr.search.objectives import parse_objectives
-from ehrsr.search.runner import Limits, RunContext, run_configuration
+from ehrsr.search.runner import CostLimits, RunContext, run_configuration
 from ehrsr.search.study import ContextSpec, build_context
+from ehrsr.training import TrainSettings
 
 TINY = EHRSRConfig.from_dict({"width": 8, "msg": {"levels": 1, "depths": [1]}, "trunk_blocks": 1})
+
+
+def settings(steps: int, lr: float = 2e-3) -> TrainSettings:
+    return TrainSettings(steps=steps, lr=lr, batch_size=4, patch_size=16)
 
 
 @pytest.fixture(scope="module")
@@ -26,7 +31,7 @@ def ctx(tmp_path_factory) -> RunContext:
 
 
 def test_complete_run_measures_quality_and_cost(ctx: RunContext) -> None:
-    result = run_configuration(TINY, {"lr": 2e-3}, ctx, steps=6, seed=0, rung_steps=[2, 4])
+    result = run_configuration(TINY, settings(6, lr=2e-3), ctx, seed=0, rung_steps=[2, 4])
     assert result.status == "complete" and result.reason is None and result.steps_done == 6
     m = result.metrics
     assert 10 < m["psnr"] < 50 and 0 < m["ssim"] <= 1
@@ -38,13 +43,24 @@ def test_complete_run_measures_quality_and_cost(ctx: RunContext) -> None:
     assert result.model is not None
 
 
-def test_search_latency_plan_follows_the_context_budget(ctx: RunContext) -> None:
-    # a 32x32 micro network takes about a millisecond: the default 1 s plan times 100 passes, a
-    # budget far below one pass times the minimum of 5
-    default = run_configuration(TINY, {"lr": 2e-3}, ctx, steps=1, seed=0).metrics
+def test_search_latency_plan_follows_the_context_budget(ctx: RunContext, monkeypatch) -> None:
+    # a fake clock that advances 1 ms per reading: every pass "takes" 1 ms whatever the machine,
+    # so the default 1 s plan times exactly its planned passes and a budget far below one pass
+    # times the minimum of 5
+    from ehrsr.profiling import latency as latency_module
+
+    clock = {"now": 0.0}
+
+    def fake_perf_counter() -> float:
+        clock["now"] += 1e-3
+        return clock["now"]
+
+    monkeypatch.setattr(latency_module.time, "perf_counter", fake_perf_counter)
+    default = run_configuration(TINY, settings(1), ctx, seed=0).metrics
     short = RunContext(**{**ctx.__dict__, "profile_seconds": 1e-6})
-    assert run_configuration(TINY, {"lr": 2e-3}, short, steps=1, seed=0).metrics["latency_repeats"] == 5
-    assert default["latency_repeats"] > 5
+    assert run_configuration(TINY, settings(1), short, seed=0).metrics["latency_repeats"] == 5
+    planned = latency_module.plan_passes(1.0, "cpu").repeats
+    assert planned > 5 and default["latency_repeats"] == planned
 
 
 def test_rung_callback_can_stop_the_run(ctx: RunContext) -> None:
@@ -54,10 +70,10 @@ def test_rung_callback_can_stop_the_run(ctx: RunContext) -> None:
         seen.append((rung_index, step, len(values)))
         return rung_index == 0
 
-    result = run_configuration(TINY, {"lr": 2e-3}, ctx, steps=8, rung_steps=[2, 4], on_rung=stop_at_second)
+    result = run_configuration(TINY, settings(8, lr=2e-3), ctx, rung_steps=[2, 4], on_rung=stop_at_second)
     assert seen == [(0, 2, 2), (1, 4, 2)]
-    assert result.status == "stopped" and result.steps_done == 4
-    assert result.values == result.rungs[-1]["values"]  # a stopped run carries its last rung's values
+    assert result.status == "pruned" and result.steps_done == 4
+    assert result.values == result.rungs[-1]["values"]  # a pruned run carries its last rung's values
 
 
 def test_cheap_limits_refuse_before_any_training(ctx: RunContext, monkeypatch) -> None:
@@ -67,26 +83,26 @@ def test_cheap_limits_refuse_before_any_training(ctx: RunContext, monkeypatch) -
         raise AssertionError("a refused configuration must not train")
 
     monkeypatch.setattr(ehrsr.training, "train", no_training)
-    limited = RunContext(**{**ctx.__dict__, "limits": Limits(max_params=1000)})
-    result = run_configuration(TINY, {"lr": 1e-3}, limited, steps=4)
+    limited = RunContext(**{**ctx.__dict__, "limits": CostLimits(max_params=1000)})
+    result = run_configuration(TINY, settings(4, lr=1e-3), limited)
     assert result.status == "refused" and "max-params" in result.reason
     assert result.metrics["params_deploy"] > 1000
-    limited = RunContext(**{**ctx.__dict__, "limits": Limits(max_macs=1e3)})
-    assert "max-macs" in run_configuration(TINY, {"lr": 1e-3}, limited, steps=4).reason
+    limited = RunContext(**{**ctx.__dict__, "limits": CostLimits(max_macs=1e3)})
+    assert "max-macs" in run_configuration(TINY, settings(4, lr=1e-3), limited).reason
 
 
 def test_divergence_is_a_result_not_a_crash(ctx: RunContext) -> None:
-    result = run_configuration(TINY, {"lr": 1e6}, ctx, steps=30, rung_steps=[10])
+    result = run_configuration(TINY, settings(30, lr=1e6), ctx, rung_steps=[10])
     assert result.status == "diverged" and "step" in result.reason
 
 
 def test_constraints_follow_the_measured_limits() -> None:
-    limits = Limits(max_latency_ms=10.0, max_memory_mb=100.0)
+    limits = CostLimits(max_latency_ms=10.0, max_memory_mb=100.0)
     assert limits.constraints({"latency_ms": 12.5, "peak_memory_mb": 40.0}) == {
         "latency_ms": 2.5, "peak_memory_mb": -60.0,
     }
-    assert Limits().constraints({"latency_ms": 1.0}) == {}
-    assert Limits.from_dict(limits.to_dict()) == limits
+    assert CostLimits().constraints({"latency_ms": 1.0}) == {}
+    assert CostLimits.from_dict(limits.to_dict()) == limits
 
 
 def test_objectives_parse_and_directions() -> None:
@@ -159,7 +175,7 @@ def test_cost_is_reused_for_a_configuration_already_profiled_on_this_device() ->
 def test_precomputed_cost_skips_profiling_but_not_the_limits(ctx: RunContext, monkeypatch) -> None:
     import ehrsr.profiling
 
-    first = run_configuration(TINY, {"lr": 2e-3}, ctx, steps=2)
+    first = run_configuration(TINY, settings(2, lr=2e-3), ctx)
     cost = {k: first.metrics[k] for k in ("latency_ms", "latency_ms_p10", "latency_ms_p90", "macs",
                                             "macs_ptflops", "params", "params_deploy", "peak_memory_mb")}
 
@@ -168,7 +184,7 @@ def test_precomputed_cost_skips_profiling_but_not_the_limits(ctx: RunContext, mo
 
     monkeypatch.setattr(ehrsr.profiling, "profile_model", no_profiling)
     monkeypatch.setattr(ehrsr.profiling, "count_macs", no_profiling)
-    again = run_configuration(TINY, {"lr": 2e-3}, ctx, steps=2, precomputed_cost=cost)
+    again = run_configuration(TINY, settings(2, lr=2e-3), ctx, precomputed_cost=cost)
     assert again.status == "complete" and again.metrics["latency_ms"] == cost["latency_ms"]
-    limited = RunContext(**{**ctx.__dict__, "limits": Limits(max_params=10)})
-    assert run_configuration(TINY, {"lr": 2e-3}, limited, steps=2, precomputed_cost=cost).status == "refused"
+    limited = RunContext(**{**ctx.__dict__, "limits": CostLimits(max_params=10)})
+    assert run_configuration(TINY, settings(2, lr=2e-3), limited, precomputed_cost=cost).status == "refused"

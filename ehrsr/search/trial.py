@@ -26,9 +26,9 @@ from optuna.trial import TrialState
 
 from ehrsr.config import EHRSRConfig
 from ehrsr.search.runner import RunContext, RunResult, jsonable_metrics, run_configuration
-from ehrsr.training import TrainSettings
 from ehrsr.search.storage import open_storage
 from ehrsr.search.study import ContextSpec, build_context
+from ehrsr.training import TrainSettings
 
 __all__ = [
     "HEARTBEAT_SECONDS",
