@@ -90,8 +90,7 @@ def main() -> None:
         full, full_s = _timed(lambda m=model, c=count: profile_model(m, shape, mac_count=c))
         evals = []
         _, train_s = _timed(lambda m=model: train(
-            m, train_set, steps=fidelity.max_steps, lr=1e-3, batch_size=fidelity.batch_size,
-            patch_size=fidelity.patch_size, seed=0, eval_steps=fidelity.rung_steps[:-1],
+            m, train_set, fidelity.train_settings({"lr": 1e-3}), seed=0, eval_steps=fidelity.rung_steps[:-1],
             on_eval=lambda step, net: evals.append(evaluate(net, val_set, crop_border=4).seconds)))
         final, _ = _timed(lambda m=model: evaluate(m, val_set, crop_border=4))
         eval_s = sum(evals) + final.seconds

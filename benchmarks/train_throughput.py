@@ -13,6 +13,7 @@ too when present (bf16 autocast and channels_last there, as in the search).
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import statistics
 import sys
 import tempfile
@@ -25,7 +26,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from benchmarks._common import print_table
 from ehrsr import MODULE_TOGGLES, build_model
 from ehrsr.data import TaskConfig, prepare_data
-from ehrsr.training import train
+from ehrsr.training import TrainSettings, train
 
 BASE = {"scale": 4, "width": 16, "msg": {"levels": 1, "depths": [1]}, "trunk_blocks": 2}
 
@@ -37,11 +38,11 @@ def throughput(
     torch.manual_seed(0)
     model = build_model(config)
     params = sum(p.numel() for p in model.parameters())
-    kwargs = {"batch_size": batch, "patch_size": patch, "device": device, "lr": 1e-4}
-    train(model, train_set, steps=2, **kwargs)  # warm-up: allocator, kernels, caches
+    settings = TrainSettings(steps=steps, lr=1e-4, batch_size=batch, patch_size=patch)
+    train(model, train_set, dataclasses.replace(settings, steps=2), device=device)  # warm-up: allocator, kernels, caches
     rates = []
     for _ in range(repeats):
-        result = train(model, train_set, steps=steps, **kwargs)
+        result = train(model, train_set, settings, device=device)
         rates.append(batch * result.steps_done / result.train_seconds)
     return params, statistics.median(rates)
 

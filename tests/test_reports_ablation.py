@@ -3,6 +3,7 @@ fake runner whose results are a known function of configuration and seed), and i
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import random
 from dataclasses import dataclass, field
@@ -25,6 +26,7 @@ from ehrsr.reports import (
 )
 from ehrsr.reports import ablation as ablation_module
 from ehrsr.search.space import SearchSpace
+from ehrsr.training import TrainSettings
 from tests.reports_study import make_study, study_attrs
 
 optuna.logging.set_verbosity(optuna.logging.WARNING)
@@ -101,10 +103,12 @@ class FakeRunner:
     raise_once: set[tuple[str, int]] = field(default_factory=set)
     clock: list[float] | None = None  # advanced by seconds_per_run per call (drives the budget)
     seconds_per_run: float = 10.0
-    calls: list[tuple[EHRSRConfig, int, dict[str, Any], int]] = field(default_factory=list)
+    calls: list[tuple[EHRSRConfig, int, TrainSettings, int]] = field(default_factory=list)
 
-    def __call__(self, config, train, ctx, *, steps, seed, on_rung=None):
-        self.calls.append((config, seed, dict(train), steps))
+    def __call__(self, config, train, ctx, *, seed, on_rung=None):
+        assert isinstance(train, TrainSettings)
+        steps = train.steps
+        self.calls.append((config, seed, train, steps))
         if self.clock is not None:
             self.clock[0] += self.seconds_per_run
         key = ("+".join(config.enabled_modules()) or "conv-only", seed)
@@ -217,8 +221,11 @@ def test_controlled_ablation_table_and_storage(tmp_path):
     assert result.stopped is None
     # seed-major order: every variant's seed 0 before any seed 1; full fidelity steps; seed in train
     assert [seed for _, seed, _, _ in runner.calls] == [0] * 5 + [1] * 5
-    assert all(steps == 6 and train["steps"] == 6 and train["seed"] == seed for _, seed, train, steps in runner.calls)
-    assert all(train["lr"] == 1e-3 for _, _, train, _ in runner.calls)
+    reference_train = TrainSettings(steps=6, lr=1e-3, batch_size=2, patch_size=16, loss="l1")
+    assert all(train == reference_train for _, _, train, _ in runner.calls)  # the reference's settings
+    stored = optuna.load_study(study_name=result.study_name, storage=study._storage).get_trials()
+    assert all(t.user_attrs["train"] == {**dataclasses.asdict(reference_train), "seed": t.user_attrs["seed"]}
+               for t in stored)
 
     table = result.table.set_index("variant")
     variants = {v.name: v.config for v in result.variants}
