@@ -36,10 +36,10 @@ class Result:
     model: Any = None
 
 
-def synthetic_runner(config, train, ctx, *, steps, seed, on_rung=None):
+def synthetic_runner(config, train, ctx, *, seed, on_rung=None):
     """``run_configuration``'s contract, with the test study's known metric model."""
     metrics = synthetic_metrics(config, random.Random(seed), lpips=True)
-    return Result("complete", None, metrics, [metrics["psnr"], metrics["latency_ms"]], {"total": 1.0}, steps)
+    return Result("complete", None, metrics, [metrics["psnr"], metrics["latency_ms"]], {"total": 1.0}, train.steps)
 
 
 @pytest.fixture(scope="module")
