@@ -129,7 +129,7 @@ def make_study(
         config = sampled.config
         attrs["config"] = config.to_dict()
         attrs["train"] = {
-            "lr": sampled.train.get("lr", 1e-3), "steps": 180, "batch_size": 8, "patch_size": 32, "loss": "l1", "seed": 0,
+            "lr": sampled.train.lr, "steps": 180, "batch_size": 8, "patch_size": 32, "loss": "l1", "seed": 0,
         }
         metrics = synthetic_metrics(config, rng, lpips=lpips)
         seconds = {"train": 10.0 + config.width / 4, "eval": 1.0, "profile": 2.0}
