@@ -81,10 +81,8 @@ def default_value(name: str) -> Any:
     return getattr(CONFIG_DEFAULTS, section)
 
 
-
 class Refused(Exception):
     """Values that the space itself cannot turn into a configuration."""
-
 
 
 def config_dict(values: dict[str, Any], scale: int) -> dict[str, Any]:
@@ -93,7 +91,7 @@ def config_dict(values: dict[str, Any], scale: int) -> dict[str, Any]:
     levels = values.get("msg.levels", CONFIG_DEFAULTS.msg.levels)
     for name, value in values.items():
         if name not in CONFIG_FIELDS or name == "msg.depths":
-            continue  # training parameters (lr, ...), trunk_level_offset, msg.depth<i>: handled below
+            continue  # lr / weight_decay train; trunk_level_offset, msg.depth<i>, msg.depths: below
         section, _, leaf = name.partition(".")
         if leaf:
             data.setdefault(section, {})[leaf] = value

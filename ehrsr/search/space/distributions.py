@@ -53,7 +53,6 @@ class Entry:
         return self.distribution is not None
 
 
-
 def in_distribution(value: Any, dist: BaseDistribution | None) -> bool:
     if dist is None:
         return True
@@ -94,7 +93,6 @@ def candidate_values(dist: BaseDistribution) -> list[Any]:
         return list(dist.choices)
     values = [dist.low, middle_value(dist), dist.high]
     return list(dict.fromkeys(values))
-
 
 
 def candidate_range(dist: BaseDistribution | None) -> list[Any]:
