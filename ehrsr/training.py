@@ -137,7 +137,7 @@ class TrainSettings:
     steps: int  # optimizer updates of the full run; the schedule spans them (no sensible default)
     lr: float = 1e-3  # AdamW peak learning rate; 1e-3 suits light SR nets with warm-up (NAFNet-like)
     weight_decay: float = 1e-4  # decoupled decay; small, as in light SR recipes (0 turns it off)
-    loss: str = "l1"  # L1 is the SR default (EDSR / SwinIR): sharper than MSE for the same PSNR
+    loss: str = "l1"  # L1: the SR default since EDSR, which found it converges better than MSE
     batch_size: int = 16  # patches per step; 16 is the usual light-SR batch
     patch_size: int = 48  # LR patch side in pixels (HR = patch_size * scale); 48 as in EDSR / RCAN
     warmup_steps: int | None = None  # linear warm-up; None: 5% of steps (at most 500), enough for AdamW's moments
