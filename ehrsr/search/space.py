@@ -57,6 +57,7 @@ from optuna.distributions import (
 )
 
 from ehrsr.config import MODULE_TOGGLES, EHRSRConfig
+from ehrsr.resources import shipped_space_names, space_file, spaces_dir
 from ehrsr.search.asha import rung_steps
 
 __all__ = [
@@ -70,8 +71,8 @@ __all__ = [
     "shipped_spaces",
 ]
 
-SPACES_DIR = Path(__file__).resolve().parents[2] / "search_spaces"
-"""Where the shipped spaces live: ``search_spaces/`` at the repository root."""
+SPACES_DIR = spaces_dir()
+"""Where the shipped spaces live: ``ehrsr/search_spaces/``, package data (see :mod:`ehrsr.resources`)."""
 
 LOSSES: tuple[str, ...] = ("l1", "mse", "charbonnier")
 """Reconstruction losses a space may name (training implements each)."""
@@ -462,19 +463,17 @@ def _candidate_values(dist: BaseDistribution) -> list[Any]:
 
 
 def shipped_spaces() -> list[str]:
-    """Names of the spaces in ``search_spaces/`` (``tiny``, ``full``, ...)."""
-    if not SPACES_DIR.is_dir():
-        return []
-    return sorted(p.stem for p in SPACES_DIR.glob("*.yaml") if p.stem != "devices")
+    """Names of the shipped spaces (``tiny``, ``full``, ...)."""
+    return shipped_space_names()
 
 
 def load_space(name_or_path: str | Path) -> SearchSpace:
-    """A shipped space by name (``tiny``, ``full``: ``search_spaces/<name>.yaml``) or a YAML file."""
+    """A shipped space by name (``tiny``, ``full``: ``ehrsr/search_spaces/<name>.yaml``) or a YAML file."""
     text_name = str(name_or_path)
     path = Path(name_or_path)
     is_bare_name = isinstance(name_or_path, str) and "/" not in text_name and not path.suffix
-    if is_bare_name and (SPACES_DIR / f"{text_name}.yaml").is_file():
-        path = SPACES_DIR / f"{text_name}.yaml"
+    if is_bare_name and space_file(text_name).is_file():
+        path = space_file(text_name)
     elif not path.is_file():
         shipped = ", ".join(shipped_spaces()) or "none found"
         raise SearchSpaceError(
