@@ -18,7 +18,8 @@ atexit.register(_extracted.close)
 
 
 def spaces_dir() -> Path:
-    """The folder of the shipped YAML files (extracted to a temporary folder for a zipped install)."""
+    """The folder of the shipped YAML files (a zipped install, which pip never makes, is extracted
+    to a temporary folder on Python 3.12+)."""
     folder = resources.files("ehrsr") / "search_spaces"
     if isinstance(folder, Path):
         return folder
