@@ -30,9 +30,10 @@ wheels="${EHRSR_WHEEL_CACHE:-$HOME/.cache/ehrsr-ci/wheels}"
 step "fresh virtual environment with ${torch_pins[*]} (wheels from $wheels)"
 quiet python -m pip download --quiet --dest "$wheels" "${torch_pins[@]}"  # a no-op when already there
 python -m venv "$work/venv"
-quiet "$work/venv/bin/python" -m pip install --quiet --no-index --find-links "$wheels" "${torch_pins[@]}"
+# --no-compile: byte-compiling all of torch costs more than the few modules a run imports
+quiet "$work/venv/bin/python" -m pip install --quiet --no-compile --no-index --find-links "$wheels" "${torch_pins[@]}"
 step "installing $(basename "$wheel") and its dependencies"
-quiet "$work/venv/bin/python" -m pip install --quiet "$wheel"
+quiet "$work/venv/bin/python" -m pip install --quiet --no-compile "$wheel"
 
 # an empty folder, no PYTHONPATH: only the installed package can be imported
 mkdir "$work/run" && cd "$work/run"
