@@ -5,9 +5,10 @@
 
 For each HR folder and scale: LR by MATLAB-compatible bicubic (HR cropped to a multiple of the
 scale), upsampled back by the same bicubic, PSNR / SSIM on the Y channel with crop_border = scale
-(BasicSR's convention); printed beside the values SR papers publish for "Bicubic" (DESIGN.md
-section 4). Without ``--data`` it runs on the built-in validation images, for which nothing is
-published: a demonstration that the pipeline runs. Asserts nothing.
+(BasicSR's convention); printed beside the values SR papers publish for "Bicubic" (listed with
+their sources in ``docs/data_and_metrics.md``, "Published bicubic baselines"). Without ``--data``
+it runs on the built-in validation images, for which nothing is published: a demonstration that
+the pipeline runs. Asserts nothing.
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ from ehrsr.data import TaskConfig, prepare_data
 from ehrsr.metrics import bicubic_baseline
 
 # Y-channel PSNR (dB) of bicubic upsampling, as published in SR papers (e.g. EDSR, RCAN, SwinIR
-# tables; values collected in DESIGN.md section 4)
+# tables; listed in docs/data_and_metrics.md, "Published bicubic baselines")
 PUBLISHED_PSNR = {
     "Set5": {2: 33.66, 3: 30.39, 4: 28.42},
     "Set14": {2: 30.24, 3: 27.55, 4: 26.00},

@@ -1,4 +1,4 @@
-"""EHR-SR: stem -> MSG encoder -> hybrid trunk -> MSG decoder -> head (DESIGN.md section 3).
+"""EHR-SR: stem -> MSG encoder -> hybrid trunk -> MSG decoder -> head (``docs/architecture.md``).
 
 Levels and channels (``w`` = ``config.width``, ``L`` = ``config.msg.levels``)::
 

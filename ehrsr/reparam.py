@@ -3,7 +3,7 @@
 Follows timm's ``reparameterize_model``: deep-copy, switch to eval mode, and call ``fuse()`` on
 every sub-module that has one (``RepConv`` and the partial large kernel of ``RepMixBlock``). The
 original model is left untouched, and the copy computes the same function as ``model.eval()``
-(DESIGN.md invariant 5) with fewer parameters and fewer, larger convs.
+(invariant 5 in ``docs/architecture.md``) with fewer parameters and fewer, larger convs.
 """
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""The six invariants of DESIGN.md section 3, each tested on the blocks themselves."""
+"""The six invariants of docs/architecture.md ("Invariants"), each tested on the blocks themselves."""
 
 from __future__ import annotations
 

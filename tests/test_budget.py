@@ -2,12 +2,11 @@
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
-import textwrap
+import contextlib
+import multiprocessing
+import threading
 from datetime import datetime, timedelta
-from pathlib import Path
+from typing import Any
 
 import optuna
 import pytest
@@ -30,7 +29,6 @@ from ehrsr.search.budget import (
     trial_charge,
 )
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
 T0 = datetime(2026, 1, 1, 12, 0, 0)
 
 
@@ -278,38 +276,52 @@ def test_budget_needs_a_limit():
 # ---------------------------------------------------------------------------------------------
 # two worker processes on one storage
 
-_WORKER = textwrap.dedent(
-    """
-    import sys, time
-    from pathlib import Path
-    import optuna
-    from optuna.trial import TrialState
-    from ehrsr.search.budget import parse_budget, record_charge, record_refused, record_start
+CHARGE_SECONDS = 0.25  # every trial's charge: a fixed number, not a measured time
 
-    url, name, text, me, other, folder = sys.argv[1:7]
+
+def _open_study(url: str) -> optuna.Study:
+    if url.startswith("journal:"):
+        from optuna.storages import JournalStorage
+        from optuna.storages.journal import JournalFileBackend
+
+        return optuna.load_study(storage=JournalStorage(JournalFileBackend(url[len("journal:"):])), study_name="shared")
+    return optuna.load_study(storage=url, study_name="shared")
+
+
+def _budget_worker(url: str, me: str, barrier: Any, results: Any) -> None:
+    """One worker's admission loop, in lockstep with the other through ``barrier``: both check the
+    budget before either asks, and both ask before either checks its trial number, so every round
+    is a race and the last one is lost by exactly one worker. A worker that stops breaks the
+    barrier, and the other runs on alone."""
     optuna.logging.set_verbosity(optuna.logging.WARNING)
-    study = optuna.load_study(storage=url, study_name=name)
-    budget = parse_budget(text)
-    Path(folder, me).touch()
-    while not Path(folder, other).exists():  # start together, so both compete for the budget
-        time.sleep(0.01)
-    ran = 0
-    while budget.allows_new_trial(study, 0.1, device_kind="cpu")[0]:
+    study = _open_study(url)
+    budget = parse_budget("trials=7")
+
+    def together() -> None:
+        with contextlib.suppress(threading.BrokenBarrierError):  # the other worker has stopped
+            barrier.wait(timeout=60)
+
+    ran = refused = 0
+    while True:
+        allowed = budget.allows_new_trial(study, CHARGE_SECONDS, device_kind="cpu")[0]
+        together()
+        if not allowed:
+            break
         trial = study.ask()
-        ok, why = budget.allows_new_trial(study, 0.1, device_kind="cpu", trial_number=trial.number)
+        together()
+        ok, why = budget.allows_new_trial(study, CHARGE_SECONDS, device_kind="cpu", trial_number=trial.number)
         if not ok:
             record_refused(trial, "budget: " + why)
             study.tell(trial, state=TrialState.FAIL)
+            refused += 1
             break
         record_start(trial, "cpu")
-        start = time.perf_counter()
-        time.sleep(0.1)  # the "training"
-        record_charge(trial, time.perf_counter() - start)
+        record_charge(trial, CHARGE_SECONDS)  # the "training"
         study.tell(trial, 1.0)
         ran += 1
-    print(ran)
-    """
-)
+        together()
+    barrier.abort()
+    results.put((me, ran, refused))
 
 
 @pytest.mark.parametrize("storage_kind", ["sqlite", "journal"])
@@ -321,48 +333,27 @@ def test_budget_shared_between_two_worker_processes(tmp_path, storage_kind):
         from optuna.storages import JournalStorage
         from optuna.storages.journal import JournalFileBackend
 
-        path = tmp_path / "journal.log"
-        url = f"journal:{path}"
-        optuna.create_study(storage=JournalStorage(JournalFileBackend(str(path))), study_name="shared")
-    script = tmp_path / "worker.py"
-    script.write_text(_WORKER)
-    if storage_kind == "journal":
-        # the worker opens the journal itself (plain Optuna has no URL for it)
-        script.write_text(
-            _WORKER.replace(
-                "study = optuna.load_study(storage=url, study_name=name)",
-                "from optuna.storages import JournalStorage\n"
-                "from optuna.storages.journal import JournalFileBackend\n"
-                "study = optuna.load_study(storage=JournalStorage(JournalFileBackend(url[len('journal:'):])),"
-                " study_name=name)",
-            )
-        )
-    env = {**os.environ, "PYTHONPATH": str(REPO_ROOT)}
-    workers = [
-        subprocess.Popen(
-            [sys.executable, str(script), url, "shared", "trials=7", me, other, str(tmp_path)],
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-            text=True,
-            env=env,
-        )
-        for me, other in (("a", "b"), ("b", "a"))
-    ]
-    outputs = [w.communicate(timeout=120) for w in workers]
-    for worker, (_out, err) in zip(workers, outputs):
-        assert worker.returncode == 0, err
-    ran = [int(out.strip()) for out, _ in outputs]
+        url = f"journal:{tmp_path / 'journal.log'}"
+        optuna.create_study(storage=JournalStorage(JournalFileBackend(url[len("journal:"):])), study_name="shared")
+    context = multiprocessing.get_context("spawn")  # fresh processes, as separate workers are
+    barrier, results = context.Barrier(2), context.Queue()
+    workers = [context.Process(target=_budget_worker, args=(url, me, barrier, results)) for me in ("a", "b")]
+    for worker in workers:
+        worker.start()
+    outcome = sorted(results.get(timeout=120) for _ in workers)
+    for worker in workers:
+        worker.join(timeout=60)
+        assert worker.exitcode == 0
 
-    if storage_kind == "sqlite":
-        study = optuna.load_study(storage=url, study_name="shared")
-    else:
-        study = optuna.load_study(storage=JournalStorage(JournalFileBackend(str(path))), study_name="shared")
+    # three rounds of two trials, then a race for the seventh: one worker wins it, the other's
+    # trial is refused (told FAIL, costs nothing), so the budget ends at exactly 7 trials
+    assert sorted((ran, refused) for _, ran, refused in outcome) == [(3, 1), (4, 0)]
+    study = _open_study(url)
     spent = parse_budget("trials=7").spent(study)
-    # exactly the budget: 7 trials ran, split between both workers; races cost nothing
-    assert sum(ran) == 7
-    assert all(r >= 1 for r in ran), ran
     assert spent.trials == 7
     complete = [t for t in study.trials if t.state == TrialState.COMPLETE]
     assert len(complete) == 7
-    assert spent.total_seconds == pytest.approx(sum(t.user_attrs[ATTR_CHARGED_SECONDS] for t in complete))
-    assert spent.total_seconds >= 7 * 0.1
+    (loser,) = [t for t in study.trials if t.state == TrialState.FAIL]
+    assert loser.number == 7 and loser.user_attrs[ATTR_REFUSED].startswith("budget: trials=7 reached")
+    assert not trial_charge(loser).counted
+    assert spent.total_seconds == pytest.approx(7 * CHARGE_SECONDS)

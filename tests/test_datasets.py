@@ -10,7 +10,9 @@ import scipy.ndimage
 import skimage.data
 import torch
 
-import ehrsr.data.datasets as datasets_module
+import ehrsr.data.cache as cache_module
+import ehrsr.data.prepare as prepare_module
+import ehrsr.data.trainset as trainset_module
 from ehrsr.data import (
     BUILTIN_TRAIN,
     BUILTIN_VAL,
@@ -103,8 +105,8 @@ def test_second_preparation_loads_the_cache_without_decoding_or_resizing(builtin
     def forbidden(*args, **kwargs):
         raise AssertionError("the cache should have been used")
 
-    monkeypatch.setattr(datasets_module, "read_image", forbidden)
-    monkeypatch.setattr(datasets_module, "degrade_base", forbidden)
+    monkeypatch.setattr(prepare_module, "read_image", forbidden)
+    monkeypatch.setattr(trainset_module, "degrade_base", forbidden)
     train2, val2 = prepare_data(TaskConfig(scale=4), cache_dir=cache, progress=False)
     assert torch.equal(train2.hr.buffer, train.hr.buffer) and torch.equal(train2.lr.buffer, train.lr.buffer)
     np.testing.assert_array_equal(val2[1].lr, val[1].lr)
@@ -112,7 +114,7 @@ def test_second_preparation_loads_the_cache_without_decoding_or_resizing(builtin
 
 def test_cache_root_from_environment(tmp_path, monkeypatch):
     monkeypatch.setenv("EHRSR_CACHE", str(tmp_path / "env-cache"))
-    assert datasets_module.default_cache_dir() == tmp_path / "env-cache"
+    assert cache_module.default_cache_dir() == tmp_path / "env-cache"
 
 
 # ---------------------------------------------------------------------------------------------
@@ -146,8 +148,8 @@ def test_cache_key_follows_file_contents(hr_folder, tmp_path, monkeypatch):
     _, val = prepare_data(TaskConfig(scale=2), hr_folder, hr_folder, cache_dir=cache, progress=False)
     write_image(hr_folder / "a.png", synthetic_image(50, 61, 99))  # new content, size and mtime
     reads = []
-    original = datasets_module.read_image
-    monkeypatch.setattr(datasets_module, "read_image", lambda p: reads.append(p.name) or original(p))
+    original = prepare_module.read_image
+    monkeypatch.setattr(prepare_module, "read_image", lambda p: reads.append(p.name) or original(p))
     _, val2 = prepare_data(TaskConfig(scale=2), hr_folder, hr_folder, cache_dir=cache, progress=False)
     assert "a.png" in reads
     assert not np.array_equal(val2[0].hr, val[0].hr)

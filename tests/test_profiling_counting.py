@@ -157,7 +157,9 @@ def test_spandrel_span_matches_the_published_ntire_figures() -> None:
     FLOPs at 256x256 (NTIRE 2026 ESR README). spandrel's SPAN keeps its training branches beside
     ``eval_conv``; params_deploy must count only what the eval forward uses. Counted at 64x64
     (every conv keeps the resolution, so MACs scale exactly with the pixel count)."""
-    span_module = pytest.importorskip("spandrel.architectures.SPAN.__arch.span")
+    span_module = pytest.importorskip(
+        "spandrel.architectures.SPAN.__arch.span", reason="the SPAN reference needs the optional 'baselines' extra (spandrel)"
+    )
     model = span_module.SPAN(num_in_ch=3, num_out_ch=3, feature_channels=28, upscale=4).eval()
     result = count_macs(model, (1, 3, 64, 64))
     assert round(result.params_deploy / 1e6, 3) == 0.151

@@ -189,6 +189,24 @@ def test_shipped_spaces_load_by_name_and_path():
     assert full.fidelity.patch_size == 64
 
 
+def test_shipped_files_are_package_data_and_user_files_still_load(tmp_path, monkeypatch):
+    import ehrsr
+    from ehrsr.reports.deploy import DEVICES_PATH, load_device_profiles
+    from ehrsr.resources import devices_file, shipped_space_names, space_file, spaces_dir
+
+    package = Path(ehrsr.__file__).resolve().parent
+    assert spaces_dir() == SPACES_DIR and SPACES_DIR.resolve() == package / "search_spaces"
+    assert shipped_space_names() == ["full", "tiny"]  # devices.yaml is not a space
+    assert space_file("tiny") == SPACES_DIR / "tiny.yaml" and not space_file("nope").exists()
+    assert devices_file() == DEVICES_PATH and "laptop-cpu-256" in load_device_profiles()
+    # from another working folder: shipped names still resolve, a relative user file too
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "mine.yaml").write_text((SPACES_DIR / "tiny.yaml").read_text())
+    assert load_space("tiny").path == SPACES_DIR / "tiny.yaml"
+    mine = load_space("mine.yaml")
+    assert mine.name == "mine" and mine.distributions == load_space("tiny").distributions
+
+
 def test_rungs_instead_of_max_steps(tmp_path):
     space = _load(tmp_path, _with("  max_steps: 90", "  rungs: 4"))
     assert space.fidelity.rung_steps == (10, 30, 90, 270)

@@ -5,7 +5,7 @@ from __future__ import annotations
 from ehrsr.blocks.attention import GDFN, WindowAttention, WindowAttentionBlock
 from ehrsr.blocks.frequency import FrequencySeparationBlock
 from ehrsr.blocks.gated import GatedCNNBlock, GatedConv
-from ehrsr.blocks.layers import DropPath, LayerNorm2d, SimpleGate, get_act_layer, pad_to_multiple
+from ehrsr.blocks.layers import DropPath, LayerNorm2d, SimpleGate, pad_to_multiple
 from ehrsr.blocks.moe import ExpertFFN, MoEBlock, load_balance_loss
 from ehrsr.blocks.naf import NAFBlock
 from ehrsr.blocks.noise import NoiseInjection
@@ -36,7 +36,6 @@ __all__ = [
     "SimpleGate",
     "WindowAttention",
     "WindowAttentionBlock",
-    "get_act_layer",
     "load_balance_loss",
     "pad_to_multiple",
     "selective_scan",

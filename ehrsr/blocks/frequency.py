@@ -1,7 +1,7 @@
 """FSB: frequency-separation block. The high-frequency part of the spectrum is isolated with
 ``rfft2``, re-weighted by a learned per-channel gain that depends on the radial frequency, brought
 back with ``irfft2``, gated by a conv of the input and added through a learned scalar that starts
-at 0, so the block starts as the identity (DESIGN.md invariant 4).
+at 0, so the block starts as the identity (invariant 4 in ``docs/architecture.md``).
 
 Idea from frequency-aware restoration networks (AdaIR, Cui et al. 2024; SFHformer, Jiang et al.
 2024): texture and edges live in high frequencies that plain convs under-fit. The gain is stored

@@ -1,4 +1,4 @@
-"""Small shared pieces: channels-first LayerNorm, SimpleGate, DropPath, padding helpers, activations."""
+"""Small shared pieces: channels-first LayerNorm, SimpleGate, DropPath, padding helpers."""
 
 from __future__ import annotations
 
@@ -10,7 +10,6 @@ __all__ = [
     "DropPath",
     "LayerNorm2d",
     "SimpleGate",
-    "get_act_layer",
     "pad_to_multiple",
     "scaled_residual",
 ]
@@ -60,22 +59,6 @@ class DropPath(nn.Module):
 
     def extra_repr(self) -> str:
         return f"rate={self.rate}"
-
-
-_ACTIVATIONS: dict[str, type[nn.Module]] = {
-    "gelu": nn.GELU,
-    "silu": nn.SiLU,
-    "relu": nn.ReLU,
-    "identity": nn.Identity,
-}
-
-
-def get_act_layer(name: str) -> nn.Module:
-    """Activation by name; an unknown name raises ``ValueError`` listing the known ones."""
-    try:
-        return _ACTIVATIONS[name]()
-    except KeyError:
-        raise ValueError(f"unknown activation {name!r}; known: {', '.join(_ACTIVATIONS)}") from None
 
 
 def pad_to_multiple(x: torch.Tensor, multiple: int) -> tuple[torch.Tensor, int, int]:

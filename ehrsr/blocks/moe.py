@@ -2,7 +2,7 @@
 
 Every pixel is a token. A shared depthwise 3x3 conv gives each token its local context; a linear
 router with softmax scores the experts, the ``top_k`` best are kept and their weights are
-renormalised to sum to 1 (DESIGN.md invariant 3); each expert, a small pointwise FFN, computes
+renormalised to sum to 1 (invariant 3 in ``docs/architecture.md``); each expert, a small pointwise FFN, computes
 only the tokens routed to it (sparse dispatch), optionally at most ``capacity`` of them
 (Switch Transformer, Fedus et al. 2022: capacity = factor * tokens * k / experts; over-capacity
 assignments are dropped by lowest router weight and the residual carries those tokens). The idea

@@ -11,7 +11,7 @@ forward / backward) and the results summed, as VMamba's cross-scan and MambaIR d
 Three implementations of the same recurrence:
 
 * ``selective_scan_sequential``: the plain loop over ``t``, the reference the others are tested
-  against (invariant 6 of DESIGN.md).
+  against (invariant 6 in ``docs/architecture.md``).
 * ``selective_scan_parallel``: a chunked scan, parallel across chunks of about ``sqrt(L / 4)``
   steps: ``2 sqrt(L)``-ish vectorised steps instead of ``L`` small ones, numerically the same
   products of decays in ``(0, 1]`` as the loop (a log-space cumsum can overflow), and no

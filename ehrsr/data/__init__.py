@@ -2,22 +2,21 @@
 
 from __future__ import annotations
 
-from ehrsr.data.datasets import (
+from ehrsr.data.cache import default_cache_dir
+from ehrsr.data.degradations import degrade, degrade_base, mod_crop
+from ehrsr.data.imresize import imresize
+from ehrsr.data.io import (
     BUILTIN_TRAIN,
     BUILTIN_VAL,
     IMAGE_EXTENSIONS,
     ImageReadError,
-    TrainSet,
-    ValItem,
-    ValSet,
-    default_cache_dir,
     list_images,
-    prepare_data,
     read_image,
 )
-from ehrsr.data.degradations import degrade, degrade_base, mod_crop
-from ehrsr.data.imresize import imresize
+from ehrsr.data.prepare import prepare_data
 from ehrsr.data.task import TASKS, TaskConfig
+from ehrsr.data.trainset import TrainSet
+from ehrsr.data.valset import ValItem, ValSet
 
 __all__ = [
     "BUILTIN_TRAIN",

@@ -1,5 +1,5 @@
 """Cost of a model on target hardware: MACs (fvcore, cross-checked by ptflops), parameters,
-latency and peak memory, measured the way the efficient-SR community does (DESIGN.md section 4).
+latency and peak memory, measured the way the efficient-SR community does (``docs/profiling.md``).
 
 ``profile_model`` does everything; ``count_macs`` only counts (cheap: the search uses it to refuse
 over-limit configurations before training). See ``docs/profiling.md`` for the rules.

@@ -1,6 +1,6 @@
 """``profile_model``: MACs, parameters, latency and peak memory of one model on one device.
 
-What is profiled (DESIGN.md section 4): an EHR-SR model in its deploy form
+What is profiled (``docs/profiling.md``, "What is profiled"): an EHR-SR model in its deploy form
 (``ehrsr.reparameterize``: fused convs, no training branches, eval mode); any other module as
 given, in eval mode (its training flags are restored afterwards, and it is copied rather than
 moved when it must go to another device or memory format). Everything runs under

@@ -7,7 +7,7 @@ the device profile's input size, dtype and thread count; nothing is copied from 
 Quality (PSNR, SSIM, LPIPS) is the study's measurement of the brief-trained weights (float32, the
 search's validation data); it does not depend on the device.
 
-Device profiles live in ``search_spaces/devices.yaml`` (``docs/reports.md`` documents the format)::
+Device profiles live in ``ehrsr/search_spaces/devices.yaml`` (``docs/reports.md`` documents the format)::
 
     profiles:
       laptop-cpu-256:
@@ -53,7 +53,7 @@ from ehrsr.config import EHRSRConfig
 from ehrsr.model import build_model
 from ehrsr.reparam import reparameterize
 from ehrsr.reports._study import ObjectiveInfo, StudyInfo
-from ehrsr.search.space import SPACES_DIR
+from ehrsr.resources import devices_file
 
 __all__ = [
     "DEVICES_PATH",
@@ -73,8 +73,8 @@ __all__ = [
     "profiles_for_device",
 ]
 
-DEVICES_PATH = SPACES_DIR / "devices.yaml"
-"""The shipped device profiles."""
+DEVICES_PATH = devices_file()
+"""The shipped device profiles (package data, ``ehrsr/search_spaces/devices.yaml``)."""
 
 LIMIT_METRICS: dict[str, str] = {
     "max_latency_ms": "latency_ms",
@@ -232,7 +232,7 @@ def _parse_profile(name: Any, data: Any, source: str) -> DeviceProfile:
 
 
 def load_device_profiles(path: str | Path | None = None) -> dict[str, DeviceProfile]:
-    """Read and validate a devices file (default: the shipped ``search_spaces/devices.yaml``).
+    """Read and validate a devices file (default: the shipped ``ehrsr/search_spaces/devices.yaml``).
 
     The file holds ``profiles:`` (a mapping of profile names to fields) and an optional
     ``description:``. Unknown keys, wrong types and impossible values raise
