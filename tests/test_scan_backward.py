@@ -95,3 +95,18 @@ def test_batched_directions_call_the_scan_once(monkeypatch: pytest.MonkeyPatch) 
     monkeypatch.setattr(ssm_module, "selective_scan", lambda *a, **k: calls.append(a[3].shape) or real(*a, **k))
     SSMBlock(6, d_state=3, directions=4)(torch.randn(1, 6, 4, 5))
     assert calls == [torch.Size([1, 4, 3, 20])]  # B: (batch, directions, d_state, length)
+
+
+def test_channel_slabs_give_the_same_values_and_gradients(monkeypatch: pytest.MonkeyPatch) -> None:
+    # large inputs are processed in slabs of channels to bound memory; force several slabs here
+    inputs = _inputs(2, 12, 3, 41, 2, seed=9)
+    results = {}
+    for slab in (ssm_module.SLAB_ELEMENTS, 2 * 3 * 41):  # one slab; then about one channel per slab
+        monkeypatch.setattr(ssm_module, "SLAB_ELEMENTS", slab)
+        xs = [t.clone().requires_grad_() for t in inputs]
+        y = torch.ops.ehrsr.selective_scan(*xs)
+        y.square().sum().backward()
+        results[slab] = [y.detach()] + [x.grad for x in xs]
+    assert len(ssm_module._slabs(ssm_module._ScanShapes(inputs[0], inputs[2], inputs[3]))) > 1
+    for a, b in zip(*results.values()):
+        torch.testing.assert_close(a, b, atol=1e-12, rtol=1e-12)

@@ -247,12 +247,28 @@ class _ScanShapes:
         return x.reshape(like.shape)
 
 
+# Channels are processed in slabs of at most this many (b, d/g, l, n) elements, so the materialised
+# states stay bounded (256 MiB per float32 buffer) on large images; training patches fit one slab.
+SLAB_ELEMENTS = 2**26
+
+
+def _slabs(shapes: _ScanShapes) -> list[slice]:
+    """Slices of the per-group channel axis, each at most ``SLAB_ELEMENTS`` state elements."""
+    per_group = shapes.d // shapes.groups
+    per_channel = shapes.bsz * shapes.groups * shapes.n_chunks * shapes.chunk * shapes.n
+    step = max(1, SLAB_ELEMENTS // per_channel)
+    return [slice(i, min(i + step, per_group)) for i in range(0, per_group, step)]
+
+
 def _scan_op_forward(u, delta, A, B, C, D) -> torch.Tensor:
     shapes = _ScanShapes(u, A, B)
     a_g = A.view(shapes.groups, -1, shapes.n)
-    delta_t = shapes.seq(delta)
-    h = _chunked_states(delta_t, a_g, (delta_t * shapes.seq(u))[..., None] * shapes.bc(B))
-    y = torch.linalg.vecdot(h, shapes.bc(C))  # (T, b, g, d/g, c)
+    delta_t, du_t = shapes.seq(delta), shapes.seq(delta * u)
+    b_t, c_t = shapes.bc(B), shapes.bc(C)
+    y = delta_t.new_empty(delta_t.shape)  # (T, b, g, d/g, c)
+    for sl in _slabs(shapes):
+        h = _chunked_states(delta_t[:, :, :, sl], a_g[:, sl], du_t[:, :, :, sl, :, None] * b_t)
+        y[:, :, :, sl] = torch.linalg.vecdot(h, c_t)
     return shapes.unseq(y) + D[None, :, None] * u
 
 
@@ -269,30 +285,38 @@ def _scan_op_backward(u, delta, A, B, C, D, grad_y):
     delta_t, u_t, gy_t = shapes.seq(delta), shapes.seq(u), shapes.seq(grad_y)
     b_t = shapes.bc(B)
     du_t = delta_t * u_t
-    h = _chunked_states(delta_t, a_g, du_t[..., None] * b_t)
     # the adjoint is a forward scan of the reversed sequence whose decays are shifted by one step:
     # reversed step s uses a_{L-s}, and step 0 (decaying a zero state) gets delta = 0
     length = shapes.n_chunks * shapes.chunk
     delta_pad = F.pad(delta, (0, shapes.pad)) if shapes.pad else delta
-    delta_rev = F.pad(delta_pad.flip(-1)[..., :-1], (1, 0))
-    grad_rev = F.pad(grad_y, (0, shapes.pad)).flip(-1)
-    c_rev = F.pad(_grouped(C), (0, shapes.pad)).flip(-1)
     rev = _ScanShapes(u.new_empty(shapes.bsz, shapes.d, length), A, _grouped(C))
-    lam = _chunked_states(rev.seq(delta_rev), a_g, rev.seq(grad_rev)[..., None] * rev.bc(c_rev))
-    lam = lam.flip(0, -2)  # back to forward time: reversing both the steps and the chunks
+    delta_rev = rev.seq(F.pad(delta_pad.flip(-1)[..., :-1], (1, 0)))
+    grad_rev = rev.seq(F.pad(grad_y, (0, shapes.pad)).flip(-1))
+    c_rev = rev.bc(F.pad(_grouped(C), (0, shapes.pad)).flip(-1))
 
-    grad_c = torch.einsum("tbgdc,tbgdcn->tbgcn", gy_t, h)
-    grad_du = torch.linalg.vecdot(lam, b_t)  # (T, b, g, d/g, c)
-    grad_b = torch.einsum("tbgdcn,tbgdc->tbgcn", lam, du_t)
-    decay_grad = h.sub_(du_t[..., None] * b_t).mul_(lam)  # G_t = lam_t * a_t h_{t-1}, reusing h
-    grad_a = torch.einsum("tbgdcn,tbgdc->gdn", decay_grad, delta_t).reshape(A.shape)
-    grad_delta = torch.einsum("tbgdcn,gdn->tbgdc", decay_grad, a_g) + grad_du * u_t
+    grad_b = grad_c = None
+    grad_a = torch.empty_like(a_g)
+    grad_delta = torch.empty_like(delta_t)
+    grad_du = torch.empty_like(delta_t)
+    for sl in _slabs(shapes):
+        h = _chunked_states(delta_t[:, :, :, sl], a_g[:, sl], du_t[:, :, :, sl, :, None] * b_t)
+        lam = _chunked_states(delta_rev[:, :, :, sl], a_g[:, sl], grad_rev[:, :, :, sl, :, None] * c_rev)
+        lam = lam.flip(0, -2)  # back to forward time: reversing both the steps and the chunks
+        part_c = torch.einsum("tbgdc,tbgdcn->tbgcn", gy_t[:, :, :, sl], h)
+        part_b = torch.einsum("tbgdcn,tbgdc->tbgcn", lam, du_t[:, :, :, sl])
+        grad_c = part_c if grad_c is None else grad_c + part_c
+        grad_b = part_b if grad_b is None else grad_b + part_b
+        grad_du[:, :, :, sl] = torch.linalg.vecdot(lam, b_t)
+        decay_grad = h.sub_(du_t[:, :, :, sl, :, None] * b_t).mul_(lam)  # G_t = lam_t * a_t h_{t-1}
+        grad_a[:, sl] = torch.einsum("tbgdcn,tbgdc->gdn", decay_grad, delta_t[:, :, :, sl])
+        grad_delta[:, :, :, sl] = torch.einsum("tbgdcn,gdn->tbgdc", decay_grad, a_g[:, sl])
+    grad_delta += grad_du * u_t
     grad_u = shapes.unseq(grad_du * delta_t) + D[None, :, None] * grad_y
     grad_d = (grad_y * u).sum((0, 2))
     return (
         grad_u,
         shapes.unseq(grad_delta),
-        grad_a,
+        grad_a.reshape(A.shape),
         shapes.unbc(grad_b, B),
         shapes.unbc(grad_c, C),
         grad_d,
