@@ -74,6 +74,7 @@ def test_resumed_study_proposes_no_finished_configuration(kind: str) -> None:
 
 def test_each_worker_and_each_resume_gets_its_own_seed() -> None:
     study = optuna.create_study()
+    study.enqueue_trial({"p0": 1})  # enqueued references are there before the first start too
     seeds = {sampler_seed(3, study, worker) for worker in range(4)}
     assert len(seeds) == 4 and 3 in seeds
     study.add_trial(optuna.trial.create_trial(params={}, distributions={}, value=0.0))

@@ -45,10 +45,12 @@ def sampler_seed(base_seed: int, study: optuna.Study, worker_index: int = 0) -> 
     """The seed of the sampler for this start of the search: ``base_seed`` itself for the first
     worker of a study without trials (so fresh runs stay reproducible), otherwise a 32-bit hash of
     (``base_seed``, trials already in the study, ``worker_index``), a new stream for each resume
-    and each worker."""
+    and each worker. WAITING trials (enqueued reference configurations) do not count: they are
+    there before the first start too."""
     if worker_index < 0:
         raise ValueError(f"worker_index must be >= 0, got {worker_index}")
-    n_trials = len(study.get_trials(deepcopy=False))
+    started = (TrialState.RUNNING, TrialState.COMPLETE, TrialState.PRUNED, TrialState.FAIL)
+    n_trials = len(study.get_trials(deepcopy=False, states=started))
     if n_trials == 0 and worker_index == 0:
         return int(base_seed)
     digest = hashlib.sha256(f"ehrsr-sampler:{base_seed}:{n_trials}:{worker_index}".encode()).digest()
