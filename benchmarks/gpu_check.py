@@ -39,7 +39,7 @@ CONFIGS = {
     "SSMB-heavy": {**SMALL, "trunk_blocks": 4, "ssm": {"enabled": True, "directions": 4, "d_state": 16}},
 }
 BATCH, PATCH, TRAIN_STEPS = 8, 48, 20
-SEARCH_TIMEOUT_S = 150
+SEARCH_TIMEOUT_S = 180  # two searches + the rest stay under 8 minutes
 
 Row = list[str]
 
@@ -134,7 +134,7 @@ def check_scan(device: torch.device) -> list[Row]:
     ms_ours = cuda_ms(lambda: torch.ops.ehrsr.selective_scan(*ours).mul(weight).sum().backward(), device, 5)
     if kernel is None:
         auto = ssm.selective_scan(*[t.detach() for t in ours], impl="auto")
-        same = torch.equal(auto, y_ours.detach())
+        same = torch.allclose(auto, y_ours.detach(), rtol=1e-6, atol=1e-6)
         return [["scan: mamba_ssm not importable", f"fallback custom op fwd+bwd {ms_ours:.2f} ms at L={length}",
                  "ok (fallback used)" if same else "FAIL: auto did not use the fallback"]]
     theirs = [t.to(device).requires_grad_() for t in inputs]
