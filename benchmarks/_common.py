@@ -24,16 +24,24 @@ def paired_median_ms(
 ) -> tuple[float, float]:
     """Medians of two functions timed alternately (a, b, a, b, ...), so that drift in the machine's
     speed (other processes, clock changes) hits both alike and their ratio stays meaningful."""
+    t_a, t_b = interleaved_median_ms([fn_a, fn_b], warmup=warmup, repeats=repeats)
+    return t_a, t_b
+
+
+def interleaved_median_ms(
+    fns: Sequence[Callable[[], object]], warmup: int = 3, repeats: int = 21
+) -> list[float]:
+    """``paired_median_ms`` for any number of functions: one round times each once, in order."""
     for _ in range(warmup):
-        fn_a()
-        fn_b()
-    times_a, times_b = [], []
+        for fn in fns:
+            fn()
+    times: list[list[float]] = [[] for _ in fns]
     for _ in range(repeats):
-        for fn, times in ((fn_a, times_a), (fn_b, times_b)):
+        for fn, fn_times in zip(fns, times):
             start = time.perf_counter()
             fn()
-            times.append((time.perf_counter() - start) * 1e3)
-    return statistics.median(times_a), statistics.median(times_b)
+            fn_times.append((time.perf_counter() - start) * 1e3)
+    return [statistics.median(t) for t in times]
 
 
 def print_table(headers: Sequence[str], rows: Sequence[Sequence[object]], title: str | None = None) -> None:

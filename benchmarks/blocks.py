@@ -1,10 +1,13 @@
 """Per-block CPU timings (issue 2): forward and forward+backward at 64x64 and 128x128, width 32;
-the chunked parallel scan vs the sequential loop; RepMix unfused vs fused.
+the chunked parallel scan vs the sequential loop; RepMix unfused vs fused; the SSMB before and
+after issue 15 (hand-written scan backward, directions batched into one scan call).
 
-    python benchmarks/blocks.py [--threads N] [--repeats N]
+    python benchmarks/blocks.py [--threads N] [--repeats N] [--only ssmb]
 
 Prints tables (medians in ms); targets: parallel scan >= 5x the loop at L = 4096, fused RepMix
->= 1.3x faster than unfused. Nothing is asserted: timings on shared machines are noisy.
+>= 1.3x faster than unfused, SSMB forward+backward >= 3x faster than the issue-15 baseline with no
+slower forward. Nothing is asserted: timings on shared machines are noisy, so competing variants
+are timed interleaved in one run and compared by their ratio.
 """
 
 from __future__ import annotations
@@ -14,10 +17,11 @@ import sys
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from benchmarks._common import median_ms, paired_median_ms, print_table
+from benchmarks._common import interleaved_median_ms, median_ms, paired_median_ms, print_table
 from ehrsr import reparameterize
 from ehrsr.blocks import (
     FrequencySeparationBlock,
@@ -30,6 +34,7 @@ from ehrsr.blocks import (
     selective_scan_parallel,
     selective_scan_sequential,
 )
+from ehrsr.blocks.ssm import _scan_orders
 
 WIDTH = 32
 
@@ -96,6 +101,92 @@ def scan_table(lengths: list[int], repeats: int) -> None:
     )
 
 
+class _RecomputeScan(torch.autograd.Function):
+    """The baseline's autograd formula (before issue 15): the backward recomputes the chunked
+    forward under autograd. Kept here, not in the package, so the benchmark can compare."""
+
+    @staticmethod
+    def forward(ctx, *inputs):
+        ctx.save_for_backward(*inputs)
+        return selective_scan_parallel(*inputs)
+
+    @staticmethod
+    def backward(ctx, grad_y):
+        inputs = [t.detach().requires_grad_(True) for t in ctx.saved_tensors]
+        with torch.enable_grad():
+            y = selective_scan_parallel(*inputs)
+        return torch.autograd.grad(y, inputs, grad_y, allow_unused=True)
+
+
+def ssmb_baseline_forward(block: SSMBlock, x: torch.Tensor) -> torch.Tensor:
+    """``SSMBlock.forward`` as before issue 15: one scan call per direction in a Python loop."""
+    bsz, _, height, width = x.shape
+    xs, z = block.in_proj(block.norm(x)).chunk(2, dim=1)
+    xs = block.act(block.dwconv(xs))
+    tokens = xs.flatten(2)
+    y = None
+    for k, order in enumerate(_scan_orders(height, width, block.directions, x.device)):
+        seq = tokens[:, :, order]
+        proj = F.linear(seq.transpose(1, 2), block.x_proj[k].weight)
+        dt, b_mat, c_mat = proj.split([block.dt_rank, block.d_state, block.d_state], dim=-1)
+        delta = F.softplus(F.linear(dt, block.dt_proj[k].weight, block.dt_proj[k].bias)).transpose(1, 2)
+        inputs = (
+            seq.contiguous(), delta.contiguous(), -torch.exp(block.A_log[k]),
+            b_mat.transpose(1, 2).contiguous(), c_mat.transpose(1, 2).contiguous(), block.D[k],
+        )
+        y_k = _RecomputeScan.apply(*inputs) if torch.is_grad_enabled() else selective_scan_parallel(*inputs)
+        inverse = torch.empty_like(order)
+        inverse[order] = torch.arange(order.numel())
+        y = y_k[:, :, inverse] if y is None else y + y_k[:, :, inverse]
+    y = block.out_norm(y.view(bsz, block.inner, height, width)) * block.act(z)
+    return x + block.drop_path(block.out_proj(y))
+
+
+def ssmb_table(sizes: list[int], repeats: int) -> None:
+    """Baseline vs current SSMB, and the NAF block for scale, interleaved in one run."""
+    rows = []
+    for size in sizes:
+        for directions in (2, 4):
+            torch.manual_seed(0)
+            block = SSMBlock(WIDTH, d_state=8, directions=directions)
+            naf = NAFBlock(WIDTH)
+            x = torch.randn(1, WIDTH, size, size)
+            torch.testing.assert_close(ssmb_baseline_forward(block, x), block(x), atol=1e-4, rtol=1e-4)
+            with torch.inference_mode():
+                fwd_old, fwd_new = paired_median_ms(
+                    lambda b=block, x=x: ssmb_baseline_forward(b, x), lambda b=block, x=x: b(x), repeats=repeats
+                )
+            xg = x.clone().requires_grad_()
+
+            def train_step(module, forward, x=xg):
+                module.zero_grad(set_to_none=True)
+                forward(x).sum().backward()
+
+            both_old, both_new, both_naf = interleaved_median_ms(
+                [
+                    lambda b=block: train_step(b, lambda x, b=b: ssmb_baseline_forward(b, x)),
+                    lambda b=block: train_step(b, b),
+                    lambda n=naf: train_step(n, n),
+                ],
+                repeats=repeats,
+            )
+            rows.append([
+                f"{size}x{size}", directions, fwd_old, fwd_new, f"{fwd_old / fwd_new:.2f}x",
+                both_old, both_new, f"{both_old / both_new:.2f}x", both_naf,
+                f"{both_old / both_naf:.1f}x", f"{both_new / both_naf:.1f}x",
+            ])
+            print(f"  timed SSMB {directions} dirs at {size}x{size}", file=sys.stderr)
+    print_table(
+        ["input", "dirs", "fwd old ms", "fwd new ms", "fwd speed-up", "fwd+bwd old ms", "fwd+bwd new ms",
+         "fwd+bwd speed-up", "NAF fwd+bwd ms", "old/NAF", "new/NAF"],
+        rows,
+        title=(
+            f"SSMB (width 32, N=8) before/after issue 15, CPU ({torch.get_num_threads()} threads), "
+            f"medians of {repeats} interleaved rounds (target: fwd+bwd >= 3x at 64x64, fwd not slower)"
+        ),
+    )
+
+
 def repmix_table(sizes: list[int], repeats: int) -> None:
     rows = []
     for size in sizes:
@@ -121,8 +212,12 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=torch.get_num_threads())
     parser.add_argument("--repeats", type=int, default=7)
     parser.add_argument("--sizes", type=int, nargs="+", default=[64, 128])
+    parser.add_argument("--only", choices=["ssmb"], help="run only the SSMB before/after table")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
+    ssmb_table(args.sizes, args.repeats)
+    if args.only:
+        return
     block_table(args.sizes, args.repeats)
     scan_table([1024, 4096], args.repeats)
     repmix_table(args.sizes, args.repeats)

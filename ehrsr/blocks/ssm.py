@@ -63,25 +63,47 @@ def selective_scan_macs(batch: int, d_inner: int, length: int, d_state: int) -> 
 def _check_shapes(u, delta, A, B, C, D) -> None:
     b, d, length = u.shape
     n = A.shape[1]
-    if delta.shape != u.shape or A.shape != (d, n) or B.shape != (b, n, length) or C.shape != (b, n, length):
+    groups = B.shape[1] if B.dim() == 4 else 1
+    bc_shape = (b, groups, n, length) if B.dim() == 4 else (b, n, length)
+    if (
+        delta.shape != u.shape
+        or A.shape != (d, n)
+        or B.shape != bc_shape
+        or C.shape != B.shape
+        or D.shape != (d,)
+        or d % groups
+    ):
         raise ValueError(
-            "selective_scan expects u, delta (b, d, l), A (d, n), B, C (b, n, l), D (d,); got "
-            f"u {tuple(u.shape)}, delta {tuple(delta.shape)}, A {tuple(A.shape)}, "
+            "selective_scan expects u, delta (b, d, l), A (d, n), B, C (b, n, l) or (b, g, n, l) with g "
+            f"dividing d, D (d,); got u {tuple(u.shape)}, delta {tuple(delta.shape)}, A {tuple(A.shape)}, "
             f"B {tuple(B.shape)}, C {tuple(C.shape)}, D {tuple(D.shape)}"
         )
 
 
+def _grouped(B: torch.Tensor) -> torch.Tensor:
+    """``B`` / ``C`` as ``(b, g, n, l)``: one group (shared by all channels) when given ``(b, n, l)``."""
+    return B if B.dim() == 4 else B[:, None]
+
+
 def selective_scan_sequential(u, delta, A, B, C, D) -> torch.Tensor:
-    """Reference: the recurrence as a loop over the sequence. Shapes as in the mamba_ssm kernel."""
+    """Reference: the recurrence as a loop over the sequence. Shapes as in the mamba_ssm kernel.
+
+    ``B`` and ``C`` are ``(b, n, l)`` (shared by all channels) or ``(b, g, n, l)``: channel group
+    ``i`` (``d / g`` consecutive channels) uses ``B[:, i]``, as VMamba stacks its scan directions.
+    """
     _check_shapes(u, delta, A, B, C, D)
     b, d, length = u.shape
+    B, C = _grouped(B), _grouped(C)
+    per_group = d // B.shape[1]
+    B = B.repeat_interleave(per_group, dim=1)  # (b, d, n, l): the reference may spend memory
+    C = C.repeat_interleave(per_group, dim=1)
     h = u.new_zeros(b, d, A.shape[1])  # (b, d, n)
     ys = []
     for t in range(length):
         a_t = torch.exp(delta[:, :, t, None] * A)  # (b, d, n)
-        b_t = (delta[:, :, t] * u[:, :, t])[:, :, None] * B[:, None, :, t]  # (b, d, n)
+        b_t = (delta[:, :, t] * u[:, :, t])[:, :, None] * B[:, :, :, t]  # (b, d, n)
         h = a_t * h + b_t
-        ys.append((h * C[:, None, :, t]).sum(-1))  # (b, d)
+        ys.append((h * C[:, :, :, t]).sum(-1))  # (b, d)
     y = torch.stack(ys, dim=-1)  # (b, d, l)
     return y + D[None, :, None] * u
 
@@ -108,6 +130,8 @@ def selective_scan_parallel(u, delta, A, B, C, D, chunk: int | None = None) -> t
     _check_shapes(u, delta, A, B, C, D)
     bsz, d, length = u.shape
     n = A.shape[1]
+    B, C = _grouped(B), _grouped(C)
+    groups = B.shape[1]
     chunk = max(1, min(chunk or default_chunk(length), length))
     n_chunks = math.ceil(length / chunk)
     pad = n_chunks * chunk - length
@@ -115,37 +139,196 @@ def selective_scan_parallel(u, delta, A, B, C, D, chunk: int | None = None) -> t
         # padded steps have delta = 0: decay exp(0) = 1 and input 0, so they carry the state unchanged
         u, delta = F.pad(u, (0, pad)), F.pad(delta, (0, pad))
         B, C = F.pad(B, (0, pad)), F.pad(C, (0, pad))
-    delta_c = delta.view(bsz, d, n_chunks, chunk)
-    du = (delta * u).view(bsz, d, n_chunks, chunk)
-    b_c = B.view(bsz, n, n_chunks, chunk).permute(0, 2, 3, 1)[:, None]  # (b, 1, c, T, n)
-    c_c = C.view(bsz, n, n_chunks, chunk).permute(0, 2, 3, 1)[:, None]  # (b, 1, c, T, n)
-    a_b = A[None, :, None, :]  # (1, d, 1, n)
+    # channels as (groups, channels per group): B and C broadcast over the second
+    lead = (bsz, groups, d // groups)
+    delta_c = delta.view(*lead, n_chunks, chunk)
+    du = (delta * u).view(*lead, n_chunks, chunk)
+    b_c = B.view(bsz, groups, n, n_chunks, chunk).permute(0, 1, 3, 4, 2)[:, :, None]  # (b, g, 1, c, T, n)
+    c_c = C.view(bsz, groups, n, n_chunks, chunk).permute(0, 1, 3, 4, 2)[:, :, None]  # (b, g, 1, c, T, n)
+    a_b = A.view(groups, d // groups, 1, n)  # (g, d/g, 1, n)
 
-    h = u.new_zeros(bsz, d, n_chunks, n)
-    decay = u.new_ones(bsz, d, n_chunks, n)
+    h = u.new_zeros(*lead, n_chunks, n)
+    decay = u.new_ones(*lead, n_chunks, n)
     ys = []
     for t in range(chunk):  # pass 1: zero-state recurrence inside every chunk at once
-        a_t = torch.exp(delta_c[:, :, :, t, None] * a_b)  # (b, d, c, n)
-        h = a_t * h + du[:, :, :, t, None] * b_c[:, :, :, t]
+        a_t = torch.exp(delta_c[..., t, None] * a_b)  # (b, g, d/g, c, n)
+        h = a_t * h + du[..., t, None] * b_c[..., t, :]
         decay = decay * a_t
-        ys.append((h * c_c[:, :, :, t]).sum(-1))  # (b, d, c)
+        ys.append((h * c_c[..., t, :]).sum(-1))  # (b, g, d/g, c)
     if n_chunks > 1:
-        starts = [h.new_zeros(bsz, d, n)]
+        starts = [h.new_zeros(*lead, n)]
         for c in range(n_chunks - 1):  # carry: start_{c+1} = decay_c * start_c + h_end_c
-            starts.append(decay[:, :, c] * starts[-1] + h[:, :, c])
-        g = torch.stack(starts, dim=2)  # (b, d, c, n)
+            starts.append(decay[..., c, :] * starts[-1] + h[..., c, :])
+        g = torch.stack(starts, dim=-2)  # (b, g, d/g, c, n)
         for t in range(chunk):  # pass 2: the start state decays through the chunk
-            g = torch.exp(delta_c[:, :, :, t, None] * a_b) * g
-            ys[t] = ys[t] + (g * c_c[:, :, :, t]).sum(-1)
+            g = torch.exp(delta_c[..., t, None] * a_b) * g
+            ys[t] = ys[t] + (g * c_c[..., t, :]).sum(-1)
     y = torch.stack(ys, dim=-1).reshape(bsz, d, n_chunks * chunk)[:, :, :length]  # (b, d, l)
     return y + D[None, :, None] * u[:, :, :length]
+
+
+# ---------------------------------------------------------------------------------------------
+# The custom op: a materialised chunked scan and its hand-written backward (reverse-time adjoint)
+#
+# Tensors below are "time-major within chunks": (T, b, g, d/g, c[, n]) for T steps per chunk and
+# c chunks, so that step t of every chunk is one contiguous slice and each step of the loops is a
+# single fused ``addcmul`` kernel.
+
+
+def _to_chunks(x: torch.Tensor, n_chunks: int, chunk: int) -> torch.Tensor:
+    """``(b, g, d/g, L)`` -> time-major view ``(T, b, g, d/g, c)``."""
+    return x.unflatten(-1, (n_chunks, chunk)).movedim(-1, 0)
+
+
+def _bc_to_chunks(B: torch.Tensor, n_chunks: int, chunk: int) -> torch.Tensor:
+    """``(b, g, n, L)`` -> time-major view ``(T, b, g, 1, c, n)`` broadcasting over channels."""
+    return B.unflatten(-1, (n_chunks, chunk)).permute(4, 0, 1, 3, 2)[:, :, :, None]
+
+
+def _from_chunks(x: torch.Tensor) -> torch.Tensor:
+    """Inverse of ``_to_chunks`` (also for ``(T, b, g, c, n)`` -> ``(b, g, n, L)`` via the caller)."""
+    return x.movedim(0, -1).flatten(-2)
+
+
+def _chunked_states(delta_t: torch.Tensor, A: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """Every state of ``h_t = exp(delta_t A) h_{t-1} + x_t`` from ``h = 0``, overwriting ``x``.
+
+    ``delta_t`` is ``(T, b, g, d/g, c)``, ``A`` ``(g, d/g, n)`` and ``x`` ``(T, b, g, d/g, c, n)``
+    contiguous. Pass 1 runs the recurrence inside every chunk at once from a zero state, a short
+    loop carries the true start states across chunks with the chunk decays, and one bulk update
+    adds each start state's decay ``exp(A * cumsum(delta))``: exponents are <= 0, so nothing can
+    overflow (only dividing by a cumulative decay could, which this never does).
+    """
+    chunk, n_chunks = x.shape[0], x.shape[-2]
+    a_exp = A[:, :, None, :]  # (g, d/g, 1, n) against (..., c, n)
+    decay = torch.exp(delta_t[..., None] * a_exp)  # (T, b, g, d/g, c, n)
+    for t in range(1, chunk):
+        torch.addcmul(x[t], decay[t], x[t - 1], out=x[t])
+    if n_chunks == 1:
+        return x
+    cum_delta = delta_t.cumsum(0)
+    chunk_decay = torch.exp(cum_delta[-1][..., None] * a_exp).movedim(-2, 0)  # (c, b, g, d/g, n)
+    ends = x[-1].movedim(-2, 0)
+    starts = torch.zeros_like(chunk_decay)
+    for c in range(1, n_chunks):  # start_c = decay_{c-1} * start_{c-1} + h_end_{c-1}
+        torch.addcmul(ends[c - 1], chunk_decay[c - 1], starts[c - 1], out=starts[c])
+    torch.exp(cum_delta[..., None] * a_exp, out=decay)  # decay of the start state up to step t
+    return x.addcmul_(decay, starts.movedim(0, -2))
+
+
+class _ScanShapes:
+    """Padded, grouped views shared by the forward and backward of the op."""
+
+    def __init__(self, u: torch.Tensor, A: torch.Tensor, B: torch.Tensor) -> None:
+        self.bsz, self.d, self.length = u.shape
+        self.n = A.shape[1]
+        self.groups = B.shape[1] if B.dim() == 4 else 1
+        self.chunk = max(1, min(default_chunk(self.length), self.length))
+        self.n_chunks = math.ceil(self.length / self.chunk)
+        self.pad = self.n_chunks * self.chunk - self.length
+
+    def seq(self, x: torch.Tensor) -> torch.Tensor:
+        """``(b, d, l)`` -> padded time-major ``(T, b, g, d/g, c)``."""
+        x = F.pad(x, (0, self.pad)) if self.pad else x
+        return _to_chunks(x.reshape(self.bsz, self.groups, -1, x.shape[-1]), self.n_chunks, self.chunk)
+
+    def bc(self, B: torch.Tensor) -> torch.Tensor:
+        """``(b, [g,] n, l)`` -> padded time-major ``(T, b, g, 1, c, n)``."""
+        B = _grouped(B)
+        return _bc_to_chunks(F.pad(B, (0, self.pad)) if self.pad else B, self.n_chunks, self.chunk)
+
+    def unseq(self, x: torch.Tensor) -> torch.Tensor:
+        """``(T, b, g, d/g, c)`` -> ``(b, d, l)``."""
+        return _from_chunks(x).reshape(self.bsz, self.d, -1)[..., : self.length]
+
+    def unbc(self, x: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+        """``(T, b, g, c, n)`` -> the layout of ``like`` (``(b, [g,] n, l)``)."""
+        x = x.permute(1, 2, 4, 3, 0).flatten(-2)[..., : self.length]  # (b, g, n, l)
+        return x.reshape(like.shape)
+
+
+# Channels are processed in slabs of at most this many (b, d/g, l, n) elements, so the materialised
+# states stay bounded (256 MiB per float32 buffer) on large images; training patches fit one slab.
+SLAB_ELEMENTS = 2**26
+
+
+def _slabs(shapes: _ScanShapes) -> list[slice]:
+    """Slices of the per-group channel axis, each at most ``SLAB_ELEMENTS`` state elements."""
+    per_group = shapes.d // shapes.groups
+    per_channel = shapes.bsz * shapes.groups * shapes.n_chunks * shapes.chunk * shapes.n
+    step = max(1, SLAB_ELEMENTS // per_channel)
+    return [slice(i, min(i + step, per_group)) for i in range(0, per_group, step)]
+
+
+def _scan_op_forward(u, delta, A, B, C, D) -> torch.Tensor:
+    shapes = _ScanShapes(u, A, B)
+    a_g = A.view(shapes.groups, -1, shapes.n)
+    delta_t, du_t = shapes.seq(delta), shapes.seq(delta * u)
+    b_t, c_t = shapes.bc(B), shapes.bc(C)
+    y = delta_t.new_empty(delta_t.shape)  # (T, b, g, d/g, c)
+    for sl in _slabs(shapes):
+        h = _chunked_states(delta_t[:, :, :, sl], a_g[:, sl], du_t[:, :, :, sl, :, None] * b_t)
+        y[:, :, :, sl] = torch.linalg.vecdot(h, c_t)
+    return shapes.unseq(y) + D[None, :, None] * u
+
+
+def _scan_op_backward(u, delta, A, B, C, D, grad_y):
+    """Gradients of the scan by its adjoint: ``lam_t = C_t gy_t + a_{t+1} lam_{t+1}`` (a reverse scan).
+
+    With the states ``h_t`` (recomputed in bulk, without autograd) and ``lam_t``: ``dC_t = sum_d gy h_t``,
+    ``d(delta u)_t = lam_t . B_t``, ``dB_t = sum_d lam_t delta_t u_t``, and the decay's gradient
+    ``G_t = lam_t * a_t h_{t-1} = lam_t * (h_t - delta_t u_t B_t)`` gives ``dA = sum G delta`` and
+    ``d delta = G . A + u d(delta u)``.
+    """
+    shapes = _ScanShapes(u, A, B)
+    a_g = A.view(shapes.groups, -1, shapes.n)
+    delta_t, u_t, gy_t = shapes.seq(delta), shapes.seq(u), shapes.seq(grad_y)
+    b_t = shapes.bc(B)
+    du_t = delta_t * u_t
+    # the adjoint is a forward scan of the reversed sequence whose decays are shifted by one step:
+    # reversed step s uses a_{L-s}, and step 0 (decaying a zero state) gets delta = 0
+    length = shapes.n_chunks * shapes.chunk
+    delta_pad = F.pad(delta, (0, shapes.pad)) if shapes.pad else delta
+    rev = _ScanShapes(u.new_empty(shapes.bsz, shapes.d, length), A, _grouped(C))
+    delta_rev = rev.seq(F.pad(delta_pad.flip(-1)[..., :-1], (1, 0)))
+    grad_rev = rev.seq(F.pad(grad_y, (0, shapes.pad)).flip(-1))
+    c_rev = rev.bc(F.pad(_grouped(C), (0, shapes.pad)).flip(-1))
+
+    grad_b = grad_c = None
+    grad_a = torch.empty_like(a_g)
+    grad_delta = torch.empty_like(delta_t)
+    grad_du = torch.empty_like(delta_t)
+    for sl in _slabs(shapes):
+        h = _chunked_states(delta_t[:, :, :, sl], a_g[:, sl], du_t[:, :, :, sl, :, None] * b_t)
+        lam = _chunked_states(delta_rev[:, :, :, sl], a_g[:, sl], grad_rev[:, :, :, sl, :, None] * c_rev)
+        lam = lam.flip(0, -2)  # back to forward time: reversing both the steps and the chunks
+        part_c = torch.einsum("tbgdc,tbgdcn->tbgcn", gy_t[:, :, :, sl], h)
+        part_b = torch.einsum("tbgdcn,tbgdc->tbgcn", lam, du_t[:, :, :, sl])
+        grad_c = part_c if grad_c is None else grad_c + part_c
+        grad_b = part_b if grad_b is None else grad_b + part_b
+        grad_du[:, :, :, sl] = torch.linalg.vecdot(lam, b_t)
+        decay_grad = h.sub_(du_t[:, :, :, sl, :, None] * b_t).mul_(lam)  # G_t = lam_t * a_t h_{t-1}
+        grad_a[:, sl] = torch.einsum("tbgdcn,tbgdc->gdn", decay_grad, delta_t[:, :, :, sl])
+        grad_delta[:, :, :, sl] = torch.einsum("tbgdcn,gdn->tbgdc", decay_grad, a_g[:, sl])
+    grad_delta += grad_du * u_t
+    grad_u = shapes.unseq(grad_du * delta_t) + D[None, :, None] * grad_y
+    grad_d = (grad_y * u).sum((0, 2))
+    return (
+        grad_u,
+        shapes.unseq(grad_delta),
+        grad_a.reshape(A.shape),
+        shapes.unbc(grad_b, B),
+        shapes.unbc(grad_c, C),
+        grad_d,
+    )
 
 
 @torch.library.custom_op("ehrsr::selective_scan", mutates_args=())
 def _selective_scan_op(
     u: torch.Tensor, delta: torch.Tensor, A: torch.Tensor, B: torch.Tensor, C: torch.Tensor, D: torch.Tensor
 ) -> torch.Tensor:
-    return selective_scan_parallel(u, delta, A, B, C, D)
+    _check_shapes(u, delta, A, B, C, D)
+    return _scan_op_forward(u, delta, A, B, C, D)
 
 
 @_selective_scan_op.register_fake
@@ -154,16 +337,13 @@ def _selective_scan_fake(u, delta, A, B, C, D):
 
 
 def _selective_scan_setup(ctx, inputs, output) -> None:
+    # only the inputs are kept: the backward recomputes the states in bulk (a few large kernels),
+    # which costs less than keeping a (b, d, l, n) tensor alive from forward to backward
     ctx.save_for_backward(*inputs)
 
 
 def _selective_scan_backward(ctx, grad_y):
-    # Recompute the forward under autograd: memory stays O(input) between forward and backward,
-    # at the price of a second forward pass of the scan.
-    inputs = [t.detach().requires_grad_(True) for t in ctx.saved_tensors]
-    with torch.enable_grad():
-        y = selective_scan_parallel(*inputs)
-    return torch.autograd.grad(y, inputs, grad_y, allow_unused=True)
+    return _scan_op_backward(*ctx.saved_tensors, grad_y.contiguous())
 
 
 _selective_scan_op.register_autograd(_selective_scan_backward, setup_context=_selective_scan_setup)
@@ -259,30 +439,29 @@ class SSMBlock(nn.Module):
         xs, z = xz.chunk(2, dim=1)  # (B, E, H, W) each
         xs = self.act(self.dwconv(xs))
         compute_dtype = torch.promote_types(x.dtype, torch.float32)
-        tokens = xs.flatten(2)  # (B, E, L)
-        y = None
+        k_dirs, inner, n = self.directions, self.inner, self.d_state
+        orders = torch.stack(_scan_orders(height, width, k_dirs, x.device))  # (K, L)
         with torch.autocast(device_type=x.device.type, enabled=False):
-            for k, order in enumerate(_scan_orders(height, width, self.directions, x.device)):
-                seq = tokens[:, :, order].to(compute_dtype)  # (B, E, L)
-                proj = F.linear(seq.transpose(1, 2), self.x_proj[k].weight.to(compute_dtype))  # (B, L, R+2N)
-                dt, b_mat, c_mat = proj.split([self.dt_rank, self.d_state, self.d_state], dim=-1)
-                dt_proj = self.dt_proj[k]
-                delta = F.linear(dt, dt_proj.weight.to(compute_dtype), dt_proj.bias.to(compute_dtype))
-                delta = F.softplus(delta).transpose(1, 2)  # (B, E, L)
-                a_mat = -torch.exp(self.A_log[k].to(compute_dtype))  # (E, N)
-                y_k = selective_scan(
-                    seq.contiguous(),
-                    delta.contiguous(),
-                    a_mat,
-                    b_mat.transpose(1, 2).contiguous(),  # (B, N, L)
-                    c_mat.transpose(1, 2).contiguous(),
-                    self.D[k].to(compute_dtype),
-                    impl=self.scan_impl,
-                )
-                inverse = torch.empty_like(order)
-                inverse[order] = torch.arange(order.numel(), device=order.device)
-                y_k = y_k[:, :, inverse]  # back to row-major
-                y = y_k if y is None else y + y_k
-        y = y.to(x.dtype).view(bsz, self.inner, height, width)
+            # all directions in one scan call (VMamba's layout): the K sequences are stacked along
+            # the channels, each direction's B and C form one channel group of the scan
+            seq = xs.flatten(2)[:, :, orders].to(compute_dtype).transpose(1, 2)  # (B, K, E, L)
+            x_w = torch.stack([p.weight for p in self.x_proj]).to(compute_dtype)  # (K, R+2N, E)
+            proj = torch.einsum("bkel,kre->bkrl", seq, x_w)  # (B, K, R+2N, L)
+            dt, b_mat, c_mat = proj.split([self.dt_rank, n, n], dim=2)
+            dt_w = torch.stack([p.weight for p in self.dt_proj]).to(compute_dtype)  # (K, E, R)
+            dt_b = torch.stack([p.bias for p in self.dt_proj]).to(compute_dtype)  # (K, E)
+            delta = F.softplus(torch.einsum("bkrl,ker->bkel", dt, dt_w) + dt_b[None, :, :, None])
+            y = selective_scan(
+                seq.reshape(bsz, k_dirs * inner, -1),
+                delta.reshape(bsz, k_dirs * inner, -1),
+                -torch.exp(self.A_log.to(compute_dtype)).reshape(k_dirs * inner, n),
+                b_mat.contiguous(),  # (B, K, N, L)
+                c_mat.contiguous(),
+                self.D.to(compute_dtype).reshape(-1),
+                impl=self.scan_impl,
+            ).view(bsz, k_dirs, inner, -1)
+            inverse = torch.argsort(orders, dim=1)  # each direction's tokens back to row-major
+            y = torch.gather(y, 3, inverse[None, :, None, :].expand_as(y)).sum(1)  # (B, E, L)
+        y = y.to(x.dtype).view(bsz, inner, height, width)
         y = self.out_norm(y) * self.act(z)
         return x + self.drop_path(self.out_proj(y))

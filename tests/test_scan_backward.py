@@ -1,0 +1,112 @@
+"""The selective-scan op's hand-written backward (issue 15) against the reference loop's autograd."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from ehrsr.blocks import SSMBlock, selective_scan_sequential
+from ehrsr.blocks import ssm as ssm_module
+
+
+def _inputs(b: int, d: int, n: int, length: int, groups: int, seed: int) -> list[torch.Tensor]:
+    gen = torch.Generator().manual_seed(seed)
+    bc = (b, groups, n, length) if groups > 1 else (b, n, length)
+    f64 = {"dtype": torch.float64, "generator": gen}
+    return [
+        torch.randn(b, d, length, **f64),  # u
+        torch.nn.functional.softplus(torch.randn(b, d, length, **f64)),  # delta
+        -torch.exp(torch.randn(d, n, **f64)),  # A
+        torch.randn(*bc, **f64),  # B
+        torch.randn(*bc, **f64),  # C
+        torch.randn(d, **f64),  # D
+    ]
+
+
+NAMES = ("u", "delta", "A", "B", "C", "D")
+
+
+# groups = scan directions stacked along the channels (1, 2, 4); lengths odd, shorter and longer
+# than a chunk, and a multiple of it
+@pytest.mark.parametrize("groups", [1, 2, 4])
+@pytest.mark.parametrize("length", [1, 7, 33, 65, 127])
+def test_op_gradients_equal_reference_autograd(groups: int, length: int) -> None:
+    inputs = _inputs(2, 4 * groups, 3, length, groups, seed=length + groups)
+    ref = [t.clone().requires_grad_() for t in inputs]
+    fast = [t.clone().requires_grad_() for t in inputs]
+    y_ref = selective_scan_sequential(*ref)
+    y_fast = torch.ops.ehrsr.selective_scan(*fast)
+    torch.testing.assert_close(y_fast, y_ref, atol=1e-10, rtol=1e-10)
+    weight = torch.randn(y_ref.shape, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
+    (y_ref * weight).sum().backward()
+    (y_fast * weight).sum().backward()
+    for name, r, f in zip(NAMES, ref, fast):
+        assert f.grad is not None, name
+        torch.testing.assert_close(f.grad, r.grad, atol=1e-5, rtol=1e-5, msg=lambda m, name=name: f"{name}: {m}")
+
+
+def test_backward_does_not_recompute_under_autograd(monkeypatch: pytest.MonkeyPatch) -> None:
+    # the old formula re-ran selective_scan_parallel under autograd; the new one must not call it
+    calls = []
+    real = ssm_module.selective_scan_parallel
+    monkeypatch.setattr(ssm_module, "selective_scan_parallel", lambda *a, **k: calls.append(1) or real(*a, **k))
+    inputs = [t.requires_grad_() for t in _inputs(1, 4, 2, 20, 1, seed=0)]
+    torch.ops.ehrsr.selective_scan(*inputs).sum().backward()
+    assert calls == [] and all(t.grad is not None for t in inputs)
+
+
+def test_gradcheck_custom_op() -> None:
+    inputs = [t.requires_grad_() for t in _inputs(1, 4, 2, 9, 2, seed=3)]
+    assert torch.autograd.gradcheck(torch.ops.ehrsr.selective_scan, inputs, eps=1e-6, atol=1e-6)
+
+
+def test_float32_gradients_close_to_float64() -> None:
+    inputs = _inputs(1, 8, 4, 300, 2, seed=5)
+    grads = {}
+    for dtype in (torch.float64, torch.float32):
+        xs = [t.detach().to(dtype).requires_grad_() for t in inputs]
+        torch.ops.ehrsr.selective_scan(*xs).square().sum().backward()
+        grads[dtype] = [x.grad.double() for x in xs]
+    for name, g64, g32 in zip(NAMES, grads[torch.float64], grads[torch.float32]):
+        scale = g64.abs().max().clamp_min(1.0)
+        assert ((g32 - g64).abs().max() / scale).item() < 1e-4, name
+
+
+@pytest.mark.parametrize("directions", [1, 2, 4])
+def test_block_gradients_equal_sequential_reference(directions: int) -> None:
+    # the block's directions go through one batched scan call; the parameters' gradients must equal
+    # those of the reference loop run on the same stacked inputs
+    torch.manual_seed(directions)
+    block = SSMBlock(6, d_state=3, directions=directions).double()
+    x = torch.randn(2, 6, 5, 7, dtype=torch.float64)
+    grads = {}
+    for impl in ("parallel", "sequential"):
+        block.zero_grad(set_to_none=True)
+        block.scan_impl = impl
+        block(x).square().sum().backward()
+        grads[impl] = {k: p.grad.clone() for k, p in block.named_parameters()}
+    for name, g in grads["sequential"].items():
+        torch.testing.assert_close(grads["parallel"][name], g, atol=1e-8, rtol=1e-6, msg=lambda m, n=name: f"{n}: {m}")
+
+
+def test_batched_directions_call_the_scan_once(monkeypatch: pytest.MonkeyPatch) -> None:
+    calls = []
+    real = ssm_module.selective_scan
+    monkeypatch.setattr(ssm_module, "selective_scan", lambda *a, **k: calls.append(a[3].shape) or real(*a, **k))
+    SSMBlock(6, d_state=3, directions=4)(torch.randn(1, 6, 4, 5))
+    assert calls == [torch.Size([1, 4, 3, 20])]  # B: (batch, directions, d_state, length)
+
+
+def test_channel_slabs_give_the_same_values_and_gradients(monkeypatch: pytest.MonkeyPatch) -> None:
+    # large inputs are processed in slabs of channels to bound memory; force several slabs here
+    inputs = _inputs(2, 12, 3, 41, 2, seed=9)
+    results = {}
+    for slab in (ssm_module.SLAB_ELEMENTS, 2 * 3 * 41):  # one slab; then about one channel per slab
+        monkeypatch.setattr(ssm_module, "SLAB_ELEMENTS", slab)
+        xs = [t.clone().requires_grad_() for t in inputs]
+        y = torch.ops.ehrsr.selective_scan(*xs)
+        y.square().sum().backward()
+        results[slab] = [y.detach()] + [x.grad for x in xs]
+    assert len(ssm_module._slabs(ssm_module._ScanShapes(inputs[0], inputs[2], inputs[3]))) > 1
+    for a, b in zip(*results.values()):
+        torch.testing.assert_close(a, b, atol=1e-12, rtol=1e-12)
