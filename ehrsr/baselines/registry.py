@@ -25,9 +25,9 @@ from ehrsr.baselines.rlfn import RLFN
 from ehrsr.baselines.skip import BicubicSkip
 
 __all__ = [
+    "SIZE_CLASSES",
     "BaselineInfo",
     "BaselineUnavailable",
-    "SIZE_CLASSES",
     "UnknownBaseline",
     "available_baselines",
     "baseline_label",
@@ -71,7 +71,7 @@ class _PLKSRResidual(nn.Module):
         self.feats = plksr.feats
         self.to_img = plksr.to_img
 
-    def forward(self, x):  # noqa: ANN001, ANN201 - same signature as the wrapped network
+    def forward(self, x):
         return self.to_img(self.feats(x))
 
 
