@@ -1,0 +1,43 @@
+"""Fixed tiles of the built-in validation images as separate evaluation units.
+
+The built-in validation split has two photographs (chelsea, coffee). A mean over two images gives
+a paired comparison one degree of freedom: almost no power (``docs/statistics.md``). Cutting each
+degraded image into fixed, non-overlapping LR tiles (and the matching HR tiles) makes 18 units at
+x4, each evaluated on its own. Tiles of one photograph are not independent samples of "new
+images": they share its content statistics, so an interval over tiles speaks for these two
+photographs' regions; real benchmark folders (``--val-dir``) are evaluated whole, unchanged.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from ehrsr.data.datasets import ValSet
+
+__all__ = ["BUILTIN_VAL_TILE_LR", "tile_val_set"]
+
+BUILTIN_VAL_TILE_LR = 32  # LR pixels per tile side: 128 HR at x4, 18 tiles over chelsea + coffee
+
+
+def tile_val_set(val: ValSet, tile_lr: int = BUILTIN_VAL_TILE_LR) -> ValSet:
+    """Every image of ``val`` cut into non-overlapping ``tile_lr`` x ``tile_lr`` LR tiles (and the
+    aligned HR tiles), row-major from the top-left; a remainder narrower than a tile is dropped.
+    Tiles are named ``{image}@r{row}c{col}``. The LR pixels are those of the whole degraded image,
+    so the degradation has no tile-boundary effects; the model sees each tile alone."""
+    scale = val.scale
+    names, lr_tiles, hr_tiles = [], [], []
+    for item in val:
+        rows, cols = item.lr.shape[0] // tile_lr, item.lr.shape[1] // tile_lr
+        if rows == 0 or cols == 0:
+            raise ValueError(f"validation image {item.name} ({item.lr.shape[1]}x{item.lr.shape[0]} LR) is smaller than a {tile_lr} px tile")
+        for r in range(rows):
+            for c in range(cols):
+                lr = item.lr[r * tile_lr : (r + 1) * tile_lr, c * tile_lr : (c + 1) * tile_lr]
+                hr = item.hr[r * tile_lr * scale : (r + 1) * tile_lr * scale, c * tile_lr * scale : (c + 1) * tile_lr * scale]
+                names.append(f"{item.name}@r{r}c{c}")
+                lr_tiles.append(np.ascontiguousarray(lr))
+                hr_tiles.append(np.ascontiguousarray(hr))
+    description = f"{val.description}; cut into {len(names)} fixed {tile_lr}x{tile_lr} LR tiles (evaluation units)"
+    return ValSet.from_images(
+        hr_tiles, val.task, names=names, lr_images=lr_tiles, description=description, is_builtin=val.is_builtin
+    )
