@@ -53,7 +53,7 @@ def main() -> None:
     print(f"\nconfiguration {config and space.suggest(trial, scale=4).summary()}, {args.steps} steps, lr {args.lr}")
     print("| validation | units | PSNR-Y delta seed1-seed0 (dB), 95 % CI (t) | MDE (dB, alpha 0.05, power 0.8) |")
     print("|---|---|---|---|")
-    for label, index in (("2 whole images", 0), ("18 fixed 32 px LR tiles (new default)", 1)):
+    for label, index in (("2 whole images", 0), ("18 fixed 128 px HR tiles (new default)", 1)):
         deltas = np.array(per_seed[1][index].psnr_per_image) - np.array(per_seed[0][index].psnr_per_image)
         interval = paired_interval(deltas, method="t")
         print(f"| {label} | {deltas.size} | {interval.mean:+.4f} [{interval.low:+.4f}, {interval.high:+.4f}] | "

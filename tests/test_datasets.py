@@ -78,7 +78,7 @@ def builtin(tmp_path_factory):
 def test_builtin_split_is_fixed_colour_only_and_disjoint(builtin):
     _, train, val = builtin
     assert train.names == [n.rsplit(".", 1)[0] for n in BUILTIN_TRAIN]
-    # built-in validation images are evaluated as fixed 32 px LR tiles: 3x2 of chelsea, 4x3 of coffee
+    # built-in validation images are evaluated as fixed 128 px HR (32 px LR) tiles: 3x2 of chelsea, 4x3 of coffee
     assert sorted({n.split("@")[0] for n in val.names}) == [n.rsplit(".", 1)[0] for n in BUILTIN_VAL]
     assert len(val) == 18 and val.names[:2] == ["chelsea@r0c0", "chelsea@r0c1"] and val.names[-1] == "coffee@r2c3"
     assert not set(train.names) & set(val.names)

@@ -2,8 +2,8 @@
 
 The built-in validation split has two photographs (chelsea, coffee). A mean over two images gives
 a paired comparison one degree of freedom: almost no power (``docs/statistics.md``). Cutting each
-degraded image into fixed, non-overlapping LR tiles (and the matching HR tiles) makes 18 units at
-x4, each evaluated on its own. Tiles of one photograph are not independent samples of "new
+degraded image into fixed, non-overlapping tiles of about 128x128 HR pixels (the matching LR tiles
+are 128 // scale wide) makes 18 units at every scale, each evaluated on its own. Tiles of one photograph are not independent samples of "new
 images": they share its content statistics, so an interval over tiles speaks for these two
 photographs' regions; real benchmark folders (``--val-dir``) are evaluated whole, unchanged.
 """
@@ -14,17 +14,24 @@ import numpy as np
 
 from ehrsr.data.datasets import ValSet
 
-__all__ = ["BUILTIN_VAL_TILE_LR", "tile_val_set"]
+__all__ = ["BUILTIN_VAL_TILE_HR", "tile_val_set"]
 
-BUILTIN_VAL_TILE_LR = 32  # LR pixels per tile side: 128 HR at x4, 18 tiles over chelsea + coffee
+# HR pixels per tile side: 18 tiles over chelsea (3x2) + coffee (4x3) at every scale, each large
+# enough for SSIM's 11x11 window after the crop and for the tiny space's 4-level-free networks
+BUILTIN_VAL_TILE_HR = 128
 
 
-def tile_val_set(val: ValSet, tile_lr: int = BUILTIN_VAL_TILE_LR) -> ValSet:
+def tile_val_set(val: ValSet, tile_lr: int | None = None) -> ValSet:
     """Every image of ``val`` cut into non-overlapping ``tile_lr`` x ``tile_lr`` LR tiles (and the
     aligned HR tiles), row-major from the top-left; a remainder narrower than a tile is dropped.
     Tiles are named ``{image}@r{row}c{col}``. The LR pixels are those of the whole degraded image,
-    so the degradation has no tile-boundary effects; the model sees each tile alone."""
+    so the degradation has no tile-boundary effects; the model sees each tile alone. Default
+    ``tile_lr``: ``BUILTIN_VAL_TILE_HR // scale``."""
     scale = val.scale
+    if tile_lr is None:
+        tile_lr = BUILTIN_VAL_TILE_HR // scale
+    if tile_lr < 1:
+        raise ValueError(f"tile_lr must be >= 1, got {tile_lr}")
     names, lr_tiles, hr_tiles = [], [], []
     for item in val:
         rows, cols = item.lr.shape[0] // tile_lr, item.lr.shape[1] // tile_lr
