@@ -74,7 +74,7 @@ def main() -> None:
                 f"{interval.mean:+.2f} [{interval.low:+.2f}, {interval.high:+.2f}]",
                 verdict(interval, higher_is_better=True),
             ])
-            print(f"[baselines] {rows[-1][0]}: {result.psnr:.2f} dB in {time.perf_counter() - start:.0f} s", flush=True)
+            print(f"[baselines] {' | '.join(rows[-1])} ({time.perf_counter() - start:.0f} s)", flush=True)
     print_table(
         ["model", "params (K)", "MACs 256² (G)", "CPU ms 64² (1 thr)", "PSNR-Y (dB)", "vs bicubic, 95 % CI (dB)", "verdict"],
         rows,
