@@ -13,7 +13,7 @@ Columns:
 * ``published``: the number and its source; "n/a" where no NTIRE-convention figure was sourced.
 
 Models: spandrel 0.4.2 builds SPAN, PLKSR, RealPLKSR, SAFMN and OmniSR without weights (the
-``baselines`` extra); RLFN is re-implemented in ``reference_models.py`` (spandrel has no RLFN);
+``baselines`` extra); RLFN is implemented in ``ehrsr.baselines.rlfn`` (spandrel has no RLFN);
 EFDN is listed with its published figure only (spandrel has no EFDN and it was not re-implemented).
 
     PYTHONPATH=. python benchmarks/profile_reference.py [--size 256]
@@ -22,19 +22,15 @@ EFDN is listed with its published figure only (spandrel has no EFDN and it was n
 from __future__ import annotations
 
 import argparse
-import sys
 import time
 import warnings
 from collections.abc import Callable
-from pathlib import Path
 
 import torch
 from torch import nn
 
+from ehrsr.baselines.rlfn import RLFN
 from ehrsr.profiling import count_macs
-
-sys.path.insert(0, str(Path(__file__).parent))
-from reference_models import RLFN
 
 NTIRE_2026 = "NTIRE 2026 ESR README (Amazingren/NTIRE2026_ESR), baseline SPAN"
 NTIRE_2025 = "NTIRE 2025 ESR README (Amazingren/NTIRE2025_ESR), baseline EFDN"

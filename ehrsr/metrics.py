@@ -44,10 +44,13 @@ __all__ = [
     "ALEXNET_WEIGHTS_FILE",
     "LPIPS",
     "LPIPS_WEIGHTS_FILE",
+    "PER_IMAGE_DECIMALS",
     "BicubicUpsampler",
     "EvalResult",
     "LPIPSUnavailable",
     "bicubic_baseline",
+    "decode_per_image",
+    "encode_per_image",
     "evaluate",
     "psnr",
     "rgb_to_y",
@@ -362,6 +365,45 @@ class EvalResult:
     per_image: list[dict[str, Any]] = field(default_factory=list)
     seconds: float = 0.0
     convention: str = ""
+
+    @property
+    def image_names(self) -> list[str]:
+        """Names of the evaluated images (evaluation units), in evaluation order."""
+        return [row["name"] for row in self.per_image]
+
+    @property
+    def psnr_per_image(self) -> list[float]:
+        return [float(row["psnr"]) for row in self.per_image]
+
+    @property
+    def ssim_per_image(self) -> list[float]:
+        return [float(row["ssim"]) for row in self.per_image]
+
+
+PER_IMAGE_DECIMALS = 4  # 1e-4 dB / 1e-4 SSIM: far below any difference the statistics resolve
+
+
+def encode_per_image(result: EvalResult) -> dict[str, list[float]]:
+    """Per-image PSNR / SSIM as a compact JSON-able dict ``{name: [psnr, ssim]}`` rounded to
+    :data:`PER_IMAGE_DECIMALS` decimals, for an Optuna user attribute (``decode_per_image`` reads it).
+    An infinite PSNR (identical images) is stored as ``None`` (JSON has no infinity)."""
+    encoded = {}
+    for name, p, s in zip(result.image_names, result.psnr_per_image, result.ssim_per_image):
+        encoded[name] = [round(p, PER_IMAGE_DECIMALS) if math.isfinite(p) else None, round(s, PER_IMAGE_DECIMALS)]
+    return encoded
+
+
+def decode_per_image(encoded: Any) -> dict[str, tuple[float, float]]:
+    """``{name: (psnr, ssim)}`` from :func:`encode_per_image`'s output; ``ValueError`` if malformed."""
+    if not isinstance(encoded, dict):
+        raise ValueError(f"per-image quality must be a dict {{name: [psnr, ssim]}}, got {type(encoded).__name__}")
+    decoded = {}
+    for name, pair in encoded.items():
+        if not isinstance(pair, (list, tuple)) or len(pair) != 2:
+            raise ValueError(f"per-image quality of {name!r} must be [psnr, ssim], got {pair!r}")
+        p, s = pair
+        decoded[str(name)] = (math.inf if p is None else float(p), float(s))
+    return decoded
 
 
 def _pad_to_multiple(x: torch.Tensor, multiple: int) -> torch.Tensor:

@@ -80,7 +80,9 @@ def builtin(tmp_path_factory):
 def test_builtin_split_is_fixed_colour_only_and_disjoint(builtin):
     _, train, val = builtin
     assert train.names == [n.rsplit(".", 1)[0] for n in BUILTIN_TRAIN]
-    assert val.names == ["chelsea", "coffee"] == [n.rsplit(".", 1)[0] for n in BUILTIN_VAL]
+    # built-in validation images are evaluated as fixed 128 px HR (32 px LR) tiles: 3x2 of chelsea, 4x3 of coffee
+    assert sorted({n.split("@")[0] for n in val.names}) == [n.rsplit(".", 1)[0] for n in BUILTIN_VAL]
+    assert len(val) == 18 and val.names[:2] == ["chelsea@r0c0", "chelsea@r0c1"] and val.names[-1] == "coffee@r2c3"
     assert not set(train.names) & set(val.names)
     assert "camera" not in train.names + val.names  # grayscale images are left out
     assert train.is_builtin and val.is_builtin
@@ -89,12 +91,12 @@ def test_builtin_split_is_fixed_colour_only_and_disjoint(builtin):
 
 def test_builtin_val_lr_is_rounded_matlab_bicubic_of_mod_cropped_hr(builtin):
     _, _, val = builtin
-    item = val[0]
+    item = val[1]  # chelsea's tile in row 0, column 1: LR columns 32-63 of the whole degraded image
     chelsea = skimage.data.chelsea()  # 300 x 451
-    np.testing.assert_array_equal(item.hr, chelsea[:300, :448])
+    np.testing.assert_array_equal(item.hr, chelsea[:128, 128:256])
     expected = np.clip(np.round(imresize(chelsea[:300, :448] / 255.0, 0.25) * 255), 0, 255).astype(np.uint8)
-    np.testing.assert_array_equal(item.lr, expected)
-    assert item.lr.shape == (75, 112, 3) and item.lr.dtype == np.uint8
+    np.testing.assert_array_equal(item.lr, expected[:32, 32:64])
+    assert item.lr.shape == (32, 32, 3) and item.lr.dtype == np.uint8
 
 
 def test_second_preparation_loads_the_cache_without_decoding_or_resizing(builtin, monkeypatch):

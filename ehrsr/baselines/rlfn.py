@@ -1,11 +1,11 @@
-"""Reference efficient-SR models that spandrel 0.4.2 does not ship, re-implemented for counting.
+"""RLFN, an efficient-SR baseline that spandrel 0.4.2 does not ship, written for this package.
 
 RLFN (Kong et al., "Residual Local Feature Network for Efficient Super-Resolution", CVPRW 2022),
 in the pruned configuration that served as the NTIRE 2024 ESR baseline: 46 feature channels,
 48 mid channels, 16 ESA channels, four residual local feature blocks, x4 (architecture as described
 in the paper and in the NTIRE 2024 ESR challenge repository, Amazingren/NTIRE2024_ESR). Written here
-from that description; only its shapes matter (weights are random), so counting it checks our
-counters against a published NTIRE figure for a model with ESA's max-pool and bilinear resize.
+from that description. ``benchmarks/profile_reference.py`` counts it against the published NTIRE
+figure; :mod:`ehrsr.baselines` trains it (smaller widths for the tiny space).
 """
 
 from __future__ import annotations
@@ -43,7 +43,7 @@ class EnhancedSpatialAttention(nn.Module):
 class LocalFeatureBlock(nn.Module):
     """Three 3x3 convs with LeakyReLU(0.05), a residual, a 1x1 and ESA."""
 
-    def __init__(self, channels: int, mid: int) -> None:
+    def __init__(self, channels: int, mid: int, esa_channels: int = 16) -> None:
         super().__init__()
         self.body = nn.Sequential(
             _conv(channels, mid, 3), nn.LeakyReLU(0.05),
@@ -51,17 +51,21 @@ class LocalFeatureBlock(nn.Module):
             _conv(mid, channels, 3), nn.LeakyReLU(0.05),
         )
         self.fuse = _conv(channels, channels, 1)
-        self.attention = EnhancedSpatialAttention(channels)
+        self.attention = EnhancedSpatialAttention(channels, esa_channels)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.attention(self.fuse(self.body(x) + x))
 
 
 class RLFN(nn.Module):
-    def __init__(self, channels: int = 46, mid: int = 48, blocks: int = 4, scale: int = 4) -> None:
+    """Defaults: the NTIRE 2024 ESR baseline (46 / 48 / 16 channels, four blocks)."""
+
+    def __init__(
+        self, channels: int = 46, mid: int = 48, blocks: int = 4, scale: int = 4, esa_channels: int = 16
+    ) -> None:
         super().__init__()
         self.head = _conv(3, channels, 3)
-        self.blocks = nn.Sequential(*(LocalFeatureBlock(channels, mid) for _ in range(blocks)))
+        self.blocks = nn.Sequential(*(LocalFeatureBlock(channels, mid, esa_channels) for _ in range(blocks)))
         self.tail = _conv(channels, channels, 3)
         self.upsample = nn.Sequential(_conv(channels, 3 * scale**2, 3), nn.PixelShuffle(scale))
 
