@@ -192,3 +192,29 @@ training: {patch_size: 16, batch_size: 2, lr: 1.0e-3, min_steps: 2, eta: 2, max_
     assert measured[0] < measured[1]
     for p, m in zip((predicted[0], predicted[2]), measured, strict=True):
         assert 0.5 < p / m < 2.0
+
+
+def test_latency_for_profile_predicts_when_covered_and_measures_otherwise(tiny):
+    from ehrsr.profiling.canary import Canary, CanaryReading
+
+    class Quiet(Canary):
+        def check(self) -> CanaryReading:
+            return CanaryReading(1.0, 1.0, 1.05, False)
+
+    model = _hand_model(tiny, SMALL, {u.key: 2.0 for u in units_of(SMALL, TARGET.input_hw)})
+    measured = []
+
+    def measure(config, target):
+        measured.append((config, target))
+        return 42.0
+
+    record = lm.latency_for_profile(SMALL, TARGET, model, canary=Quiet(), measure=measure)
+    assert record.source == "predicted" and record.latency_ms == pytest.approx(model.predict(SMALL).latency_ms)
+    assert measured == []
+    other = SMALL.replace(fsb={"enabled": True})
+    record = lm.latency_for_profile(other, TARGET, model, canary=Quiet(), measure=measure)
+    assert record.source == "measured" and record.latency_ms == 42.0 and measured == [(other, TARGET)]
+    assert record.missing_units and record.missing_units[0].startswith("fsb(") and record.canary_ratio == 1.05
+    assert record.to_dict()["missing_units"] == list(record.missing_units)
+    # no model at all: measured
+    assert lm.latency_for_profile(SMALL, TARGET, None, canary=Quiet(), measure=measure).source == "measured"

@@ -52,11 +52,13 @@ __all__ = [
     "Accuracy",
     "LatencyModel",
     "LatencyModelError",
+    "LatencyRecord",
     "LatencyTarget",
     "Prediction",
     "Unit",
     "calibrate",
     "enumerate_units",
+    "latency_for_profile",
     "measure_network",
     "sample_configs",
     "space_fingerprint",
@@ -812,3 +814,50 @@ def calibrate(
             f"{accuracy.median_abs_pct_error:.1f} %, p90 {accuracy.p90_abs_pct_error:.1f} %, Spearman {accuracy.spearman:.3f}"
         )
     return model
+
+
+# ---------------------------------------------------------------------------------------------
+# one latency per profile for a trial: predicted when the model covers it, measured otherwise
+
+
+@dataclass(frozen=True)
+class LatencyRecord:
+    """A trial's latency for one device profile and where it came from (stored with the trial)."""
+
+    profile: str
+    latency_ms: float
+    source: str  # "predicted" (latency model) or "measured" (on this machine)
+    missing_units: tuple[str, ...] = ()  # why a prediction was not possible (source "measured")
+    canary_ratio: float | None = None  # measured only: the canary's ratio next to the measurement
+    contended: bool = False  # measured only: the canary said the machine was busy even after retries
+
+    def to_dict(self) -> dict[str, Any]:
+        data = asdict(self)
+        data["missing_units"] = list(self.missing_units)
+        return data
+
+
+def latency_for_profile(
+    config: EHRSRConfig,
+    target: LatencyTarget,
+    model: LatencyModel | None,
+    *,
+    canary: Canary | None = None,
+    measure: Callable[[EHRSRConfig, LatencyTarget], float] | None = None,
+    retries: int = 2,
+) -> LatencyRecord:
+    """The latency of ``config`` on ``target``: predicted by ``model`` when it covers every unit,
+    else measured on this machine (``measure``, default ``measure_network``) next to a canary
+    reading, measuring again while the canary says the machine is busy (``measure_with_canary``)."""
+    from ehrsr.profiling.canary import measure_with_canary
+
+    missing: tuple[str, ...] = ()
+    if model is not None:
+        prediction = model.predict(config, target.input_hw)
+        if prediction.covered and prediction.latency_ms is not None:
+            return LatencyRecord(target.profile, prediction.latency_ms, "predicted")
+        missing = prediction.missing_units
+    measure = measure or measure_network
+    canary = canary or Canary(threads=target.threads if target.kind == "cpu" else 1)
+    latency_ms, reading, _ = measure_with_canary(lambda: measure(config, target), canary, retries=retries)
+    return LatencyRecord(target.profile, float(latency_ms), "measured", missing, reading.ratio, reading.contended)
