@@ -49,6 +49,8 @@ def main() -> None:
     parser.add_argument("--space", default="tiny")
     parser.add_argument("--profiles", default=",".join(PROFILES), help=f"subset of {', '.join(PROFILES)}")
     parser.add_argument("--network-budget", type=float, default=0.2, help="seconds of timed passes per network")
+    parser.add_argument("--clock", choices=["wall", "cpu"], default="wall",
+                        help="cpu: process CPU time (1-thread profiles only), immune to other jobs preempting this one")
     parser.add_argument("--out-dir", type=Path, default=None, help="keep the latency model files here")
     args = parser.parse_args()
 
@@ -57,9 +59,12 @@ def main() -> None:
     rows = []
     for name in args.profiles.split(","):
         runtime, threads = PROFILES[name]
+        if args.clock == "cpu" and threads != 1:
+            print(f"{name}: skipped, the cpu clock is a latency only with one thread", file=sys.stderr)
+            continue
         target = LatencyTarget(name, "cpu", runtime, threads, "float32", (args.input, args.input))
         start = time.perf_counter()
-        model = calibrate(space, target, out_dir / f"{name}.json", resume=False, progress=True,
+        model = calibrate(space, target, out_dir / f"{name}.json", resume=False, progress=True, clock=args.clock,
                           log=lambda m: print(m, file=sys.stderr))
         calibration_s = time.perf_counter() - start
         used = model.extra["fit_networks"] + model.extra["holdout_networks"]
@@ -73,21 +78,22 @@ def main() -> None:
             prediction = model.predict(config)
             predict_ms.append(1000 * (time.perf_counter() - t0))
             ratios.append(canary.check().ratio)
-            measured.append(measure_network(config, target, budget_s=args.network_budget))
+            measured.append(measure_network(config, target, budget_s=args.network_budget, clock=args.clock))
             predicted.append(prediction.latency_ms)
             if (i + 1) % 10 == 0:
                 print(f"{name}: {i + 1}/{args.n} measured", file=sys.stderr)
+        print(f"{name}: " + json.dumps({"predicted": predicted, "measured": measured, "canary": ratios}), file=sys.stderr)
         acc = accuracy_of(predicted, measured)
         stored = model.accuracy
         rows.append([
-            name, f"{args.input}x{args.input}", len(model.units), f"{calibration_s:.0f}", acc.n,
+            name, args.clock, f"{args.input}x{args.input}", len(model.units), f"{calibration_s:.0f}", acc.n,
             f"{acc.spearman:.3f}", f"{acc.median_abs_pct_error:.1f}", f"{acc.p90_abs_pct_error:.1f}",
             f"{statistics.median(predict_ms):.2f}", f"{statistics.median(measured):.1f}",
             f"{statistics.median(ratios):.2f} / {max(ratios):.2f}",
             f"{stored.median_abs_pct_error:.1f} / {stored.spearman:.2f}" if stored else "-",
         ])
     print_table(
-        ["profile", "input", "units", "calibration s", "n unseen", "Spearman", "median |err| %", "p90 |err| %",
+        ["profile", "clock", "input", "units", "calibration s", "n unseen", "Spearman", "median |err| %", "p90 |err| %",
          "predict ms/config", "median measured ms", "canary ratio med / max", "stored hold-out err % / rho"],
         rows,
         title=f"Latency model accuracy, space '{args.space}', this CPU (shared with other jobs: see canary ratio)",

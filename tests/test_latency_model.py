@@ -218,3 +218,33 @@ def test_latency_for_profile_predicts_when_covered_and_measures_otherwise(tiny):
     assert record.to_dict()["missing_units"] == list(record.missing_units)
     # no model at all: measured
     assert lm.latency_for_profile(SMALL, TARGET, None, canary=Quiet(), measure=measure).source == "measured"
+
+
+def test_correction_fit_recovers_a_linear_law_and_never_goes_negative():
+    a, b = lm._fit_correction([1.0, 2.0, 3.0, 4.0], [2.5, 4.5, 6.5, 8.5])
+    assert a == pytest.approx(2.0) and b == pytest.approx(0.5)
+    a, b = lm._fit_correction([1.0, 2.0, 3.0], [1.0, 3.0, 5.0])  # free fit would need b = -1
+    assert b == 0.0 and 1.0 < a < 2.5
+
+
+def test_cpu_clock_is_for_one_thread_only(tmp_path: Path, tiny):
+    from ehrsr.profiling.onnx_runtime import time_model
+
+    with pytest.raises(ValueError, match="one thread"):
+        time_model(torch.nn.Identity(), "torch", (1, 3, 8, 8), 2, clock="cpu")
+    with pytest.raises(ValueError, match="clock must be"):
+        time_model(torch.nn.Identity(), "torch", (1, 3, 8, 8), 1, clock="sundial")
+    with pytest.raises(ValueError, match="one-thread target"):
+        calibrate(tiny, LatencyTarget.from_profile(TARGET, threads=2), tmp_path / "m.json", clock="cpu")
+    stats = time_model(torch.nn.Conv2d(3, 3, 3), "torch", (1, 3, 16, 16), 1, clock="cpu", warmup=1, repeats=5)
+    assert stats.repeats == 5 and stats.latency_ms >= 0 and "cpu clock" in stats.device
+
+
+def test_onnxruntime_timing_runs_the_exported_model_with_several_inputs():
+    from ehrsr.profiling.onnx_runtime import time_model
+
+    deploy = lm._deploy(EHRSRConfig.from_dict({"width": 8, "trunk_blocks": 1,
+                                               "msg": {"levels": 1, "depths": [1], "attention_gate": True}}))
+    unit = next(u for u in units_of(deploy.config, (16, 16)) if u.path.startswith("fusions"))
+    stats = time_model(unit_module(deploy, unit), "onnxruntime", list(unit.input_shapes), 1, warmup=1, repeats=5)
+    assert stats.repeats == 5 and "[onnxruntime]" in stats.device

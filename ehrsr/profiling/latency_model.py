@@ -572,13 +572,17 @@ def _deploy(config: EHRSRConfig) -> nn.Module:
     return reparameterize(build_model(config))
 
 
-def _time(module: nn.Module, target: LatencyTarget, shapes: Sequence[tuple[int, ...]], budget_s: float) -> Any:
+def _time(module: nn.Module, target: LatencyTarget, shapes: Sequence[tuple[int, ...]], budget_s: float,
+          clock: str = "wall") -> Any:
     """The protocol's timing of one module on the target (CPU runtimes, or CUDA through torch)."""
     if target.kind == "cuda":
         if len(shapes) != 1:
             module = _Bound(module, [torch.rand(s, generator=torch.Generator().manual_seed(1)).cuda() for s in shapes[1:]])
         x = torch.rand(shapes[0], generator=torch.Generator().manual_seed(0)).cuda()
         return measure_latency(module.cuda().eval(), x, dtype=target.dtype, budget_s=budget_s)
+    if clock != "wall":
+        return time_model(module, target.runtime, list(shapes), target.threads, dtype=target.dtype,
+                          budget_s=budget_s, clock=clock)
     return time_model(module, target.runtime, list(shapes), target.threads, dtype=target.dtype, budget_s=budget_s)
 
 
@@ -594,10 +598,11 @@ class _Bound(nn.Module):
         return self.module(x, *self.rest)
 
 
-def measure_network(config: EHRSRConfig, target: LatencyTarget, *, budget_s: float = NETWORK_BUDGET_S) -> float:
+def measure_network(config: EHRSRConfig, target: LatencyTarget, *, budget_s: float = NETWORK_BUDGET_S,
+                    clock: str = "wall") -> float:
     """Measured median latency (ms) of ``config``'s whole deploy form on ``target`` (this machine)."""
     shape = (1, config.in_channels, *target.input_hw)
-    return float(_time(_deploy(config), target, [shape], budget_s).latency_ms)
+    return float(_time(_deploy(config), target, [shape], budget_s, clock).latency_ms)
 
 
 def _spearman(a: Sequence[float], b: Sequence[float]) -> float:
@@ -619,17 +624,24 @@ def accuracy_of(predicted: Sequence[float], measured: Sequence[float]) -> Accura
     )
 
 
+def _target_threads(profile: Any, threads: int | None) -> int | None:
+    return threads if threads is not None else getattr(profile, "threads", None)
+
+
 def _fit_correction(sums: Sequence[float], measured: Sequence[float]) -> tuple[float, float]:
     """``a, b`` minimising the squared *relative* error of ``a * sum + b`` (small networks count as
-    much as large ones); falls back to a pure ratio when the fit is degenerate."""
+    much as large ones), with ``b >= 0``: a per-network overhead is never negative, and a negative
+    offset fitted to noise would predict nonsense for networks smaller than the fitted ones. When
+    the free fit gives ``b < 0`` (or is degenerate) the offset is 0 and ``a`` the best pure ratio."""
     s = np.asarray(sums, dtype=float)
     m = np.asarray(measured, dtype=float)
     if len(s) >= 3 and np.ptp(s) > 0:
         design = np.stack([s / m, 1.0 / m], axis=1)
         (a, b), *_ = np.linalg.lstsq(design, np.ones_like(m), rcond=None)
-        if a > 0 and np.all(a * s + b > 0):
+        if a > 0 and b >= 0:
             return float(a), float(b)
-    return float(np.median(m / s)), 0.0
+    r = s / m
+    return float(np.sum(r) / np.sum(r * r)), 0.0
 
 
 @dataclass(frozen=True)
@@ -662,6 +674,7 @@ def calibrate(
     network_budget_s: float = NETWORK_BUDGET_S,
     contention_threshold: float = 1.3,
     max_units: int | None = None,
+    clock: str = "wall",
     progress: bool = True,
     resume: bool = True,
     log: Callable[[str], None] | None = None,
@@ -676,10 +689,15 @@ def calibrate(
     in the file. A canary network is timed every ``CANARY_EVERY`` units; units timed while it ran
     more than ``contention_threshold`` times slower than at the start are timed again.
     ``max_units``: time only the first units (tests; the model is then marked incomplete unless
-    every unit fits). Returns the model (complete when every enumerated unit was timed).
+    every unit fits). ``clock="cpu"`` times with process CPU time instead of the wall clock
+    (one-thread targets only): on a machine shared with other jobs the wall-clock time of long
+    passes is inflated by preemption while short unit passes mostly are not, which skews the
+    correction; CPU time is immune to that (recorded in the file's ``protocol``). Returns the model (complete when every enumerated unit was timed).
     """
     from ehrsr.search.space import SearchSpace, load_space
 
+    if clock not in ("wall", "cpu") or (clock == "cpu" and _target_threads(device_profile, threads) != 1):
+        raise ValueError(f"clock must be 'wall', or 'cpu' for a one-thread target, got {clock!r}")
     say = log or (lambda _message: None)
     space = space if isinstance(space, SearchSpace) else load_space(space)
     target = LatencyTarget.from_profile(
@@ -693,7 +711,8 @@ def calibrate(
     previous_s = 0.0
     if resume and out_path.exists():
         old = LatencyModel.read(out_path)
-        if old.space["sha256"] != fingerprint["sha256"] or old.target.mismatch(target):
+        old_clock = old.extra.get("protocol", {}).get("clock", "wall")
+        if old.space["sha256"] != fingerprint["sha256"] or old.target.mismatch(target) or old_clock != clock:
             raise LatencyModelError(
                 f"{out_path} holds a latency model for another space or device settings; "
                 "choose another --out or calibrate without resume"
@@ -730,7 +749,7 @@ def calibrate(
             accuracy=accuracy,
             device=device_info,
             extra={
-                "protocol": {"unit_budget_s": unit_budget_s, "network_budget_s": network_budget_s,
+                "protocol": {"unit_budget_s": unit_budget_s, "network_budget_s": network_budget_s, "clock": clock,
                              "statistic": "median of timed passes after warm-up (ehrsr.profiling.latency)"},
                 "canary": {"quiet_ms": quiet_ms, "threshold": contention_threshold, "ratios": canary_ratios},
                 "units_enumerated": len(catalogue),
@@ -749,7 +768,7 @@ def calibrate(
         if ident not in deploys:
             deploys.clear()  # keep one network at a time: the catalogue visits them in order
             deploys[ident] = _deploy(config)
-        stats = _time(unit_module(deploys[ident], unit), target, unit.input_shapes, unit_budget_s)
+        stats = _time(unit_module(deploys[ident], unit), target, unit.input_shapes, unit_budget_s, clock)
         return {"latency_ms": stats.latency_ms, "p10_ms": stats.latency_ms_p10, "p90_ms": stats.latency_ms_p90,
                 "repeats": float(stats.repeats)}
 
@@ -791,7 +810,7 @@ def calibrate(
     def measure_points(configs: list[EHRSRConfig], desc: str) -> list[_NetworkPoint]:
         points = []
         for config in _progress(configs, len(configs), desc, progress):
-            measured = measure_network(config, target, budget_s=network_budget_s)
+            measured = measure_network(config, target, budget_s=network_budget_s, clock=clock)
             points.append(_NetworkPoint(config.to_dict(), measured, partial.predict(config).units_sum_ms))
         return points
 
