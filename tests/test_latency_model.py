@@ -25,6 +25,15 @@ from ehrsr.profiling.latency_model import (
 from ehrsr.search.space import SearchSpace, load_space
 
 SMALL = EHRSRConfig.from_dict({"width": 8, "msg": {"levels": 0, "depths": []}, "trunk_blocks": 1})
+TWO_WIDTHS = """
+model:
+  width: {choices: [8, 24]}
+  block_type: naf
+  msg.levels: 0
+  trunk_blocks: {low: 1, high: 3}
+training: {patch_size: 16, batch_size: 2, lr: 1.0e-3, min_steps: 2, eta: 2, max_steps: 4,
+           seconds_per_trial_estimate: 1}
+"""
 TARGET = LatencyTarget("edge", "cpu", "torch", 1, "float32", (32, 32))
 
 
@@ -68,7 +77,7 @@ def test_missing_unit_is_reported_and_gives_no_latency(tiny):
 def test_units_mirror_the_network(tiny):
     """Every unit exists in the deploy form, takes its recorded shapes, and the units chain
     through the network: timing them separately runs the same modules the network runs."""
-    for config in sample_configs(tiny, 12, seed=3):
+    for config in sample_configs(tiny, 6, seed=3):
         deploy = lm._deploy(config)
         listed = {u.path for u in units_of(config, (20, 28))}
         for unit in units_of(config, (20, 28)):
@@ -134,7 +143,20 @@ def test_file_round_trip_and_refusals(tmp_path: Path, tiny):
     assert issubclass(LatencyModelError, ValueError)
 
 
-def test_profile_settings_reach_the_timing(tmp_path: Path, tiny, monkeypatch):
+class _QuietCanary:
+    def __init__(self, *args, **kwargs) -> None:
+        pass
+
+    def calibrate(self) -> float:
+        return 1.0
+
+    def check(self):
+        from ehrsr.profiling.canary import CanaryReading
+
+        return CanaryReading(1.0, 1.0, 1.0, False)
+
+
+def test_profile_settings_reach_the_timing(tmp_path: Path, monkeypatch):
     """A DeviceProfile-like object's runtime, threads, dtype and input size reach ``time_model``."""
 
     class Profile:
@@ -152,14 +174,17 @@ def test_profile_settings_reach_the_timing(tmp_path: Path, tiny, monkeypatch):
         return LatencyStats(1.0, 1.0, 1.0, (1.0,), 0, 1, dtype, "spy")
 
     monkeypatch.setattr(lm, "time_model", spy)
-    model = calibrate(tiny, Profile(), tmp_path / "m.json", max_units=3, progress=False)
+    monkeypatch.setattr(lm, "Canary", _QuietCanary)  # a busy machine would time a batch twice
+    space = SearchSpace.from_text(TWO_WIDTHS, name="two-widths")  # 6 units: enumeration is instant
+    model = calibrate(space, Profile(), tmp_path / "m.json", max_units=3, progress=False,
+                      enumeration_patience=200)
     assert not model.complete and len(model.units) == 3
     assert {(r, t, d) for r, t, d, _ in seen} == {("torch", 2, "float32")}
     assert seen[0][3][0] == (1, 3, 24, 16)  # the stem sees the profile's input size
     assert model.target.input_hw == (24, 16) and model.target.threads == 2
     # resume keeps what was timed and times only the rest
     seen.clear()
-    calibrate(tiny, Profile(), tmp_path / "m.json", max_units=2, progress=False)
+    calibrate(space, Profile(), tmp_path / "m.json", max_units=2, progress=False, enumeration_patience=200)
     assert len(seen) == 2 and len(LatencyModel.read(tmp_path / "m.json").units) == 5
     with pytest.raises(LatencyModelError, match="calibration did not finish"):
         LatencyModel.load(tmp_path / "m.json")
@@ -168,18 +193,9 @@ def test_profile_settings_reach_the_timing(tmp_path: Path, tiny, monkeypatch):
 def test_small_real_calibration_ranks_clearly_different_sizes(tmp_path: Path):
     """A real calibration of a one-point space (a handful of units, seconds) predicts a small, a
     medium and a large configuration in the right order, each within a factor of two."""
-    text = """
-model:
-  width: {choices: [8, 24]}
-  block_type: naf
-  msg.levels: 0
-  trunk_blocks: {low: 1, high: 3}
-training: {patch_size: 16, batch_size: 2, lr: 1.0e-3, min_steps: 2, eta: 2, max_steps: 4,
-           seconds_per_trial_estimate: 1}
-"""
-    space = SearchSpace.from_text(text, name="two-widths")
+    space = SearchSpace.from_text(TWO_WIDTHS, name="two-widths")
     target = LatencyTarget("here", "cpu", "torch", 1, "float32", (48, 48))
-    model = calibrate(space, target, tmp_path / "m.json", n_fit=3, n_holdout=3, progress=False,
+    model = calibrate(space, target, tmp_path / "m.json", n_fit=3, n_holdout=3, progress=False, enumeration_patience=200,
                       unit_budget_s=0.02, network_budget_s=0.05)
     assert model.complete and model.accuracy is not None and len(model.units) == 2 + 2 + 2  # stem, naf, head
     reloaded = LatencyModel.load(tmp_path / "m.json", space=space, device=target)

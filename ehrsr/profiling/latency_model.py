@@ -674,6 +674,7 @@ def calibrate(
     network_budget_s: float = NETWORK_BUDGET_S,
     contention_threshold: float = 1.3,
     max_units: int | None = None,
+    enumeration_patience: int = 3000,
     clock: str = "wall",
     progress: bool = True,
     resume: bool = True,
@@ -689,7 +690,7 @@ def calibrate(
     in the file. A canary network is timed every ``CANARY_EVERY`` units; units timed while it ran
     more than ``contention_threshold`` times slower than at the start are timed again.
     ``max_units``: time only the first units (tests; the model is then marked incomplete unless
-    every unit fits). ``clock="cpu"`` times with process CPU time instead of the wall clock
+    every unit fits). ``enumeration_patience``: see ``enumerate_units``. ``clock="cpu"`` times with process CPU time instead of the wall clock
     (one-thread targets only): on a machine shared with other jobs the wall-clock time of long
     passes is inflated by preemption while short unit passes mostly are not, which skews the
     correction; CPU time is immune to that (recorded in the file's ``protocol``). Returns the model (complete when every enumerated unit was timed).
@@ -721,7 +722,7 @@ def calibrate(
         previous_s = float(old.extra.get("calibration_s", 0.0))
         say(f"resuming {out_path}: {len(units)} units already timed")
 
-    catalogue = enumerate_units(space, target.input_hw, scale=scale, seed=seed)
+    catalogue = enumerate_units(space, target.input_hw, scale=scale, seed=seed, patience=enumeration_patience)
     todo = [key for key in catalogue if key not in units]
     if max_units is not None:
         todo = todo[:max_units]
