@@ -57,6 +57,9 @@ def main() -> None:
     space = load_space(args.space)
     out_dir = args.out_dir or Path(tempfile.mkdtemp(prefix="ehrsr-latmodel-"))
     rows = []
+    headers = ["profile", "clock", "input", "units", "calibration s", "n unseen", "Spearman", "median |err| %",
+               "p90 |err| %", "predict ms/config", "median measured ms", "canary ratio med / max",
+               "stored hold-out err % / rho"]
     for name in args.profiles.split(","):
         runtime, threads = PROFILES[name]
         if args.clock == "cpu" and threads != 1:
@@ -92,9 +95,9 @@ def main() -> None:
             f"{statistics.median(ratios):.2f} / {max(ratios):.2f}",
             f"{stored.median_abs_pct_error:.1f} / {stored.spearman:.2f}" if stored else "-",
         ])
+        print(" | ".join(map(str, rows[-1])), file=sys.stderr, flush=True)  # survives a later failure
     print_table(
-        ["profile", "clock", "input", "units", "calibration s", "n unseen", "Spearman", "median |err| %", "p90 |err| %",
-         "predict ms/config", "median measured ms", "canary ratio med / max", "stored hold-out err % / rho"],
+        headers,
         rows,
         title=f"Latency model accuracy, space '{args.space}', this CPU (shared with other jobs: see canary ratio)",
     )

@@ -8,7 +8,8 @@ and 10th / 90th percentiles of timed passes, a fixed thread count), so a latency
 with one runtime and a deployed measurement with the same runtime are comparable.
 
 The ONNX export used here (``export_for_timing``) is the tracing (TorchScript) exporter at a fixed
-input shape, with several inputs allowed and constant folding off, so that work that depends only
+input shape (the dynamo exporter when tracing lacks an operator, such as the FSB's ``rfft2``),
+with several inputs allowed and constant folding off, so that work that depends only
 on one input (a skip connection given as a second input) is not folded away. It is deliberately
 lighter than the deploy export (``export_onnx`` in the deploy code, which also validates the file
 and compares it numerically): timing needs a runnable graph, not a release artefact.
@@ -18,10 +19,12 @@ from __future__ import annotations
 
 import contextlib
 import io
+import os
+import sys
 import tempfile
 import time
 import warnings
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -96,6 +99,23 @@ def _example_inputs(shapes: list[tuple[int, ...]]) -> list[torch.Tensor]:
     return [torch.rand(shape, generator=generator) for shape in shapes]
 
 
+@contextlib.contextmanager
+def _silenced_output() -> Iterator[None]:
+    """The exporters print whole graphs from C++ straight to file descriptors 1 and 2: hide them."""
+    sys.stdout.flush()
+    sys.stderr.flush()
+    saved = {fd: os.dup(fd) for fd in (1, 2)}
+    try:
+        with open(os.devnull, "w") as devnull:
+            for fd in saved:
+                os.dup2(devnull.fileno(), fd)
+            yield
+    finally:
+        for fd, copy in saved.items():
+            os.dup2(copy, fd)
+            os.close(copy)
+
+
 def export_for_timing(model: nn.Module, input_shapes: Sequence[int] | Sequence[Sequence[int]], path: str | Path) -> Path:
     """Export ``model`` (float32, CPU, eval) to ONNX at fixed shapes for timing; returns the path.
 
@@ -104,23 +124,34 @@ def export_for_timing(model: nn.Module, input_shapes: Sequence[int] | Sequence[S
     path = Path(path)
     inputs = tuple(_example_inputs(_shapes(input_shapes)))
     names = [f"input{i}" for i in range(len(inputs))]
-    sink = io.StringIO()
-    try:
-        with warnings.catch_warnings(), contextlib.redirect_stdout(sink), contextlib.redirect_stderr(sink):
-            warnings.simplefilter("ignore")
-            torch.onnx.export(
-                model.eval(),
-                inputs,
-                str(path),
-                dynamo=False,
-                opset_version=ONNX_OPSET,
-                input_names=names,
-                do_constant_folding=False,
-            )
-    except Exception as exc:
-        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
-        raise RuntimeError(f"ONNX export of {type(model).__name__} failed: {first[:300]}") from exc
-    return path
+    errors = []
+    # the tracing exporter first (fast); the dynamo one for operators it lacks (rfft2 of the FSB)
+    for dynamo in (False, True):
+        sink = io.StringIO()
+        try:
+            with (
+                warnings.catch_warnings(),
+                contextlib.redirect_stdout(sink),
+                contextlib.redirect_stderr(sink),
+                _silenced_output(),
+            ):
+                warnings.simplefilter("ignore")
+                torch.onnx.export(
+                    model.eval(),
+                    inputs,
+                    str(path),
+                    dynamo=dynamo,
+                    opset_version=18 if dynamo else ONNX_OPSET,
+                    input_names=names,
+                    do_constant_folding=False,
+                    **({"optimize": False} if dynamo else {}),
+                )
+            return path
+        except Exception as exc:
+            first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+            errors.append(f"{'dynamo' if dynamo else 'torchscript'}: {first[:200]}")
+            path.unlink(missing_ok=True)
+    raise RuntimeError(f"ONNX export of {type(model).__name__} failed: {'; '.join(errors)}")
 
 
 def _onnx_session(path: Path, threads: int | None) -> object:
