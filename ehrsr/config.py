@@ -9,6 +9,7 @@ the field, so a typo never becomes a deep ``TypeError`` inside a constructor.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import types
 import typing
@@ -225,9 +226,15 @@ def _to_plain(value: Any) -> Any:
     return value
 
 
+@functools.cache
+def _type_hints(cls: type) -> dict[str, Any]:
+    # resolving string annotations compiles them: cached, as searches build thousands of configs
+    return typing.get_type_hints(cls)
+
+
 def _from_dict(cls: type, data: Any, path: str) -> Any:
     data = _expect_mapping(data, path or cls.__name__)
-    hints = typing.get_type_hints(cls)
+    hints = _type_hints(cls)
     names = [f.name for f in dataclasses.fields(cls)]
     unknown = sorted(set(data) - set(names))
     if unknown:

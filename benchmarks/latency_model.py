@@ -1,0 +1,107 @@
+"""How well a per-device latency model predicts configurations it never saw, on this CPU.
+
+For each profile (torch 1 thread, torch 2 threads, onnxruntime 1 thread; the input size of
+``--input``) the script calibrates a latency model of the tiny space (timing its units), then
+draws ``--n`` random configurations that calibration did not use, measures each whole deploy-form
+network through the profile's runtime (the project's protocol: warm-up, fixed threads, median) and
+predicts it. A canary reading (``ehrsr.profiling.canary``) precedes every measurement and its ratio
+to the quiet reference is reported: above 1.3 the machine was busy. Prints one table; asserts
+nothing.
+
+    python benchmarks/latency_model.py --n 100 --input 128
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+if __package__ in (None, ""):
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from benchmarks._common import print_table
+from ehrsr.profiling.canary import Canary
+from ehrsr.profiling.latency_model import (
+    LatencyTarget,
+    accuracy_of,
+    calibrate,
+    measure_network,
+    sample_configs,
+)
+from ehrsr.search.space import load_space
+
+PROFILES = {
+    "torch-1t": ("torch", 1),
+    "torch-2t": ("torch", 2),
+    "onnxruntime-1t": ("onnxruntime", 1),
+}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--n", type=int, default=100, help="unseen configurations per profile")
+    parser.add_argument("--input", type=int, default=128, help="LR input side (square)")
+    parser.add_argument("--space", default="tiny")
+    parser.add_argument("--profiles", default=",".join(PROFILES), help=f"subset of {', '.join(PROFILES)}")
+    parser.add_argument("--network-budget", type=float, default=0.2, help="seconds of timed passes per network")
+    parser.add_argument("--clock", choices=["wall", "cpu"], default="wall",
+                        help="cpu: process CPU time (1-thread profiles only), immune to other jobs preempting this one")
+    parser.add_argument("--out-dir", type=Path, default=None, help="keep the latency model files here")
+    args = parser.parse_args()
+
+    space = load_space(args.space)
+    out_dir = args.out_dir or Path(tempfile.mkdtemp(prefix="ehrsr-latmodel-"))
+    rows = []
+    headers = ["profile", "clock", "input", "units", "calibration s", "n unseen", "Spearman", "median |err| %",
+               "p90 |err| %", "predict ms/config", "median measured ms", "canary ratio med / max",
+               "stored hold-out err % / rho"]
+    for name in args.profiles.split(","):
+        runtime, threads = PROFILES[name]
+        if args.clock == "cpu" and threads != 1:
+            print(f"{name}: skipped, the cpu clock is a latency only with one thread", file=sys.stderr)
+            continue
+        target = LatencyTarget(name, "cpu", runtime, threads, "float32", (args.input, args.input))
+        start = time.perf_counter()
+        model = calibrate(space, target, out_dir / f"{name}.json", resume=False, progress=True, clock=args.clock,
+                          log=lambda m: print(m, file=sys.stderr))
+        calibration_s = time.perf_counter() - start
+        used = model.extra["fit_networks"] + model.extra["holdout_networks"]
+        seen = {json.dumps(p["config"], sort_keys=True) for p in used}
+        canary = Canary(threads=threads)
+        canary.calibrate()
+        predicted, measured, ratios, predict_ms = [], [], [], []
+        configs = [c for c in sample_configs(space, args.n + 20, seed=999) if json.dumps(c.to_dict(), sort_keys=True) not in seen]
+        for i, config in enumerate(configs[: args.n]):
+            t0 = time.perf_counter()
+            prediction = model.predict(config)
+            predict_ms.append(1000 * (time.perf_counter() - t0))
+            ratios.append(canary.check().ratio)
+            measured.append(measure_network(config, target, budget_s=args.network_budget, clock=args.clock))
+            predicted.append(prediction.latency_ms)
+            if (i + 1) % 10 == 0:
+                print(f"{name}: {i + 1}/{args.n} measured", file=sys.stderr)
+        print(f"{name}: " + json.dumps({"predicted": predicted, "measured": measured, "canary": ratios}), file=sys.stderr)
+        acc = accuracy_of(predicted, measured)
+        stored = model.accuracy
+        rows.append([
+            name, args.clock, f"{args.input}x{args.input}", len(model.units), f"{calibration_s:.0f}", acc.n,
+            f"{acc.spearman:.3f}", f"{acc.median_abs_pct_error:.1f}", f"{acc.p90_abs_pct_error:.1f}",
+            f"{statistics.median(predict_ms):.2f}", f"{statistics.median(measured):.1f}",
+            f"{statistics.median(ratios):.2f} / {max(ratios):.2f}",
+            f"{stored.median_abs_pct_error:.1f} / {stored.spearman:.2f}" if stored else "-",
+        ])
+        print(" | ".join(map(str, rows[-1])), file=sys.stderr, flush=True)  # survives a later failure
+    print_table(
+        headers,
+        rows,
+        title=f"Latency model accuracy, space '{args.space}', this CPU (shared with other jobs: see canary ratio)",
+    )
+
+
+if __name__ == "__main__":
+    main()

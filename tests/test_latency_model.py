@@ -1,0 +1,266 @@
+"""Per-device latency models: file format, refusals, composition, unit coverage, a real calibration."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from ehrsr.config import EHRSRConfig
+from ehrsr.profiling import latency_model as lm
+from ehrsr.profiling.latency_model import (
+    FORMAT_VERSION,
+    LatencyModel,
+    LatencyModelError,
+    LatencyTarget,
+    calibrate,
+    enumerate_units,
+    sample_configs,
+    space_fingerprint,
+    unit_module,
+    units_of,
+)
+from ehrsr.search.space import SearchSpace, load_space
+
+SMALL = EHRSRConfig.from_dict({"width": 8, "msg": {"levels": 0, "depths": []}, "trunk_blocks": 1})
+TWO_WIDTHS = """
+model:
+  width: {choices: [8, 24]}
+  block_type: naf
+  msg.levels: 0
+  trunk_blocks: {low: 1, high: 3}
+training: {patch_size: 16, batch_size: 2, lr: 1.0e-3, min_steps: 2, eta: 2, max_steps: 4,
+           seconds_per_trial_estimate: 1}
+"""
+TARGET = LatencyTarget("edge", "cpu", "torch", 1, "float32", (32, 32))
+
+
+@pytest.fixture(scope="module")
+def tiny() -> SearchSpace:
+    return load_space("tiny")
+
+
+def _hand_model(space: SearchSpace, config: EHRSRConfig, costs: dict[str, float], scale: float = 1.0,
+                offset: float = 0.0) -> LatencyModel:
+    units = {u.key: {"latency_ms": costs[u.key]} for u in units_of(config, TARGET.input_hw)}
+    return LatencyModel(TARGET, space_fingerprint(space), units, scale, offset)
+
+
+def test_prediction_is_the_corrected_sum_of_unit_costs(tiny):
+    config = EHRSRConfig.from_dict({"width": 8, "msg": {"levels": 1, "depths": [2]}, "trunk_blocks": 2,
+                                    "wab": {"enabled": True, "heads": 2, "window_size": 4}})
+    units = units_of(config, TARGET.input_hw)
+    keys = sorted({u.key for u in units})
+    costs = {key: 0.5 + i for i, key in enumerate(keys)}
+    expected_sum = sum(costs[u.key] for u in units)  # a repeated key counts once per occurrence
+    assert len(units) > len(keys)  # the two encoder blocks share one key here
+    model = _hand_model(tiny, config, costs, scale=1.5, offset=2.0)
+    prediction = model.predict(config)
+    assert prediction.covered and prediction.missing_units == ()
+    assert prediction.units_sum_ms == pytest.approx(expected_sum)
+    assert prediction.latency_ms == pytest.approx(1.5 * expected_sum + 2.0)
+
+
+def test_missing_unit_is_reported_and_gives_no_latency(tiny):
+    config = SMALL
+    model = _hand_model(tiny, config, {u.key: 1.0 for u in units_of(config, TARGET.input_hw)})
+    other = config.replace(repmix={"enabled": True, "kernel_size": 5})
+    prediction = model.predict(other)
+    assert not prediction.covered and prediction.latency_ms is None
+    assert len(prediction.missing_units) == 1 and prediction.missing_units[0].startswith("repmix(C=8,H=32,W=32,kernel=5")
+    # another input size is another set of units
+    assert not model.predict(config, (64, 64)).covered
+
+
+def test_units_mirror_the_network(tiny):
+    """Every unit exists in the deploy form, takes its recorded shapes, and the units chain
+    through the network: timing them separately runs the same modules the network runs."""
+    for config in sample_configs(tiny, 6, seed=3):
+        deploy = lm._deploy(config)
+        listed = {u.path for u in units_of(config, (20, 28))}
+        for unit in units_of(config, (20, 28)):
+            module = unit_module(deploy, unit)
+            with torch.inference_mode():
+                module(*[torch.rand(s) for s in unit.input_shapes])
+        # every non-identity leaf-parent of the network is covered by some unit path
+        for name in ("down", "encoders", "up", "fusions", "decoders"):
+            for i, _ in enumerate(getattr(deploy, name)):
+                if name in ("encoders", "decoders") and len(getattr(deploy, name)[i]) == 0:
+                    continue
+                assert any(p.startswith(f"{name}.{i}") for p in listed), (name, i, config)
+        for i, block in enumerate(deploy.trunk):
+            for sub in ("conv", "wab", "ssm", "fsb", "moe", "repmix"):
+                if not isinstance(getattr(block, sub), torch.nn.Identity):
+                    assert f"trunk.{i}.{sub}" in listed
+
+
+@pytest.mark.parametrize("name", ["tiny", "full"])
+def test_enumeration_covers_every_sampled_configuration(name):
+    space = load_space(name)
+    catalogue = enumerate_units(space, (128, 128), seed=0)
+    for config in sample_configs(space, 200, seed=12345):  # another seed than the enumeration's
+        missing = {u.key for u in units_of(config, (128, 128))} - set(catalogue)
+        assert not missing, (config, missing)
+
+
+def test_file_round_trip_and_refusals(tmp_path: Path, tiny):
+    config = SMALL
+    model = _hand_model(tiny, config, {u.key: 1.25 for u in units_of(config, TARGET.input_hw)}, 1.1, 0.3)
+    model.accuracy = lm.Accuracy(5, 4.0, 9.0, 0.97)
+    path = tmp_path / "edge.json"
+    model.save(path)
+    loaded = LatencyModel.load(path, space=tiny, device=TARGET)
+    assert loaded.units == model.units and loaded.target == TARGET and loaded.accuracy == model.accuracy
+    assert loaded.predict(config).latency_ms == pytest.approx(model.predict(config).latency_ms)
+
+    full = load_space("full")
+    with pytest.raises(LatencyModelError, match="calibrated for search space 'tiny'"):
+        LatencyModel.load(path, space=full)
+    with pytest.raises(LatencyModelError, match="threads 1, not 2"):
+        LatencyModel.load(path, device=LatencyTarget.from_profile(TARGET, threads=2))
+    with pytest.raises(LatencyModelError, match="runtime 'torch', not 'onnxruntime'"):
+        LatencyModel.load(path, device=LatencyTarget.from_profile(TARGET, runtime="onnxruntime"))
+    with pytest.raises(LatencyModelError, match="calibrated on"):
+        LatencyModel.load(path, hardware="some other CPU")
+
+    data = json.loads(path.read_text())
+    data["format_version"] = FORMAT_VERSION + 1
+    path.write_text(json.dumps(data))
+    with pytest.raises(LatencyModelError, match=f"format version {FORMAT_VERSION + 1}"):
+        LatencyModel.load(path)
+    data["format_version"] = FORMAT_VERSION
+    del data["units"]
+    path.write_text(json.dumps(data))
+    with pytest.raises(LatencyModelError, match="corrupt latency model: missing field 'units'"):
+        LatencyModel.load(path)
+    path.write_text("{not json")
+    with pytest.raises(LatencyModelError, match="not valid JSON"):
+        LatencyModel.load(path)
+    with pytest.raises(LatencyModelError, match="cannot read latency model"):
+        LatencyModel.load(tmp_path / "absent.json")
+    assert issubclass(LatencyModelError, ValueError)
+
+
+class _QuietCanary:
+    def __init__(self, *args, **kwargs) -> None:
+        pass
+
+    def calibrate(self) -> float:
+        return 1.0
+
+    def check(self):
+        from ehrsr.profiling.canary import CanaryReading
+
+        return CanaryReading(1.0, 1.0, 1.0, False)
+
+
+def test_profile_settings_reach_the_timing(tmp_path: Path, monkeypatch):
+    """A DeviceProfile-like object's runtime, threads, dtype and input size reach ``time_model``."""
+
+    class Profile:
+        name, kind, threads, dtype, runtime = "edge", "cpu", 2, "float32", "torch"
+
+        def lr_input_size(self, scale: int) -> tuple[int, int]:
+            return (24, 16)
+
+    seen = []
+
+    def spy(module, runtime, shapes, threads, *, dtype, budget_s):
+        seen.append((runtime, threads, dtype, shapes))
+        from ehrsr.profiling.latency import LatencyStats
+
+        return LatencyStats(1.0, 1.0, 1.0, (1.0,), 0, 1, dtype, "spy")
+
+    monkeypatch.setattr(lm, "time_model", spy)
+    monkeypatch.setattr(lm, "Canary", _QuietCanary)  # a busy machine would time a batch twice
+    space = SearchSpace.from_text(TWO_WIDTHS, name="two-widths")  # 6 units: enumeration is instant
+    model = calibrate(space, Profile(), tmp_path / "m.json", max_units=3, progress=False,
+                      enumeration_patience=200)
+    assert not model.complete and len(model.units) == 3
+    assert {(r, t, d) for r, t, d, _ in seen} == {("torch", 2, "float32")}
+    assert seen[0][3][0] == (1, 3, 24, 16)  # the stem sees the profile's input size
+    assert model.target.input_hw == (24, 16) and model.target.threads == 2
+    # resume keeps what was timed and times only the rest
+    seen.clear()
+    calibrate(space, Profile(), tmp_path / "m.json", max_units=2, progress=False, enumeration_patience=200)
+    assert len(seen) == 2 and len(LatencyModel.read(tmp_path / "m.json").units) == 5
+    with pytest.raises(LatencyModelError, match="calibration did not finish"):
+        LatencyModel.load(tmp_path / "m.json")
+
+
+def test_small_real_calibration_ranks_clearly_different_sizes(tmp_path: Path):
+    """A real calibration of a one-point space (a handful of units, seconds) predicts a small, a
+    medium and a large configuration in the right order, each within a factor of two."""
+    space = SearchSpace.from_text(TWO_WIDTHS, name="two-widths")
+    target = LatencyTarget("here", "cpu", "torch", 1, "float32", (48, 48))
+    model = calibrate(space, target, tmp_path / "m.json", n_fit=3, n_holdout=3, progress=False, enumeration_patience=200,
+                      unit_budget_s=0.02, network_budget_s=0.05)
+    assert model.complete and model.accuracy is not None and len(model.units) == 2 + 2 + 2  # stem, naf, head
+    reloaded = LatencyModel.load(tmp_path / "m.json", space=space, device=target)
+    small = SMALL
+    large = small.replace(width=24, trunk_blocks=3)
+    medium = small.replace(width=24, trunk_blocks=1)
+    predicted = [reloaded.predict(c).latency_ms for c in (small, medium, large)]
+    assert predicted[0] < predicted[1] < predicted[2]
+    measured = [lm.measure_network(c, target, budget_s=0.05) for c in (small, large)]
+    assert measured[0] < measured[1]
+    for p, m in zip((predicted[0], predicted[2]), measured, strict=True):
+        assert 0.5 < p / m < 2.0
+
+
+def test_latency_for_profile_predicts_when_covered_and_measures_otherwise(tiny):
+    from ehrsr.profiling.canary import Canary, CanaryReading
+
+    class Quiet(Canary):
+        def check(self) -> CanaryReading:
+            return CanaryReading(1.0, 1.0, 1.05, False)
+
+    model = _hand_model(tiny, SMALL, {u.key: 2.0 for u in units_of(SMALL, TARGET.input_hw)})
+    measured = []
+
+    def measure(config, target):
+        measured.append((config, target))
+        return 42.0
+
+    record = lm.latency_for_profile(SMALL, TARGET, model, canary=Quiet(), measure=measure)
+    assert record.source == "predicted" and record.latency_ms == pytest.approx(model.predict(SMALL).latency_ms)
+    assert measured == []
+    other = SMALL.replace(fsb={"enabled": True})
+    record = lm.latency_for_profile(other, TARGET, model, canary=Quiet(), measure=measure)
+    assert record.source == "measured" and record.latency_ms == 42.0 and measured == [(other, TARGET)]
+    assert record.missing_units and record.missing_units[0].startswith("fsb(") and record.canary_ratio == 1.05
+    assert record.to_dict()["missing_units"] == list(record.missing_units)
+    # no model at all: measured
+    assert lm.latency_for_profile(SMALL, TARGET, None, canary=Quiet(), measure=measure).source == "measured"
+
+
+def test_correction_fit_recovers_a_linear_law_and_never_goes_negative():
+    a, b = lm._fit_correction([1.0, 2.0, 3.0, 4.0], [2.5, 4.5, 6.5, 8.5])
+    assert a == pytest.approx(2.0) and b == pytest.approx(0.5)
+    a, b = lm._fit_correction([1.0, 2.0, 3.0], [1.0, 3.0, 5.0])  # free fit would need b = -1
+    assert b == 0.0 and 1.0 < a < 2.5
+
+
+def test_cpu_clock_is_for_one_thread_only(tmp_path: Path, tiny):
+    from ehrsr.profiling.onnx_runtime import time_model
+
+    with pytest.raises(ValueError, match="one thread"):
+        time_model(torch.nn.Identity(), "torch", (1, 3, 8, 8), 2, clock="cpu")
+    with pytest.raises(ValueError, match="clock must be"):
+        time_model(torch.nn.Identity(), "torch", (1, 3, 8, 8), 1, clock="sundial")
+    with pytest.raises(ValueError, match="one-thread target"):
+        calibrate(tiny, LatencyTarget.from_profile(TARGET, threads=2), tmp_path / "m.json", clock="cpu")
+    stats = time_model(torch.nn.Conv2d(3, 3, 3), "torch", (1, 3, 16, 16), 1, clock="cpu", warmup=1, repeats=5)
+    assert stats.repeats == 5 and stats.latency_ms >= 0 and "cpu clock" in stats.device
+
+
+def test_onnxruntime_timing_runs_the_exported_model_with_several_inputs():
+    from ehrsr.profiling.onnx_runtime import time_model
+
+    deploy = lm._deploy(EHRSRConfig.from_dict({"width": 8, "trunk_blocks": 1,
+                                               "msg": {"levels": 1, "depths": [1], "attention_gate": True}}))
+    unit = next(u for u in units_of(deploy.config, (16, 16)) if u.path.startswith("fusions"))
+    stats = time_model(unit_module(deploy, unit), "onnxruntime", list(unit.input_shapes), 1, warmup=1, repeats=5)
+    assert stats.repeats == 5 and "[onnxruntime]" in stats.device
