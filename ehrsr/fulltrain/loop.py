@@ -74,6 +74,7 @@ class FullTrainSettings:
     latency_budget_s: float | None = None  # seconds of timed passes for the card's latency (None: 1 s)
     progress: bool = True
     stop_after: int | None = None  # stop (as if killed) after this many steps of this call; tests use it
+    finish: bool = True  # False: end at the last checkpoint, without exports and card (benchmarks, tests)
 
 
 @dataclass
@@ -307,7 +308,7 @@ def full_train(settings: FullTrainSettings) -> FullTrainResult:
     steps_per_second = steps_this_call / elapsed if elapsed > 0 and steps_this_call else math.nan
     result = FullTrainResult(out_dir, step, step >= recipe.steps, resumed_from, best["step"], best["psnr"],
                              steps_per_second=steps_per_second)
-    if step < recipe.steps:
+    if step < recipe.steps or not settings.finish:
         return result  # stopped before the end (stop_after): the checkpoint written last resumes it
     from ehrsr.fulltrain.card import finish_run
 
