@@ -94,6 +94,7 @@ def run_train(args: argparse.Namespace) -> int:
     from ehrsr.fulltrain.loop import FullTrainSettings, full_train
     from ehrsr.fulltrain.source import resolve_config
     from ehrsr.search.storage import mask_url
+    from ehrsr.training import TrainingError
 
     try:
         source = resolve_config(pick=args.pick, config=args.config, study_name=args.study_name, trial=args.trial,
@@ -114,6 +115,9 @@ def run_train(args: argparse.Namespace) -> int:
         result = full_train(settings)
     except (FullTrainError, ImageReadError) as exc:
         return _fail(exc)
+    except TrainingError as exc:  # diverged or out of memory: the last checkpoint stays in --out
+        print(f"error: {exc}; the last checkpoint is kept in {settings.out_dir}", file=sys.stderr)
+        return 1
     numbers = ", ".join(f"{name} {s['psnr']:.2f} dB / {s['ssim']:.4f} (bicubic {s['bicubic']['psnr']:.2f})"
                         for name, s in result.evaluation.get("sets", {}).items())
     resumed = f", resumed at step {result.resumed_from}" if result.resumed_from else ""
