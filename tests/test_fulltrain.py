@@ -305,3 +305,23 @@ def test_bad_evaluate_input_is_one_line_and_exit_2(finished, data, tmp_path, cap
     assert "spandrel cannot read it" in one_error_line(capsys)
     assert cli(["evaluate", "--weights", str(finished / "model.safetensors"), "--scale", "4"]) == 2
     assert "is x2" in one_error_line(capsys)
+
+
+def test_configuration_sources_pick_file_and_exactly_one(tmp_path):
+    from ehrsr.fulltrain import resolve_config
+
+    pick = {"profile": {"name": "laptop"}, "study": "s", "trial": 7, "config": TINY, "weights": "laptop.safetensors",
+            "train": {"steps": 108, "lr": 1e-3}}
+    (tmp_path / "laptop.json").write_text(json.dumps(pick))
+    source = resolve_config(pick=tmp_path / "laptop.json")
+    assert source.config == EHRSRConfig.from_dict(TINY) and source.search_train == pick["train"]
+    assert "study s, trial 7, profile laptop" in source.description
+    (tmp_path / "c.yaml").write_text("width: 12\nscale: 3\n")
+    assert resolve_config(config=tmp_path / "c.yaml").config == EHRSRConfig(width=12, scale=3)
+    with pytest.raises(FullTrainError, match="exactly one of"):
+        resolve_config(pick=tmp_path / "laptop.json", config=tmp_path / "c.yaml")
+    with pytest.raises(FullTrainError, match="exactly one of"):
+        resolve_config()
+    (tmp_path / "broken.json").write_text("{not json")
+    with pytest.raises(FullTrainError, match="is not valid JSON"):
+        resolve_config(pick=tmp_path / "broken.json")
