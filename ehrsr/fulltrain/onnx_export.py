@@ -54,9 +54,18 @@ class OnnxExport:
 
 
 def _first_line(exc: BaseException) -> str:
-    lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
-    named = [line for line in lines if "not supported" in line or "Unsupported" in line or "Constraints violated" in line]
-    return f"{type(exc).__name__}: {(named or lines or [''])[0][:300]}"
+    """The line that says why: the exporters wrap the real error (often several levels deep) in a
+    banner, so the innermost cause is read first."""
+    causes = [exc]
+    while causes[-1].__cause__ is not None and len(causes) < 10:
+        causes.append(causes[-1].__cause__)
+    for error in reversed(causes):
+        lines = [line.strip() for line in str(error).splitlines() if line.strip() and "step 1/3" not in line]
+        named = [line for line in lines if "not supported" in line or "Unsupported" in line
+                 or "Constraints violated" in line or "data-dependent" in line or "guard" in line.lower()]
+        if named or lines:
+            return f"{type(error).__name__}: {(named or lines)[0][:300]}"
+    return type(exc).__name__
 
 
 def _export(model: nn.Module, example: torch.Tensor, path: Path, opset: int, dynamic: bool) -> str:
