@@ -54,11 +54,13 @@ def test_modules_that_cannot_be_dynamic_are_named_and_the_fixed_file_is_tiled(tm
         run(session, torch.rand(1, 3, 61, 47))
     x = torch.rand(1, 3, 61, 47, generator=torch.Generator().manual_seed(0))
     out = tiled_onnx_inference(session, x.numpy(), result.fixed_hw, overlap=8)
+    assert out.shape == (1, 3, 61 * 4, 47 * 4)
+    # FSB and WAB see the whole input, so tiles differ from one whole-image pass; the corner only
+    # the first tile covers must equal PyTorch on that tile
     with torch.inference_mode():
-        reference = model(x).numpy()
-    assert out.shape == reference.shape
-    # tiles see less context than the whole image: close, not equal, away from the seams
-    assert np.abs(out - reference).mean() < 0.01
+        first_tile = model(x[..., :16, :16]).numpy()
+    corner = (16 - 8) * 4
+    assert np.abs(out[..., :corner, :corner] - first_tile[..., :corner, :corner]).max() <= 1e-4
 
 
 class _PixelShuffleSR(torch.nn.Module):
