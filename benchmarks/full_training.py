@@ -6,7 +6,7 @@ A configuration (by default the tiny space's middle: width 16, one MSG level, on
 RepMix k7; or the configuration of a pick JSON) is trained on the built-in x4 images
 1. briefly, as a tiny-space trial is (108 steps, batch 8, 32 px patches, ``ehrsr.training.train``),
 2. ``--factor`` times longer with ``ehrsr.fulltrain.full_train`` (same batch and patch, the
-   recipe's cosine schedule and EMA 0.999),
+   recipe's cosine schedule and EMA 0.999 with its warm-up; ``--no-ema-warmup`` for plain 0.999),
 and validated on the built-in validation images (PSNR/SSIM on Y, crop = scale). Printed: the PSNR
 curve of the long run, the gain over the 108-step weights and over bicubic, and training steps/s
 with and without the EMA update (timed interleaved, medians). Nothing is asserted.
@@ -68,6 +68,7 @@ def main() -> None:
     parser.add_argument("--factor", type=int, default=30, help="long run = factor x 108 steps (default 30)")
     parser.add_argument("--val-every", type=int, help="validation interval (default: factor x 108 / 10)")
     parser.add_argument("--ema-repeats", type=int, default=15, help="timed steps per variant for the EMA cost")
+    parser.add_argument("--no-ema-warmup", action="store_true", help="EMA at 0.999 from the first step (BasicSR)")
     parser.add_argument("--out", type=Path, help="run folder (default: a temporary one)")
     args = parser.parse_args()
     torch.set_num_threads(max(1, torch.get_num_threads()))
@@ -88,7 +89,7 @@ def main() -> None:
     steps = args.factor * TRIAL_STEPS
     val_every = args.val_every or max(1, steps // 10)
     recipe = Recipe(steps=steps, batch_size=BATCH, patch_size=PATCH, lr=TRIAL_LR, val_every=val_every,
-                    checkpoint_every=val_every)
+                    checkpoint_every=val_every, ema_warmup=not args.no_ema_warmup)
     out = args.out or Path(tempfile.mkdtemp(prefix="full_training_"))
     start = time.perf_counter()
     result = full_train(FullTrainSettings(config=config, recipe=recipe, out_dir=out, progress=True, finish=False,

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import re
 from pathlib import Path
 
@@ -97,10 +98,11 @@ def test_recipe_rejects_unknown_keys_and_bad_values(tmp_path):
 # EMA
 
 
-def test_ema_after_n_steps_is_the_formula_on_the_recorded_weights():
+@pytest.mark.parametrize("warmup", [False, True])
+def test_ema_after_n_steps_is_the_formula_on_the_recorded_weights(warmup):
     decay = 0.9
     model = torch.nn.Linear(3, 2)
-    ema = ModelEMA(model, decay)
+    ema = ModelEMA(model, decay, warmup=warmup)
     generator = torch.Generator().manual_seed(0)
     recorded = [{k: v.clone().double() for k, v in model.state_dict().items()}]  # w_0
     for _ in range(5):
@@ -110,10 +112,15 @@ def test_ema_after_n_steps_is_the_formula_on_the_recorded_weights():
         recorded.append({k: v.clone().double() for k, v in model.state_dict().items()})
         ema.update(model)
     n = len(recorded) - 1
+    # decay of update t: d, or min(d, (1 + t) / (10 + t)) with warm-up (0.1, 0.18, 0.25, ... here)
+    d = [min(decay, (1 + t) / (10 + t)) if warmup else decay for t in range(n)]
     for key, value in ema.state_dict().items():
-        # ema_n = d^n w_0 + sum_{k=1..n} (1 - d) d^(n-k) w_k
-        expected = decay**n * recorded[0][key] + sum((1 - decay) * decay ** (n - k) * recorded[k][key] for k in range(1, n + 1))
+        # ema_n = (prod_t d_t) w_0 + sum_k (1 - d_{k-1}) (prod_{t >= k} d_t) w_k
+        expected = math.prod(d) * recorded[0][key]
+        for k in range(1, n + 1):
+            expected = expected + (1 - d[k - 1]) * math.prod(d[k:]) * recorded[k][key]
         torch.testing.assert_close(value.double(), expected, rtol=0, atol=1e-6)
+    assert ema.updates == n
     assert not torch.allclose(ema.state_dict()["weight"], model.weight)  # it lags the raw weights
 
 

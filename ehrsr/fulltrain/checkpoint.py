@@ -24,7 +24,7 @@ from ehrsr.fulltrain.recipe import FullTrainError
 __all__ = ["CHECKPOINT_FORMAT", "capture_rng", "load_checkpoint", "restore_rng", "save_atomically"]
 
 CHECKPOINT_FORMAT = 1  # bump when the layout changes; older files are refused with a clear message
-_REQUIRED = ("format", "step", "model", "ema", "optimizer", "scheduler", "rng", "recipe", "config")
+_REQUIRED = ("format", "step", "model", "ema", "ema_updates", "optimizer", "scheduler", "rng", "recipe", "config")
 
 
 def capture_rng(sampler: torch.Generator) -> dict[str, Any]:

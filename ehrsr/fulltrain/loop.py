@@ -206,7 +206,7 @@ def full_train(settings: FullTrainSettings) -> FullTrainResult:
     model = build_model(config).to(device)
     if channels_last:
         model.to(memory_format=torch.channels_last)
-    ema = ModelEMA(model, recipe.ema_decay) if recipe.ema_decay > 0 else None
+    ema = ModelEMA(model, recipe.ema_decay, warmup=recipe.ema_warmup) if recipe.ema_decay > 0 else None
     optimizer = _optimizer(model, recipe)
     if is_cuda:
         train_set.to(device)  # patches are cut on the GPU
@@ -216,6 +216,7 @@ def full_train(settings: FullTrainSettings) -> FullTrainResult:
         model.load_state_dict(checkpoint["model"])
         if ema is not None:
             ema.load_state_dict(checkpoint["ema"])
+            ema.updates = int(checkpoint["ema_updates"])
         optimizer.load_state_dict(checkpoint["optimizer"])
         restore_rng(checkpoint["rng"], sampler)
         step = int(checkpoint["step"])
@@ -229,7 +230,8 @@ def full_train(settings: FullTrainSettings) -> FullTrainResult:
     def save_checkpoint() -> None:
         payload = {
             "format": CHECKPOINT_FORMAT, "step": step, "model": model.state_dict(),
-            "ema": ema.state_dict() if ema is not None else {}, "optimizer": optimizer.state_dict(),
+            "ema": ema.state_dict() if ema is not None else {}, "ema_updates": ema.updates if ema is not None else 0,
+            "optimizer": optimizer.state_dict(),
             # the schedule is a pure function of the step; its state is the step and its definition
             "scheduler": {"schedule": recipe.schedule, "step": step, "lr": recipe.learning_rate(max(0, step - 1))},
             "rng": capture_rng(sampler), "recipe": recipe.to_dict(), "config": config.to_dict(),

@@ -45,6 +45,7 @@ class Recipe:
     gamma: float = 0.5  # multistep: the learning rate halves at each milestone (EDSR, SwinIR)
     warmup_steps: int = 0  # BasicSR's warmup_iter is -1 (none) for SR; raise it for unstable attention
     ema_decay: float = 0.999  # BasicSR / neosr ema_decay; 0 switches EMA off (the raw weights are used)
+    ema_warmup: bool = True  # decay min(ema_decay, (1+t)/(10+t)) (TensorFlow's EMA): short runs are not stuck at init
     grad_clip: float | None = 1.0  # global-norm clip (neosr's grad_clip; the search's brief runs use 1.0)
     amp: Literal["auto", "bf16", "off"] = "auto"  # auto: bf16 autocast on CUDA only (fp32 on CPU)
     channels_last: Literal["auto", "on", "off"] = "auto"  # auto: on CUDA only, where convs run faster
