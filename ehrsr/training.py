@@ -125,6 +125,14 @@ LOSSES: tuple[str, ...] = tuple(_LOSS_FUNCTIONS)
 """Reconstruction losses ``train`` implements; the one list a search space validates against."""
 
 
+def loss_function(name: str) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
+    """The reconstruction loss called ``name`` (one of ``LOSSES``), looked up now (spy-friendly)."""
+    try:
+        return _LOSS_FUNCTIONS[name]
+    except KeyError:
+        raise ValueError(f"loss must be one of {', '.join(LOSSES)}, got {name!r}") from None
+
+
 @dataclass(frozen=True)
 class TrainSettings:
     """What the user chooses about one training run (the runtime knobs such as device, seed and
@@ -195,7 +203,8 @@ class TrainSettings:
         return cls(**{k: v for k, v in data.items() if k in names})
 
 
-def _is_out_of_memory(exc: BaseException) -> bool:
+def is_out_of_memory(exc: BaseException) -> bool:
+    """Whether ``exc`` is the device (or the host allocator) running out of memory."""
     if isinstance(exc, torch.OutOfMemoryError):
         return True
     message = str(exc)
@@ -254,7 +263,7 @@ def train(
     model_scale = getattr(getattr(model, "config", None), "scale", None)
     if model_scale is not None and model_scale != train_set.scale:
         raise ValueError(f"the model's scale ({model_scale}) differs from the training data's ({train_set.scale})")
-    criterion = _LOSS_FUNCTIONS[settings.loss]
+    criterion = loss_function(settings.loss)
     device = torch.device(device)
     is_cuda = device.type == "cuda"
     amp = is_cuda if amp is None else amp
@@ -331,7 +340,7 @@ def train(
                 else torch.nn.utils.get_total_norm([p.grad for p in model.parameters() if p.grad is not None])
             )
         except Exception as exc:
-            if _is_out_of_memory(exc):
+            if is_out_of_memory(exc):
                 optimizer.zero_grad(set_to_none=True)
                 if is_cuda:
                     torch.cuda.empty_cache()

@@ -48,7 +48,7 @@ from ehrsr.fulltrain.data import ValData, prepare_sets
 from ehrsr.fulltrain.ema import ModelEMA
 from ehrsr.fulltrain.recipe import FullTrainError, Recipe
 from ehrsr.model import build_model
-from ehrsr.training import TrainingDiverged, TrainingOutOfMemory, _is_out_of_memory, _reconstruction_loss
+from ehrsr.training import TrainingDiverged, TrainingOutOfMemory, is_out_of_memory, loss_function
 
 __all__ = ["FullTrainResult", "FullTrainSettings", "full_train", "fused_state", "save_weights"]
 
@@ -223,7 +223,7 @@ def full_train(settings: FullTrainSettings) -> FullTrainResult:
         rows, best = list(checkpoint["history"]), dict(checkpoint["best"])
     resumed_from = step if checkpoint is not None else None
     evaluated = ema.module if ema is not None else model
-    criterion = _reconstruction_loss(recipe.loss)
+    criterion = loss_function(recipe.loss)
     has_aux = callable(getattr(model, "aux_loss", None))
     set_names = [name for name, _ in val_sets]
 
@@ -268,7 +268,7 @@ def full_train(settings: FullTrainSettings) -> FullTrainResult:
             else:
                 grad_norm = torch.nn.utils.get_total_norm([p.grad for p in model.parameters() if p.grad is not None])
         except Exception as exc:
-            if _is_out_of_memory(exc):
+            if is_out_of_memory(exc):
                 raise TrainingOutOfMemory(recipe.batch_size, recipe.patch_size, device, step + 1) from None
             raise
         loss_value, norm_value = float(total.detach()), float(grad_norm)

@@ -39,7 +39,7 @@ class Recipe:
     lr: float = 5e-4  # light SR uses 2e-4 (SwinIR-light) to 1e-3 (SAFMN, SPAN); 5e-4 sits between
     betas: tuple[float, ...] = (0.9, 0.99)  # BasicSR's beta2 = 0.99 instead of Adam's 0.999
     weight_decay: float = 0.0  # BasicSR: 0 for SR; AdamW users (NAFNet) set it, biases/norms excluded
-    loss: Literal["l1", "charbonnier"] = "l1"  # L1: EDSR showed it beats L2 for PSNR; standard since
+    loss: Literal["l1", "mse", "charbonnier"] = "l1"  # L1: EDSR showed it beats L2 for PSNR; standard since
     schedule: Literal["cosine", "multistep"] = "cosine"  # cosine to 0 (NAFNet, SAFMN) or halving steps
     milestones: tuple[float, ...] = (0.5, 0.8, 0.9, 0.95)  # multistep: SwinIR's 250k/400k/450k/475k of 500k
     gamma: float = 0.5  # multistep: the learning rate halves at each milestone (EDSR, SwinIR)
@@ -62,6 +62,9 @@ class Recipe:
         for name in ("steps", "batch_size", "patch_size", "val_every", "checkpoint_every"):
             check(getattr(self, name) >= 1, f"{name} must be >= 1, got {getattr(self, name)}")
         check(self.lr > 0, f"lr must be > 0, got {self.lr}")
+        from ehrsr.training import LOSSES  # the one list of losses training implements
+
+        check(self.loss in LOSSES, f"loss must be one of {', '.join(LOSSES)}, got {self.loss!r}")
         check(len(self.betas) == 2 and all(0 <= b < 1 for b in self.betas), f"betas must be two numbers in [0, 1), got {self.betas}")
         check(self.weight_decay >= 0, f"weight_decay must be >= 0, got {self.weight_decay}")
         check(0.0 <= self.ema_decay < 1.0, f"ema_decay must be in [0, 1), got {self.ema_decay}")
