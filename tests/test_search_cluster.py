@@ -124,6 +124,8 @@ def test_two_workers_through_the_grpc_storage_proxy(tmp_path: Path, pg_url: str)
     proxy = start_worker(["run_search.py", "storage-proxy", "--storage", pg_url, "--host", "127.0.0.1",
                           "--port", str(port)], tmp_path)
     try:
+        first = proxy.stdout.readline()  # printed once the database is open, just before serving
+        assert f"listening on 127.0.0.1:{port}" in first, first or proxy.stderr.read()[-2000:]
         url = f"grpc://127.0.0.1:{port}"
         n = 4
         procs = [_worker(tmp_path, url, "proxied", f"trials={n}", i) for i in range(2)]
@@ -134,4 +136,4 @@ def test_two_workers_through_the_grpc_storage_proxy(tmp_path: Path, pg_url: str)
         proxy.send_signal(signal.SIGTERM)
         out, err = proxy.communicate(timeout=60)
     assert proxy.returncode == 0, err[-2000:]
-    assert f"listening on 127.0.0.1:{port}" in out and "storage proxy stopped" in out
+    assert "storage proxy stopped" in out

@@ -148,7 +148,7 @@ def open_storage(url: str) -> optuna.storages.BaseStorage:
         raise StorageError(f"cannot open storage {masked}: {detail}") from None
 
 
-PROXY_WAIT_SECONDS = 10.0
+PROXY_WAIT_SECONDS = 30.0  # a proxy being (re)started needs a moment
 
 
 def _open_grpc_proxy(url: str) -> optuna.storages.BaseStorage:
