@@ -16,7 +16,7 @@ from typing import Any
 
 __all__ = ["main"]
 
-SUBCOMMANDS = ("search", "report", "ablate", "deploy")
+SUBCOMMANDS = ("search", "report", "ablate", "deploy", "storage-proxy")
 EXIT_USAGE = 2
 
 _SI = {"": 1.0, "k": 1e3, "K": 1e3, "m": 1e6, "M": 1e6, "g": 1e9, "G": 1e9, "t": 1e12, "T": 1e12}
@@ -136,7 +136,10 @@ def build_parser() -> dict[str, argparse.ArgumentParser]:
     deploy.add_argument("--devices-file", help="device profiles YAML (default: search_spaces/devices.yaml)")
     deploy.add_argument("--onnx", action="store_true", help="also export ONNX, checked against PyTorch")
     _common(deploy)
-    return {"search": search, "report": report, "ablate": ablate, "deploy": deploy}
+    from ehrsr.search.proxy import storage_proxy_parser
+
+    return {"search": search, "report": report, "ablate": ablate, "deploy": deploy,
+            "storage-proxy": storage_proxy_parser(_Parser)}
 
 
 def _verbosity(args: argparse.Namespace) -> int:
@@ -264,7 +267,10 @@ def main(argv: list[str] | None = None) -> int:
 
     # Optuna's own INFO lines ("A new study created ...") would interleave with ours
     optuna.logging.set_verbosity(optuna.logging.INFO if getattr(args, "verbose", False) else optuna.logging.WARNING)
-    handler = {"search": _search, "report": _report, "ablate": _ablate, "deploy": _deploy}[command]
+    from ehrsr.search.proxy import run_storage_proxy
+
+    handler = {"search": _search, "report": _report, "ablate": _ablate, "deploy": _deploy,
+               "storage-proxy": run_storage_proxy}[command]
     try:
         return handler(args)
     except KeyboardInterrupt:

@@ -110,6 +110,11 @@ def test_killed_worker_keeps_finished_trials_and_its_trial_is_failed_later(tmp_p
     assert all(kept[t.number] == t.values for t in done)  # nothing finished was lost
     orphans = [t.number for t in study.trials if t.state == TrialState.RUNNING]
     assert orphans  # the trial it was running stays RUNNING ...
+    for number in orphans:  # as seen from another machine, which cannot look for the process
+        worker = study.trials[number].user_attrs.get("worker")
+        if worker:
+            study._storage.set_trial_user_attr(study.trials[number]._trial_id, "worker",
+                                               {**worker, "host": "another-node|boot|pid:[1]"})
     assert fail_stale_trials(study) == []  # not yet stale: it might still be alive
     failed = fail_stale_trials(study, now=time.time() + STALE_SECONDS + 1)
     assert failed == orphans  # ... until a live worker sees its heartbeat (or start) is stale

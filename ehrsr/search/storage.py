@@ -25,12 +25,53 @@ class StorageError(RuntimeError):
     """The storage cannot be opened or reached; the message is one line for the user."""
 
 
-_PASSWORD = re.compile(r"(?P<scheme>[a-zA-Z][a-zA-Z0-9+.-]*://)(?P<user>[^:/@]*):(?P<password>[^@/]*)@")
+# a URL inside any text: scheme:// then everything up to the next white space
+_URL = re.compile(r"(?P<scheme>[a-zA-Z][a-zA-Z0-9+.-]*://)(?P<rest>\S+)")
+_QUERY_PASSWORD = re.compile(r"(?i)(?P<key>[?&]password=)[^&\s]*")
 
 
-def mask_url(url: str) -> str:
-    """Hide the password of ``scheme://user:password@host``: ``scheme://user:***@host``."""
-    return _PASSWORD.sub(lambda m: f"{m['scheme']}{m['user']}:***@", url)
+def _mask_one(match: re.Match[str]) -> str:
+    rest = match["rest"]
+    # SQLAlchemy (make_url) reads the password from the first ':' after the user name to the next
+    # '@', and a password may hold '/', ':' or '?' unescaped; an unescaped '@' in it makes
+    # SQLAlchemy read the rest as the host, which the error messages then repeat. So everything up
+    # to the LAST '@' is hidden: it covers what SQLAlchemy sends and what the user meant.
+    at = rest.rfind("@")
+    if at > 0 and ":" in rest[:at]:
+        user = rest[: rest.index(":")]
+        rest = f"{user}:***{rest[at:]}"
+    return match["scheme"] + _QUERY_PASSWORD.sub(lambda m: f"{m['key']}***", rest)
+
+
+def mask_url(text: str) -> str:
+    """Hide the passwords of every ``scheme://user:password@host...`` URL in ``text``.
+
+    ``postgresql://user:SEC/RET@host/db`` becomes ``postgresql://user:***@host/db``; a
+    ``?password=`` query parameter is hidden too. Works on a bare URL and on a message quoting one.
+    """
+    return _URL.sub(_mask_one, text)
+
+
+def _redact(text: str, url: str) -> str:
+    """``mask_url`` plus any literal copy of the URL's password (a driver may quote it alone)."""
+    from urllib.parse import unquote
+
+    masked = mask_url(text)
+    match = _URL.match(url)
+    if match:
+        rest = match["rest"]
+        at = rest.rfind("@")
+        if at > 0 and ":" in rest[:at]:
+            secret = rest[rest.index(":") + 1 : at]
+            for form in {secret, unquote(secret)}:
+                if len(form) >= 3:  # a one- or two-letter password would blank out ordinary words
+                    masked = masked.replace(form, "***")
+            # after an unescaped '@' SQLAlchemy takes the rest of the password for the host
+            # ("failed to resolve host 'ss@db'"): hide each such piece where it stands before '@'
+            pieces = secret.split("@")
+            for i in range(1, len(pieces)):
+                masked = masked.replace("@".join(pieces[i:]) + "@", "***@")
+    return masked
 
 
 def default_storage_url(study_dir: Path, workers: int = 1) -> str:
@@ -53,6 +94,7 @@ _DRIVER_PACKAGES = {
     "psycopg2": "psycopg2-binary",  # postgresql+psycopg2://
     "pymysql": "PyMySQL",  # mysql+pymysql://
     "MySQLdb": "mysqlclient",  # mysql://
+    "grpc": "grpcio",  # grpc:// (Optuna's storage proxy client)
 }
 
 
@@ -85,11 +127,13 @@ def open_storage(url: str) -> optuna.storages.BaseStorage:
                 raise StorageError(f"cannot open storage {masked}: folder {path.parent} does not exist")
             # a generous lock timeout: several workers may write to one SQLite file
             return optuna.storages.RDBStorage(url, engine_kwargs={"connect_args": {"timeout": 60}})
+        if url.startswith("grpc://"):
+            return _open_grpc_proxy(url)
         if "://" not in url:
             raise StorageError(
                 f"storage {masked!r} is not a URL: use sqlite:///PATH, postgresql://..., mysql://... or journal:PATH"
             )
-        return optuna.storages.RDBStorage(url, engine_kwargs={"pool_pre_ping": True})
+        return _open_rdb(url)
     except StorageError:
         raise
     except ImportError as exc:
@@ -100,5 +144,63 @@ def open_storage(url: str) -> optuna.storages.BaseStorage:
             f"install it with: pip install '{package}'"
         ) from None
     except Exception as exc:  # SQLAlchemy / driver errors: keep one line, never the password
-        detail = mask_url(str(exc).strip().splitlines()[0]) if str(exc).strip() else type(exc).__name__
+        detail = _redact(str(exc).strip().splitlines()[0], url) if str(exc).strip() else type(exc).__name__
         raise StorageError(f"cannot open storage {masked}: {detail}") from None
+
+
+PROXY_WAIT_SECONDS = 30.0  # a proxy being (re)started needs a moment
+
+
+def _open_grpc_proxy(url: str) -> optuna.storages.BaseStorage:
+    """``grpc://HOST:PORT``: Optuna's gRPC storage proxy (``run_search.py storage-proxy``), which
+    serves many workers from one database connection pool (docs/scaling_out.md)."""
+    from urllib.parse import urlsplit
+
+    parts = urlsplit(url)
+    try:
+        host, port = parts.hostname, parts.port
+    except ValueError:
+        host, port = None, None
+    if not host or port is None or parts.path not in ("", "/"):
+        raise StorageError(f"storage {mask_url(url)!r}: write grpc://HOST:PORT, the address of run_search.py storage-proxy")
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+        proxy = optuna.storages.GrpcStorageProxy(host=host, port=port)
+    try:
+        proxy.wait_server_ready(timeout=PROXY_WAIT_SECONDS)
+    except ConnectionError:
+        proxy.close()
+        raise StorageError(
+            f"cannot open storage {mask_url(url)}: no storage proxy answered within {PROXY_WAIT_SECONDS:.0f} s "
+            "(start one with: run_search.py storage-proxy --storage URL --host HOST --port PORT)"
+        ) from None
+    return proxy
+
+
+SCHEMA_RACE_TRIES = 6
+
+
+def _open_rdb(url: str) -> optuna.storages.RDBStorage:
+    """A database server's storage; survives workers that start together on a fresh database.
+
+    Every worker's RDBStorage creates Optuna's tables if they are missing; workers started at the
+    same moment (a job array) race to CREATE them, and the losers get "duplicate key" or "already
+    exists" from PostgreSQL (seen in tests/test_search_cluster.py). The tables exist by then, so
+    opening again succeeds.
+    """
+    import random
+    import time
+
+    import sqlalchemy.exc
+
+    for attempt in range(SCHEMA_RACE_TRIES):
+        try:
+            return optuna.storages.RDBStorage(url, engine_kwargs={"pool_pre_ping": True})
+        except (sqlalchemy.exc.IntegrityError, sqlalchemy.exc.ProgrammingError) as exc:
+            text = str(exc).lower()
+            if attempt == SCHEMA_RACE_TRIES - 1 or not ("duplicate key" in text or "already exists" in text):
+                raise
+            time.sleep(random.uniform(0.1, 0.5) * (attempt + 1))
+    raise AssertionError("unreachable")

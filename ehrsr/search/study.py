@@ -312,7 +312,9 @@ def prepare_study(settings: SearchSettings, log: Any = print) -> PreparedStudy:
         existing = {s.study_name for s in optuna.get_all_study_summaries(storage)}
     except Exception as exc:
         raise StorageError(f"cannot read storage {mask_url(storage_url)}: {str(exc).splitlines()[0]}") from None
-    created = study_name not in existing
+    # workers started together all find the study missing: only the one whose creation succeeds
+    # writes its attributes and enqueues the reference trials (else they are enqueued twice)
+    created = study_name not in existing and _claim_new_study(storage, study_name, objectives)
     study = optuna.create_study(
         storage=storage,
         study_name=study_name,
@@ -320,6 +322,8 @@ def prepare_study(settings: SearchSettings, log: Any = print) -> PreparedStudy:
         sampler=sampler,
         load_if_exists=True,
     )
+    if not created:
+        _wait_for_context(study)
     dev_name = device_name(device, settings.threads)
     if created or "context" not in study.user_attrs:
         with warnings.catch_warnings():
@@ -352,10 +356,10 @@ def prepare_study(settings: SearchSettings, log: Any = print) -> PreparedStudy:
             "context": spec.to_dict(),
             TRAIN_SETTINGS_VERSION_ATTR: TRAIN_SETTINGS_VERSION,
         }
-        for key, value in attrs.items():
-            study.set_user_attr(key, value)
         for name, params in space.reference_params().items():
             study.enqueue_trial(params, user_attrs={"reference": name}, skip_if_exists=True)
+        for key, value in attrs.items():  # "context" last: other workers wait for it
+            study.set_user_attr(key, value)
     else:
         _check_compatible(study, spec, space, settings)
         stale = stale_train_settings(study)
@@ -364,6 +368,31 @@ def prepare_study(settings: SearchSettings, log: Any = print) -> PreparedStudy:
         study.set_user_attr(TRAIN_SETTINGS_VERSION_ATTR, TRAIN_SETTINGS_VERSION)
         study.set_user_attr("budget", budget.text)  # a resume may extend the budget
     return PreparedStudy(study, storage_url, study_dir, space, budget, spec, objectives, device, dev_name, created)
+
+
+def _claim_new_study(storage: optuna.storages.BaseStorage, name: str, objectives: list[Objective]) -> bool:
+    """Create the study; True only in the one process whose creation succeeded."""
+    from optuna.study import StudyDirection
+
+    directions = [StudyDirection.MAXIMIZE if o.direction == "maximize" else StudyDirection.MINIMIZE for o in objectives]
+    try:
+        storage.create_new_study(directions, name)
+        return True
+    except optuna.exceptions.DuplicatedStudyError:
+        return False
+
+
+CONTEXT_WAIT_SECONDS = 60.0
+
+
+def _wait_for_context(study: optuna.Study) -> None:
+    """A worker that just created the study may still be writing its attributes ("context" is
+    written last); wait for them, then go on either way (an older run may have died before)."""
+    import time
+
+    deadline = time.monotonic() + CONTEXT_WAIT_SECONDS
+    while "context" not in study.user_attrs and time.monotonic() < deadline:
+        time.sleep(0.5)
 
 
 def load_study(study_name: str, storage: str | None, out_dir: Path) -> tuple[optuna.Study, str, Path]:

@@ -214,6 +214,10 @@ class _Heartbeat:
                 self.study._storage.set_trial_user_attr(self.trial_id, "heartbeat", time.time())
 
     def __enter__(self) -> _Heartbeat:
+        from ehrsr.search.liveness import current_worker
+
+        # who runs it: a worker on the same host fails the trial at once if this process dies
+        self.study._storage.set_trial_user_attr(self.trial_id, "worker", current_worker().to_dict())
         self.study._storage.set_trial_user_attr(self.trial_id, "heartbeat", time.time())
         self.thread.start()
         return self
@@ -224,7 +228,10 @@ class _Heartbeat:
 
 
 def fail_stale_trials(study: optuna.Study, now: float | None = None) -> list[int]:
-    """Mark RUNNING trials whose heartbeat is older than ``STALE_SECONDS`` failed; return their numbers."""
+    """Mark RUNNING trials whose heartbeat is older than ``STALE_SECONDS`` failed, or at once when
+    their worker is provably dead on this host (``liveness.worker_gone``); return their numbers."""
+    from ehrsr.search.liveness import worker_gone
+
     now = time.time() if now is None else now
     failed = []
     for frozen in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
@@ -234,13 +241,15 @@ def fail_stale_trials(study: optuna.Study, now: float | None = None) -> list[int
             if frozen.datetime_start is None:
                 continue
             beat = frozen.datetime_start.timestamp()
-        if now - float(beat) < STALE_SECONDS:
+        gone = worker_gone(frozen.user_attrs.get("worker"))
+        if now - float(beat) < STALE_SECONDS and not gone:
             continue
         storage = study._storage
         start = frozen.datetime_start.timestamp() if frozen.datetime_start else float(beat)
         with contextlib.suppress(Exception):
             storage.set_trial_user_attr(frozen._trial_id, "status", "crashed")
-            storage.set_trial_user_attr(frozen._trial_id, "reason", "its worker stopped (no heartbeat)")
+            storage.set_trial_user_attr(frozen._trial_id, "reason", "its worker process ended (gone from this host)"
+                                        if gone else "its worker stopped (no heartbeat)")
             n_dev = int(frozen.user_attrs.get("n_devices", 1))
             storage.set_trial_user_attr(frozen._trial_id, "charged_seconds", max(0.0, float(beat) - start) * n_dev)
             storage.set_trial_state_values(frozen._trial_id, state=TrialState.FAIL)

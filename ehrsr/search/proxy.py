@@ -1,0 +1,92 @@
+"""``run_search.py storage-proxy``: Optuna's gRPC storage proxy in front of the study's database.
+
+With hundreds of workers, each holding its own connection pool and re-reading every trial of the
+study from the database, the database server becomes the bottleneck. Optuna's gRPC storage proxy
+(``optuna.storages.run_grpc_proxy_server``, experimental since Optuna 4.2) keeps one connection
+pool and a cache of finished trials in one process; workers then connect with
+``--storage grpc://HOST:PORT`` (``storage.open_storage``). See docs/scaling_out.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import signal
+import sys
+import warnings
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any
+
+import optuna
+
+from ehrsr.search.storage import StorageError, mask_url, open_storage
+
+__all__ = ["DEFAULT_PORT", "add_storage_proxy_parser", "run_storage_proxy", "storage_proxy_parser"]
+
+DEFAULT_PORT = 13000  # Optuna's default for the proxy
+
+DESCRIPTION = (
+    "Serve a study database to many workers through Optuna's gRPC storage proxy; workers then "
+    "use --storage grpc://HOST:PORT. Runs until Ctrl-C or SIGTERM."
+)
+
+
+def _fill(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    parser.add_argument("--storage", required=True,
+                        help="the database behind the proxy: postgresql://... or mysql://... (or sqlite:///PATH)")
+    parser.add_argument("--host", default="127.0.0.1",
+                        help="address to listen on (default 127.0.0.1; 0.0.0.0 for other machines: the "
+                             "proxy has no authentication, so only on a trusted network)")
+    parser.add_argument("--port", type=int, default=DEFAULT_PORT, help=f"port (default {DEFAULT_PORT})")
+    parser.add_argument("--server-threads", type=int, default=16,
+                        help="threads answering requests (default 16)")
+    return parser
+
+
+def storage_proxy_parser(parser_class: type[argparse.ArgumentParser] = argparse.ArgumentParser
+                         ) -> argparse.ArgumentParser:
+    """A stand-alone parser for the subcommand (the CLI's one-parser-per-subcommand layout)."""
+    return _fill(parser_class(prog="run_search.py storage-proxy", description=DESCRIPTION))
+
+
+def add_storage_proxy_parser(subparsers: Any) -> argparse.ArgumentParser:
+    """Add ``storage-proxy`` to an ``argparse`` sub-parser set (``parser.add_subparsers()``)."""
+    return _fill(subparsers.add_parser("storage-proxy", help="serve a study database to many workers (gRPC)",
+                                       description=DESCRIPTION))
+
+
+def _stop_on_sigterm(*_: Any) -> None:
+    raise KeyboardInterrupt  # a scheduler's SIGTERM ends the proxy like Ctrl-C
+
+
+def run_storage_proxy(args: argparse.Namespace) -> int:
+    """Open ``args.storage`` and serve it on ``args.host:args.port`` until interrupted.
+
+    Bad input (journal or grpc storage, a port that cannot be bound, an unreachable database)
+    raises ``StorageError`` (one line, exit 2 from the CLI). Returns 0 when stopped.
+    """
+    url: str = args.storage
+    masked = mask_url(url)
+    if url.startswith(("journal:", "grpc://")):
+        raise StorageError(f"storage-proxy serves a database (postgresql://, mysql://, sqlite:///), not {masked}")
+    if not 0 < args.port < 65536:
+        raise StorageError(f"storage-proxy --port {args.port}: give a port between 1 and 65535")
+    # Optuna's advice: the proxy caches finished trials in process (get_storage wraps RDBStorage)
+    storage = optuna.storages.get_storage(open_storage(url))
+    if sys.platform != "win32":
+        signal.signal(signal.SIGTERM, _stop_on_sigterm)
+    print(f"storage proxy for {masked} listening on {args.host}:{args.port} "
+          f"(workers: --storage grpc://{args.host}:{args.port})", flush=True)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+            optuna.storages.run_grpc_proxy_server(storage, host=args.host, port=args.port,
+                                                  thread_pool=ThreadPoolExecutor(max_workers=args.server_threads))
+    except KeyboardInterrupt:
+        print("storage proxy stopped", flush=True)
+        return 0
+    except RuntimeError as exc:
+        if "bind" in str(exc).lower():  # grpc: "Failed to bind to address ..."
+            raise StorageError(f"storage-proxy cannot listen on {args.host}:{args.port}: the port is taken "
+                               "or the address is not this machine's") from None
+        raise
+    return 0
