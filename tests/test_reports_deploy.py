@@ -233,7 +233,7 @@ def test_deployed_weights_load_into_build_model_and_reproduce_outputs(deploy_stu
         expected = reparameterize(trained)(x)
         assert torch.equal(fused(x), expected)
         assert torch.equal(load_deployed_model(pick.json_path)(x), expected)
-        # and it computes what the trained (unfused) network computes (DESIGN.md invariant 5)
+        # and it computes what the trained (unfused) network computes (invariant 5 of docs/architecture.md)
         assert torch.allclose(trained(x), expected, atol=1e-5)
     unfused = sum(p.numel() for p in trained.parameters())
     assert sum(p.numel() for p in fused.parameters()) < unfused
