@@ -29,6 +29,7 @@ __all__ = [
     "DEFAULT_OBJECTIVES",
     "METRIC_KEYS",
     "OBJECTIVES",
+    "PICK_MEASURED_KEYS",
     "QUALITY_METRICS",
     "STUDY_ATTRS",
     "TRIAL_ATTRS",
@@ -136,6 +137,14 @@ COST_KEYS: tuple[str, ...] = (
 )
 """Every metric the profiler writes (a configuration's cost, reusable across trials of one device);
 all but the last must be present for a stored cost to be reused."""
+
+
+PICK_MEASURED_KEYS: tuple[str, ...] = (
+    "latency_ms", "latency_ms_p10", "latency_ms_p90", "peak_memory_mb", "params", "params_deploy",
+    "macs", "device", "dtype", "threads", "warmup", "repeats", "input_shape", "memory_method",
+)
+"""What a deployment pick records of its measurement on the device (``deploy/<profile>.json``
+``measured``): the costs and where and how they were measured."""
 
 
 def metric_info(metric_key: str) -> Objective:

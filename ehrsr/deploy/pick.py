@@ -37,7 +37,7 @@ from ehrsr.deploy.export import export_onnx, fused_state, load_trained_model
 from ehrsr.deploy.profiles import LIMIT_METRICS, DeviceProfile, _resolve_profile, check_device_available
 from ehrsr.errors import UserError
 from ehrsr.reparam import reparameterize
-from ehrsr.study_schema import QUALITY_METRICS, Objective, StudyInfo
+from ehrsr.study_schema import PICK_MEASURED_KEYS, QUALITY_METRICS, Objective, StudyInfo
 
 __all__ = [
     "DeploymentError",
@@ -180,11 +180,7 @@ def _measure(model: nn.Module, profile: DeviceProfile, input_hw: tuple[int, int]
         threads=threads,
     )
     data = result.to_dict()
-    keep = (
-        "latency_ms", "latency_ms_p10", "latency_ms_p90", "peak_memory_mb", "params", "params_deploy",
-        "macs", "device", "dtype", "threads", "warmup", "repeats", "input_shape", "memory_method",
-    )
-    measured = {k: data[k] for k in keep if k in data}
+    measured = {k: data[k] for k in PICK_MEASURED_KEYS if k in data}
     if note:
         measured["note"] = note
     return measured
