@@ -231,7 +231,7 @@ def _fmt_value(objective: Objective, value: float | None) -> str:
 
 def _trial_line(number: int, summary: str, outcome: TrialOutcome, objectives: list[Objective],
                 wall: float) -> str:
-    metrics = outcome.metrics
+    metrics = outcome.metrics or {}
     parts = [_fmt_value(o, metrics.get(o.metric_key)) for o in objectives]
     cost = []
     if metrics.get("params_deploy") is not None:

@@ -55,9 +55,10 @@ class TrialOutcome:
     status: str
     reason: str | None = None
     values: list[float] | None = None
-    metrics: dict[str, Any] = field(default_factory=dict)
-    seconds: dict[str, Any] = field(default_factory=dict)
-    steps_done: int = 0
+    # None: not recorded (the run never started: refused before training, interrupted, ...)
+    metrics: dict[str, Any] | None = None
+    seconds: dict[str, Any] | None = None
+    steps_done: int | None = None
     constraints: dict[str, float] = field(default_factory=dict)
     weights: str | None = None  # path of the saved weights (complete search trials)
     traceback: str | None = None  # a child process's traceback (``error``)
@@ -66,7 +67,10 @@ class TrialOutcome:
         self.status = _STORED_STATUS.get(self.status, self.status)
 
     @classmethod
-    def failed(cls, status: str, reason: str, traceback: str | None = None) -> TrialOutcome:
+    def failed(cls, status: str, reason: str, traceback: str | None = None, *, started: bool = False) -> TrialOutcome:
+        """A run that produced nothing; ``started``: it was launched (empty metrics are recorded)."""
+        if started:
+            return cls(status=status, reason=reason, traceback=traceback, metrics={}, seconds={}, steps_done=0)
         return cls(status=status, reason=reason, traceback=traceback)
 
 
@@ -98,11 +102,11 @@ def record_outcome(
                "reason": f"the run returned {len(values)} finite objective values for "
                          f"{len(study.directions)} objectives"}
         )
-    if outcome.metrics or outcome.status in ("complete", "pruned"):
+    if outcome.metrics is not None:
         trial.set_user_attr("metrics", dict(outcome.metrics))
-    if outcome.seconds or outcome.status in ("complete", "pruned"):
+    if outcome.seconds is not None:
         trial.set_user_attr("seconds", dict(outcome.seconds))
-    if outcome.steps_done or outcome.status in ("complete", "pruned"):
+    if outcome.steps_done is not None:
         trial.set_user_attr("steps_done", int(outcome.steps_done))
     if outcome.weights:
         weights = os.path.relpath(outcome.weights, weights_root) if weights_root is not None else outcome.weights

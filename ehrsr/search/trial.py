@@ -182,7 +182,7 @@ def execute_isolated(job: TrialJob, poll_seconds: float = 1.0, target: Any = Non
     if message is None:
         code = child.exitcode
         what = f"signal {-code}" if code is not None and code < 0 else f"exit code {code}"
-        return TrialOutcome.failed("crashed", f"trial process died ({what})")
+        return TrialOutcome.failed("crashed", f"trial process died ({what})", started=True)
     if message[0] == "error":
-        return TrialOutcome.failed("error", message[1], traceback=message[2])
+        return TrialOutcome.failed("error", message[1], traceback=message[2], started=True)
     return message[1]
