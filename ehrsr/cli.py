@@ -1,8 +1,11 @@
-"""Command line of ``run_search.py``: ``search`` (the default), ``report``, ``ablate``, ``deploy``.
+"""Command line of ``run_search.py``: ``search`` (the default), ``report``, ``ablate``, ``deploy``,
+``train``, ``evaluate`` and ``storage-proxy``.
 
-Every problem the user can fix (bad budget text, unknown key in a YAML file, unreadable image,
-unreachable storage, ...) is printed as one ``error:`` line and exits with status 2; nothing that
-is already stored is touched. Passwords in storage URLs are masked everywhere.
+This module parses arguments and maps errors; the work is ``ehrsr.pipeline``'s. Every problem the
+user can fix (bad budget text, unknown key in a YAML file, unreadable image, unreachable storage,
+...: an ``ehrsr.errors.UserError`` or one of ``user_errors()``) is printed as one ``error:`` line
+and exits with status 2; nothing that is already stored is touched. Any other exception is a
+programming error and keeps its traceback. Passwords in storage URLs are masked everywhere.
 """
 
 from __future__ import annotations
@@ -14,20 +17,22 @@ import sys
 from pathlib import Path
 from typing import Any
 
-__all__ = ["main"]
+from ehrsr.errors import UserError
 
-SUBCOMMANDS = ("search", "report", "ablate", "deploy", "storage-proxy")
+__all__ = ["main", "user_errors"]
+
+SUBCOMMANDS = ("search", "report", "ablate", "deploy", "train", "evaluate", "storage-proxy")
 EXIT_USAGE = 2
-
-_SI = {"": 1.0, "k": 1e3, "K": 1e3, "m": 1e6, "M": 1e6, "g": 1e9, "G": 1e9, "t": 1e12, "T": 1e12}
 
 
 def parse_si(text: str, what: str) -> float:
     """``1.5M`` -> 1.5e6, ``900k`` -> 9e5, ``2G`` -> 2e9, plain numbers as they are."""
-    match = re.fullmatch(r"\s*([0-9]*\.?[0-9]+(?:[eE][-+]?[0-9]+)?)\s*([kKmMgGtT]?)\s*", str(text))
-    if not match:
-        raise argparse.ArgumentTypeError(f"{what}: {text!r} is not a number (examples: 500000, 1.5M, 2G)")
-    value = float(match[1]) * _SI[match[2]]
+    from ehrsr.study_schema import parse_si as parse_number  # optuna: imported only when used
+
+    try:
+        value = parse_number(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(f"{what}: {exc}") from None
     if value <= 0:
         raise argparse.ArgumentTypeError(f"{what}: must be positive, got {text!r}")
     return value
@@ -79,7 +84,7 @@ def build_parser() -> dict[str, argparse.ArgumentParser]:
     search = _Parser(
         prog="run_search.py",
         description="Hardware-aware multi-objective architecture search over EHR-SR. "
-        "Subcommands: report, ablate, deploy (run_search.py SUBCOMMAND --help).",
+        "Subcommands: report, ablate, deploy, train, evaluate, storage-proxy (run_search.py SUBCOMMAND --help).",
     )
     search.add_argument("--budget", help="gpu-hours=48, cpu-hours=2, hours=1.5, minutes=10, trials=30, or several "
                         "joined by commas (default: gpu-hours=1 with CUDA, minutes=10 without)")
@@ -132,13 +137,16 @@ def build_parser() -> dict[str, argparse.ArgumentParser]:
 
     deploy = _Parser(prog="run_search.py deploy", description="Re-profile the Pareto set here and pick per device profile.")
     deploy.add_argument("--device-profile", required=True, action="append",
-                        help="profile name from search_spaces/devices.yaml (repeatable)")
-    deploy.add_argument("--devices-file", help="device profiles YAML (default: search_spaces/devices.yaml)")
+                        help="profile name from the shipped ehrsr/search_spaces/devices.yaml (repeatable)")
+    deploy.add_argument("--devices-file", help="device profiles YAML (default: the shipped ehrsr/search_spaces/devices.yaml)")
     deploy.add_argument("--onnx", action="store_true", help="also export ONNX, checked against PyTorch")
     _common(deploy)
+    from ehrsr.fulltrain import add_evaluate_parser, add_train_parser
     from ehrsr.search.proxy import storage_proxy_parser
 
+    holder = _Parser(prog="run_search.py").add_subparsers(parser_class=_Parser)
     return {"search": search, "report": report, "ablate": ablate, "deploy": deploy,
+            "train": add_train_parser(holder), "evaluate": add_evaluate_parser(holder),
             "storage-proxy": storage_proxy_parser(_Parser)}
 
 
@@ -146,18 +154,19 @@ def _verbosity(args: argparse.Namespace) -> int:
     return 0 if args.quiet else 2 if args.verbose else 1
 
 
-def _user_errors() -> tuple[type[BaseException], ...]:
-    """Exception types that mean 'the input is wrong', printed as one line with exit 2."""
+def user_errors() -> tuple[type[BaseException], ...]:
+    """Exception types that mean 'the input is wrong', printed as one line with exit 2:
+    ``UserError`` (SearchError, StorageError, AblationError, DeploymentError, DeviceProfileError,
+    ConfigError, ...) and the user-input errors of modules that do not derive from it yet."""
     from ehrsr.data import ImageReadError
-    from ehrsr.reports import DeploymentError
-    from ehrsr.search.storage import StorageError
-    from ehrsr.search.study import SearchError
+    from ehrsr.search.budget import BudgetError
+    from ehrsr.search.space import SearchSpaceError
 
-    return (SearchError, StorageError, ValueError, FileNotFoundError, ImageReadError, DeploymentError)
+    return (UserError, BudgetError, SearchSpaceError, ImageReadError)
 
 
 def _search(args: argparse.Namespace) -> int:
-    from ehrsr.search.driver import run_search
+    from ehrsr.pipeline import run_pipeline
     from ehrsr.search.runner import CostLimits
     from ehrsr.search.study import SearchSettings
 
@@ -193,28 +202,30 @@ def _search(args: argparse.Namespace) -> int:
         write_reports=not args.no_report,
         verbosity=_verbosity(args),
     )
-    summary = run_search(settings)
+    summary = run_pipeline(settings)
     return 130 if summary.interrupted else 0
+
+
+class UsageError(UserError):
+    """A subcommand is missing something it needs."""
 
 
 def _need_study(args: argparse.Namespace, command: str) -> None:
     if not args.study_name:
-        raise ValueError(f"{command} needs --study-name NAME (the folder name under {args.out_dir}/)")
+        raise UsageError(f"{command} needs --study-name NAME (the folder name under {args.out_dir}/)")
 
 
 def _report(args: argparse.Namespace) -> int:
-    from ehrsr.reports import write_report
-    from ehrsr.search.study import load_study
+    from ehrsr.pipeline import report_study
 
     _need_study(args, "report")
-    study, _, study_dir = load_study(args.study_name, args.storage, args.out_dir)
-    path = write_report(study, study_dir, quiet=args.quiet)
+    path = report_study(args.study_name, args.storage, args.out_dir, quiet=args.quiet)
     print(f"report written: {path}")
     return 0
 
 
 def _ablate(args: argparse.Namespace) -> int:
-    from ehrsr.search.driver import run_ablation_for_study
+    from ehrsr.pipeline import run_ablation
 
     _need_study(args, "ablate")
     budget_seconds = None
@@ -223,9 +234,9 @@ def _ablate(args: argparse.Namespace) -> int:
 
         limits = [limit for limit in parse_budget(args.budget).limits if limit.seconds is not None]
         if not limits:
-            raise ValueError(f"ablate --budget {args.budget}: give a time (hours=, minutes=, gpu-hours=, cpu-hours=)")
+            raise UsageError(f"ablate --budget {args.budget}: give a time (hours=, minutes=, gpu-hours=, cpu-hours=)")
         budget_seconds = min(limit.seconds for limit in limits)
-    result = run_ablation_for_study(
+    result = run_ablation(
         args.study_name, args.storage, args.out_dir, device=args.device, reference=args.reference,
         seeds=args.ablation_seeds, budget_seconds=budget_seconds, lpips_weights=args.lpips_weights,
         verbosity=_verbosity(args),
@@ -237,19 +248,18 @@ def _ablate(args: argparse.Namespace) -> int:
 
 
 def _deploy(args: argparse.Namespace) -> int:
-    from ehrsr.reports import pick_deployment, write_report
-    from ehrsr.search.study import load_study
+    from ehrsr.pipeline import deploy_study
 
     _need_study(args, "deploy")
-    study, _, study_dir = load_study(args.study_name, args.storage, args.out_dir)
-    for name in args.device_profile:
-        pick = pick_deployment(study, name, study_dir, weights_root=study_dir, onnx=args.onnx,
-                               devices_path=args.devices_file, progress=not args.quiet)
+
+    def say(name: str, pick: Any) -> None:
         quality = ", ".join(f"{k} {v:.4g}" for k, v in pick.quality.items() if v is not None)
         latency = pick.measured.get("latency_ms")
         where = pick.measured.get("device", "this machine")
         print(f"{name}: trial #{pick.trial} ({quality}; {latency:.1f} ms on {where}) -> {pick.json_path}")
-    write_report(study, study_dir, quiet=True)
+
+    deploy_study(args.study_name, args.storage, args.out_dir, args.device_profile, onnx=args.onnx,
+                 devices_path=args.devices_file, progress=not args.quiet, on_pick=say)
     return 0
 
 
@@ -267,16 +277,17 @@ def main(argv: list[str] | None = None) -> int:
 
     # Optuna's own INFO lines ("A new study created ...") would interleave with ours
     optuna.logging.set_verbosity(optuna.logging.INFO if getattr(args, "verbose", False) else optuna.logging.WARNING)
+    from ehrsr.fulltrain import run_evaluate, run_train
     from ehrsr.search.proxy import run_storage_proxy
 
     handler = {"search": _search, "report": _report, "ablate": _ablate, "deploy": _deploy,
-               "storage-proxy": run_storage_proxy}[command]
+               "train": run_train, "evaluate": run_evaluate, "storage-proxy": run_storage_proxy}[command]
     try:
         return handler(args)
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
-    except _user_errors() as exc:
+    except user_errors() as exc:
         from ehrsr.search.storage import mask_url
 
         if getattr(args, "verbose", False):

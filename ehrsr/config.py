@@ -19,6 +19,8 @@ from typing import Any, Literal
 
 import yaml
 
+from ehrsr.errors import ConfigError
+
 __all__ = [
     "MODULE_TOGGLES",
     "EHRSRConfig",
@@ -176,7 +178,7 @@ class EHRSRConfig:
         try:
             data = json.loads(text)
         except json.JSONDecodeError as exc:
-            raise ValueError(f"configuration is not valid JSON: {exc}") from None
+            raise ConfigError(f"configuration is not valid JSON: {exc}") from None
         return cls.from_dict(_expect_mapping(data, "configuration"))
 
     def to_yaml(self) -> str:
@@ -187,7 +189,7 @@ class EHRSRConfig:
         try:
             data = yaml.safe_load(text)
         except yaml.YAMLError as exc:
-            raise ValueError(f"configuration is not valid YAML: {exc}") from None
+            raise ConfigError(f"configuration is not valid YAML: {exc}") from None
         return cls.from_dict(_expect_mapping(data or {}, "configuration"))
 
     @classmethod
@@ -197,11 +199,11 @@ class EHRSRConfig:
         try:
             text = path.read_text()
         except OSError as exc:
-            raise ValueError(f"cannot read configuration {path}: {exc.strerror}") from None
+            raise ConfigError(f"cannot read configuration {path}: {exc.strerror}") from None
         try:
             return cls.from_json(text) if path.suffix == ".json" else cls.from_yaml(text)
         except ValueError as exc:
-            raise ValueError(f"{path}: {exc}") from None
+            raise ConfigError(f"{path}: {exc}") from None
 
     def save(self, path: str | Path) -> None:
         path = Path(path)
@@ -214,7 +216,7 @@ class EHRSRConfig:
 
 def _expect_mapping(data: Any, what: str) -> dict[str, Any]:
     if not isinstance(data, dict):
-        raise ValueError(f"{what} must be a mapping of keys to values, got {type(data).__name__}")
+        raise ConfigError(f"{what} must be a mapping of keys to values, got {type(data).__name__}")
     return data
 
 
@@ -239,7 +241,7 @@ def _from_dict(cls: type, data: Any, path: str) -> Any:
     unknown = sorted(set(data) - set(names))
     if unknown:
         where = f" in '{path.rstrip('.')}'" if path else ""
-        raise ValueError(
+        raise ConfigError(
             f"unknown configuration key{'s' if len(unknown) > 1 else ''} "
             f"{', '.join(repr(path + k) for k in unknown)}{where}; valid keys: {', '.join(names)}"
         )
@@ -263,25 +265,25 @@ def _coerce(hint: Any, value: Any, name: str) -> Any:
         return _coerce(inner[0], value, name)
     if origin is Literal:
         if value not in args:
-            raise ValueError(f"{name} must be one of {', '.join(map(repr, args))}, got {value!r}")
+            raise ConfigError(f"{name} must be one of {', '.join(map(repr, args))}, got {value!r}")
         return value
     if origin is tuple:
         if not isinstance(value, (list, tuple)):
-            raise ValueError(f"{name} must be a list, got {type(value).__name__} {value!r}")
+            raise ConfigError(f"{name} must be a list, got {type(value).__name__} {value!r}")
         return tuple(_coerce(args[0], v, f"{name}[{i}]") for i, v in enumerate(value))
     if hint is bool:
         if not isinstance(value, bool):
-            raise ValueError(f"{name} must be true or false, got {value!r}")
+            raise ConfigError(f"{name} must be true or false, got {value!r}")
         return value
     if hint is int:
         if isinstance(value, bool) or not isinstance(value, int):
             if isinstance(value, float) and value.is_integer():
                 return int(value)
-            raise ValueError(f"{name} must be an integer, got {value!r}")
+            raise ConfigError(f"{name} must be an integer, got {value!r}")
         return value
     if hint is float:
         if isinstance(value, bool) or not isinstance(value, (int, float)):
-            raise ValueError(f"{name} must be a number, got {value!r}")
+            raise ConfigError(f"{name} must be a number, got {value!r}")
         return float(value)
     return value
 
@@ -292,7 +294,7 @@ def _coerce(hint: Any, value: Any, name: str) -> Any:
 
 def _check(condition: bool, message: str) -> None:
     if not condition:
-        raise ValueError(message)
+        raise ConfigError(message)
 
 
 def _validate(cfg: EHRSRConfig) -> None:

@@ -78,3 +78,40 @@ def test_subcommands_need_an_existing_study(tmp_path: Path, capsys) -> None:
     assert main(["report", "--study-name", "nope", "--out-dir", str(tmp_path)]) == 2
     assert "no study 'nope'" in capsys.readouterr().err
     assert main(["ablate", "--study-name", "nope", "--out-dir", str(tmp_path), "--budget", "trials=3"]) == 2
+
+
+def test_only_user_errors_become_one_line_and_a_bug_keeps_its_traceback(tmp_path: Path, monkeypatch, capsys) -> None:
+    import ehrsr.pipeline
+    from ehrsr.ablation import AblationError
+    from ehrsr.deploy import DeploymentError, DeviceProfileError
+    from ehrsr.errors import ConfigError, UserError
+    from ehrsr.search.storage import StorageError
+    from ehrsr.search.study import SearchError
+
+    for error in (AblationError, DeploymentError, DeviceProfileError, ConfigError, StorageError, SearchError):
+        assert issubclass(error, UserError), error
+    args = ["report", "--study-name", "s", "--out-dir", str(tmp_path)]
+    calls = []
+
+    def user_mistake(*a, **k):
+        calls.append(a)
+        raise ConfigError("width must be an integer, got 'x'\nsecond line")
+
+    monkeypatch.setattr(ehrsr.pipeline, "report_study", user_mistake)
+    assert main(args) == 2
+    assert calls  # the CLI really went through the pipeline
+    assert capsys.readouterr().err == "error: width must be an integer, got 'x'\n"
+
+    def bug(*a, **k):
+        return {}["missing"]  # a programming error on purpose
+
+    monkeypatch.setattr(ehrsr.pipeline, "report_study", bug)
+    with pytest.raises(KeyError):
+        main(args)
+
+    def plain_value_error(*a, **k):
+        raise ValueError("an internal invariant broke")
+
+    monkeypatch.setattr(ehrsr.pipeline, "report_study", plain_value_error)
+    with pytest.raises(ValueError, match="internal invariant"):
+        main(args)

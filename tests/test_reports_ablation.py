@@ -17,14 +17,9 @@ import pytest
 from optuna.trial import TrialState
 
 from ehrsr import EHRSRConfig
-from ehrsr.reports import (
-    AblationError,
-    build_variants,
-    load_controlled_ablation,
-    param_importances,
-    run_controlled_ablation,
-)
-from ehrsr.reports import ablation as ablation_module
+from ehrsr.ablation import AblationError, build_variants, load_controlled_ablation, run_controlled_ablation
+from ehrsr.ablation import runner as ablation_module
+from ehrsr.reports import param_importances
 from ehrsr.search.space import SearchSpace
 from ehrsr.training import TrainSettings
 from tests.reports_study import make_study, study_attrs

@@ -13,8 +13,8 @@ from PIL import Image
 from skimage import data as skdata
 
 from ehrsr import build_model, reparameterize
-from ehrsr.reports import load_controlled_ablation, run_controlled_ablation
-from ehrsr.search.driver import ContextSpec, build_context
+from ehrsr.ablation import load_controlled_ablation, run_controlled_ablation
+from ehrsr.search.study import ContextSpec, build_context
 from tests.test_reports_ablation import reference_study
 
 optuna.logging.set_verbosity(optuna.logging.WARNING)

@@ -12,7 +12,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from ehrsr import EHRSRConfig, build_model, reparameterize
-from ehrsr.reports import (
+from ehrsr.deploy import (
     DEVICES_PATH,
     DeploymentError,
     DeviceProfile,
@@ -26,8 +26,8 @@ from ehrsr.reports import (
     pick_deployment,
     profiles_for_device,
 )
-from ehrsr.reports._study import metric_info
-from ehrsr.reports.deploy import _violations
+from ehrsr.deploy.pick import _violations
+from ehrsr.study_schema import metric_info
 from tests.model_helpers import randomize_head
 from tests.reports_study import study_attrs
 
@@ -233,7 +233,7 @@ def test_deployed_weights_load_into_build_model_and_reproduce_outputs(deploy_stu
         expected = reparameterize(trained)(x)
         assert torch.equal(fused(x), expected)
         assert torch.equal(load_deployed_model(pick.json_path)(x), expected)
-        # and it computes what the trained (unfused) network computes (invariant 5 in docs/architecture.md)
+        # and it computes what the trained (unfused) network computes (invariant 5 of docs/architecture.md)
         assert torch.allclose(trained(x), expected, atol=1e-5)
     unfused = sum(p.numel() for p in trained.parameters())
     assert sum(p.numel() for p in fused.parameters()) < unfused
@@ -332,7 +332,7 @@ def test_every_module_exports_to_onnx_and_matches_pytorch(tmp_path):
 
 
 def test_cpu_profiles_never_oversubscribe_the_cores():
-    from ehrsr.reports.deploy import cpu_threads_for
+    from ehrsr.deploy import cpu_threads_for
 
     profile = cpu_profile()
     wide = dataclasses.replace(profile, threads=8)

@@ -10,7 +10,7 @@ import pandas as pd
 import pytest
 
 from ehrsr.reports import knee_point, knee_trial, pareto_plot_data, pareto_table, trials_table, write_report
-from ehrsr.reports._study import StudyInfo
+from ehrsr.study_schema import StudyInfo
 from tests.reports_study import make_study
 
 optuna.logging.set_verbosity(optuna.logging.WARNING)

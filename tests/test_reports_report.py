@@ -15,7 +15,9 @@ import pytest
 from matplotlib.image import imread
 
 from ehrsr import MODULE_TOGGLES
-from ehrsr.reports import DeviceProfile, pick_deployment, run_controlled_ablation, write_report
+from ehrsr.ablation import run_controlled_ablation
+from ehrsr.deploy import DeviceProfile, pick_deployment
+from ehrsr.reports import write_report
 from tests.reports_study import make_study, synthetic_metrics
 
 optuna.logging.set_verbosity(optuna.logging.WARNING)

@@ -147,7 +147,7 @@ def test_space_settings_reach_the_optimizer_loss_and_batches_of_a_trial(ctx, mon
 
 
 def test_a_reference_trials_stored_settings_reach_every_ablation_run(ctx, monkeypatch, tmp_path) -> None:
-    from ehrsr.reports.ablation import run_controlled_ablation
+    from ehrsr.ablation import run_controlled_ablation
 
     yaml_text = seam_yaml("mse")
     space = SearchSpace.from_text(yaml_text, name="seams")
@@ -186,7 +186,7 @@ def test_a_reference_trials_stored_settings_reach_every_ablation_run(ctx, monkey
 
 
 def test_an_unknown_stored_setting_is_an_ablation_error(tmp_path) -> None:
-    from ehrsr.reports.ablation import AblationError, run_controlled_ablation
+    from ehrsr.ablation import AblationError, run_controlled_ablation
 
     study = optuna.create_study(directions=["maximize", "minimize"])
     for key, value in study_attrs(("psnr", "latency")).items():

@@ -191,7 +191,7 @@ def test_shipped_spaces_load_by_name_and_path():
 
 def test_shipped_files_are_package_data_and_user_files_still_load(tmp_path, monkeypatch):
     import ehrsr
-    from ehrsr.reports.deploy import DEVICES_PATH, load_device_profiles
+    from ehrsr.deploy import DEVICES_PATH, load_device_profiles
     from ehrsr.resources import devices_file, shipped_space_names, space_file, spaces_dir
 
     package = Path(ehrsr.__file__).resolve().parent

@@ -13,6 +13,7 @@ import optuna
 import pytest
 from optuna.trial import TrialState
 
+from ehrsr.pipeline import run_pipeline
 from ehrsr.search import trial as trial_module
 from ehrsr.search.driver import run_search
 from ehrsr.search.study import SearchSettings
@@ -137,9 +138,9 @@ def _job() -> TrialJob:
 
 def test_a_crashing_trial_process_becomes_a_failed_outcome() -> None:
     outcome = execute_isolated(_job(), poll_seconds=0.2, target=_crash)
-    assert outcome["status"] == "crashed" and "signal 11" in outcome["reason"]
+    assert outcome.status == "crashed" and "signal 11" in outcome.reason
     outcome = execute_isolated(_job(), poll_seconds=0.2, target=_raise)
-    assert outcome["status"] == "error" and "illegal memory access" in outcome["reason"]
+    assert outcome.status == "error" and "illegal memory access" in outcome.reason
 
 
 def test_isolated_trials_run_end_to_end(tmp_path: Path) -> None:
@@ -164,7 +165,7 @@ def test_ctrl_c_marks_the_running_trial_and_still_summarises(tmp_path: Path, mon
     settings = SearchSettings(space=MICRO, budget="trials=5", study_name="ctrlc", out_dir=tmp_path / "r",
                               cache_dir=str(tmp_path / "c"), profile_size=(32, 32), write_reports=False,
                               verbosity=0)
-    summary = run_search(settings)
+    summary = run_pipeline(settings)  # the pipeline writes trials.csv after every trial
     assert summary.interrupted and summary.n_complete + summary.n_pruned == 1
     study = optuna.load_study(study_name="ctrlc", storage=f"sqlite:///{tmp_path / 'r' / 'ctrlc' / 'study.db'}")
     second = study.trials[1]

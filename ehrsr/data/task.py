@@ -24,6 +24,7 @@ from dataclasses import dataclass
 from typing import Any, Literal
 
 from ehrsr.config import _from_dict, _to_plain
+from ehrsr.errors import ConfigError
 
 __all__ = ["TASKS", "TaskConfig"]
 
@@ -50,7 +51,7 @@ class TaskConfig:
 
     def __post_init__(self) -> None:
         if self.task not in TASKS:
-            raise ValueError(f"task must be one of {', '.join(map(repr, TASKS))}, got {self.task!r}")
+            raise ConfigError(f"task must be one of {', '.join(map(repr, TASKS))}, got {self.task!r}")
         for name, value in _DEFAULTS[self.task].items():
             if getattr(self, name) is None:
                 object.__setattr__(self, name, value)  # frozen dataclass: resolve defaults once
@@ -100,7 +101,7 @@ class TaskConfig:
 def _validate(cfg: TaskConfig) -> None:
     def check(condition: bool, message: str) -> None:
         if not condition:
-            raise ValueError(message)
+            raise ConfigError(message)
 
     check(
         isinstance(cfg.scale, int) and not isinstance(cfg.scale, bool) and cfg.scale in (1, 2, 3, 4),

@@ -1,6 +1,6 @@
 """ONNX export with a dynamic batch, height and width, checked against PyTorch at other sizes.
 
-``ehrsr.reports.deploy.export_onnx`` exports at one fixed input shape. EHR-SR pads its input to a
+``ehrsr.deploy.export_onnx`` exports at one fixed input shape. EHR-SR pads its input to a
 multiple of ``2 ** msg.levels`` (and attention to its window) with sizes computed in Python; the
 dynamo exporter (``torch.onnx.export(dynamo=True, dynamic_shapes=...)``) keeps that arithmetic
 symbolic, so one file serves any image size. Each export is run with onnxruntime at sizes other

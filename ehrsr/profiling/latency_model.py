@@ -30,7 +30,7 @@ from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
 import numpy as np
 import torch
@@ -43,8 +43,15 @@ from ehrsr.profiling.canary import Canary
 from ehrsr.profiling.latency import _cpu_name, measure_latency
 from ehrsr.profiling.onnx_runtime import RUNTIMES, runtime_versions, time_model
 
-if TYPE_CHECKING:
-    from ehrsr.search.space import SearchSpace
+
+class SearchSpace(Protocol):
+    """What this module needs of ``ehrsr.search.space.SearchSpace`` (profiling sits below search,
+    so it takes a loaded space instead of importing the search package)."""
+
+    name: str
+    source_text: str
+
+    def suggest(self, trial: Any, *, scale: int) -> Any: ...
 
 __all__ = [
     "FORMAT",
@@ -658,7 +665,7 @@ def _progress(iterable: Any, total: int, desc: str, enabled: bool) -> Any:
 
 
 def calibrate(
-    space: SearchSpace | str | Path,
+    space: SearchSpace,
     device_profile: Any,
     out_path: str | Path,
     *,
@@ -695,12 +702,9 @@ def calibrate(
     passes is inflated by preemption while short unit passes mostly are not, which skews the
     correction; CPU time is immune to that (recorded in the file's ``protocol``). Returns the model (complete when every enumerated unit was timed).
     """
-    from ehrsr.search.space import SearchSpace, load_space
-
     if clock not in ("wall", "cpu") or (clock == "cpu" and _target_threads(device_profile, threads) != 1):
         raise ValueError(f"clock must be 'wall', or 'cpu' for a one-thread target, got {clock!r}")
     say = log or (lambda _message: None)
-    space = space if isinstance(space, SearchSpace) else load_space(space)
     target = LatencyTarget.from_profile(
         device_profile, scale=scale, runtime=runtime, threads=threads, dtype=dtype, input_hw=input_hw
     )

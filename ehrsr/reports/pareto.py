@@ -15,17 +15,17 @@ from typing import Any
 import numpy as np
 import optuna
 import pandas as pd
-from optuna.trial import FrozenTrial, TrialState
+from optuna.trial import FrozenTrial
 
-from ehrsr.reports._study import (
+from ehrsr.search.pareto import knee_point, knee_trial
+from ehrsr.study_schema import (
     METRIC_KEYS,
-    ObjectiveInfo,
+    Objective,
     StudyInfo,
     is_feasible,
     objective_values,
     trial_status,
 )
-from ehrsr.search.pareto import to_minimization
 
 __all__ = ["knee_point", "knee_trial", "pareto_table", "trial_row", "trials_table", "write_trials_csv"]
 
@@ -43,7 +43,7 @@ def _flatten(data: Any, prefix: str, out: dict[str, Any]) -> None:
         out[prefix] = data
 
 
-def trial_row(trial: FrozenTrial, objectives: tuple[ObjectiveInfo, ...]) -> dict[str, Any]:
+def trial_row(trial: FrozenTrial, objectives: tuple[Objective, ...]) -> dict[str, Any]:
     """One row of ``trials.csv``: identity, state, feasibility, objective values, every metric,
     timings, the search parameters (``param.*``), training settings (``train.*``) and the
     configuration (``config.*``)."""
@@ -102,7 +102,7 @@ def write_trials_csv(study: optuna.Study, path: str | Path) -> Path:
     return path
 
 
-def _empty_columns(objectives: tuple[ObjectiveInfo, ...]) -> list[str]:
+def _empty_columns(objectives: tuple[Objective, ...]) -> list[str]:
     return [
         "number",
         "state",
@@ -134,36 +134,3 @@ def pareto_table(study: optuna.Study, trials: pd.DataFrame | None = None) -> pd.
     knee = knee_trial(study, front)
     table["knee"] = table["number"] == (knee.number if knee is not None else -1)
     return table
-
-
-def knee_point(values: np.ndarray | list[list[float]], directions: list[str] | tuple[str, ...]) -> int | None:
-    """Index of the knee of a Pareto front: the point closest (Euclidean) to the utopia point after
-    each objective is min-max normalised over the front so that 0 is its best value and 1 its
-    worst. An objective that is equal on the whole front contributes 0. Ties go to the lower index.
-
-    Closest-to-utopia (the "compromise programming" choice, Zeleny 1973) works for any number of
-    objectives; with two it picks the point where a unit gain in one objective starts to cost
-    more than a unit of the other, on the normalised scale.
-    """
-    loss = to_minimization(values, directions)
-    if loss.shape[0] == 0:
-        return None
-    low = loss.min(axis=0)
-    span = loss.max(axis=0) - low
-    span[span == 0] = 1.0  # equal everywhere: normalised value 0 for every point
-    normalised = (loss - low) / span
-    distance = np.sqrt((normalised**2).sum(axis=1))
-    return int(np.argmin(distance))  # argmin returns the first (lowest index) of equal minima
-
-
-def knee_trial(study: optuna.Study, front: list[FrozenTrial] | None = None) -> FrozenTrial | None:
-    """The knee (``knee_point``) of ``study.best_trials`` (trials ordered by number), or None when
-    the study has no finished feasible trial."""
-    if front is None:
-        front = study.best_trials
-    front = sorted((t for t in front if t.state == TrialState.COMPLETE), key=lambda t: t.number)
-    if not front:
-        return None
-    info = StudyInfo.from_study(study)
-    index = knee_point([list(t.values) for t in front], info.directions)
-    return front[index] if index is not None else None

@@ -28,8 +28,8 @@ import pandas as pd
 from matplotlib.figure import Figure
 from matplotlib.ticker import EngFormatter, FuncFormatter, LogLocator, NullFormatter
 
-from ehrsr.reports._study import StudyInfo, metric_info
 from ehrsr.search.pareto import pareto_front
+from ehrsr.study_schema import StudyInfo, is_count, metric_info
 
 __all__ = [
     "ImportancePlotData",
@@ -186,13 +186,13 @@ def render_pareto_plot(data: ParetoPlotData, path_stem: Path, formats: Sequence[
                    linewidths=0.6, zorder=5, label=f"knee (#{data.knee.number})")
     if data.x_log:
         ax.set_xscale("log")
-    if data.cost_key in ("macs", "params_deploy", "params"):
+    if is_count(data.cost_key):
         ax.xaxis.set_major_formatter(EngFormatter(sep=""))  # 1.2M rather than 1.2e6 in a corner
     if data.x_log:
         # labels at 1, 2 and 5 per decade; matplotlib's labelled minor ticks would overlap
         ax.xaxis.set_major_locator(LogLocator(base=10, subs=(1.0, 2.0, 5.0)))
         ax.xaxis.set_minor_formatter(NullFormatter())
-        if data.cost_key not in ("macs", "params_deploy", "params"):
+        if not is_count(data.cost_key):
             ax.xaxis.set_major_formatter(FuncFormatter(lambda value, _: f"{value:g}"))  # 50, 100, 200 ms
     ax.set_xlabel(data.x_label, fontsize=9)
     ax.set_ylabel(data.y_label, fontsize=9)

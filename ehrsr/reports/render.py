@@ -13,7 +13,7 @@ from typing import Any
 
 import pandas as pd
 
-from ehrsr.reports._study import ObjectiveInfo, metric_info
+from ehrsr.study_schema import COST_TABLE_ORDER, DASH, Objective, format_metric, metric_header
 
 __all__ = [
     "controlled_rows",
@@ -23,53 +23,6 @@ __all__ = [
     "observational_rows",
     "write_table",
 ]
-
-DASH = "—"
-
-# metric key -> (header text, decimals for fixed formats; None = engineering units)
-_METRIC_FORMAT: dict[str, tuple[str, int | None]] = {
-    "psnr": ("PSNR (dB)", 2),
-    "ssim": ("SSIM", 4),
-    "lpips": ("LPIPS", 4),
-    "latency_ms": ("latency (ms)", 2),
-    "macs": ("MACs", None),
-    "params_deploy": ("params", None),
-    "params": ("params (train)", None),
-    "peak_memory_mb": ("memory (MiB)", 1),
-}
-
-
-def _engineering(value: float, signed: bool) -> str:
-    """1234567 -> '1.23M' (K, M, G, T: powers of 1000, as MACs and parameter counts are quoted)."""
-    sign = "+" if signed and value > 0 else ("-" if value < 0 else "")
-    magnitude = abs(value)
-    for factor, suffix in ((1e12, "T"), (1e9, "G"), (1e6, "M"), (1e3, "K")):
-        if magnitude >= factor:
-            return f"{sign}{magnitude / factor:.3g}{suffix}"
-    return f"{sign}{magnitude:.3g}" if magnitude != int(magnitude) else f"{sign}{int(magnitude)}"
-
-
-def format_metric(key: str, value: Any, *, signed: bool = False, std: Any = None) -> str:
-    """A metric value as text (``signed``: with a + for positive deltas; ``std``: '± std')."""
-    if value is None or (isinstance(value, float) and math.isnan(value)):
-        return DASH
-    value = float(value)
-    _, decimals = _METRIC_FORMAT.get(key, (key, 3))
-    if decimals is not None and round(value, decimals) == 0:
-        value = 0.0  # no "-0.00" for a tiny negative difference
-    if decimals is None:
-        text = _engineering(value, signed)
-    else:
-        text = f"{value:+.{decimals}f}" if signed else f"{value:.{decimals}f}"
-    if std is not None and not (isinstance(std, float) and math.isnan(std)):
-        std_text = _engineering(float(std), False) if decimals is None else f"{float(std):.{decimals}f}"
-        text = f"{text} ± {std_text}"
-    return text
-
-
-def metric_header(key: str) -> str:
-    return _METRIC_FORMAT.get(key, (key, 3))[0]
-
 
 def markdown_table(headers: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
     """GitHub-flavoured Markdown table (pipes in cells escaped)."""
@@ -149,7 +102,7 @@ def write_table(
 
 
 def observational_rows(
-    table: pd.DataFrame, objectives: Sequence[ObjectiveInfo]
+    table: pd.DataFrame, objectives: Sequence[Objective]
 ) -> tuple[list[str], list[list[str]]]:
     """Headers and formatted rows of the observational table (one row per module and objective)."""
     headers = ["module", "objective", "n on", "best on", "median on", "n off", "best off", "median off"]
@@ -181,7 +134,7 @@ def controlled_rows(table: pd.DataFrame) -> tuple[list[str], list[list[str]]]:
     quality = ["psnr", "ssim"]
     if "lpips_mean" in table and table["lpips_mean"].notna().any():
         quality.append("lpips")
-    costs = ["macs", "params_deploy", "latency_ms", "peak_memory_mb"]
+    costs = list(COST_TABLE_ORDER)
     headers = ["variant", "vs", "seeds"]
     headers += [f"Δ{metric_header(k)}" for k in quality]
     headers += [f"Δ{metric_header(k)}" for k in costs]
@@ -202,9 +155,3 @@ def controlled_rows(table: pd.DataFrame) -> tuple[list[str], list[list[str]]]:
         cells.append("" if note is None or (isinstance(note, float) and math.isnan(note)) else str(note))
         rows.append(cells)
     return headers, rows
-
-
-def metric_label(key: str) -> str:
-    """Short label of a metric with its unit, e.g. 'PSNR (dB (Y channel))' -> used in prose."""
-    info = metric_info(key)
-    return f"{info.label} ({info.unit})" if info.unit else info.label

@@ -26,9 +26,9 @@ import optuna
 import pandas as pd
 
 import ehrsr
+from ehrsr.ablation.table import load_controlled_ablation
 from ehrsr.config import MODULE_TOGGLES
-from ehrsr.reports._study import COST_METRICS, QUALITY_METRICS, StudyInfo, metric_info
-from ehrsr.reports.ablation import load_controlled_ablation, observational_table, param_importances
+from ehrsr.reports.observational import observational_table, param_importances
 from ehrsr.reports.pareto import pareto_table, trials_table
 from ehrsr.reports.plots import (
     importance_plot_data,
@@ -36,14 +36,18 @@ from ehrsr.reports.plots import (
     render_importance_plot,
     render_pareto_plot,
 )
-from ehrsr.reports.render import (
+from ehrsr.reports.render import controlled_rows, markdown_table, observational_rows, write_table
+from ehrsr.search.budget import BudgetError, parse_budget
+from ehrsr.study_schema import (
+    COST_METRICS,
     DASH,
-    controlled_rows,
+    PSNR_CONVENTION_FALLBACK,
+    QUALITY_METRICS,
+    StudyInfo,
     format_metric,
-    markdown_table,
+    macs_convention,
     metric_header,
-    observational_rows,
-    write_table,
+    metric_info,
 )
 
 __all__ = ["write_report"]
@@ -185,10 +189,8 @@ def _budget_text(study: optuna.Study, info: StudyInfo) -> str:
     if not text:
         return "not recorded"
     try:
-        from ehrsr.search.budget import BudgetError, parse_budget
-
         budget = parse_budget(str(text))
-    except (ImportError, BudgetError) as exc:
+    except BudgetError as exc:
         return f"`{text}` (cannot be parsed: {exc})"
     spent = budget.spent(study)
     share = info.attrs.get("ablation_share")
@@ -237,8 +239,8 @@ def _baseline_text(baseline: dict | None) -> str | None:
 
 def _conventions(info: StudyInfo) -> str:
     conventions = dict(info.conventions)
-    conventions.setdefault("psnr", "PSNR on the Y channel (BT.601), crop_border = scale, uint8-rounded images")
-    conventions.setdefault("macs", f"fvcore MACs (one multiply-add = 1) of the deploy form at {info.shape_text()}")
+    conventions.setdefault("psnr", PSNR_CONVENTION_FALLBACK)
+    conventions.setdefault("macs", macs_convention(info.shape_text()))
     return _bullets(conventions)
 
 

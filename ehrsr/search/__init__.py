@@ -2,7 +2,8 @@
 
 The building blocks are re-exported here: search spaces (YAML -> Optuna parameters ->
 EHRSRConfig), budget accounting, MO-ASHA early stopping and the Pareto maths they share
-(DESIGN.md section 5). The driver lives in ``ehrsr.search.driver``.
+(docs/search_spaces.md, docs/budget.md, docs/early_stopping.md). The driver lives in
+``ehrsr.search.driver``; ``ehrsr.search.record`` records every run.
 """
 
 from __future__ import annotations

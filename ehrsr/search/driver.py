@@ -8,9 +8,9 @@ values and the trials are shared through it, so any number of machines can join.
 
 Every trial's outcome is written to the storage before the next one starts (a killed worker
 loses at most its running trial, which another worker later marks failed); Ctrl-C marks the
-running trial failed ("interrupted") and the search still writes its summary. The end of a
-search runs the controlled ablation on its reserved share of the budget, writes deployment
-picks for the device profiles matching this machine, and the report.
+running trial failed ("interrupted"). Every outcome goes through ``ehrsr.search.record``, the one
+recording path. What follows a search (the controlled ablation, deployment picks, the report)
+is ``ehrsr.pipeline``'s business: this package imports none of it.
 """
 
 from __future__ import annotations
@@ -20,7 +20,8 @@ import multiprocessing as mp
 import os
 import sys
 import time
-from dataclasses import asdict, dataclass
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -28,37 +29,36 @@ import optuna
 import torch
 from optuna.trial import TrialState
 
-from ehrsr.search.objectives import Objective
+from ehrsr.search.record import Heartbeat, TrialOutcome, fail_stale_trials, record_outcome
 from ehrsr.search.storage import mask_url, open_storage
 from ehrsr.search.study import (
     ContextSpec,
     PreparedStudy,
-    SearchError,
     SearchSettings,
     _resolve_workers,
     _task,
     _task_slug,
     build_context,
-    load_study,
     prepare_study,
 )
-from ehrsr.search.trial import (
-    TrialJob,
-    _Heartbeat,
-    execute_isolated,
-    execute_trial,
-    fail_stale_trials,
-)
+from ehrsr.search.trial import TrialJob, execute_isolated, execute_trial
+from ehrsr.study_schema import Objective, format_si, is_count
 
 __all__ = [
+    "AfterTrial",
+    "SearchLog",
     "SearchSummary",
     "WorkerSummary",
-    "ablation_budget_seconds",
-    "run_ablation_for_study",
+    "baseline_quality",
+    "print_summary",
     "run_search",
     "run_worker",
     "search_share",
 ]
+
+# called after every recorded trial with the study and its folder (the pipeline writes trials.csv);
+# a module-level function, so it can cross into worker processes
+AfterTrial = Callable[[optuna.Study, Path], None]
 
 MAX_CONSECUTIVE_REFUSALS = 50
 
@@ -70,7 +70,7 @@ class WorkerSummary:
     interrupted: bool = False
 
 
-class _Log:
+class SearchLog:
     """Trial lines, notes and the budget progress bar, honouring --quiet / --verbose."""
 
     def __init__(self, verbosity: int, prefix: str = "", show_bar: bool = True) -> None:
@@ -101,17 +101,12 @@ class _Log:
             self.bar.close()
 
 
-def run_worker(prepared: PreparedStudy, settings: SearchSettings, *, log: _Log | None = None,
-               worker_index: int = 0) -> WorkerSummary:
+def run_worker(prepared: PreparedStudy, settings: SearchSettings, *, log: SearchLog | None = None,
+               worker_index: int = 0, after_trial: AfterTrial | None = None) -> WorkerSummary:
     """The search loop of one worker (see the module docstring)."""
-    from ehrsr.search.budget import (
-        estimate_trial_seconds,
-        record_charge,
-        record_refused,
-        record_start,
-    )
+    from ehrsr.search.budget import estimate_trial_seconds, record_start
 
-    log = log or _Log(settings.verbosity)
+    log = log or SearchLog(settings.verbosity)
     study, space, budget = prepared.study, prepared.space, prepared.budget
     device = prepared.device
     isolate = settings.isolate if settings.isolate is not None else device.type == "cuda"
@@ -143,8 +138,7 @@ def run_worker(prepared: PreparedStudy, settings: SearchSettings, *, log: _Log |
             running_trial = trial
             ok, why = search_budget.allows_new_trial(study, estimate, device_kind=device.type, trial_number=trial.number)
             if not ok:  # another worker took the last slot
-                record_refused(trial, why)
-                _tell(study, trial, "refused", f"budget: {why}")
+                record_outcome(study, trial, TrialOutcome.failed("refused", f"budget: {why}"))
                 running_trial = None
                 summary.stopped_reason = why
                 break
@@ -156,8 +150,8 @@ def run_worker(prepared: PreparedStudy, settings: SearchSettings, *, log: _Log |
             train = {**asdict(sampled.train), "seed": settings.seed}
             trial.set_user_attr("train", train)
             if sampled.refused is not None:
-                record_refused(trial, sampled.refused)
-                _tell(study, trial, "refused", f"refused before training: {sampled.refused}")
+                record_outcome(study, trial,
+                               TrialOutcome.failed("refused", f"refused before training: {sampled.refused}"))
                 log(f"#{trial.number:<4} {sampled.summary():<40} refused: {sampled.refused}", 2)
                 running_trial = None
                 refusals += 1
@@ -187,23 +181,19 @@ def run_worker(prepared: PreparedStudy, settings: SearchSettings, *, log: _Log |
                 device_name=prepared.device_name,
             )
             start = time.perf_counter()
-            with _Heartbeat(study, trial._trial_id):
+            with Heartbeat(study, trial._trial_id):
                 outcome = execute_isolated(job) if isolate else execute_trial(job, ctx=ctx, study=study)
             wall = time.perf_counter() - start
-            if outcome["status"] == "refused":
-                record_refused(trial, outcome["reason"])
-                refusals += 1
-            else:
-                record_charge(trial, wall)
-                refusals = 0
-            _finish(study, trial, outcome, prepared.study_dir)
+            refusals = refusals + 1 if outcome.status == "refused" else 0
+            outcome = record_outcome(study, trial, outcome, wall_seconds=wall, weights_root=prepared.study_dir)
             running_trial = None
             summary.finished += 1
             log(_trial_line(trial.number, sampled.summary(), outcome, prepared.objectives, wall))
-            if outcome.get("traceback"):
-                log(outcome["traceback"], 2)
+            if outcome.traceback:
+                log(outcome.traceback, 2)
             log.progress(search_budget.used_fraction(search_budget.spent(study)))
-            _write_trials_csv(study, prepared.study_dir)
+            if after_trial is not None:
+                after_trial(study, prepared.study_dir)
             if refusals >= MAX_CONSECUTIVE_REFUSALS:
                 summary.stopped_reason = f"{refusals} configurations in a row were refused; relax the limits"
                 break
@@ -212,7 +202,8 @@ def run_worker(prepared: PreparedStudy, settings: SearchSettings, *, log: _Log |
         summary.stopped_reason = "interrupted (Ctrl-C)"
         if running_trial is not None:
             with contextlib.suppress(Exception):
-                _tell(study, running_trial, "interrupted", "interrupted by the user (Ctrl-C)")
+                record_outcome(study, running_trial,
+                               TrialOutcome.failed("interrupted", "interrupted by the user (Ctrl-C)"))
     return summary
 
 
@@ -227,68 +218,31 @@ def search_share(budget: Any, fraction: float) -> Any:
     return Budget(limits, text=budget.text)
 
 
-def _tell(study: optuna.Study, trial: optuna.Trial, status: str, reason: str) -> None:
-    trial.set_user_attr("status", status)
-    trial.set_user_attr("reason", reason)
-    study.tell(trial, state=TrialState.FAIL)
-
-
-def _finish(study: optuna.Study, trial: optuna.Trial, outcome: dict[str, Any], study_dir: Path) -> None:
-    """Write the outcome to the storage and tell Optuna (COMPLETE, PRUNED or FAIL)."""
-    status = outcome["status"]
-    for key in ("metrics", "seconds", "steps_done"):
-        if outcome.get(key) is not None:
-            trial.set_user_attr(key, outcome[key])
-    if outcome.get("weights"):
-        trial.set_user_attr("weights", os.path.relpath(outcome["weights"], study_dir))
-    for key, value in (outcome.get("constraints") or {}).items():
-        trial.set_constraint(key, value)
-    trial.set_user_attr("status", status)
-    if outcome.get("reason"):
-        trial.set_user_attr("reason", outcome["reason"])
-    if status == "complete":
-        study.tell(trial, outcome["values"])
-    elif status == "pruned":
-        study.tell(trial, state=TrialState.PRUNED)
-    else:
-        study.tell(trial, state=TrialState.FAIL)
-
-
 def _fmt_value(objective: Objective, value: float | None) -> str:
     if value is None:
         return f"{objective.name} -"
-    if objective.name in ("macs", "params"):
-        for factor, suffix in ((1e9, "G"), (1e6, "M"), (1e3, "K")):
-            if value >= factor:
-                return f"{objective.name} {value / factor:.2f}{suffix}"
-        return f"{objective.name} {value:.0f}"
+    if is_count(objective.metric_key):
+        return f"{objective.name} {format_si(value, spec='.2f') if value >= 1e3 else f'{value:.0f}'}"
     unit = f" {objective.unit}" if objective.unit else ""
     digits = 2 if objective.name in ("psnr", "latency") else 4
     return f"{objective.name} {value:.{digits}f}{unit}"
 
 
-def _trial_line(number: int, summary: str, outcome: dict[str, Any], objectives: list[Objective],
+def _trial_line(number: int, summary: str, outcome: TrialOutcome, objectives: list[Objective],
                 wall: float) -> str:
-    metrics = outcome.get("metrics") or {}
+    metrics = outcome.metrics or {}
     parts = [_fmt_value(o, metrics.get(o.metric_key)) for o in objectives]
     cost = []
     if metrics.get("params_deploy") is not None:
         cost.append(f"{metrics['params_deploy'] / 1e6:.3f}M params")
     if metrics.get("macs") is not None:
         cost.append(f"{metrics['macs'] / 1e9:.2f}G MACs")
-    status = outcome["status"]
-    reason = f" ({outcome['reason']})" if outcome.get("reason") and status != "complete" else ""
+    status = outcome.status
+    reason = f" ({outcome.reason})" if outcome.reason and status != "complete" else ""
     return (
         f"#{number:<4} {summary:<42} {'  '.join(parts):<34} "
         f"{', '.join(cost):<28} {wall:6.1f}s  {status}{reason}"
     )
-
-
-def _write_trials_csv(study: optuna.Study, study_dir: Path) -> None:
-    from ehrsr.reports import write_trials_csv
-
-    with contextlib.suppress(OSError):
-        write_trials_csv(study, study_dir / "trials.csv")
 
 
 @dataclass
@@ -304,24 +258,28 @@ class SearchSummary:
     spent: str
     stopped_reason: str
     interrupted: bool
-    report: Path | None = None
-    ablation: str | None = None  # what the controlled ablation at the end did
+    report: Path | None = None  # set by ehrsr.pipeline
+    ablation: str | None = None  # what the controlled ablation at the end did (ehrsr.pipeline)
+    prepared: PreparedStudy | None = field(default=None, repr=False)  # the study as the search opened it
 
 
-def _worker_process(settings: SearchSettings, worker_index: int, gpu: int | None) -> None:
+def _worker_process(settings: SearchSettings, worker_index: int, gpu: int | None,
+                    after_trial: AfterTrial | None = None) -> None:
     if settings.threads:
         torch.set_num_threads(settings.threads)
     if gpu is not None:
         os.environ["CUDA_VISIBLE_DEVICES"] = str(gpu)
         settings.device = "cuda:0"
     prepared = prepare_study(settings, log=lambda *_: None)
-    log = _Log(settings.verbosity, prefix=f"[w{worker_index}] ", show_bar=False)
-    run_worker(prepared, settings, log=log, worker_index=worker_index)
+    log = SearchLog(settings.verbosity, prefix=f"[w{worker_index}] ", show_bar=False)
+    run_worker(prepared, settings, log=log, worker_index=worker_index, after_trial=after_trial)
 
 
-def run_search(settings: SearchSettings) -> SearchSummary:
-    """Prepare data and the study, run the workers, write reports and return the summary."""
-    log = _Log(settings.verbosity)
+def run_search(settings: SearchSettings, *, log: SearchLog | None = None,
+               after_trial: AfterTrial | None = None) -> SearchSummary:
+    """Prepare data and the study, run the workers and return the summary (``ehrsr.pipeline``
+    runs what follows and prints it). ``after_trial`` runs after every recorded trial."""
+    log = log or SearchLog(settings.verbosity)
     prepared = prepare_study(settings, log=log)
     study = prepared.study
     log(f"study {study.study_name} ({'new' if prepared.created else 'resumed'}) in {mask_url(prepared.storage_url)}")
@@ -339,12 +297,12 @@ def run_search(settings: SearchSettings) -> SearchSummary:
     summary = WorkerSummary()
     try:
         if workers == 1:
-            summary = run_worker(prepared, settings, log=log)
+            summary = run_worker(prepared, settings, log=log, after_trial=after_trial)
         else:
-            summary = _run_worker_processes(settings, prepared, workers, log)
+            summary = _run_worker_processes(settings, prepared, workers, log, after_trial)
     finally:
         log.close()
-    return _summarise(prepared, settings, summary, log)
+    return _summarise(prepared, summary)
 
 
 def baseline_quality(ctx: Any, spec: ContextSpec) -> dict[str, Any]:
@@ -357,7 +315,8 @@ def baseline_quality(ctx: Any, spec: ContextSpec) -> dict[str, Any]:
     return {"name": name, "psnr": result.psnr, "ssim": result.ssim, "lpips": None}
 
 
-def _run_worker_processes(settings: SearchSettings, prepared: PreparedStudy, workers: int, log: _Log) -> WorkerSummary:
+def _run_worker_processes(settings: SearchSettings, prepared: PreparedStudy, workers: int, log: SearchLog,
+                          after_trial: AfterTrial | None) -> WorkerSummary:
     ctx = mp.get_context("spawn")
     worker_settings = SearchSettings(**{**asdict(settings), "study_name": prepared.study.study_name,
                                         "storage": prepared.storage_url})
@@ -366,7 +325,7 @@ def _run_worker_processes(settings: SearchSettings, prepared: PreparedStudy, wor
         # CPU workers share the cores: more threads than cores makes every process crawl
         worker_settings.threads = max(1, (os.cpu_count() or 1) // workers)
     gpus = list(range(workers)) if prepared.device.type == "cuda" else [None] * workers
-    procs = [ctx.Process(target=_worker_process, args=(worker_settings, i, gpus[i])) for i in range(workers)]
+    procs = [ctx.Process(target=_worker_process, args=(worker_settings, i, gpus[i], after_trial)) for i in range(workers)]
     log(f"starting {workers} workers on {mask_url(prepared.storage_url)}")
     for proc in procs:
         proc.start()
@@ -382,7 +341,7 @@ def _run_worker_processes(settings: SearchSettings, prepared: PreparedStudy, wor
     return summary
 
 
-def _summarise(prepared: PreparedStudy, settings: SearchSettings, worker: WorkerSummary, log: _Log) -> SearchSummary:
+def _summarise(prepared: PreparedStudy, worker: WorkerSummary) -> SearchSummary:
     study = optuna.load_study(study_name=prepared.study.study_name, storage=open_storage(prepared.storage_url))
     trials = study.get_trials(deepcopy=False)
     by_state = {s: sum(t.state == s for t in trials) for s in TrialState}
@@ -406,108 +365,12 @@ def _summarise(prepared: PreparedStudy, settings: SearchSettings, worker: Worker
         spent=spent,
         stopped_reason=worker.stopped_reason,
         interrupted=worker.interrupted,
+        prepared=prepared,
     )
-    _write_trials_csv(study, prepared.study_dir)
-    if settings.write_reports and not worker.interrupted:
-        try:
-            summary.ablation = _after_search(study, prepared, settings, log)
-        except Exception as exc:  # the search results are safe in the storage; say what went wrong
-            log(f"warning: ablation / deployment step failed: {type(exc).__name__}: {exc}")
-    if settings.write_reports:
-        try:
-            summary.report = _write_reports(study, prepared, settings, log)
-        except Exception as exc:  # a report problem must not hide the search results
-            log(f"warning: could not write the report: {type(exc).__name__}: {exc}")
-    _print_summary(summary, prepared.objectives, log)
     return summary
 
 
-def _write_reports(study: optuna.Study, prepared: PreparedStudy, settings: SearchSettings, log: _Log) -> Path | None:
-    from ehrsr.reports import write_report
-
-    return write_report(study, prepared.study_dir, quiet=settings.verbosity == 0)
-
-
-def _after_search(study: optuna.Study, prepared: PreparedStudy, settings: SearchSettings, log: _Log) -> str | None:
-    """The end of a search: the controlled ablation on its reserved budget, then deployment picks
-    for the device profiles that match this machine. Problems are reported, never fatal.
-    Returns a line on the ablation for the summary."""
-    from ehrsr.reports import AblationError, DeploymentError, load_device_profiles, pick_deployment
-    from ehrsr.reports.deploy import DeviceProfileError, profiles_for_device
-
-    if not study.best_trials:
-        log("no finished feasible trial: no controlled ablation and no deployment pick")
-        return None
-    ablation_line = None
-    if settings.ablation_share > 0:
-        seconds = ablation_budget_seconds(prepared.budget, study, settings.ablation_share)
-        log(f"controlled ablation: up to {seconds / 60:.1f} device-minutes ({settings.ablation_share:.0%} of the budget)")
-        try:
-            result = run_ablation_for_study(
-                study.study_name, prepared.storage_url, settings.out_dir, device=str(prepared.device),
-                reference=None, seeds=settings.ablation_seeds, budget_seconds=seconds,
-                lpips_weights=settings.lpips_weights, verbosity=settings.verbosity,
-            )
-            ablation_line = (
-                f"trial #{result.reference_trial}: {result.runs_run + result.runs_skipped} of {result.runs_planned} "
-                f"runs, {result.seconds_spent / 60:.3g} device-minutes"
-            )
-            log(f"controlled ablation of {ablation_line}" + (f" ({result.stopped})" if result.stopped else ""))
-        except AblationError as exc:
-            log(f"controlled ablation skipped: {exc}")
-    try:
-        profiles = load_device_profiles()
-    except DeviceProfileError as exc:
-        log(f"deployment picks skipped: {exc}")
-        return ablation_line
-    for name in profiles_for_device(profiles, prepared.device.type):
-        try:
-            pick = pick_deployment(study, name, prepared.study_dir, weights_root=prepared.study_dir,
-                                   progress=settings.verbosity >= 2)
-            log(f"deployment pick for {name}: trial #{pick.trial} ({pick.json_path})")
-        except (DeploymentError, DeviceProfileError) as exc:
-            log(f"deployment pick for {name}: none ({exc})")
-    return ablation_line
-
-
-def ablation_budget_seconds(budget: Any, study: optuna.Study, share: float) -> float:
-    """Device-seconds kept for the controlled ablation: ``share`` of the time budget; for a
-    trials-only budget, the same proportion of what the search itself spent."""
-    time_limits = [limit.seconds for limit in budget.limits if limit.seconds is not None]
-    if time_limits:
-        return share * min(time_limits)
-    spent = budget.spent(study).total_seconds
-    return spent * share / (1 - share)
-
-
-def run_ablation_for_study(
-    study_name: str,
-    storage: str | None,
-    out_dir: Path,
-    *,
-    device: str | None,
-    reference: int | None,
-    seeds: int,
-    budget_seconds: float | None,
-    lpips_weights: str | None,
-    verbosity: int = 1,
-) -> Any:
-    """``run_search.py ablate``: rebuild the study's run context here and run the controlled ablation."""
-    from ehrsr.reports import run_controlled_ablation, write_report
-
-    study, _, study_dir = load_study(study_name, storage, out_dir)
-    if "context" not in study.user_attrs:
-        raise SearchError(f"study {study_name!r} was not written by run_search.py (no stored context)")
-    spec = ContextSpec.from_dict(study.user_attrs["context"])
-    run_device = SearchSettings(device=device).resolved_device()
-    ctx = build_context(spec, run_device, lpips_weights=lpips_weights, progress=verbosity >= 2)
-    result = run_controlled_ablation(study, ctx, reference=reference, seeds=seeds, budget_seconds=budget_seconds,
-                                     progress=verbosity >= 1)
-    write_report(study, study_dir, quiet=True)
-    return result
-
-
-def _print_summary(summary: SearchSummary, objectives: list[Objective], log: _Log) -> None:
+def print_summary(summary: SearchSummary, objectives: list[Objective], log: SearchLog) -> None:
     log("")
     log(f"Search {summary.study_name}: {summary.stopped_reason or 'done'}", 0)
     rows = [

@@ -1,36 +1,10 @@
-"""The objectives a search can optimise: name, measured metric, direction and unit."""
+"""Parsing ``--objectives``; the objectives themselves are defined in ``ehrsr.study_schema``."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Literal
+from ehrsr.study_schema import DEFAULT_OBJECTIVES, OBJECTIVES, Objective
 
 __all__ = ["DEFAULT_OBJECTIVES", "OBJECTIVES", "Objective", "parse_objectives"]
-
-
-@dataclass(frozen=True)
-class Objective:
-    name: str  # what the user types: --objectives psnr,latency
-    metric_key: str  # key in a trial's ``metrics`` user attribute
-    direction: Literal["maximize", "minimize"]
-    label: str  # axis / column label
-    unit: str  # "" when unitless
-    kind: Literal["quality", "cost"]
-
-
-OBJECTIVES: dict[str, Objective] = {
-    o.name: o
-    for o in (
-        Objective("psnr", "psnr", "maximize", "PSNR", "dB", "quality"),
-        Objective("ssim", "ssim", "maximize", "SSIM", "", "quality"),
-        Objective("lpips", "lpips", "minimize", "LPIPS", "", "quality"),
-        Objective("latency", "latency_ms", "minimize", "latency", "ms", "cost"),
-        Objective("macs", "macs", "minimize", "MACs", "", "cost"),
-        Objective("params", "params_deploy", "minimize", "parameters (deploy)", "", "cost"),
-        Objective("memory", "peak_memory_mb", "minimize", "peak memory", "MiB", "cost"),
-    )
-}
-DEFAULT_OBJECTIVES = ("psnr", "latency")
 
 
 def parse_objectives(text: str | list[str] | tuple[str, ...]) -> list[Objective]:

@@ -1,4 +1,4 @@
-"""Pareto maths shared by early stopping, the study driver and the reports.
+"""Pareto maths shared by early stopping, the study driver, the ablation and the reports.
 
 * ``non_dominated_sort``: the fast non-dominated sort of NSGA-II (Deb, Pratap, Agarwal, Meyarivan,
   "A fast and elitist multiobjective genetic algorithm: NSGA-II", IEEE TEVC 2002, section III-A).
@@ -13,6 +13,9 @@
 Every function takes values as a sequence of points (one row per point, one column per objective)
 and ``directions`` as ``"minimize"``/``"maximize"`` strings or ``optuna.study.StudyDirection``
 members. Internally everything is turned into minimisation by negating maximised columns.
+
+* ``knee_point`` / ``knee_trial``: the knee of a front (closest to the utopia point after min-max
+  normalisation), the reference of the controlled ablation and the report's highlighted trial.
 """
 
 from __future__ import annotations
@@ -21,12 +24,16 @@ from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
+import optuna
+from optuna.trial import FrozenTrial, TrialState
 
 __all__ = [
     "crowding_distance",
     "dominates",
     "hypervolume",
     "hypervolume_2d",
+    "knee_point",
+    "knee_trial",
     "non_dominated_sort",
     "pareto_front",
     "to_minimization",
@@ -216,3 +223,35 @@ def _hso(points: np.ndarray, reference: np.ndarray) -> float:
         slab = slab[pareto_front(slab, ["minimize"] * (m - 1))]
         volume += depth * _hso(slab, reference[:-1])
     return volume
+
+
+def knee_point(values: np.ndarray | list[list[float]], directions: Sequence[Any]) -> int | None:
+    """Index of the knee of a Pareto front: the point closest (Euclidean) to the utopia point after
+    each objective is min-max normalised over the front so that 0 is its best value and 1 its
+    worst. An objective that is equal on the whole front contributes 0. Ties go to the lower index.
+
+    Closest-to-utopia (the "compromise programming" choice, Zeleny 1973) works for any number of
+    objectives; with two it picks the point where a unit gain in one objective starts to cost
+    more than a unit of the other, on the normalised scale.
+    """
+    loss = to_minimization(values, directions)
+    if loss.shape[0] == 0:
+        return None
+    low = loss.min(axis=0)
+    span = loss.max(axis=0) - low
+    span[span == 0] = 1.0  # equal everywhere: normalised value 0 for every point
+    normalised = (loss - low) / span
+    distance = np.sqrt((normalised**2).sum(axis=1))
+    return int(np.argmin(distance))  # argmin returns the first (lowest index) of equal minima
+
+
+def knee_trial(study: optuna.Study, front: list[FrozenTrial] | None = None) -> FrozenTrial | None:
+    """The knee (``knee_point``) of ``study.best_trials`` (trials ordered by number), or None when
+    the study has no finished feasible trial."""
+    if front is None:
+        front = study.best_trials
+    front = sorted((t for t in front if t.state == TrialState.COMPLETE), key=lambda t: t.number)
+    if not front:
+        return None
+    index = knee_point([list(t.values) for t in front], list(study.directions))
+    return front[index] if index is not None else None

@@ -25,7 +25,7 @@ from torch import nn
 
 from ehrsr.config import EHRSRConfig
 from ehrsr.model import build_model
-from ehrsr.search.objectives import Objective
+from ehrsr.study_schema import Objective, format_si
 from ehrsr.training import TrainSettings
 
 __all__ = [
@@ -68,9 +68,9 @@ class CostLimits:
     def refusal(self, params_deploy: int, macs: int) -> str | None:
         """Why a configuration is refused before training, or None."""
         if self.max_params is not None and params_deploy > self.max_params:
-            return f"params {_si(params_deploy)} > --max-params {_si(self.max_params)}"
+            return f"params {format_si(params_deploy)} > --max-params {format_si(self.max_params)}"
         if self.max_macs is not None and macs > self.max_macs:
-            return f"MACs {_si(macs)} > --max-macs {_si(self.max_macs)}"
+            return f"MACs {format_si(macs)} > --max-macs {format_si(self.max_macs)}"
         return None
 
     def constraints(self, metrics: dict[str, Any]) -> dict[str, float]:
@@ -81,13 +81,6 @@ class CostLimits:
         if self.max_memory_mb is not None:
             out["peak_memory_mb"] = float(metrics["peak_memory_mb"]) - self.max_memory_mb
         return out
-
-
-def _si(value: float) -> str:
-    for factor, suffix in ((1e12, "T"), (1e9, "G"), (1e6, "M"), (1e3, "K")):
-        if abs(value) >= factor:
-            return f"{value / factor:.3g}{suffix}"
-    return f"{value:.3g}"
 
 
 @dataclass

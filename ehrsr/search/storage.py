@@ -13,6 +13,8 @@ from pathlib import Path
 
 import optuna
 
+from ehrsr.errors import UserError
+
 __all__ = [
     "StorageError",
     "default_storage_url",
@@ -21,7 +23,7 @@ __all__ = [
 ]
 
 
-class StorageError(RuntimeError):
+class StorageError(UserError, RuntimeError):
     """The storage cannot be opened or reached; the message is one line for the user."""
 
 

@@ -20,7 +20,8 @@ import optuna
 import torch
 
 import ehrsr
-from ehrsr.search.objectives import DEFAULT_OBJECTIVES, OBJECTIVES, Objective, parse_objectives
+from ehrsr.errors import UserError
+from ehrsr.search.objectives import parse_objectives
 from ehrsr.search.runner import (
     TRAIN_SETTINGS_VERSION,
     TRAIN_SETTINGS_VERSION_ATTR,
@@ -29,6 +30,7 @@ from ehrsr.search.runner import (
     stale_train_settings,
 )
 from ehrsr.search.storage import StorageError, default_storage_url, mask_url, open_storage
+from ehrsr.study_schema import DEFAULT_OBJECTIVES, OBJECTIVES, Objective, conventions
 
 __all__ = [
     "ContextSpec",
@@ -46,7 +48,7 @@ __all__ = [
 SEARCH_LATENCY_BUDGET_S = 0.25
 
 
-class SearchError(RuntimeError):
+class SearchError(UserError, RuntimeError):
     """A problem the user must fix (bad option, incompatible existing study...); one line."""
 
 
@@ -137,16 +139,23 @@ def build_context(
     log: Any = None,
 ) -> RunContext:
     """Prepare data (from the on-disk cache after the first time), LPIPS and the run context."""
-    from ehrsr.data import TaskConfig, prepare_data
+    from ehrsr.data import ImageReadError, TaskConfig, prepare_data
 
     task = TaskConfig.from_dict(spec.task)
-    train_set, val_set = prepare_data(
-        task,
-        spec.train_data,
-        spec.val_data,
-        cache_dir=spec.cache_dir,
-        progress=progress,
-    )
+    try:
+        train_set, val_set = prepare_data(
+            task,
+            spec.train_data,
+            spec.val_data,
+            cache_dir=spec.cache_dir,
+            progress=progress,
+        )
+    except ImageReadError:
+        raise
+    except ValueError as exc:
+        # ehrsr.data reports a missing or empty image folder, unpaired LR/HR files, ... as
+        # ValueError: here they are the user's --train-data / --val-data, so one line, exit 2
+        raise SearchError(f"data: {exc}") from exc
     train_set = train_set.to(device)
     lpips = _load_lpips(device, lpips_weights, required=need_lpips, log=log)
     return RunContext(
@@ -211,7 +220,7 @@ class PreparedStudy:
     created: bool
 
 
-def _sampler(name: str, seed: int, n_objectives: int, constrained: bool) -> optuna.samplers.BaseSampler:
+def _sampler(name: str, seed: int, constrained: bool) -> optuna.samplers.BaseSampler:
     constraints_func = _constraints_of if constrained else None
     name = name.lower()
     if name == "tpe":
@@ -307,7 +316,7 @@ def prepare_study(settings: SearchSettings, log: Any = print) -> PreparedStudy:
         profile_seconds=settings.profile_seconds,
     )
     constrained = settings.limits.max_latency_ms is not None or settings.limits.max_memory_mb is not None
-    sampler = _sampler(settings.sampler, settings.seed, len(objectives), constrained)
+    sampler = _sampler(settings.sampler, settings.seed, constrained)
     try:
         existing = {s.study_name for s in optuna.get_all_study_summaries(storage)}
     except Exception as exc:
@@ -343,7 +352,10 @@ def prepare_study(settings: SearchSettings, log: Any = print) -> PreparedStudy:
             "profile": {"input_shape": spec.profile_shape, "dtype": settings.profile_dtype, "threads": settings.threads},
             "budget": budget.text,
             "limits": settings.limits.to_dict(),
-            "conventions": _conventions(spec, dev_name),
+            "conventions": conventions(
+                profile_shape=spec.profile_shape, crop_border=spec.crop_border, profile_dtype=spec.profile_dtype,
+                device_name=dev_name, profile_seconds=spec.profile_seconds,
+            ),
             "early_stopping": {
                 "enabled": settings.early_stopping,
                 "rung_steps": list(fidelity.rung_steps),
@@ -410,21 +422,6 @@ def load_study(study_name: str, storage: str | None, out_dir: Path) -> tuple[opt
         known = ", ".join(sorted(names)) or "none"
         raise SearchError(f"no study {study_name!r} in storage {mask_url(url)} (studies there: {known})")
     return optuna.load_study(study_name=study_name, storage=backend), url, study_dir
-
-
-def _conventions(spec: ContextSpec, dev_name: str) -> dict[str, str]:
-    shape = "x".join(str(s) for s in spec.profile_shape)
-    y = f"Y channel (ITU-R BT.601, MATLAB rgb2ycbcr), crop_border={spec.crop_border}, uint8-rounded (BasicSR)"
-    return {
-        "psnr": f"PSNR on {y}",
-        "ssim": f"SSIM (11x11 Gaussian, sigma 1.5) on {y}",
-        "lpips": "LPIPS (AlexNet, v0.1) via pyiqa on RGB in [0, 1]",
-        "macs": f"fvcore MACs (one multiply-add = 1) of the deploy form at {shape}",
-        "latency": f"median latency of the deploy form at {shape}, {spec.profile_dtype}, on {dev_name} "
-        f"(at least 5 timed passes, about {spec.profile_seconds or 1.0:g} s of them, after warm-up)",
-        "memory": f"peak memory of one inference at {shape} on {dev_name}",
-        "lr": "LR made by MATLAB-compatible bicubic (antialiased, a=-0.5) after cropping HR to a multiple of the scale",
-    }
 
 
 def _check_compatible(study: optuna.Study, spec: ContextSpec, space: Any, settings: SearchSettings) -> None:

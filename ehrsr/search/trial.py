@@ -1,10 +1,9 @@
 """One trial of the search: the picklable job, its execution (in-process or in a child process),
 MO-ASHA at the rungs, and the heartbeat that lets other workers detect a dead one.
 
-A running trial refreshes a ``heartbeat`` user attribute every ``HEARTBEAT_SECONDS``; a worker
-finding a RUNNING trial whose heartbeat is older than ``STALE_SECONDS`` marks it failed ("its
-worker stopped"), so a dead worker's trial neither stays RUNNING forever nor keeps eating the
-budget. On CUDA (or with ``isolate=True``) each trial runs in a spawned child process: a CUDA
+A running trial refreshes a ``heartbeat`` user attribute (``ehrsr.search.record.Heartbeat``); a
+worker finding a RUNNING trial whose heartbeat is stale marks it failed (``fail_stale_trials``),
+so a dead worker's trial neither stays RUNNING forever nor keeps eating the budget. On CUDA (or with ``isolate=True``) each trial runs in a spawned child process: a CUDA
 error or a crash in an extension ends that trial only, and its GPU memory goes with the process.
 """
 
@@ -13,8 +12,6 @@ from __future__ import annotations
 import contextlib
 import multiprocessing as mp
 import queue
-import threading
-import time
 import traceback
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,24 +22,24 @@ import torch
 from optuna.trial import TrialState
 
 from ehrsr.config import EHRSRConfig
+from ehrsr.search.record import HEARTBEAT_SECONDS, STALE_SECONDS, Heartbeat, TrialOutcome, fail_stale_trials
 from ehrsr.search.runner import RunContext, RunResult, jsonable_metrics, run_configuration
 from ehrsr.search.storage import open_storage
 from ehrsr.search.study import ContextSpec, build_context
+from ehrsr.study_schema import COST_KEYS
 from ehrsr.training import TrainSettings
 
 __all__ = [
+    "COST_KEYS",
     "HEARTBEAT_SECONDS",
     "STALE_SECONDS",
+    "Heartbeat",
     "TrialJob",
+    "cached_cost",
     "execute_isolated",
     "execute_trial",
     "fail_stale_trials",
 ]
-
-STALE_SECONDS = 300.0  # a running trial silent this long belongs to a dead worker
-
-
-HEARTBEAT_SECONDS = 30.0
 
 
 @dataclass
@@ -68,8 +65,9 @@ class TrialJob:
     device_name: str | None = None  # readable device name; profiles are reused only on the same one
 
 
-def execute_trial(job: TrialJob, ctx: RunContext | None = None, study: optuna.Study | None = None) -> dict[str, Any]:
-    """Run one trial and write its attributes; returns a small picklable outcome for ``tell``."""
+def execute_trial(job: TrialJob, ctx: RunContext | None = None, study: optuna.Study | None = None) -> TrialOutcome:
+    """Run one trial and write its rung attributes; returns its picklable outcome for
+    ``ehrsr.search.record.record_outcome``."""
     from ehrsr.search.asha import MOASHA
 
     if study is None:
@@ -110,30 +108,23 @@ def execute_trial(job: TrialJob, ctx: RunContext | None = None, study: optuna.St
         config, TrainSettings.from_dict(job.train, ignore=("seed",)), ctx, seed=job.seed, rung_steps=rung_steps, on_rung=on_rung,
         precomputed_cost=cached[1] if cached is not None else None,
     )
-    outcome: dict[str, Any] = {
-        "status": result.status,
-        "reason": stop_reason.get("reason", result.reason),
-        "values": result.values,
-        "metrics": jsonable_metrics(result.metrics),
-        "seconds": result.seconds,
-        "steps_done": result.steps_done,
-        "constraints": {},
-    }
+    outcome = TrialOutcome(
+        status=result.status,
+        reason=stop_reason.get("reason", result.reason),
+        values=result.values,
+        metrics=jsonable_metrics(result.metrics),
+        seconds=dict(result.seconds or {}),
+        steps_done=int(result.steps_done),
+    )
     if result.metrics and "latency_ms" in result.metrics:
-        outcome["constraints"] = ctx.limits.constraints(result.metrics)
+        outcome.constraints = ctx.limits.constraints(result.metrics)
     if result.status == "complete" and result.model is not None and job.weights_path:
         from safetensors.torch import save_model
 
         Path(job.weights_path).parent.mkdir(parents=True, exist_ok=True)
         save_model(result.model.cpu(), job.weights_path)
-        outcome["weights"] = job.weights_path
+        outcome.weights = job.weights_path
     return outcome
-
-
-COST_KEYS = (
-    "latency_ms", "latency_ms_p10", "latency_ms_p90", "macs", "macs_ptflops", "params", "params_deploy",
-    "peak_memory_mb", "profile_device", "latency_repeats",
-)
 
 
 def cached_cost(study: optuna.Study, config: dict[str, Any], device_name: str | None,
@@ -164,7 +155,7 @@ def _child_main(job: TrialJob, results: Any) -> None:
         raise SystemExit(1) from None
 
 
-def execute_isolated(job: TrialJob, poll_seconds: float = 1.0, target: Any = None) -> dict[str, Any]:
+def execute_isolated(job: TrialJob, poll_seconds: float = 1.0, target: Any = None) -> TrialOutcome:
     """Run ``execute_trial`` in a spawned child process; a crash becomes an outcome, not an exception.
 
     ``target(job, results)`` is the child's entry point (``_child_main``; tests pass crashing ones).
@@ -192,66 +183,7 @@ def execute_isolated(job: TrialJob, poll_seconds: float = 1.0, target: Any = Non
     if message is None:
         code = child.exitcode
         what = f"signal {-code}" if code is not None and code < 0 else f"exit code {code}"
-        return {"status": "crashed", "reason": f"trial process died ({what})", "values": None, "metrics": {},
-                "seconds": {}, "steps_done": 0, "constraints": {}}
+        return TrialOutcome.failed("crashed", f"trial process died ({what})", started=True)
     if message[0] == "error":
-        return {"status": "error", "reason": message[1], "traceback": message[2], "values": None, "metrics": {},
-                "seconds": {}, "steps_done": 0, "constraints": {}}
+        return TrialOutcome.failed("error", message[1], traceback=message[2], started=True)
     return message[1]
-
-
-class _Heartbeat:
-    """Refreshes the trial's ``heartbeat`` user attribute while it runs (see module docstring)."""
-
-    def __init__(self, study: optuna.Study, trial_id: int) -> None:
-        self.study, self.trial_id = study, trial_id
-        self.stop = threading.Event()
-        self.thread = threading.Thread(target=self._run, daemon=True)
-
-    def _run(self) -> None:
-        while not self.stop.wait(HEARTBEAT_SECONDS):
-            with contextlib.suppress(Exception):
-                self.study._storage.set_trial_user_attr(self.trial_id, "heartbeat", time.time())
-
-    def __enter__(self) -> _Heartbeat:
-        from ehrsr.search.liveness import current_worker
-
-        # who runs it: a worker on the same host fails the trial at once if this process dies
-        self.study._storage.set_trial_user_attr(self.trial_id, "worker", current_worker().to_dict())
-        self.study._storage.set_trial_user_attr(self.trial_id, "heartbeat", time.time())
-        self.thread.start()
-        return self
-
-    def __exit__(self, *exc: Any) -> None:
-        self.stop.set()
-        self.thread.join(timeout=5)
-
-
-def fail_stale_trials(study: optuna.Study, now: float | None = None) -> list[int]:
-    """Mark RUNNING trials whose heartbeat is older than ``STALE_SECONDS`` failed, or at once when
-    their worker is provably dead on this host (``liveness.worker_gone``); return their numbers."""
-    from ehrsr.search.liveness import worker_gone
-
-    now = time.time() if now is None else now
-    failed = []
-    for frozen in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
-        beat = frozen.user_attrs.get("heartbeat")
-        if beat is None:
-            # killed between ask() and its first heartbeat: its start is its last sign of life
-            if frozen.datetime_start is None:
-                continue
-            beat = frozen.datetime_start.timestamp()
-        gone = worker_gone(frozen.user_attrs.get("worker"))
-        if now - float(beat) < STALE_SECONDS and not gone:
-            continue
-        storage = study._storage
-        start = frozen.datetime_start.timestamp() if frozen.datetime_start else float(beat)
-        with contextlib.suppress(Exception):
-            storage.set_trial_user_attr(frozen._trial_id, "status", "crashed")
-            storage.set_trial_user_attr(frozen._trial_id, "reason", "its worker process ended (gone from this host)"
-                                        if gone else "its worker stopped (no heartbeat)")
-            n_dev = int(frozen.user_attrs.get("n_devices", 1))
-            storage.set_trial_user_attr(frozen._trial_id, "charged_seconds", max(0.0, float(beat) - start) * n_dev)
-            storage.set_trial_state_values(frozen._trial_id, state=TrialState.FAIL)
-            failed.append(frozen.number)
-    return failed

@@ -1,0 +1,183 @@
+"""The whole job, in the order the data flows: search -> controlled ablation -> deployment picks
+-> report (docs/architecture.md, "Layout").
+
+``run_search.py`` (``ehrsr.cli``) calls these functions; nothing below this module imports it,
+so the search never depends on the ablation, the deployment or the reports. Each step after the
+search reads the study from storage: a failure there is reported and never loses a trial.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import optuna
+
+from ehrsr.ablation import AblationError, AblationResult, run_controlled_ablation
+from ehrsr.deploy import (
+    DeploymentError,
+    DeploymentPick,
+    DeviceProfileError,
+    load_device_profiles,
+    pick_deployment,
+    profiles_for_device,
+)
+from ehrsr.reports import write_report, write_trials_csv
+from ehrsr.search.driver import SearchLog, SearchSummary, print_summary, run_search
+from ehrsr.search.storage import open_storage
+from ehrsr.search.study import (
+    ContextSpec,
+    PreparedStudy,
+    SearchError,
+    SearchSettings,
+    build_context,
+    load_study,
+)
+
+__all__ = [
+    "ablation_budget_seconds",
+    "deploy_study",
+    "report_study",
+    "run_ablation",
+    "run_pipeline",
+    "write_trials_table",
+]
+
+
+def write_trials_table(study: optuna.Study, study_dir: Path) -> None:
+    """``trials.csv`` after every trial (the search's ``after_trial`` hook); a full disk must not
+    stop the search."""
+    with contextlib.suppress(OSError):
+        write_trials_csv(study, study_dir / "trials.csv")
+
+
+def run_pipeline(settings: SearchSettings) -> SearchSummary:
+    """``run_search.py``: the search, then (unless ``--no-report`` or Ctrl-C) the controlled
+    ablation on its share of the budget and the deployment picks for the device profiles
+    matching this machine, then the report; prints the summary and returns it."""
+    log = SearchLog(settings.verbosity)
+    summary = run_search(settings, log=log, after_trial=write_trials_table)
+    prepared = summary.prepared
+    assert prepared is not None  # run_search always sets it
+    study = optuna.load_study(study_name=summary.study_name, storage=open_storage(prepared.storage_url))
+    write_trials_table(study, prepared.study_dir)
+    if settings.write_reports and not summary.interrupted:
+        try:
+            summary.ablation = _after_search(study, prepared, settings, log)
+        except Exception as exc:  # the search results are safe in the storage; say what went wrong
+            log(f"warning: ablation / deployment step failed: {type(exc).__name__}: {exc}")
+    if settings.write_reports:
+        try:
+            summary.report = write_report(study, prepared.study_dir, quiet=settings.verbosity == 0)
+        except Exception as exc:  # a report problem must not hide the search results
+            log(f"warning: could not write the report: {type(exc).__name__}: {exc}")
+    print_summary(summary, prepared.objectives, log)
+    return summary
+
+
+def _after_search(study: optuna.Study, prepared: PreparedStudy, settings: SearchSettings, log: SearchLog) -> str | None:
+    """The controlled ablation on its reserved budget, then deployment picks for the device
+    profiles that match this machine. Problems are reported, never fatal. Returns a line on the
+    ablation for the summary."""
+    if not study.best_trials:
+        log("no finished feasible trial: no controlled ablation and no deployment pick")
+        return None
+    ablation_line = None
+    if settings.ablation_share > 0:
+        seconds = ablation_budget_seconds(prepared.budget, study, settings.ablation_share)
+        log(f"controlled ablation: up to {seconds / 60:.1f} device-minutes ({settings.ablation_share:.0%} of the budget)")
+        try:
+            result = run_ablation(
+                study.study_name, prepared.storage_url, settings.out_dir, device=str(prepared.device),
+                reference=None, seeds=settings.ablation_seeds, budget_seconds=seconds,
+                lpips_weights=settings.lpips_weights, verbosity=settings.verbosity,
+            )
+            ablation_line = (
+                f"trial #{result.reference_trial}: {result.runs_run + result.runs_skipped} of {result.runs_planned} "
+                f"runs, {result.seconds_spent / 60:.3g} device-minutes"
+            )
+            log(f"controlled ablation of {ablation_line}" + (f" ({result.stopped})" if result.stopped else ""))
+        except AblationError as exc:
+            log(f"controlled ablation skipped: {exc}")
+    try:
+        profiles = load_device_profiles()
+    except DeviceProfileError as exc:
+        log(f"deployment picks skipped: {exc}")
+        return ablation_line
+    for name in profiles_for_device(profiles, prepared.device.type):
+        try:
+            pick = pick_deployment(study, name, prepared.study_dir, weights_root=prepared.study_dir,
+                                   progress=settings.verbosity >= 2)
+            log(f"deployment pick for {name}: trial #{pick.trial} ({pick.json_path})")
+        except (DeploymentError, DeviceProfileError) as exc:
+            log(f"deployment pick for {name}: none ({exc})")
+    return ablation_line
+
+
+def ablation_budget_seconds(budget: Any, study: optuna.Study, share: float) -> float:
+    """Device-seconds kept for the controlled ablation: ``share`` of the time budget; for a
+    trials-only budget, the same proportion of what the search itself spent."""
+    time_limits = [limit.seconds for limit in budget.limits if limit.seconds is not None]
+    if time_limits:
+        return share * min(time_limits)
+    spent = budget.spent(study).total_seconds
+    return spent * share / (1 - share)
+
+
+def run_ablation(
+    study_name: str,
+    storage: str | None,
+    out_dir: Path,
+    *,
+    device: str | None,
+    reference: int | None,
+    seeds: int,
+    budget_seconds: float | None,
+    lpips_weights: str | None,
+    verbosity: int = 1,
+) -> AblationResult:
+    """``run_search.py ablate``: rebuild the study's run context here, run the controlled
+    ablation and rewrite the report."""
+    study, _, study_dir = load_study(study_name, storage, out_dir)
+    if "context" not in study.user_attrs:
+        raise SearchError(f"study {study_name!r} was not written by run_search.py (no stored context)")
+    spec = ContextSpec.from_dict(study.user_attrs["context"])
+    run_device = SearchSettings(device=device).resolved_device()
+    ctx = build_context(spec, run_device, lpips_weights=lpips_weights, progress=verbosity >= 2)
+    result = run_controlled_ablation(study, ctx, reference=reference, seeds=seeds, budget_seconds=budget_seconds,
+                                     progress=verbosity >= 1)
+    write_report(study, study_dir, quiet=True)
+    return result
+
+
+def deploy_study(
+    study_name: str,
+    storage: str | None,
+    out_dir: Path,
+    profiles: Sequence[str],
+    *,
+    onnx: bool = False,
+    devices_path: str | None = None,
+    progress: bool = True,
+    on_pick: Callable[[str, DeploymentPick], None] | None = None,
+) -> list[DeploymentPick]:
+    """``run_search.py deploy``: a pick per device profile (re-profiled here; ``on_pick`` is told
+    of each as it is made), then the report."""
+    study, _, study_dir = load_study(study_name, storage, out_dir)
+    picks = []
+    for name in profiles:
+        pick = pick_deployment(study, name, study_dir, weights_root=study_dir, onnx=onnx, devices_path=devices_path,
+                               progress=progress)
+        picks.append(pick)
+        if on_pick is not None:
+            on_pick(name, pick)
+    write_report(study, study_dir, quiet=True)
+    return picks
+
+
+def report_study(study_name: str, storage: str | None, out_dir: Path, *, quiet: bool = False) -> Path:
+    """``run_search.py report``: regenerate ``<out_dir>/<study>/`` from the storage alone."""
+    study, _, study_dir = load_study(study_name, storage, out_dir)
+    return write_report(study, study_dir, quiet=quiet)

@@ -1,0 +1,185 @@
+"""The one path that records a run's outcome in a study: search trials and ablation runs alike.
+
+A run (a search trial or a controlled-ablation run) ends in a ``TrialOutcome``; ``record_outcome``
+writes it to the trial's user attributes (docs/study_schema.md), charges the budget (a refused
+run costs nothing; any other is charged its wall time times its devices) and tells Optuna
+(COMPLETE with its values, PRUNED, or FAIL with ``status`` / ``reason``).
+
+A running trial refreshes a ``heartbeat`` user attribute every ``HEARTBEAT_SECONDS``
+(``Heartbeat``); ``fail_stale_trials`` marks a RUNNING trial whose heartbeat (or start, when it
+never beat) is older than ``STALE_SECONDS`` failed ("crashed"), charged from its start to its last
+sign of life: the one rule for a worker or an ablation process that died.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import os
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import optuna
+from optuna.trial import TrialState
+
+from ehrsr.search.budget import ATTR_N_DEVICES, record_charge, record_refused
+from ehrsr.study_schema import study_storage
+
+__all__ = [
+    "HEARTBEAT_SECONDS",
+    "STALE_SECONDS",
+    "Heartbeat",
+    "TrialOutcome",
+    "fail_stale_trials",
+    "record_outcome",
+]
+
+STALE_SECONDS = 300.0  # a running trial silent this long belongs to a dead process
+HEARTBEAT_SECONDS = 30.0
+
+# runner statuses as the study stores them (the runner once called a pruned run "stopped")
+_STORED_STATUS = {"stopped": "pruned"}
+
+
+@dataclass
+class TrialOutcome:
+    """How a run ended, picklable so it can come back from a child process.
+
+    ``status``: complete, pruned, refused (before training: costs nothing), diverged, oom, error,
+    crashed or interrupted. ``values``: the objective values (complete runs).
+    """
+
+    status: str
+    reason: str | None = None
+    values: list[float] | None = None
+    # None: not recorded (the run never started: refused before training, interrupted, ...)
+    metrics: dict[str, Any] | None = None
+    seconds: dict[str, Any] | None = None
+    steps_done: int | None = None
+    constraints: dict[str, float] = field(default_factory=dict)
+    weights: str | None = None  # path of the saved weights (complete search trials)
+    traceback: str | None = None  # a child process's traceback (``error``)
+
+    def __post_init__(self) -> None:
+        self.status = _STORED_STATUS.get(self.status, self.status)
+
+    @classmethod
+    def failed(cls, status: str, reason: str, traceback: str | None = None, *, started: bool = False) -> TrialOutcome:
+        """A run that produced nothing; ``started``: it was launched (empty metrics are recorded)."""
+        if started:
+            return cls(status=status, reason=reason, traceback=traceback, metrics={}, seconds={}, steps_done=0)
+        return cls(status=status, reason=reason, traceback=traceback)
+
+
+def record_outcome(
+    study: optuna.Study,
+    trial: optuna.Trial,
+    outcome: TrialOutcome,
+    *,
+    wall_seconds: float | None = None,
+    weights_root: Path | None = None,
+) -> TrialOutcome:
+    """Write ``outcome`` to ``trial``, charge it and tell Optuna; returns the outcome as stored.
+
+    ``wall_seconds``: the run's wall time, charged times its devices (None: Optuna's start-to-end
+    time is charged); a ``refused`` outcome is never charged. ``weights_root``: stored weight
+    paths are made relative to it (the study folder). A ``complete`` outcome whose values do not
+    match the study's objectives (count or finiteness) is stored as an ``error``.
+    """
+    if outcome.status == "refused":
+        record_refused(trial, outcome.reason or "refused")
+    elif wall_seconds is not None:
+        record_charge(trial, wall_seconds)
+    values = list(outcome.values or [])
+    if outcome.status == "complete" and not (
+        len(values) == len(study.directions) and all(map(math.isfinite, values))
+    ):
+        outcome = TrialOutcome(
+            **{**outcome.__dict__, "status": "error",
+               "reason": f"the run returned {len(values)} finite objective values for "
+                         f"{len(study.directions)} objectives"}
+        )
+    if outcome.metrics is not None:
+        trial.set_user_attr("metrics", dict(outcome.metrics))
+    if outcome.seconds is not None:
+        trial.set_user_attr("seconds", dict(outcome.seconds))
+    if outcome.steps_done is not None:
+        trial.set_user_attr("steps_done", int(outcome.steps_done))
+    if outcome.weights:
+        weights = os.path.relpath(outcome.weights, weights_root) if weights_root is not None else outcome.weights
+        trial.set_user_attr("weights", weights)
+    for key, value in outcome.constraints.items():
+        trial.set_constraint(key, value)
+    trial.set_user_attr("status", outcome.status)
+    if outcome.reason:
+        trial.set_user_attr("reason", str(outcome.reason)[:2000])
+    if outcome.status == "complete":
+        study.tell(trial, values)
+    elif outcome.status == "pruned":
+        study.tell(trial, state=TrialState.PRUNED)
+    else:
+        study.tell(trial, state=TrialState.FAIL)
+    return outcome
+
+
+class Heartbeat:
+    """Refreshes the trial's ``heartbeat`` user attribute while it runs (see module docstring)."""
+
+    def __init__(self, study: optuna.Study, trial_id: int) -> None:
+        self.study, self.trial_id = study, trial_id
+        self.stop = threading.Event()
+        self.thread = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self) -> None:
+        while not self.stop.wait(HEARTBEAT_SECONDS):
+            with contextlib.suppress(Exception):
+                study_storage(self.study).set_trial_user_attr(self.trial_id, "heartbeat", time.time())
+
+    def __enter__(self) -> Heartbeat:
+        from ehrsr.search.liveness import current_worker
+
+        # who runs it: a worker on the same host fails the trial at once if this process dies
+        study_storage(self.study).set_trial_user_attr(self.trial_id, "worker", current_worker().to_dict())
+        study_storage(self.study).set_trial_user_attr(self.trial_id, "heartbeat", time.time())
+        self.thread.start()
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.stop.set()
+        self.thread.join(timeout=5)
+
+
+def fail_stale_trials(study: optuna.Study, now: float | None = None) -> list[int]:
+    """Mark RUNNING trials failed ("crashed") whose heartbeat is older than ``STALE_SECONDS``, or at
+    once when their worker is provably dead on this host (``liveness.worker_gone``), charged from
+    their start to their last sign of life; return their numbers."""
+    from ehrsr.search.liveness import worker_gone
+
+    now = time.time() if now is None else now
+    failed = []
+    storage = study_storage(study)
+    for frozen in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
+        beat = frozen.user_attrs.get("heartbeat")
+        if beat is None:
+            # killed between ask() and its first heartbeat: its start is its last sign of life
+            if frozen.datetime_start is None:
+                continue
+            beat = frozen.datetime_start.timestamp()
+        gone = worker_gone(frozen.user_attrs.get("worker"))
+        if now - float(beat) < STALE_SECONDS and not gone:
+            continue
+        start = frozen.datetime_start.timestamp() if frozen.datetime_start else float(beat)
+        with contextlib.suppress(Exception):
+            storage.set_trial_user_attr(frozen._trial_id, "status", "crashed")
+            storage.set_trial_user_attr(
+                frozen._trial_id, "reason",
+                "its worker process ended (gone from this host)" if gone else "its process stopped (no heartbeat)",
+            )
+            n_dev = int(frozen.user_attrs.get(ATTR_N_DEVICES, 1))
+            storage.set_trial_user_attr(frozen._trial_id, "charged_seconds", max(0.0, float(beat) - start) * n_dev)
+            storage.set_trial_state_values(frozen._trial_id, state=TrialState.FAIL)
+            failed.append(frozen.number)
+    return failed

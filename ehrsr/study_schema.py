@@ -1,0 +1,436 @@
+"""What a study stores, named in one place (``docs/study_schema.md``).
+
+The search writes, and the ablation, the deployment picks and the reports read, an Optuna study
+whose user attributes follow ``docs/study_schema.md``. This module is the only place that spells
+those names: the objectives (name, metric key, direction, label, unit, quality or cost), the
+metric keys and the cost / quality key lists, the metric labels and number formats (engineering
+units: K, M, G, T as MACs and parameter counts are quoted), the measuring conventions text, the
+ablation study name rule, and ``StudyInfo``, the typed reading of a study's attributes.
+Everything else imports these names.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from collections.abc import Sequence
+from dataclasses import dataclass, field, replace
+from typing import Any, Literal
+
+import optuna
+from optuna.study import StudyDirection
+from optuna.trial import FrozenTrial, TrialState
+
+__all__ = [
+    "COST_KEYS",
+    "COST_METRICS",
+    "COST_TABLE_ORDER",
+    "DASH",
+    "DEFAULT_OBJECTIVES",
+    "METRIC_KEYS",
+    "OBJECTIVES",
+    "PICK_MEASURED_KEYS",
+    "QUALITY_METRICS",
+    "STUDY_ATTRS",
+    "TRIAL_ATTRS",
+    "Objective",
+    "StudyInfo",
+    "ablation_study_name",
+    "conventions",
+    "finite",
+    "format_metric",
+    "format_si",
+    "is_count",
+    "is_feasible",
+    "load_ablation_study",
+    "metric_header",
+    "metric_info",
+    "metric_label",
+    "objective_values",
+    "parse_si",
+    "study_storage",
+    "trial_status",
+]
+
+# ---------------------------------------------------------------------------------------------
+# attribute names (docs/study_schema.md)
+
+STUDY_ATTRS: tuple[str, ...] = (
+    "ehrsr_version", "objectives", "space", "task", "data", "device", "profile", "budget", "limits",
+    "conventions", "early_stopping", "ablation_share", "ablation_seeds", "seed", "sampler", "context",
+    "baseline",
+)
+"""Keys of ``study.user_attrs`` written by the search."""
+
+TRIAL_ATTRS: tuple[str, ...] = (
+    "status", "reason", "config", "train", "metrics", "seconds", "steps_done", "weights", "device_name",
+    "cost_from_trial", "heartbeat", "device_kind", "n_devices", "charged_seconds", "reference",
+    # ablation runs only
+    "variant", "kind", "module", "seed", "reference_trial",
+)
+"""Keys of ``trial.user_attrs`` (plus ``rung_<i>``, one per MO-ASHA rung reached)."""
+
+
+# ---------------------------------------------------------------------------------------------
+# objectives and metric keys
+
+
+@dataclass(frozen=True)
+class Objective:
+    """One objective: what the user types, the metric it reads, and which way is better."""
+
+    name: str  # what the user types: --objectives psnr,latency; stored in the study
+    metric_key: str  # key in a trial's ``metrics`` user attribute
+    direction: Literal["maximize", "minimize"]
+    label: str  # axis / column label ("PSNR", "latency")
+    unit: str  # "" when unitless
+    kind: Literal["quality", "cost"]
+
+    @property
+    def maximize(self) -> bool:
+        return self.direction == "maximize"
+
+    def is_better(self, a: float, b: float) -> bool:
+        """``a`` strictly better than ``b`` in this objective's direction."""
+        return a > b if self.maximize else a < b
+
+
+OBJECTIVES: dict[str, Objective] = {
+    o.name: o
+    for o in (
+        Objective("psnr", "psnr", "maximize", "PSNR", "dB", "quality"),
+        Objective("ssim", "ssim", "maximize", "SSIM", "", "quality"),
+        Objective("lpips", "lpips", "minimize", "LPIPS", "", "quality"),
+        Objective("latency", "latency_ms", "minimize", "latency", "ms", "cost"),
+        Objective("macs", "macs", "minimize", "MACs", "", "cost"),
+        Objective("params", "params_deploy", "minimize", "parameters (deploy)", "", "cost"),
+        Objective("memory", "peak_memory_mb", "minimize", "peak memory", "MiB", "cost"),
+    )
+}
+DEFAULT_OBJECTIVES: tuple[str, ...] = ("psnr", "latency")
+
+METRIC_KEYS: tuple[str, ...] = (
+    "psnr",
+    "ssim",
+    "lpips",
+    "latency_ms",
+    "latency_ms_p10",
+    "latency_ms_p90",
+    "latency_repeats",
+    "macs",
+    "macs_ptflops",
+    "params",
+    "params_deploy",
+    "peak_memory_mb",
+)
+"""Keys of ``trial.user_attrs["metrics"]`` (docs/study_schema.md), in table order."""
+
+QUALITY_METRICS: tuple[str, ...] = tuple(o.metric_key for o in OBJECTIVES.values() if o.kind == "quality")
+"""Metric keys that measure restoration quality (psnr, ssim, lpips: the y axes of the plots)."""
+
+COST_METRICS: tuple[str, ...] = tuple(o.metric_key for o in OBJECTIVES.values() if o.kind == "cost")
+"""Metric keys that measure cost (latency_ms, macs, params_deploy, peak_memory_mb: the x axes)."""
+
+COST_KEYS: tuple[str, ...] = (
+    "latency_ms", "latency_ms_p10", "latency_ms_p90", "macs", "macs_ptflops", "params", "params_deploy",
+    "peak_memory_mb", "profile_device", "latency_repeats",
+)
+"""Every metric the profiler writes (a configuration's cost, reusable across trials of one device);
+all but the last must be present for a stored cost to be reused."""
+
+
+PICK_MEASURED_KEYS: tuple[str, ...] = (
+    "latency_ms", "latency_ms_p10", "latency_ms_p90", "peak_memory_mb", "params", "params_deploy",
+    "macs", "device", "dtype", "threads", "warmup", "repeats", "input_shape", "memory_method",
+)
+"""What a deployment pick records of its measurement on the device (``deploy/<profile>.json``
+``measured``): the costs and where and how they were measured."""
+
+
+def metric_info(metric_key: str) -> Objective:
+    """The ``OBJECTIVES`` entry that reads ``metric_key`` (every metric we plot is an objective)."""
+    for objective in OBJECTIVES.values():
+        if objective.metric_key == metric_key:
+            return objective
+    known = ", ".join(o.metric_key for o in OBJECTIVES.values())
+    raise ValueError(f"no objective reads metric {metric_key!r}; known metric keys: {known}")
+
+
+# ---------------------------------------------------------------------------------------------
+# labels and number formats
+
+# metric key -> (table header, decimals for fixed formats; None = engineering units)
+_METRIC_FORMAT: dict[str, tuple[str, int | None]] = {
+    "psnr": ("PSNR (dB)", 2),
+    "ssim": ("SSIM", 4),
+    "lpips": ("LPIPS", 4),
+    "latency_ms": ("latency (ms)", 2),
+    "macs": ("MACs", None),
+    "params_deploy": ("params", None),
+    "params": ("params (train)", None),
+    "peak_memory_mb": ("memory (MiB)", 1),
+}
+
+DASH = "—"  # a missing number in a table
+
+COST_TABLE_ORDER: tuple[str, ...] = ("macs", "params_deploy", "latency_ms", "peak_memory_mb")
+"""``COST_METRICS`` in the column order of the ablation tables (counts first, then measurements)."""
+
+
+def is_count(key: str) -> bool:
+    """Whether a metric is a count quoted in engineering units (MACs, parameters)."""
+    return key in _METRIC_FORMAT and _METRIC_FORMAT[key][1] is None
+
+_SI_FACTORS: tuple[tuple[float, str], ...] = ((1e12, "T"), (1e9, "G"), (1e6, "M"), (1e3, "K"))
+_SI_PARSE: dict[str, float] = {"": 1.0, "k": 1e3, "K": 1e3, "m": 1e6, "M": 1e6, "g": 1e9, "G": 1e9,
+                               "t": 1e12, "T": 1e12}
+
+
+def format_si(value: float, *, signed: bool = False, spec: str = ".3g") -> str:
+    """1234567 -> '1.23M' (K, M, G, T: powers of 1000, as MACs and parameter counts are quoted);
+    ``signed``: a '+' before positive values; ``spec``: the format of the mantissa."""
+    sign = "+" if signed and value > 0 else ("-" if value < 0 else "")
+    magnitude = abs(float(value))
+    for factor, suffix in _SI_FACTORS:
+        if magnitude >= factor:
+            return f"{sign}{magnitude / factor:{spec}}{suffix}"
+    if magnitude == int(magnitude) and spec == ".3g":
+        return f"{sign}{int(magnitude)}"
+    return f"{sign}{magnitude:{spec}}"
+
+
+def parse_si(text: str) -> float:
+    """``1.5M`` -> 1.5e6, ``900k`` -> 9e5, ``2G`` -> 2e9, plain numbers as they are (the inverse of
+    ``format_si``); ``ValueError`` for anything else."""
+    match = re.fullmatch(r"\s*([0-9]*\.?[0-9]+(?:[eE][-+]?[0-9]+)?)\s*([kKmMgGtT]?)\s*", str(text))
+    if not match:
+        raise ValueError(f"{text!r} is not a number (examples: 500000, 1.5M, 2G)")
+    return float(match[1]) * _SI_PARSE[match[2]]
+
+
+def format_metric(key: str, value: Any, *, signed: bool = False, std: Any = None) -> str:
+    """A metric value as text (``signed``: with a + for positive deltas; ``std``: '± std')."""
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return DASH
+    value = float(value)
+    _, decimals = _METRIC_FORMAT.get(key, (key, 3))
+    if decimals is not None and round(value, decimals) == 0:
+        value = 0.0  # no "-0.00" for a tiny negative difference
+    if decimals is None:
+        text = format_si(value, signed=signed)
+    else:
+        text = f"{value:+.{decimals}f}" if signed else f"{value:.{decimals}f}"
+    if std is not None and not (isinstance(std, float) and math.isnan(std)):
+        std_text = format_si(float(std)) if decimals is None else f"{float(std):.{decimals}f}"
+        text = f"{text} ± {std_text}"
+    return text
+
+
+def metric_header(key: str) -> str:
+    """Table column header of a metric, with its unit."""
+    return _METRIC_FORMAT.get(key, (key, 3))[0]
+
+
+def metric_label(key: str) -> str:
+    """Short label of a metric with its unit, e.g. 'PSNR (dB)', used in prose."""
+    info = metric_info(key)
+    return f"{info.label} ({info.unit})" if info.unit else info.label
+
+
+# ---------------------------------------------------------------------------------------------
+# conventions
+
+
+def conventions(
+    *, profile_shape: Sequence[int], crop_border: int, profile_dtype: str, device_name: str,
+    profile_seconds: float | None,
+) -> dict[str, str]:
+    """The measuring conventions a study states (``user_attrs["conventions"]``), one line a metric."""
+    shape = "x".join(str(s) for s in profile_shape)
+    y = f"Y channel (ITU-R BT.601, MATLAB rgb2ycbcr), crop_border={crop_border}, uint8-rounded (BasicSR)"
+    return {
+        "psnr": f"PSNR on {y}",
+        "ssim": f"SSIM (11x11 Gaussian, sigma 1.5) on {y}",
+        "lpips": "LPIPS (AlexNet, v0.1) via pyiqa on RGB in [0, 1]",
+        "macs": macs_convention(shape),
+        "latency": f"median latency of the deploy form at {shape}, {profile_dtype}, on {device_name} "
+        f"(at least 5 timed passes, about {profile_seconds or 1.0:g} s of them, after warm-up)",
+        "memory": f"peak memory of one inference at {shape} on {device_name}",
+        "lr": "LR made by MATLAB-compatible bicubic (antialiased, a=-0.5) after cropping HR to a multiple of the scale",
+    }
+
+
+def macs_convention(shape_text: str) -> str:
+    return f"fvcore MACs (one multiply-add = 1) of the deploy form at {shape_text}"
+
+
+PSNR_CONVENTION_FALLBACK = "PSNR on the Y channel (BT.601), crop_border = scale, uint8-rounded images"
+"""What a report says of PSNR for a study that stored no conventions (written before they were)."""
+
+
+# ---------------------------------------------------------------------------------------------
+# studies
+
+def study_storage(study: optuna.Study) -> optuna.storages.BaseStorage:
+    """The storage a study lives in (Optuna has no public accessor; the ablation study and the
+    report need the same storage to find ``<study>-ablation``)."""
+    return study._storage
+
+
+def ablation_study_name(study_name: str) -> str:
+    """Name of the controlled-ablation study kept beside a search study (docs/study_schema.md)."""
+    return f"{study_name}-ablation"
+
+
+def load_ablation_study(study: optuna.Study) -> optuna.Study | None:
+    """The ``<study>-ablation`` study in the same storage, or None when it was never created."""
+    name = ablation_study_name(study.study_name)
+    storage = study_storage(study)
+    if name not in optuna.study.get_all_study_names(storage=storage):
+        return None
+    return optuna.load_study(study_name=name, storage=storage)
+
+
+@dataclass(frozen=True)
+class StudyInfo:
+    """What a report needs to know about a study besides its trials."""
+
+    name: str
+    objectives: tuple[Objective, ...]
+    attrs: dict[str, Any] = field(repr=False)  # study.user_attrs as stored
+
+    @classmethod
+    def from_study(cls, study: optuna.Study) -> StudyInfo:
+        """Read objectives from ``user_attrs["objectives"]`` (else ``metric_names``) and the
+        directions from ``study.directions``; unknown objective names raise ``ValueError``."""
+        attrs = dict(study.user_attrs)
+        directions = list(study.directions)
+        names = attrs.get("objectives") or study.metric_names
+        if not names:
+            raise ValueError(
+                f"study {study.study_name!r} names no objectives (neither user_attrs['objectives'] "
+                "nor metric_names is set); was it created by ehrsr's search?"
+            )
+        names = list(names)
+        if len(names) != len(directions):
+            raise ValueError(
+                f"study {study.study_name!r} lists {len(names)} objectives {names} but has "
+                f"{len(directions)} directions"
+            )
+        objectives = []
+        for name, direction in zip(names, directions):
+            if name not in OBJECTIVES:
+                raise ValueError(
+                    f"study {study.study_name!r} has objective {name!r}; known objectives: {', '.join(OBJECTIVES)}"
+                )
+            stored = "maximize" if direction == StudyDirection.MAXIMIZE else "minimize"
+            objectives.append(replace(OBJECTIVES[name], direction=stored))
+        return cls(study.study_name, tuple(objectives), attrs)
+
+    # -- what the study says about itself ---------------------------------------------------------
+    @property
+    def scale(self) -> int:
+        task = self.attrs.get("task") or {}
+        return int(task.get("scale", 4))
+
+    @property
+    def input_shape(self) -> tuple[int, ...]:
+        """Input shape the search profiled at (docs/study_schema.md ``profile.input_shape``)."""
+        profile = self.attrs.get("profile") or {}
+        return tuple(int(v) for v in profile.get("input_shape", (1, 3, 256, 256)))
+
+    @property
+    def device_name(self) -> str:
+        device = self.attrs.get("device") or {}
+        return str(device.get("name") or device.get("kind") or "unknown device")
+
+    @property
+    def device_kind(self) -> str:
+        device = self.attrs.get("device") or {}
+        return str(device.get("kind") or "unknown")
+
+    @property
+    def conventions(self) -> dict[str, str]:
+        return dict(self.attrs.get("conventions") or {})
+
+    @property
+    def limits(self) -> dict[str, float | None]:
+        return dict(self.attrs.get("limits") or {})
+
+    @property
+    def objective_names(self) -> tuple[str, ...]:
+        return tuple(o.name for o in self.objectives)
+
+    @property
+    def directions(self) -> tuple[str, ...]:
+        return tuple(o.direction for o in self.objectives)
+
+    @property
+    def quality_objective(self) -> Objective:
+        """The first quality objective of the study (PSNR by default); PSNR when the study
+        optimises only costs, as every trial measures it."""
+        for objective in self.objectives:
+            if objective.metric_key in QUALITY_METRICS:
+                return objective
+        return metric_info("psnr")
+
+    def shape_text(self) -> str:
+        return "x".join(str(v) for v in self.input_shape)
+
+    def axis_label(self, metric_key: str) -> str:
+        """Axis label naming the unit and where/at what size the number was measured."""
+        profile = self.attrs.get("profile") or {}
+        dtype = profile.get("dtype", "float32")
+        threads = profile.get("threads")
+        where = self.device_name
+        if self.device_kind == "cpu" and threads:
+            where += f", {threads} threads"
+        labels = {
+            "psnr": "PSNR (dB, Y channel)",
+            "ssim": "SSIM (Y channel)",
+            "lpips": "LPIPS (lower is better)",
+            "latency_ms": f"latency (ms, {where}, {dtype}, {self.shape_text()} input)",
+            "macs": f"MACs (fvcore, deploy form, {self.shape_text()} input)",
+            "params_deploy": "parameters (deploy form)",
+            "params": "parameters (training form)",
+            "peak_memory_mb": f"peak memory (MiB, {where}, {self.shape_text()} input)",
+        }
+        if metric_key in labels:
+            return labels[metric_key]
+        return metric_label(metric_key)
+
+
+# ---------------------------------------------------------------------------------------------
+# per-trial helpers
+
+
+def trial_status(trial: FrozenTrial) -> str:
+    """``user_attrs["status"]`` when the search recorded it, else derived from the state."""
+    status = trial.user_attrs.get("status")
+    if status:
+        return str(status)
+    return {
+        TrialState.COMPLETE: "complete",
+        TrialState.PRUNED: "pruned",
+        TrialState.RUNNING: "running",
+        TrialState.WAITING: "waiting",
+        TrialState.FAIL: "failed",
+    }[trial.state]
+
+
+def is_feasible(trial: FrozenTrial) -> bool:
+    """Optuna's rule: feasible when every recorded constraint value is <= 0 (none recorded: feasible)."""
+    return all(value <= 0.0 for value in trial.constraints.values())
+
+
+def finite(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def objective_values(trial: FrozenTrial, objectives: Sequence[Objective]) -> list[float] | None:
+    """The trial's objective values (COMPLETE trials), or None."""
+    if trial.state != TrialState.COMPLETE or trial.values is None:
+        return None
+    if len(trial.values) != len(objectives):
+        return None
+    return list(trial.values)
