@@ -156,12 +156,14 @@ def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
 
 def short_space(folder: Path) -> Path:
     """The ``full`` space with its fidelity cut to a few dozen steps, so 3 trials fit in minutes."""
-    text = (ROOT / "search_spaces" / "full.yaml").read_text()
+    from ehrsr.resources import space_file
+
+    text = space_file("full").read_text()
     for key, value in (("min_steps", "20"), ("max_steps", "60"), ("seconds_per_trial_estimate", "30"),
                        ("patch_size", "32"), ("batch_size", "8")):
         text, count = re.subn(rf"^(\s*{key}:)\s*[^#\n]+", rf"\g<1> {value}  ", text, count=1, flags=re.M)
         if count != 1:
-            raise ValueError(f"search_spaces/full.yaml has no '{key}:' line to shorten")
+            raise ValueError(f"ehrsr/search_spaces/full.yaml has no '{key}:' line to shorten")
     path = folder / "full_short.yaml"
     path.write_text(text)
     return path

@@ -373,7 +373,7 @@ def _report_text(
         out.append(
             "None yet. `run_search.py deploy --study-name "
             f"{info.name} --device-profile NAME` measures the Pareto trials on the machine it runs on "
-            "and picks the best one within the profile's limits (profiles: search_spaces/devices.yaml).\n\n"
+            "and picks the best one within the profile's limits (profiles: ehrsr/search_spaces/devices.yaml).\n\n"
         )
     else:
         headers = ["profile", "trial", "PSNR (dB)", "latency (ms)", "memory (MiB)", "params", "MACs", "measured on", "date"]
