@@ -437,7 +437,8 @@ def _run_one(
         metrics=dict(result.metrics or {}),
         seconds=dict(result.seconds or {}),
         steps_done=int(result.steps_done),
-        per_image=result.per_image if result.status == "complete" else None,
+        # RunResult.per_image; getattr: runner stand-ins written before it existed leave it out
+        per_image=getattr(result, "per_image", None) if result.status == "complete" else None,
     )
     outcome = record_outcome(ablation, trial, outcome, wall_seconds=_clock() - start)
     return outcome.status, (None if outcome.status == "complete" else outcome.reason)
