@@ -221,6 +221,7 @@ def test_auto_seeds_continue_only_for_undecided_variants_up_to_the_max(tmp_path)
     assert table.at["-wab", "n_paired"] == 2 and table.at["+moe", "n_paired"] == 2
     assert result.seed_plan is not None and result.seed_plan.at_max == ("-fsb",)
     assert result.seeds == [0, 1, 2, 3, 4, 5] and result.stopped is None
+    assert result.runs_run == result.runs_planned == 10 + 4 * 2 == len(runner.calls)
     loaded, plan = load_controlled_ablation(study)
     assert plan["seed_mode"] == "auto" and plan["seeds"] == [0, 1, 2, 3, 4, 5]
     assert loaded.set_index("variant").at["-fsb", "n_paired"] == 6

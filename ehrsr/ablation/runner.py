@@ -60,7 +60,7 @@ class AblationResult:
     reference_trial: int
     variants: list[Variant]
     seeds: list[int]
-    runs_planned: int  # (variant, seed) runs the table asks for
+    runs_planned: int  # (variant, seed) runs the table asks for (with auto: including the added seeds)
     runs_run: int  # run by this call
     runs_skipped: int  # already stored (resumed)
     stopped: str | None  # why runs were left out (budget), None when all are done
@@ -278,6 +278,7 @@ def run_controlled_ablation(
             )
             if not pairs:
                 break
+            state.extra_planned += len(pairs)
             within = run_all(pairs)
     finally:
         state.bar(None)
@@ -297,7 +298,7 @@ def run_controlled_ablation(
         reference_trial=ref_trial.number,
         variants=variants,
         seeds=seed_list,
-        runs_planned=len(planned),
+        runs_planned=len(planned) + state.extra_planned,
         runs_run=state.ran,
         runs_skipped=skipped,
         stopped=state.stopped,
@@ -311,6 +312,7 @@ def run_controlled_ablation(
 @dataclass
 class _Progress:
     ran: int = 0
+    extra_planned: int = 0  # runs added by --ablation-seeds auto rounds
     stopped: str | None = None
     bar: Callable[[str | None], None] = lambda label: None
 
