@@ -248,7 +248,7 @@ def run_controlled_ablation(
                     left = len(todo) - index
                     state.stopped = (
                         f"ablation budget of {budget_seconds:.0f} s reached: {spent:.0f} s spent, the next run "
-                        f"needs about {estimate:.0f} s (the most expensive so far); {left} run"
+                        f"needs about {estimate:.0f} s (the costliest run so far, or the reference trial before any); {left} run"
                         f"{'s' if left != 1 else ''} left out"
                     )
                     return False
