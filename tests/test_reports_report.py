@@ -149,7 +149,8 @@ def test_latex_tables_are_booktabs(full_report):
         columns = {line.count(" & ") for line in rows}
         assert len(columns) == 1  # every row has the header's columns
     controlled = (out / "ablation_controlled.tex").read_text()
-    assert r"$\pm$" in controlled and r"$\Delta$ PSNR (dB) [95\% CI] & verdict" in controlled
+    assert r"$\pm$" in controlled and r"$\Delta$ PSNR (dB) [95\% CI] & " in controlled
+    assert r"$\Delta$ LPIPS [95\% CI] & verdict & " in controlled
     csv = pd.read_csv(out / "ablation_controlled.csv")
     assert {"variant", "vs", "delta_psnr_mean", "delta_psnr_std", "delta_psnr_low", "delta_psnr_high", "verdict",
             "mde_psnr", "delta_latency_ms_mean"} <= set(csv.columns)
