@@ -51,6 +51,23 @@ def _positive_float(what: str):
     return parse
 
 
+def parse_ablation_seeds(text: str) -> int | str:
+    """``--ablation-seeds``: ``auto`` or a positive integer."""
+    if text.strip().lower() == "auto":
+        return "auto"
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"--ablation-seeds: {text!r} is neither 'auto' nor an integer") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"--ablation-seeds: must be 'auto' or a positive integer, got {text!r}")
+    return value
+
+
+_SEEDS_HELP = ("seeds per ablation variant: 'auto' (default: 2, then more, up to 6, for variants whose "
+               "interval still contains zero while the budget lasts) or a fixed number")
+
+
 def parse_size(text: str) -> tuple[int, int]:
     """``256`` or ``256x320`` (height x width of the LR input)."""
     match = re.fullmatch(r"\s*(\d+)\s*(?:[xX]\s*(\d+))?\s*", text)
@@ -120,7 +137,7 @@ def build_parser() -> dict[str, argparse.ArgumentParser]:
                         help="run each trial in a child process (default: on with CUDA)")
     search.add_argument("--ablation-share", type=float, default=0.15,
                         help="share of the budget kept for the controlled ablation (default 0.15; 0 = none)")
-    search.add_argument("--ablation-seeds", type=int, default=2)
+    search.add_argument("--ablation-seeds", type=parse_ablation_seeds, default="auto", help=_SEEDS_HELP)
     search.add_argument("--no-report", action="store_true", help="do not write reports at the end")
     _common(search)
 
@@ -129,7 +146,7 @@ def build_parser() -> dict[str, argparse.ArgumentParser]:
 
     ablate = _Parser(prog="run_search.py ablate", description="Run the controlled ablation of a finished search.")
     ablate.add_argument("--reference", type=int, help="trial number of the reference (default: the Pareto knee)")
-    ablate.add_argument("--ablation-seeds", type=int, default=2)
+    ablate.add_argument("--ablation-seeds", type=parse_ablation_seeds, default="auto", help=_SEEDS_HELP)
     ablate.add_argument("--budget", help="time for the ablation (hours=, minutes=); default: unlimited")
     ablate.add_argument("--device", help="cpu, cuda or cuda:N (default: cuda when present)")
     ablate.add_argument("--lpips-weights")

@@ -11,7 +11,7 @@ from __future__ import annotations
 import contextlib
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import optuna
 
@@ -133,7 +133,7 @@ def run_ablation(
     *,
     device: str | None,
     reference: int | None,
-    seeds: int,
+    seeds: int | Literal["auto"],
     budget_seconds: float | None,
     lpips_weights: str | None,
     verbosity: int = 1,

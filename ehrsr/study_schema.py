@@ -131,6 +131,11 @@ QUALITY_METRICS: tuple[str, ...] = tuple(o.metric_key for o in OBJECTIVES.values
 COST_METRICS: tuple[str, ...] = tuple(o.metric_key for o in OBJECTIVES.values() if o.kind == "cost")
 """Metric keys that measure cost (latency_ms, macs, params_deploy, peak_memory_mb: the x axes)."""
 
+PER_IMAGE_ATTR = "per_image"
+"""Trial user attribute holding the final evaluation's per-image quality of a finished run,
+``{image name: [psnr, ssim]}`` (``ehrsr.metrics.encode_per_image``; docs/study_schema.md). The
+controlled ablation pairs it over (seed, image) for its intervals (docs/statistics.md)."""
+
 COST_KEYS: tuple[str, ...] = (
     "latency_ms", "latency_ms_p10", "latency_ms_p90", "macs", "macs_ptflops", "params", "params_deploy",
     "peak_memory_mb", "profile_device", "latency_repeats",

@@ -88,6 +88,7 @@ class FakeResult:
     seconds: dict[str, float]
     steps_done: int
     model: Any = None
+    per_image: dict[str, list[float]] | None = None
 
 
 @dataclass
@@ -100,7 +101,7 @@ class FakeRunner:
     seconds_per_run: float = 10.0
     calls: list[tuple[EHRSRConfig, int, TrainSettings, int]] = field(default_factory=list)
 
-    def __call__(self, config, train, ctx, *, seed, on_rung=None):
+    def __call__(self, config, train, ctx, *, seed, on_rung=None, train_seconds=None):
         assert isinstance(train, TrainSettings)
         steps = train.steps
         self.calls.append((config, seed, train, steps))

@@ -46,6 +46,10 @@ def test_controlled_ablation_with_the_real_runner(tmp_path):
     statuses = {t.user_attrs["variant"]: t.user_attrs["status"] for t in ablation.trials}
     assert statuses == dict.fromkeys(["reference", "baseline", "-wab", "-fsb", "+moe"], "complete")
     assert all(t.user_attrs["steps_done"] == 6 for t in ablation.trials)
+    # each run stores its final per-image quality (one validation image: "0")
+    assert all(list(t.user_attrs["per_image"]) == ["0"] for t in ablation.trials)
+    assert all(t.user_attrs["per_image"]["0"][0] == pytest.approx(t.user_attrs["metrics"]["psnr"], abs=1e-4)
+               for t in ablation.trials)
     table = result.table.set_index("variant")
     configs = {v.name: v.config for v in result.variants}
     assert (table["n_complete"] == 1).all()
@@ -59,5 +63,7 @@ def test_controlled_ablation_with_the_real_runner(tmp_path):
 
         assert table.at[name, "delta_params_deploy_mean"] == count(configs[name]) - count(other)
     assert table.at["-wab", "delta_params_deploy_mean"] < 0 < table.at["+moe", "delta_params_deploy_mean"]
+    # one seed x one image: a delta but no interval and no verdict
+    assert table.at["-wab", "units_psnr"] == "1 x seed x image" and table.at["-wab", "verdict"] == "n/a"
     loaded, plan = load_controlled_ablation(study)
     assert plan["steps"] == 6 and list(loaded["variant"]) == list(result.table["variant"])

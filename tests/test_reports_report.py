@@ -133,6 +133,8 @@ def test_report_md_ties_everything_together(full_report):
     # controlled ablation: the reference row and a leave-one-out row
     controlled = text[text.index("## Controlled ablation") : text.index("## Deployment picks")]
     assert "| reference | —" in controlled and "| baseline | reference |" in controlled
+    # the verdict sentence and the minimum detectable effect (no per-image values here: per seed)
+    assert "Modules that help PSNR:" in controlled and "Minimum detectable PSNR effect" in controlled
 
 
 def test_latex_tables_are_booktabs(full_report):
@@ -147,9 +149,11 @@ def test_latex_tables_are_booktabs(full_report):
         columns = {line.count(" & ") for line in rows}
         assert len(columns) == 1  # every row has the header's columns
     controlled = (out / "ablation_controlled.tex").read_text()
-    assert r"$\pm$" in controlled and r"$\Delta$PSNR (dB)" in controlled
+    assert r"$\pm$" in controlled and r"$\Delta$ PSNR (dB) [95\% CI] & " in controlled
+    assert r"$\Delta$ LPIPS [95\% CI] & verdict & " in controlled
     csv = pd.read_csv(out / "ablation_controlled.csv")
-    assert {"variant", "vs", "delta_psnr_mean", "delta_psnr_std", "delta_latency_ms_mean"} <= set(csv.columns)
+    assert {"variant", "vs", "delta_psnr_mean", "delta_psnr_std", "delta_psnr_low", "delta_psnr_high", "verdict",
+            "mde_psnr", "delta_latency_ms_mean"} <= set(csv.columns)
 
 
 def test_report_of_a_study_with_no_finished_trial(tmp_path):

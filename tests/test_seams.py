@@ -27,6 +27,7 @@ from ehrsr.search.runner import (
     stale_train_settings,
 )
 from ehrsr.search.space import SearchSpace
+from ehrsr.study_schema import PER_IMAGE_ATTR
 from ehrsr.training import LOSSES, TrainSettings
 from tests.data_helpers import synthetic_image
 from tests.reports_study import study_attrs
@@ -183,6 +184,31 @@ def test_a_reference_trials_stored_settings_reach_every_ablation_run(ctx, monkey
     runs = optuna.load_study(study_name=result.study_name, storage=study._storage).get_trials()
     assert all(t.user_attrs["train"] == stored_train for t in runs)  # stored as the search stores it
     assert all(t.user_attrs["status"] == "complete" for t in runs)
+    # the final evaluation's per-image quality is stored with every run (one validation image here)
+    assert all(list(t.user_attrs[PER_IMAGE_ATTR]) == [ctx.val_set[0].name] for t in runs)
+    assert all(t.user_attrs[PER_IMAGE_ATTR][ctx.val_set[0].name][0] == pytest.approx(t.user_attrs["metrics"]["psnr"],
+                                                                                    abs=1e-4) for t in runs)
+
+
+def test_a_training_deadline_reaches_training_and_cuts_the_run_short(ctx, monkeypatch) -> None:
+    import ehrsr.training
+
+    seen: list[float | None] = []
+    original = ehrsr.training.train
+
+    def spy(*args: Any, seconds: float | None = None, **kwargs: Any) -> Any:
+        seen.append(seconds)
+        return original(*args, seconds=seconds, **kwargs)
+
+    monkeypatch.setattr(ehrsr.training, "train", spy)
+    space = SearchSpace.from_text(seam_yaml("l1"), name="seams")
+    sampled = space.config_from_params({"fsb.enabled": False}, scale=2)
+    result = run_configuration(sampled.config, sampled.train, ctx, seed=0, train_seconds=0.0)
+    assert seen == [0.0]
+    assert result.status == "cut_short" and result.steps_done == 1 < STEPS
+    assert "deadline" in result.reason and result.per_image is None and result.values is None
+    full = run_configuration(sampled.config, sampled.train, ctx, seed=0)
+    assert seen[-1] is None and full.status == "complete" and list(full.per_image) == [ctx.val_set[0].name]
 
 
 def test_an_unknown_stored_setting_is_an_ablation_error(tmp_path) -> None:

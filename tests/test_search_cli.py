@@ -94,6 +94,10 @@ def test_micro_search_records_everything_the_reports_need(tmp_path: Path) -> Non
         if t.state == TrialState.COMPLETE:
             assert set(t.user_attrs["seconds"]) >= {"train", "eval", "profile", "total"}
             assert t.user_attrs["charged_seconds"] > 0 and t.user_attrs["device_kind"] == "cpu"
+            # per-image quality of the final evaluation: the 18 built-in validation tiles
+            per_image = t.user_attrs["per_image"]
+            assert len(per_image) == 18
+            assert sum(p for p, _ in per_image.values()) / 18 == pytest.approx(t.user_attrs["metrics"]["psnr"], abs=1e-3)
         if t.state == TrialState.PRUNED:
             assert "MO-ASHA" in t.user_attrs["reason"]
             assert any(k.startswith("rung_") for k in t.user_attrs)

@@ -26,7 +26,7 @@ import optuna
 from optuna.trial import TrialState
 
 from ehrsr.search.budget import ATTR_N_DEVICES, record_charge, record_refused
-from ehrsr.study_schema import study_storage
+from ehrsr.study_schema import PER_IMAGE_ATTR, study_storage
 
 __all__ = [
     "HEARTBEAT_SECONDS",
@@ -49,7 +49,8 @@ class TrialOutcome:
     """How a run ended, picklable so it can come back from a child process.
 
     ``status``: complete, pruned, refused (before training: costs nothing), diverged, oom, error,
-    crashed or interrupted. ``values``: the objective values (complete runs).
+    crashed, interrupted or cut_short (training hit its deadline: an ablation run at the end of
+    its budget share). ``values``: the objective values (complete runs).
     """
 
     status: str
@@ -61,6 +62,8 @@ class TrialOutcome:
     steps_done: int | None = None
     constraints: dict[str, float] = field(default_factory=dict)
     weights: str | None = None  # path of the saved weights (complete search trials)
+    # final evaluation per image, {name: [psnr, ssim]} (``ehrsr.metrics.encode_per_image``); None: not evaluated
+    per_image: dict[str, list[float | None]] | None = None
     traceback: str | None = None  # a child process's traceback (``error``)
 
     def __post_init__(self) -> None:
@@ -108,6 +111,8 @@ def record_outcome(
         trial.set_user_attr("seconds", dict(outcome.seconds))
     if outcome.steps_done is not None:
         trial.set_user_attr("steps_done", int(outcome.steps_done))
+    if outcome.per_image:
+        trial.set_user_attr(PER_IMAGE_ATTR, dict(outcome.per_image))
     if outcome.weights:
         weights = os.path.relpath(outcome.weights, weights_root) if weights_root is not None else outcome.weights
         trial.set_user_attr("weights", weights)

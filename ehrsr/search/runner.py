@@ -112,7 +112,7 @@ class RunContext:
 
 @dataclass
 class RunResult:
-    status: str  # complete | pruned | refused | diverged | oom | error (pruned: stopped at a rung)
+    status: str  # complete | pruned | refused | diverged | oom | error | cut_short (pruned: stopped at a rung)
     reason: str | None = None
     metrics: dict[str, Any] = field(default_factory=dict)
     values: list[float] | None = None
@@ -120,6 +120,9 @@ class RunResult:
     steps_done: int = 0
     rungs: list[dict[str, Any]] = field(default_factory=list)
     model: nn.Module | None = None
+    # final evaluation per image, {name: [psnr, ssim]} (``ehrsr.metrics.encode_per_image``), stored
+    # by ``ehrsr.search.record.record_outcome`` as the trial's ``PER_IMAGE_ATTR``
+    per_image: dict[str, list[float | None]] | None = None
 
 
 def measure_cost(model: nn.Module, ctx: RunContext, mac_count: Any = None) -> dict[str, Any]:
@@ -153,7 +156,8 @@ def measure_cost(model: nn.Module, ctx: RunContext, mac_count: Any = None) -> di
 
 
 def _evaluate(model: nn.Module, ctx: RunContext, with_lpips: bool) -> dict[str, Any]:
-    from ehrsr.metrics import evaluate
+    """Mean quality (and ``eval_seconds``) plus ``per_image``, the compact per-image values."""
+    from ehrsr.metrics import encode_per_image, evaluate
 
     result = evaluate(
         model,
@@ -162,7 +166,8 @@ def _evaluate(model: nn.Module, ctx: RunContext, with_lpips: bool) -> dict[str, 
         device=ctx.device,
         lpips=ctx.lpips if with_lpips else None,
     )
-    return {"psnr": result.psnr, "ssim": result.ssim, "lpips": result.lpips, "eval_seconds": result.seconds}
+    return {"psnr": result.psnr, "ssim": result.ssim, "lpips": result.lpips, "eval_seconds": result.seconds,
+            "per_image": encode_per_image(result)}
 
 
 def run_configuration(
@@ -174,6 +179,7 @@ def run_configuration(
     rung_steps: Sequence[int] = (),
     on_rung: RungCallback | None = None,
     precomputed_cost: dict[str, Any] | None = None,
+    train_seconds: float | None = None,
 ) -> RunResult:
     """Train ``config`` with ``train`` (its ``steps``, evaluating at ``rung_steps``) and measure it.
 
@@ -183,7 +189,9 @@ def run_configuration(
     last rung). The final evaluation
     (at ``steps``) includes LPIPS when it is available. ``precomputed_cost`` (the cost metrics of
     ``measure_cost`` for this configuration on this device) skips counting and profiling; the
-    limits are still checked against it.
+    limits are still checked against it. ``train_seconds``: a deadline on the training itself
+    (``ehrsr.training.train``'s ``seconds``); a run that hits it is not evaluated and ends
+    ``cut_short`` (the controlled ablation keeps its budget share this way, docs/budget.md).
     """
     from ehrsr.profiling import count_macs
     from ehrsr.training import TrainingDiverged, TrainingOutOfMemory
@@ -217,19 +225,21 @@ def run_configuration(
 
     quality_needs_lpips = any(o.name == "lpips" for o in ctx.objectives)
     final: dict[str, Any] = {}
+    per_image: dict[str, Any] = {}
     rungs: list[dict[str, Any]] = []
     rung_list = sorted({s for s in rung_steps if 0 < s < steps})
 
     def on_eval(step: int, trained: nn.Module) -> bool:
         is_final = step >= steps
         quality = _evaluate(trained, ctx, with_lpips=is_final or quality_needs_lpips)
-        metrics = {**cost, **{k: v for k, v in quality.items() if k != "eval_seconds"}}
+        metrics = {**cost, **{k: v for k, v in quality.items() if k not in ("eval_seconds", "per_image")}}
         if not all(_finite(metrics.get(o.metric_key)) for o in ctx.objectives):
             missing = [o.name for o in ctx.objectives if not _finite(metrics.get(o.metric_key))]
             raise TrainingDiverged(step, f"objective {', '.join(missing)} is not a finite number")
         values = ctx.values(metrics)
         if is_final:
             final.update(metrics)
+            per_image.update(quality["per_image"])
             return True
         rungs.append({"step": step, "values": values, "metrics": jsonable_metrics(metrics)})
         if on_rung is not None:
@@ -247,6 +257,7 @@ def run_configuration(
             eval_steps=[*rung_list, steps],
             on_eval=on_eval,
             progress=ctx.progress,
+            seconds=train_seconds,
         )
     except TrainingDiverged as exc:
         seconds["total"] = time.perf_counter() - start
@@ -260,8 +271,13 @@ def run_configuration(
     if final:
         metrics = jsonable_metrics(final)
         return RunResult(
-            "complete", None, metrics, ctx.values(metrics), seconds, result.steps_done, rungs, model
+            "complete", None, metrics, ctx.values(metrics), seconds, result.steps_done, rungs, model,
+            per_image=dict(per_image),
         )
+    if result.stop_reason == "seconds":
+        reason = (f"cut short: training stopped at step {result.steps_done} of {steps} by its "
+                  f"{train_seconds:.3g} s deadline (not evaluated)")
+        return RunResult("cut_short", reason, jsonable_metrics(cost), None, seconds, result.steps_done, rungs, model)
     last = rungs[-1] if rungs else {"metrics": jsonable_metrics(cost), "values": None, "step": result.steps_done}
     reason = f"stopped at step {result.steps_done} ({result.stop_reason})"
     return RunResult("pruned", reason, last["metrics"], last["values"], seconds, result.steps_done, rungs, model)

@@ -14,7 +14,7 @@ import os
 import warnings
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import optuna
 import torch
@@ -81,7 +81,7 @@ class SearchSettings:
     early_stopping: bool = True
     isolate: bool | None = None  # None: child process per trial on CUDA only
     ablation_share: float = 0.15
-    ablation_seeds: int = 2
+    ablation_seeds: int | Literal["auto"] = "auto"  # seeds per ablation variant (docs/reports.md)
     write_reports: bool = True
     verbosity: int = 1  # 0 quiet, 1 normal, 2 verbose
 
@@ -276,6 +276,9 @@ def prepare_study(settings: SearchSettings, log: Any = print) -> PreparedStudy:
         raise SearchError(f"task: {exc}") from None
     if not 0 <= settings.ablation_share < 1:
         raise SearchError(f"--ablation-share must be in [0, 1), got {settings.ablation_share}")
+    seeds = settings.ablation_seeds
+    if seeds != "auto" and (isinstance(seeds, bool) or not isinstance(seeds, int) or seeds < 1):
+        raise SearchError(f"--ablation-seeds must be 'auto' or a positive integer, got {seeds!r}")
 
     study_name = settings.study_name or _default_study_name(space.name, task, settings.train_data, settings.val_data)
     study_dir = Path(settings.out_dir) / study_name

@@ -115,6 +115,7 @@ def execute_trial(job: TrialJob, ctx: RunContext | None = None, study: optuna.St
         metrics=jsonable_metrics(result.metrics),
         seconds=dict(result.seconds or {}),
         steps_done=int(result.steps_done),
+        per_image=result.per_image,
     )
     if result.metrics and "latency_ms" in result.metrics:
         outcome.constraints = ctx.limits.constraints(result.metrics)
