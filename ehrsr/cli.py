@@ -301,10 +301,24 @@ def _deploy(args: argparse.Namespace) -> int:
         latency = pick.measured.get("latency_ms")
         where = pick.measured.get("device", "this machine")
         print(f"{name}: trial #{pick.trial} ({quality}; {latency:.1f} ms on {where}) -> {pick.json_path}")
+        _say_latency_source(pick.json_path)
 
     deploy_study(args.study_name, args.storage, args.out_dir, args.device_profile, onnx=args.onnx,
                  devices_path=args.devices_file, progress=not args.quiet, on_pick=say)
     return 0
+
+
+def _say_latency_source(json_path: Path) -> None:
+    """Whether a pick's latencies were predicted, and on the device whether predictions agreed."""
+    import json
+
+    latency = json.loads(Path(json_path).read_text()).get("latency") or {}
+    if latency.get("mode") == "predicted":
+        print(f"  picked from predicted latencies: {latency['why']}")
+    elif "pick_changed" in latency:
+        changed = latency["pick_changed"]
+        print(f"  measured on the device; the pick from predictions (trial #{latency['pick_from_predictions']}) "
+              f"{'differs' if changed else 'is the same'}")
 
 
 def main(argv: list[str] | None = None) -> int:
