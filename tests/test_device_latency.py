@@ -275,9 +275,9 @@ def test_deploy_records_predicted_and_measured_side_by_side(tmp_path: Path) -> N
         assert candidate["latency_ms_predicted"] == pytest.approx(_predicted(space, config))
         assert candidate["latency_ms_measured"] is None
     # on the device (same hardware): measured again, both numbers kept, and whether the pick changed
-    from ehrsr.profiling.latency import _cpu_name
+    from ehrsr.profiling.latency import cpu_name
 
-    data["device"]["hardware"] = _cpu_name()
+    data["device"]["hardware"] = cpu_name()
     (tmp_path / "models" / "edge-test.json").write_text(json.dumps(data))
     assert main(["deploy", "--study-name", "dep", "--out-dir", str(tmp_path / "reports"), "--device-profile",
                  "edge-test", "--devices-file", str(devices), "--quiet"]) == 0

@@ -31,11 +31,11 @@ class _StoredSpace:
 
 def this_hardware(kind: str) -> str | None:
     """The CPU model, or the GPU name (None without CUDA), as latency model files record it."""
-    from ehrsr.profiling.latency import _cpu_name
+    from ehrsr.profiling.latency import cpu_name
 
     if kind == "cuda":
         return torch.cuda.get_device_name() if torch.cuda.is_available() else None
-    return _cpu_name()
+    return cpu_name()
 
 
 @dataclass(frozen=True)
