@@ -120,7 +120,7 @@ def test_search_with_predicted_latency_objective_and_limit(tmp_path: Path) -> No
 def test_missing_unit_falls_back_to_measuring_here(tmp_path: Path) -> None:
     space = load_space(MICRO)
     devices = _devices_file(tmp_path, space, drop="fsb(")
-    code = main([*_search_args(tmp_path, devices, "fb"), "--budget", "trials=6", "--sampler", "random",
+    code = main([*_search_args(tmp_path, devices, "fb"), "--budget", "trials=4", "--sampler", "random",
                  "--objectives", "psnr,latency,latency@edge-test"])
     assert code == 0
     study = _study(tmp_path / "reports", "fb")
@@ -136,8 +136,9 @@ def test_missing_unit_falls_back_to_measuring_here(tmp_path: Path) -> None:
         seen.add(source["source"])
         # `latency` (this machine) is an objective: measured next to a canary reading
         assert trial.user_attrs["metrics"]["latency_ms"] > 0
-        assert trial.user_attrs[CANARY_ATTR]["ratio"] > 0
         assert trial.user_attrs[LATENCY_SOURCES_ATTR]["this machine"]["source"] == "measured"
+        if "cost_from_trial" not in trial.user_attrs:  # a revisited configuration reuses its cost, untimed
+            assert trial.user_attrs[CANARY_ATTR]["ratio"] > 0
     assert seen == {"measured", "predicted"}
 
 
