@@ -233,7 +233,7 @@ def test_canary_ratio_stored_with_the_local_latency_rises_under_load(tmp_path: P
                      profile_shape=(1, 3, 16, 16), threads=1, profile_seconds=0.02, canary_checked=True)
     from ehrsr.model import build_model
 
-    model = build_model(EHRSRConfig.from_dict({"width": 4, "msg": {"levels": 0}, "trunk_blocks": 1}))
+    model = build_model(EHRSRConfig.from_dict({"width": 4, "msg": {"levels": 0, "depths": []}, "trunk_blocks": 1}))
     _, quiet = measure_cost_checked(model, ctx, None)
     n_busy = 6 * (os.cpu_count() or 1)
     busy = [subprocess.Popen([sys.executable, "-c", BUSY_LOOP], stdout=subprocess.PIPE, text=True) for _ in range(n_busy)]
