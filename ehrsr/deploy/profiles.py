@@ -267,7 +267,9 @@ def check_device_available(profile: DeviceProfile) -> None:
 
 def profiles_for_device(profiles: Mapping[str, DeviceProfile], device_kind: str) -> list[str]:
     """Names of the profiles a search that ran on ``device_kind`` should pick for at its end
-    (those of the same kind: a GPU search picks for GPU profiles, a CPU search for CPU ones)."""
-    return [name for name, p in profiles.items() if p.kind == device_kind]
+    (those of the same kind: a GPU search picks for GPU profiles, a CPU search for CPU ones).
+    onnxruntime profiles are left to an explicit ``deploy --device-profile``: each candidate is
+    exported to ONNX before it is timed (seconds to a minute a network), too slow for every search."""
+    return [name for name, p in profiles.items() if p.kind == device_kind and p.runtime == "torch"]
 
 
