@@ -287,3 +287,26 @@ def test_deploy_records_predicted_and_measured_side_by_side(tmp_path: Path) -> N
     assert isinstance(pick["latency"]["pick_changed"], bool)
     for candidate in pick["candidates"]:
         assert candidate["latency_ms_measured"] > 0 and candidate["latency_ms_predicted"] > 0
+
+
+def test_onnxruntime_profile_times_through_onnxruntime(monkeypatch) -> None:
+    """A profile with ``runtime: onnxruntime`` reaches ``time_model`` with that runtime and its
+    threads, and the pick's latency is that timing (spy: no export needed)."""
+    import ehrsr.profiling.onnx_runtime as ort_module
+    from ehrsr.deploy.pick import _measure
+    from ehrsr.deploy.profiles import DeviceProfile
+    from ehrsr.model import build_model
+    from ehrsr.profiling.latency import LatencyStats
+
+    seen: list[tuple] = []
+
+    def spy(model, runtime, input_shapes, threads=None, **kwargs):
+        seen.append((runtime, tuple(input_shapes), threads))
+        return LatencyStats(7.25, 7.0, 7.5, (7.25,) * 5, 2, 5, "float32", "cpu (spy)")
+
+    monkeypatch.setattr(ort_module, "time_model", spy)
+    profile = DeviceProfile("ort", "cpu", threads=1, input_size=(16, 16), runtime="onnxruntime")
+    model = build_model(EHRSRConfig.from_dict({"width": 4, "msg": {"levels": 0, "depths": []}, "trunk_blocks": 1}))
+    measured = _measure(model, profile, (16, 16), 3)
+    assert seen == [("onnxruntime", (1, 3, 16, 16), 1)]
+    assert measured["latency_ms"] == 7.25 and measured["runtime"] == "onnxruntime" and measured["repeats"] == 5
