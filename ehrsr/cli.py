@@ -21,7 +21,7 @@ from ehrsr.errors import UserError
 
 __all__ = ["main", "user_errors"]
 
-SUBCOMMANDS = ("search", "report", "ablate", "deploy", "train", "evaluate", "storage-proxy")
+SUBCOMMANDS = ("search", "report", "ablate", "deploy", "calibrate", "train", "evaluate", "storage-proxy")
 EXIT_USAGE = 2
 
 
@@ -107,7 +107,8 @@ def build_parser() -> dict[str, argparse.ArgumentParser]:
                         "joined by commas (default: gpu-hours=1 with CUDA, minutes=10 without)")
     search.add_argument("--space", help="search space: tiny, full, or a YAML file (default: full with CUDA, else tiny)")
     search.add_argument("--objectives", default="psnr,latency",
-                        help="comma list of psnr, ssim, lpips, latency, macs, params, memory (default: psnr,latency)")
+                        help="comma list of psnr, ssim, lpips, latency, macs, params, memory, and latency@PROFILE "
+                             "(predicted by that device profile's latency model) (default: psnr,latency)")
     search.add_argument("--device", help="cpu, cuda or cuda:N (default: cuda when present)")
     search.add_argument("--profile-size", type=parse_size, default=(256, 256),
                         help="LR input size for latency/memory/MACs (default 256, the NTIRE convention)")
@@ -118,7 +119,11 @@ def build_parser() -> dict[str, argparse.ArgumentParser]:
     search.add_argument("--threads", type=int, help="CPU threads for training and timing (default: torch's)")
     search.add_argument("--max-params", type=lambda t: parse_si(t, "--max-params"), help="e.g. 500k, 1.5M")
     search.add_argument("--max-macs", type=lambda t: parse_si(t, "--max-macs"), help="at the profile size, e.g. 20G")
-    search.add_argument("--max-latency-ms", type=_positive_float("--max-latency-ms"))
+    search.add_argument("--max-latency-ms", action="append", metavar="[PROFILE=]MS",
+                        help="latency limit on this machine (MS), or on a device profile, predicted "
+                             "(PROFILE=MS, repeatable); over-limit predictions are refused before training")
+    search.add_argument("--devices-file", help="device profiles YAML for latency@PROFILE "
+                        "(default: the shipped ehrsr/search_spaces/devices.yaml)")
     search.add_argument("--max-memory-mb", type=_positive_float("--max-memory-mb"))
     search.add_argument("--sampler", default="tpe", choices=("tpe", "nsga2", "nsga3", "gp", "random"))
     search.add_argument("--seed", type=int, default=0)
@@ -158,11 +163,21 @@ def build_parser() -> dict[str, argparse.ArgumentParser]:
     deploy.add_argument("--devices-file", help="device profiles YAML (default: the shipped ehrsr/search_spaces/devices.yaml)")
     deploy.add_argument("--onnx", action="store_true", help="also export ONNX, checked against PyTorch")
     _common(deploy)
+    calibrate = _Parser(prog="run_search.py calibrate",
+                        description="Calibrate a device profile's latency model on this machine (the target device).")
+    calibrate.add_argument("--device-profile", required=True, help="profile name in the devices file")
+    calibrate.add_argument("--space", required=True, help="search space: tiny, full, or a YAML file")
+    calibrate.add_argument("--out", type=Path, help="output file (default: latency_models/<profile>.<space>.latency.json)")
+    calibrate.add_argument("--devices-file", help="device profiles YAML (default: the shipped devices.yaml)")
+    calibrate.add_argument("--clock", choices=("wall", "cpu"), default="wall",
+                           help="wall clock (default), or process CPU time (one thread; shared machines)")
+    calibrate.add_argument("--no-resume", action="store_true", help="start over instead of continuing an unfinished file")
+    calibrate.add_argument("--quiet", "-q", action="store_true", help="no progress bar")
     from ehrsr.fulltrain import add_evaluate_parser, add_train_parser
     from ehrsr.search.proxy import storage_proxy_parser
 
     holder = _Parser(prog="run_search.py").add_subparsers(parser_class=_Parser)
-    return {"search": search, "report": report, "ablate": ablate, "deploy": deploy,
+    return {"search": search, "report": report, "ablate": ablate, "deploy": deploy, "calibrate": calibrate,
             "train": add_train_parser(holder), "evaluate": add_evaluate_parser(holder),
             "storage-proxy": storage_proxy_parser(_Parser)}
 
@@ -184,9 +199,11 @@ def user_errors() -> tuple[type[BaseException], ...]:
 
 def _search(args: argparse.Namespace) -> int:
     from ehrsr.pipeline import run_pipeline
+    from ehrsr.search.device_latency import parse_latency_limits
     from ehrsr.search.runner import CostLimits
     from ehrsr.search.study import SearchSettings
 
+    max_latency_ms, device_limits = parse_latency_limits(args.max_latency_ms)
     task: dict[str, Any] = {"task": args.task}
     for key in ("scale", "noise_sigma", "blur_sigma", "jpeg_quality"):
         if getattr(args, key) is not None:
@@ -200,7 +217,10 @@ def _search(args: argparse.Namespace) -> int:
         profile_dtype=args.profile_dtype,
         **({"profile_seconds": args.profile_seconds} if args.profile_seconds else {}),
         threads=args.threads,
-        limits=CostLimits(args.max_params, args.max_macs, args.max_latency_ms, args.max_memory_mb),
+        limits=CostLimits(args.max_params, args.max_macs, max_latency_ms, args.max_memory_mb),
+        device_latency_limits=device_limits,
+        device_profiles=_device_profiles(args.objectives, device_limits, args.devices_file),
+        devices_file=args.devices_file,
         sampler=args.sampler,
         seed=args.seed,
         storage=args.storage,
@@ -221,6 +241,30 @@ def _search(args: argparse.Namespace) -> int:
     )
     summary = run_pipeline(settings)
     return 130 if summary.interrupted else 0
+
+
+def _device_profiles(objectives: str, limits: dict[str, float], devices_file: str | None) -> dict[str, Any]:
+    """The device profiles a search needs (only read when an objective or a limit names one)."""
+    if "@" not in objectives and not limits and devices_file is None:
+        return {}
+    from ehrsr.deploy import load_device_profiles
+
+    return load_device_profiles(devices_file)
+
+
+def _calibrate(args: argparse.Namespace) -> int:
+    from ehrsr.deploy.calibrate import calibrate_profile
+
+    result = calibrate_profile(args.device_profile, args.space, args.out, devices_path=args.devices_file,
+                               clock=args.clock, resume=not args.no_resume, progress=not args.quiet)
+    acc = result.accuracy
+    accuracy = (f"held-out accuracy on {acc.n} networks: median abs error {acc.median_abs_pct_error:.1f} %, "
+                f"p90 {acc.p90_abs_pct_error:.1f} %, Spearman {acc.spearman:.3f}") if acc is not None else "no accuracy stored"
+    print(f"latency model for {result.profile} on space {result.space} ({result.units} units) written: {result.path}")
+    print(accuracy)
+    print(f"use it: set `latency_model: {result.path}` in profile {result.profile} of the devices file "
+          "(relative to that file), then --objectives psnr,latency@" + result.profile)
+    return 0
 
 
 class UsageError(UserError):
@@ -274,10 +318,24 @@ def _deploy(args: argparse.Namespace) -> int:
         latency = pick.measured.get("latency_ms")
         where = pick.measured.get("device", "this machine")
         print(f"{name}: trial #{pick.trial} ({quality}; {latency:.1f} ms on {where}) -> {pick.json_path}")
+        _say_latency_source(pick.json_path)
 
     deploy_study(args.study_name, args.storage, args.out_dir, args.device_profile, onnx=args.onnx,
                  devices_path=args.devices_file, progress=not args.quiet, on_pick=say)
     return 0
+
+
+def _say_latency_source(json_path: Path) -> None:
+    """Whether a pick's latencies were predicted, and on the device whether predictions agreed."""
+    import json
+
+    latency = json.loads(Path(json_path).read_text()).get("latency") or {}
+    if latency.get("mode") == "predicted":
+        print(f"  picked from predicted latencies: {latency['why']}")
+    elif "pick_changed" in latency:
+        changed = latency["pick_changed"]
+        print(f"  measured on the device; the pick from predictions (trial #{latency['pick_from_predictions']}) "
+              f"{'differs' if changed else 'is the same'}")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -297,7 +355,7 @@ def main(argv: list[str] | None = None) -> int:
     from ehrsr.fulltrain import run_evaluate, run_train
     from ehrsr.search.proxy import run_storage_proxy
 
-    handler = {"search": _search, "report": _report, "ablate": _ablate, "deploy": _deploy,
+    handler = {"search": _search, "report": _report, "ablate": _ablate, "deploy": _deploy, "calibrate": _calibrate,
                "train": run_train, "evaluate": run_evaluate, "storage-proxy": run_storage_proxy}[command]
     try:
         return handler(args)

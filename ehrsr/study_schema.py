@@ -22,11 +22,15 @@ from optuna.study import StudyDirection
 from optuna.trial import FrozenTrial, TrialState
 
 __all__ = [
+    "CANARY_ATTR",
     "COST_KEYS",
     "COST_METRICS",
     "COST_TABLE_ORDER",
     "DASH",
     "DEFAULT_OBJECTIVES",
+    "DEVICE_LATENCY_PREFIX",
+    "LATENCY_MODELS_ATTR",
+    "LATENCY_SOURCES_ATTR",
     "METRIC_KEYS",
     "OBJECTIVES",
     "PICK_MEASURED_KEYS",
@@ -37,6 +41,7 @@ __all__ = [
     "StudyInfo",
     "ablation_study_name",
     "conventions",
+    "device_latency_profile",
     "finite",
     "format_metric",
     "format_si",
@@ -48,6 +53,7 @@ __all__ = [
     "metric_label",
     "objective_values",
     "parse_si",
+    "resolve_objective",
     "study_storage",
     "trial_status",
 ]
@@ -58,7 +64,7 @@ __all__ = [
 STUDY_ATTRS: tuple[str, ...] = (
     "ehrsr_version", "objectives", "space", "task", "data", "device", "profile", "budget", "limits",
     "conventions", "early_stopping", "ablation_share", "ablation_seeds", "seed", "sampler", "context",
-    "baseline",
+    "baseline", "latency_models",
 )
 """Keys of ``study.user_attrs`` written by the search."""
 
@@ -67,6 +73,8 @@ TRIAL_ATTRS: tuple[str, ...] = (
     "cost_from_trial", "heartbeat", "device_kind", "n_devices", "charged_seconds", "reference",
     # ablation runs only
     "variant", "kind", "module", "seed", "reference_trial",
+    # per-device latency models (docs/latency_models.md)
+    "latency_sources", "canary",
 )
 """Keys of ``trial.user_attrs`` (plus ``rung_<i>``, one per MO-ASHA rung reached)."""
 
@@ -108,6 +116,41 @@ OBJECTIVES: dict[str, Objective] = {
     )
 }
 DEFAULT_OBJECTIVES: tuple[str, ...] = ("psnr", "latency")
+
+DEVICE_LATENCY_PREFIX = "latency_ms@"
+"""Metric key prefix of a latency on a device profile, predicted by its latency model
+(``latency_ms@edge-strict``; objective ``latency@edge-strict``; docs/latency_models.md)."""
+
+LATENCY_SOURCES_ATTR = "latency_sources"
+"""Trial attribute: per device profile (and ``"this machine"``), whether its latency was predicted
+or measured, the model file and its stored accuracy, and the units the model lacked."""
+
+CANARY_ATTR = "canary"
+"""Trial attribute: the canary reading next to this machine's latency measurement (``ratio``,
+``quiet_ms``, ``latency_ms``, ``contended``)."""
+
+LATENCY_MODELS_ATTR = "latency_models"
+"""Study attribute: per device profile, the latency model file, its target and stored accuracy."""
+
+
+def device_latency_profile(key_or_name: str) -> str | None:
+    """``latency_ms@NAME`` or ``latency@NAME`` -> ``NAME``; None for anything else."""
+    for prefix in (DEVICE_LATENCY_PREFIX, "latency@"):
+        if key_or_name.startswith(prefix) and len(key_or_name) > len(prefix):
+            return key_or_name[len(prefix):]
+    return None
+
+
+def resolve_objective(name: str) -> Objective:
+    """An ``OBJECTIVES`` entry, or ``latency@NAME`` (latency on device profile NAME, predicted by
+    its latency model); ``ValueError`` for anything else."""
+    if name in OBJECTIVES:
+        return OBJECTIVES[name]
+    profile = device_latency_profile(name)
+    if profile is not None and name.startswith("latency@"):
+        return Objective(name, DEVICE_LATENCY_PREFIX + profile, "minimize", f"latency on {profile} (predicted)",
+                         "ms", "cost")
+    raise ValueError(f"unknown objective {name!r}; choose from: {', '.join(OBJECTIVES)}, latency@PROFILE")
 
 METRIC_KEYS: tuple[str, ...] = (
     "psnr",
@@ -157,6 +200,9 @@ def metric_info(metric_key: str) -> Objective:
     for objective in OBJECTIVES.values():
         if objective.metric_key == metric_key:
             return objective
+    profile = device_latency_profile(metric_key)
+    if profile is not None:
+        return resolve_objective(f"latency@{profile}")
     known = ", ".join(o.metric_key for o in OBJECTIVES.values())
     raise ValueError(f"no objective reads metric {metric_key!r}; known metric keys: {known}")
 
@@ -219,6 +265,8 @@ def format_metric(key: str, value: Any, *, signed: bool = False, std: Any = None
         return DASH
     value = float(value)
     _, decimals = _METRIC_FORMAT.get(key, (key, 3))
+    if device_latency_profile(key) is not None:
+        decimals = 2
     if decimals is not None and round(value, decimals) == 0:
         value = 0.0  # no "-0.00" for a tiny negative difference
     if decimals is None:
@@ -233,6 +281,9 @@ def format_metric(key: str, value: Any, *, signed: bool = False, std: Any = None
 
 def metric_header(key: str) -> str:
     """Table column header of a metric, with its unit."""
+    profile = device_latency_profile(key)
+    if profile is not None:
+        return f"latency on {profile}, predicted (ms)"
     return _METRIC_FORMAT.get(key, (key, 3))[0]
 
 
@@ -324,12 +375,14 @@ class StudyInfo:
             )
         objectives = []
         for name, direction in zip(names, directions):
-            if name not in OBJECTIVES:
+            try:
+                objective = resolve_objective(name)
+            except ValueError:
                 raise ValueError(
                     f"study {study.study_name!r} has objective {name!r}; known objectives: {', '.join(OBJECTIVES)}"
-                )
+                ) from None
             stored = "maximize" if direction == StudyDirection.MAXIMIZE else "minimize"
-            objectives.append(replace(OBJECTIVES[name], direction=stored))
+            objectives.append(replace(objective, direction=stored))
         return cls(study.study_name, tuple(objectives), attrs)
 
     # -- what the study says about itself ---------------------------------------------------------
@@ -402,6 +455,9 @@ class StudyInfo:
         }
         if metric_key in labels:
             return labels[metric_key]
+        profile = device_latency_profile(metric_key)
+        if profile is not None:
+            return f"latency on {profile}, predicted (ms)"
         return metric_label(metric_key)
 
 

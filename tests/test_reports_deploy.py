@@ -94,7 +94,7 @@ def cpu_profile(**limits) -> DeviceProfile:
 def test_shipped_profiles_load_and_derive_the_input_size():
     profiles = load_device_profiles()
     assert DEVICES_PATH.name == "devices.yaml"
-    assert set(profiles) == {"datacenter-gpu-1080p", "laptop-cpu-256", "edge-strict"}
+    assert set(profiles) == {"datacenter-gpu-1080p", "laptop-cpu-256", "edge-strict", "laptop-cpu-onnx"}
     gpu = profiles["datacenter-gpu-1080p"]
     assert gpu.kind == "cuda" and gpu.dtype == "float16" and gpu.output_size == (1080, 1920)
     # 1080p output: 270x480 input at x4, 360x640 at x3, 540x960 at x2, the frame itself at x1
@@ -103,7 +103,8 @@ def test_shipped_profiles_load_and_derive_the_input_size():
     assert laptop.lr_input_size(4) == (256, 256) and laptop.threads == 4
     edge = profiles["edge-strict"]
     assert edge.limits() == {"max_latency_ms": 50.0, "max_memory_mb": 64.0, "max_params": 100000.0}
-    assert profiles_for_device(profiles, "cpu") == ["laptop-cpu-256", "edge-strict"]
+    assert profiles_for_device(profiles, "cpu") == ["laptop-cpu-256", "edge-strict"]  # not the onnxruntime one
+    assert profiles["laptop-cpu-onnx"].runtime == "onnxruntime" and profiles["laptop-cpu-256"].runtime == "torch"
     assert profiles_for_device(profiles, "cuda") == ["datacenter-gpu-1080p"]
     odd = DeviceProfile(name="odd", kind="cpu", output_size=(1080, 1922))
     with pytest.raises(DeviceProfileError, match="not a multiple of the study's scale x4"):

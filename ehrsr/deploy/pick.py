@@ -34,6 +34,7 @@ from torch import nn
 
 import ehrsr
 from ehrsr.deploy.export import export_onnx, fused_state, load_trained_model
+from ehrsr.deploy.predicted import LatencyPlan, plan_latency
 from ehrsr.deploy.profiles import LIMIT_METRICS, DeviceProfile, _resolve_profile, check_device_available
 from ehrsr.errors import UserError
 from ehrsr.reparam import reparameterize
@@ -181,9 +182,22 @@ def _measure(model: nn.Module, profile: DeviceProfile, input_hw: tuple[int, int]
     )
     data = result.to_dict()
     measured = {k: data[k] for k in PICK_MEASURED_KEYS if k in data}
+    if profile.runtime == "onnxruntime":
+        measured.update(_onnxruntime_latency(model, (1, in_channels, *input_hw), threads))
     if note:
         measured["note"] = note
     return measured
+
+
+def _onnxruntime_latency(model: nn.Module, shape: tuple[int, ...], threads: int | None) -> dict[str, Any]:
+    """The exported ONNX model timed through onnxruntime's CPU execution provider (a profile with
+    ``runtime: onnxruntime``), with the protocol of ``profile_model`` (docs/latency_models.md)."""
+    from ehrsr.profiling.onnx_runtime import time_model
+
+    stats = time_model(reparameterize(model), "onnxruntime", shape, threads)
+    return {"latency_ms": stats.latency_ms, "latency_ms_p10": stats.latency_ms_p10,
+            "latency_ms_p90": stats.latency_ms_p90, "warmup": stats.warmup, "repeats": stats.repeats,
+            "runtime": "onnxruntime"}
 
 
 def cpu_threads_for(profile: DeviceProfile, cores: int | None = None) -> tuple[int | None, str | None]:
@@ -224,7 +238,11 @@ def pick_deployment(
     ``DeploymentError`` (no trial meets the limits: names the limit excluding the closest one).
     """
     profile = _resolve_profile(profile, devices_path)
-    check_device_available(profile)
+    plan = plan_latency(profile, dict(study.user_attrs))
+    if plan.mode == "measured":
+        check_device_available(profile)
+    elif progress:
+        print(f"[deploy {profile.name}] {plan.why}", file=sys.stderr)
     info = StudyInfo.from_study(study)
     quality = info.quality_objective
     input_hw = profile.lr_input_size(info.scale)
@@ -236,6 +254,8 @@ def pick_deployment(
         )
     weights_root = Path(weights_root)
     limits = profile.limits()
+    if plan.mode == "predicted":  # nothing runs here: memory is not known, latency is predicted
+        limits.pop("max_memory_mb", None)
     candidates: list[MeasuredCandidate] = []
     skipped: dict[int, str] = {}
     for trial in front:
@@ -253,11 +273,22 @@ def pick_deployment(
         except ValueError as exc:  # a damaged file must not hide the other candidates
             skipped[trial.number] = str(exc)
             continue
+        predicted_ms = plan.predict(config, input_hw)
+        if plan.mode == "predicted":
+            if predicted_ms is None:
+                skipped[trial.number] = "its latency model lacks some of its units (cannot predict; deploy on the device)"
+                continue
+            measured = _predicted_measure(trial, profile, predicted_ms)
+            candidates.append(MeasuredCandidate(trial.number, dict(config), _trial_quality(trial), measured,
+                                                _violations(measured, limits)))
+            continue
         if progress:
             print(f"[deploy {profile.name}] profiling trial {trial.number} at {input_hw[0]}x{input_hw[1]} "
                   f"on {profile.kind} ({profile.dtype})", file=sys.stderr)
         try:
             measured = _measure(model, profile, input_hw, model.config.in_channels)
+            if predicted_ms is not None:
+                measured["latency_ms_predicted"] = predicted_ms
         except torch.cuda.OutOfMemoryError:
             # too big for this device at this size: it cannot be deployed here, the others may be
             del model
@@ -281,6 +312,7 @@ def pick_deployment(
             profile=profile.name,
         )
     chosen = choose_candidate(candidates, profile, quality)
+    latency_record = _latency_record(plan, candidates, chosen, profile, quality, limits)
 
     deploy_dir = Path(out_dir) / "deploy"
     deploy_dir.mkdir(parents=True, exist_ok=True)
@@ -326,11 +358,13 @@ def pick_deployment(
         "weights": weights_path.name,
         "weights_form": "deploy: fused by ehrsr.reparameterize; load with ehrsr.reports.load_deployed_model",
         "onnx": onnx_result,
+        "latency": latency_record,
         "candidates": [
             {
                 "trial": c.trial,
                 "quality": c.quality,
                 "measured": {k: c.measured.get(k) for k in ("latency_ms", "peak_memory_mb", "params_deploy", "macs")},
+                **_latency_pair(c, plan),
                 "violations": {k: {"measured": v, "limit": lim} for k, (v, lim) in c.violations.items()},
             }
             for c in candidates
@@ -354,6 +388,56 @@ def pick_deployment(
         candidates=candidates,
         skipped=skipped,
     )
+
+
+def _trial_quality(trial: optuna.trial.FrozenTrial) -> dict[str, float | None]:
+    metrics = trial.user_attrs.get("metrics") or {}
+    return {k: metrics.get(k) for k in QUALITY_METRICS}
+
+
+def _predicted_measure(trial: optuna.trial.FrozenTrial, profile: DeviceProfile, predicted_ms: float) -> dict[str, Any]:
+    """A candidate's costs when nothing is measured here: the predicted latency and the counts the
+    search stored (parameters do not depend on the input size; MACs are at the search's size)."""
+    metrics = trial.user_attrs.get("metrics") or {}
+    return {"latency_ms": predicted_ms, "latency_source": "predicted", "peak_memory_mb": None,
+            "params_deploy": metrics.get("params_deploy"), "params": metrics.get("params"),
+            "device": f"{profile.name} (predicted by its latency model)", "dtype": profile.dtype,
+            "threads": profile.threads}
+
+
+def _latency_pair(candidate: MeasuredCandidate, plan: LatencyPlan) -> dict[str, Any]:
+    """A candidate's predicted and measured latency side by side (None: not available)."""
+    if plan.model is None:
+        return {}
+    if plan.mode == "predicted":
+        return {"latency_ms_predicted": candidate.measured.get("latency_ms"), "latency_ms_measured": None}
+    return {"latency_ms_predicted": candidate.measured.get("latency_ms_predicted"),
+            "latency_ms_measured": candidate.measured.get("latency_ms")}
+
+
+def _latency_record(plan: LatencyPlan, candidates: Sequence[MeasuredCandidate], chosen: MeasuredCandidate,
+                    profile: DeviceProfile, quality: Objective, limits: Mapping[str, float]) -> dict[str, Any]:
+    """How the pick got its latencies; on the device with a model, whether predictions would have
+    picked the same trial."""
+    record = plan.to_dict()
+    if plan.mode == "predicted":
+        record["memory_limit"] = "not checked: nothing runs on this machine in predicted mode"
+    if plan.model is None or plan.mode == "predicted":
+        return record
+    as_predicted = []
+    for c in candidates:
+        predicted = c.measured.get("latency_ms_predicted")
+        if predicted is None:
+            continue
+        costs = {**c.measured, "latency_ms": predicted}
+        as_predicted.append(MeasuredCandidate(c.trial, c.config, c.quality, costs, _violations(costs, limits)))
+    try:
+        by_prediction = choose_candidate(as_predicted, profile, quality).trial if as_predicted else None
+    except DeploymentError:
+        by_prediction = None
+    record["pick_from_predictions"] = by_prediction
+    record["pick_changed"] = by_prediction != chosen.trial
+    return record
 
 
 def front_weights(front: Sequence[optuna.trial.FrozenTrial], number: int) -> str:

@@ -11,6 +11,9 @@ Device profiles live in ``ehrsr/search_spaces/devices.yaml``::
         max_latency_ms: 250       # limits; leave out (or null) for no limit
         max_memory_mb: 1024
         max_params: 2000000
+        runtime: torch            # torch (default) | onnxruntime (cpu, float32: the exported ONNX model)
+        latency_model: laptop.latency.json   # optional: a calibrated latency model, relative to this
+                                             # file (docs/latency_models.md); lets a search predict
 """
 
 from __future__ import annotations
@@ -50,6 +53,7 @@ LIMIT_METRICS: dict[str, str] = {
 """Each limit of a device profile and the measured metric it bounds."""
 
 _DTYPES = ("float32", "float16", "bfloat16")
+_RUNTIMES = ("torch", "onnxruntime")
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")  # becomes a file name: deploy/<name>.json
 
 
@@ -78,6 +82,8 @@ class DeviceProfile:
     warmup: int | None = None  # untimed passes (None: profile_model plans them)
     repeats: int | None = None  # timed passes (None: profile_model plans them)
     description: str = ""
+    runtime: str = "torch"  # "torch" (PyTorch eager) or "onnxruntime" (CPU EP, float32)
+    latency_model: str | None = None  # latency model file (resolved against the devices file's folder)
 
     def lr_input_size(self, scale: int) -> tuple[int, int]:
         """The (H, W) of the model's input: ``input_size``, or ``output_size`` divided by ``scale``
@@ -170,6 +176,20 @@ def _parse_profile(name: Any, data: Any, source: str) -> DeviceProfile:
     threads = integer("threads", 1)
     if threads is not None and kind == "cuda":
         raise DeviceProfileError(f"{where}: threads applies to cpu profiles only (kind is cuda)")
+    runtime = data.get("runtime", "torch")
+    if runtime not in _RUNTIMES:
+        raise DeviceProfileError(f"{where}: runtime must be one of {', '.join(_RUNTIMES)}, got {runtime!r}")
+    if runtime == "onnxruntime" and (kind != "cpu" or dtype != "float32"):
+        raise DeviceProfileError(
+            f"{where}: runtime onnxruntime is the CPU execution provider in float32: needs kind cpu and dtype "
+            f"float32 (got kind {kind}, dtype {dtype})"
+        )
+    latency_model = data.get("latency_model")
+    if latency_model is not None:
+        if not isinstance(latency_model, str) or not latency_model.strip():
+            raise DeviceProfileError(f"{where}: latency_model must be a file path, got {latency_model!r}")
+        # relative to the devices file, so a file and its models move together
+        latency_model = str(Path(source).parent / latency_model) if not Path(latency_model).is_absolute() else latency_model
     return DeviceProfile(
         name=name,
         kind=kind,
@@ -183,6 +203,8 @@ def _parse_profile(name: Any, data: Any, source: str) -> DeviceProfile:
         warmup=integer("warmup", 0),
         repeats=integer("repeats", 1),
         description=description,
+        runtime=runtime,
+        latency_model=latency_model,
     )
 
 
@@ -201,7 +223,7 @@ def load_device_profiles(path: str | Path | None = None) -> dict[str, DeviceProf
     try:
         data = yaml.safe_load(text)
     except yaml.YAMLError as exc:
-        raise DeviceProfileError(f"{path}: not valid YAML: {exc}") from None
+        raise DeviceProfileError(f"{path}: not valid YAML: {_yaml_problem(exc)}") from None
     if not isinstance(data, dict) or "profiles" not in data:
         raise DeviceProfileError(f"{path}: expected a mapping with a 'profiles' key")
     unknown = sorted(set(data) - {"profiles", "description"})
@@ -211,6 +233,15 @@ def load_device_profiles(path: str | Path | None = None) -> dict[str, DeviceProf
     if not isinstance(profiles, dict) or not profiles:
         raise DeviceProfileError(f"{path}: 'profiles' must be a non-empty mapping of name -> fields")
     return {name: _parse_profile(name, fields_, str(path)) for name, fields_ in profiles.items()}
+
+
+def _yaml_problem(exc: yaml.YAMLError) -> str:
+    """One line: the parser's problem and the (1-based) line and column it was found at."""
+    mark = getattr(exc, "problem_mark", None)
+    problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
+    if mark is None:
+        return problem
+    return f"line {mark.line + 1}, column {mark.column + 1}: {problem}"
 
 
 def _resolve_profile(profile: DeviceProfile | str, devices_path: str | Path | None) -> DeviceProfile:
@@ -236,7 +267,9 @@ def check_device_available(profile: DeviceProfile) -> None:
 
 def profiles_for_device(profiles: Mapping[str, DeviceProfile], device_kind: str) -> list[str]:
     """Names of the profiles a search that ran on ``device_kind`` should pick for at its end
-    (those of the same kind: a GPU search picks for GPU profiles, a CPU search for CPU ones)."""
-    return [name for name, p in profiles.items() if p.kind == device_kind]
+    (those of the same kind: a GPU search picks for GPU profiles, a CPU search for CPU ones).
+    onnxruntime profiles are left to an explicit ``deploy --device-profile``: each candidate is
+    exported to ONNX before it is timed (seconds to a minute a network), too slow for every search."""
+    return [name for name, p in profiles.items() if p.kind == device_kind and p.runtime == "torch"]
 
 

@@ -34,6 +34,7 @@ from torch import nn
 __all__ = [
     "LatencyStats",
     "PassPlan",
+    "cpu_name",
     "cpu_threads",
     "cudnn_benchmark",
     "device_name",
@@ -154,6 +155,11 @@ def plan_passes(
     if warmup is None:
         warmup = min(MAX_WARMUP, max(CALIBRATION_PASSES, math.floor(WARMUP_SHARE * budget_ms / pass_ms)))
     return PassPlan(warmup=warmup, repeats=repeats)
+
+
+def cpu_name() -> str:
+    """This machine's CPU model (as latency model files record the hardware)."""
+    return _cpu_name()
 
 
 def _cpu_name() -> str:

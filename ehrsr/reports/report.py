@@ -28,6 +28,7 @@ import pandas as pd
 import ehrsr
 from ehrsr.ablation.table import load_controlled_ablation
 from ehrsr.config import MODULE_TOGGLES
+from ehrsr.reports.latency import latency_section
 from ehrsr.reports.observational import observational_table, param_importances
 from ehrsr.reports.pareto import pareto_table, trials_table
 from ehrsr.reports.plots import (
@@ -290,6 +291,7 @@ def _report_text(
         "\nConventions of the numbers below:\n\n",
         _conventions(info),
         "\n",
+        latency_section(study),
     ]
 
     out.append("## Pareto front\n\n")
@@ -398,7 +400,8 @@ def _report_text(
                     f"[{pick['profile']['name']}]({_rel(pick['_file'], root)})",
                     pick.get("trial"),
                     format_metric("psnr", quality.get("psnr")),
-                    format_metric("latency_ms", measured.get("latency_ms")),
+                    format_metric("latency_ms", measured.get("latency_ms"))
+                    + (" (predicted)" if (pick.get("latency") or {}).get("mode") == "predicted" else ""),
                     format_metric("peak_memory_mb", measured.get("peak_memory_mb")),
                     format_metric("params_deploy", measured.get("params_deploy")),
                     format_metric("macs", measured.get("macs")),

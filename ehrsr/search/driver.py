@@ -224,7 +224,7 @@ def _fmt_value(objective: Objective, value: float | None) -> str:
     if is_count(objective.metric_key):
         return f"{objective.name} {format_si(value, spec='.2f') if value >= 1e3 else f'{value:.0f}'}"
     unit = f" {objective.unit}" if objective.unit else ""
-    digits = 2 if objective.name in ("psnr", "latency") else 4
+    digits = 2 if objective.name == "psnr" or objective.unit == "ms" else 4
     return f"{objective.name} {value:.{digits}f}{unit}"
 
 

@@ -34,7 +34,9 @@ __all__ = [
     "CostLimits",
     "RunContext",
     "RunResult",
+    "device_latency_step",
     "jsonable_metrics",
+    "measure_cost_checked",
     "run_configuration",
     "stale_train_settings",
 ]
@@ -101,6 +103,11 @@ class RunContext:
     lpips: Any = None  # ehrsr.metrics.LPIPS or None when unavailable
     limits: CostLimits = field(default_factory=CostLimits)
     progress: bool = False
+    # per-device latency (docs/latency_models.md): (DeviceLatency, LatencyModel, LatencyTarget) each
+    device_latencies: list[tuple[Any, Any, Any]] = field(default_factory=list)
+    time_locally: bool = True  # False: only predicted latencies are wanted, so nothing is timed here
+    canary_checked: bool = False  # time this machine's latency next to a canary reading (the search)
+    canary: Any = None  # ehrsr.profiling.canary.Canary, made on first use (its quiet reference is kept)
 
     @property
     def objective_names(self) -> list[str]:
@@ -123,6 +130,8 @@ class RunResult:
     # final evaluation per image, {name: [psnr, ssim]} (``ehrsr.metrics.encode_per_image``), stored
     # by ``ehrsr.search.record.record_outcome`` as the trial's ``PER_IMAGE_ATTR``
     per_image: dict[str, list[float | None]] | None = None
+    latency_sources: dict[str, Any] | None = None  # study_schema.LATENCY_SOURCES_ATTR
+    canary: dict[str, Any] | None = None  # study_schema.CANARY_ATTR
 
 
 def measure_cost(model: nn.Module, ctx: RunContext, mac_count: Any = None) -> dict[str, Any]:
@@ -153,6 +162,71 @@ def measure_cost(model: nn.Module, ctx: RunContext, mac_count: Any = None) -> di
         "profile_device": profile.device,
         "latency_repeats": profile.repeats,
     }
+
+
+def measure_cost_checked(
+    model: nn.Module, ctx: RunContext, mac_count: Any,
+) -> tuple[dict[str, Any], dict[str, Any] | None]:
+    """``measure_cost`` as the search runs it: untimed when only predicted device latencies are
+    wanted (``ctx.time_locally`` False), and with ``ctx.canary_checked`` timed right after a canary
+    reading, measuring once more while the machine is busy (``measure_with_canary``). Returns the
+    cost metrics and the canary reading (``CANARY_ATTR``) or None."""
+    if not ctx.time_locally:
+        return _untimed_cost(model, ctx, mac_count), None
+    if not ctx.canary_checked:
+        return measure_cost(model, ctx, mac_count=mac_count), None
+    from ehrsr.profiling.canary import Canary, measure_with_canary
+
+    if ctx.canary is None:
+        ctx.canary = Canary(threads=ctx.threads or 1)
+    cost, reading, attempts = measure_with_canary(lambda: measure_cost(model, ctx, mac_count=mac_count), ctx.canary,
+                                                  retries=1)
+    return cost, {"ratio": reading.ratio, "quiet_ms": reading.quiet_ms, "latency_ms": reading.latency_ms,
+                  "contended": reading.contended, "attempts": attempts}
+
+
+def _untimed_cost(model: nn.Module, ctx: RunContext, mac_count: Any) -> dict[str, Any]:
+    """Counts (and peak memory when an objective or limit needs it) without timing: a search whose
+    latencies are all predicted for other devices spends nothing on this machine's latency."""
+    from ehrsr.profiling import count_macs, device_name
+    from ehrsr.profiling.counting import deploy_form
+    from ehrsr.profiling.memory import measure_peak_memory
+
+    count = mac_count if mac_count is not None else count_macs(model, ctx.profile_shape)
+    memory_mb = None
+    if "memory" in [o.name for o in ctx.objectives] or ctx.limits.max_memory_mb is not None:
+        deploy, _ = deploy_form(model)
+        x = torch.rand(ctx.profile_shape, generator=torch.Generator().manual_seed(0)).to(ctx.device)
+        memory_mb = measure_peak_memory(deploy.to(ctx.device).eval(), x, dtype=ctx.profile_dtype).peak_memory_mb
+    return {
+        "latency_ms": None, "latency_ms_p10": None, "latency_ms_p90": None, "macs": count.macs,
+        "macs_ptflops": count.macs_ptflops, "params": count.params, "params_deploy": count.params_deploy,
+        "peak_memory_mb": memory_mb, "profile_device": device_name(ctx.device, ctx.threads), "latency_repeats": None,
+    }
+
+
+def device_latency_step(config: EHRSRConfig, ctx: RunContext) -> Any:
+    """Each device profile's latency of ``config`` (predicted; measured here when the model lacks a
+    unit), or None in a study without device latencies (``DeviceLatencyResult``)."""
+    if not ctx.device_latencies:
+        return None
+    from ehrsr.search.device_latency import predict_device_latencies
+
+    return predict_device_latencies(config, ctx.device_latencies)
+
+
+def _latency_sources(device: Any, cost: dict[str, Any] | None, canary: dict[str, Any] | None) -> dict[str, Any] | None:
+    """``LATENCY_SOURCES_ATTR``: where each latency of the trial came from."""
+    if device is None:
+        return None
+    from ehrsr.search.device_latency import LOCAL
+
+    sources = dict(device.sources)
+    if cost is not None and cost.get("latency_ms") is not None:
+        sources[LOCAL] = {"source": "measured", "latency_ms": cost["latency_ms"],
+                          "canary_ratio": canary["ratio"] if canary else None,
+                          "contended": bool(canary and canary["contended"])}
+    return sources
 
 
 def _evaluate(model: nn.Module, ctx: RunContext, with_lpips: bool) -> dict[str, Any]:
@@ -215,12 +289,24 @@ def run_configuration(
         params_deploy, macs = precomputed_cost["params_deploy"], precomputed_cost["macs"]
         counted = dict(precomputed_cost)
     refusal = ctx.limits.refusal(params_deploy, macs)
+    device = None
+    if refusal is None:  # predicted latencies on other devices: a fraction of a second
+        device = device_latency_step(config, ctx)
+        refusal = device.refusal if device is not None else None
+        counted.update(device.metrics if device is not None else {})
     if refusal is not None:
         seconds["profile"] = time.perf_counter() - t0
         seconds["total"] = time.perf_counter() - start
-        return RunResult("refused", f"refused before training: {refusal}", counted, seconds=seconds)
+        return RunResult("refused", f"refused before training: {refusal}", counted, seconds=seconds,
+                         latency_sources=_latency_sources(device, None, None))
     # 2. measured cost of the deploy form on this device (unless the caller measured it already)
-    cost = measure_cost(model, ctx, mac_count=count) if precomputed_cost is None else dict(precomputed_cost)
+    canary = None
+    if precomputed_cost is None:
+        cost, canary = measure_cost_checked(model, ctx, count)
+    else:
+        cost = dict(precomputed_cost)
+    cost.update(device.metrics if device is not None else {})
+    latency_sources = _latency_sources(device, cost, canary)
     seconds["profile"] = time.perf_counter() - t0
 
     quality_needs_lpips = any(o.name == "lpips" for o in ctx.objectives)
@@ -261,10 +347,12 @@ def run_configuration(
         )
     except TrainingDiverged as exc:
         seconds["total"] = time.perf_counter() - start
-        return RunResult("diverged", str(exc), jsonable_metrics(cost), seconds=seconds, rungs=rungs)
+        return RunResult("diverged", str(exc), jsonable_metrics(cost), seconds=seconds, rungs=rungs,
+                         latency_sources=latency_sources, canary=canary)
     except TrainingOutOfMemory as exc:
         seconds["total"] = time.perf_counter() - start
-        return RunResult("oom", str(exc), jsonable_metrics(cost), seconds=seconds, rungs=rungs)
+        return RunResult("oom", str(exc), jsonable_metrics(cost), seconds=seconds, rungs=rungs,
+                         latency_sources=latency_sources, canary=canary)
     seconds["train"] = result.train_seconds
     seconds["eval"] = result.eval_seconds
     seconds["total"] = time.perf_counter() - start
@@ -272,15 +360,17 @@ def run_configuration(
         metrics = jsonable_metrics(final)
         return RunResult(
             "complete", None, metrics, ctx.values(metrics), seconds, result.steps_done, rungs, model,
-            per_image=dict(per_image),
+            latency_sources=latency_sources, canary=canary, per_image=dict(per_image),
         )
     if result.stop_reason == "seconds":
         reason = (f"cut short: training stopped at step {result.steps_done} of {steps} by its "
                   f"{train_seconds:.3g} s deadline (not evaluated)")
-        return RunResult("cut_short", reason, jsonable_metrics(cost), None, seconds, result.steps_done, rungs, model)
+        return RunResult("cut_short", reason, jsonable_metrics(cost), None, seconds, result.steps_done, rungs, model,
+                         latency_sources=latency_sources, canary=canary)
     last = rungs[-1] if rungs else {"metrics": jsonable_metrics(cost), "values": None, "step": result.steps_done}
     reason = f"stopped at step {result.steps_done} ({result.stop_reason})"
-    return RunResult("pruned", reason, last["metrics"], last["values"], seconds, result.steps_done, rungs, model)
+    return RunResult("pruned", reason, last["metrics"], last["values"], seconds, result.steps_done, rungs, model,
+                     latency_sources=latency_sources, canary=canary)
 
 
 def _finite(value: Any) -> bool:

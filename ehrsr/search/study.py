@@ -30,7 +30,14 @@ from ehrsr.search.runner import (
     stale_train_settings,
 )
 from ehrsr.search.storage import StorageError, default_storage_url, mask_url, open_storage
-from ehrsr.study_schema import DEFAULT_OBJECTIVES, OBJECTIVES, Objective, conventions
+from ehrsr.study_schema import (
+    DEFAULT_OBJECTIVES,
+    LATENCY_MODELS_ATTR,
+    Objective,
+    conventions,
+    device_latency_profile,
+    resolve_objective,
+)
 
 __all__ = [
     "ContextSpec",
@@ -84,6 +91,12 @@ class SearchSettings:
     ablation_seeds: int | Literal["auto"] = "auto"  # seeds per ablation variant (docs/reports.md)
     write_reports: bool = True
     verbosity: int = 1  # 0 quiet, 1 normal, 2 verbose
+    # per-device latency models (docs/latency_models.md): limits by profile name (--max-latency-ms
+    # NAME=MS), and the loaded device profiles the objectives / limits name (deploy sits above
+    # search, so the caller loads them: ehrsr.deploy.load_device_profiles)
+    device_latency_limits: dict[str, float] = field(default_factory=dict)
+    device_profiles: dict[str, Any] = field(default_factory=dict)
+    devices_file: str | None = None  # named in messages only
 
     def resolved_device(self) -> torch.device:
         if self.device is None:
@@ -120,6 +133,7 @@ class ContextSpec:
     crop_border: int
     cache_dir: str | None = None
     profile_seconds: float | None = None  # None (older studies): the profiler's default plan
+    device_latency: list[dict[str, Any]] = field(default_factory=list)  # DeviceLatency.to_dict() each
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -161,7 +175,7 @@ def build_context(
     return RunContext(
         train_set=train_set,
         val_set=val_set,
-        objectives=[OBJECTIVES[n] for n in spec.objectives],
+        objectives=[resolve_objective(n) for n in spec.objectives],
         device=device,
         crop_border=spec.crop_border,
         profile_shape=tuple(spec.profile_shape),
@@ -170,7 +184,27 @@ def build_context(
         threads=spec.threads,
         lpips=lpips,
         limits=CostLimits.from_dict(spec.limits),
+        canary_checked=True,
+        **_device_latency_context(spec),
     )
+
+
+def _device_latency_context(spec: ContextSpec) -> dict[str, Any]:
+    """The RunContext fields of per-device latency: the loaded models, whether this machine's
+    latency is timed at all (only when an objective or a limit needs it, once devices are
+    predicted), and the canary that checks that timing (docs/latency_models.md)."""
+    if not spec.device_latency:
+        return {}
+    from ehrsr.profiling.latency_model import LatencyModelError
+    from ehrsr.search.device_latency import DeviceLatency
+
+    try:
+        devices = [DeviceLatency.from_dict(d) for d in spec.device_latency]
+        loaded = [(d, *d.load()) for d in devices]
+    except LatencyModelError as exc:  # the file changed since the study started
+        raise SearchError(str(exc)) from None
+    local = "latency" in spec.objectives or spec.limits.get("max_latency_ms") is not None
+    return {"device_latencies": loaded, "time_locally": local}
 
 
 _LPIPS_FAILURES: dict[str | None, str] = {}  # weights path -> why it failed (tried once per process)
@@ -274,6 +308,7 @@ def prepare_study(settings: SearchSettings, log: Any = print) -> PreparedStudy:
         task = TaskConfig.from_dict(settings.task)
     except ValueError as exc:
         raise SearchError(f"task: {exc}") from None
+    device_latency = _load_device_latency(settings, objectives, space)
     if not 0 <= settings.ablation_share < 1:
         raise SearchError(f"--ablation-share must be in [0, 1), got {settings.ablation_share}")
     seeds = settings.ablation_seeds
@@ -317,6 +352,7 @@ def prepare_study(settings: SearchSettings, log: Any = print) -> PreparedStudy:
         crop_border=task.scale if task.scale > 1 else 0,
         cache_dir=settings.cache_dir,
         profile_seconds=settings.profile_seconds,
+        device_latency=[d.to_dict() for d in device_latency],
     )
     constrained = settings.limits.max_latency_ms is not None or settings.limits.max_memory_mb is not None
     sampler = _sampler(settings.sampler, settings.seed, constrained)
@@ -368,6 +404,8 @@ def prepare_study(settings: SearchSettings, log: Any = print) -> PreparedStudy:
             "ablation_seeds": settings.ablation_seeds,
             "seed": settings.seed,
             "sampler": settings.sampler,
+            LATENCY_MODELS_ATTR: {d.name: {"file": d.model_path, "target": d.target, "accuracy": d.accuracy,
+                                           "max_latency_ms": d.max_latency_ms} for d in device_latency},
             "context": spec.to_dict(),
             TRAIN_SETTINGS_VERSION_ATTR: TRAIN_SETTINGS_VERSION,
         }
@@ -383,6 +421,19 @@ def prepare_study(settings: SearchSettings, log: Any = print) -> PreparedStudy:
         study.set_user_attr(TRAIN_SETTINGS_VERSION_ATTR, TRAIN_SETTINGS_VERSION)
         study.set_user_attr("budget", budget.text)  # a resume may extend the budget
     return PreparedStudy(study, storage_url, study_dir, space, budget, spec, objectives, device, dev_name, created)
+
+
+def _load_device_latency(settings: SearchSettings, objectives: list[Objective], space: Any) -> list[Any]:
+    """Load the latency model of each device profile an objective or a limit names (before the
+    study is created: a missing or refused model is one line, exit 2)."""
+    from ehrsr.search.device_latency import DeviceLatencyError, load_device_latencies
+
+    names = [p for p in (device_latency_profile(o.name) for o in objectives) if p is not None]
+    try:
+        return load_device_latencies(names, settings.device_latency_limits, space, settings.device_profiles,
+                                     settings.devices_file)
+    except DeviceLatencyError as exc:
+        raise SearchError(str(exc)) from None
 
 
 def _claim_new_study(storage: optuna.storages.BaseStorage, name: str, objectives: list[Objective]) -> bool:

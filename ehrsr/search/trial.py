@@ -108,6 +108,7 @@ def execute_trial(job: TrialJob, ctx: RunContext | None = None, study: optuna.St
         config, TrainSettings.from_dict(job.train, ignore=("seed",)), ctx, seed=job.seed, rung_steps=rung_steps, on_rung=on_rung,
         precomputed_cost=cached[1] if cached is not None else None,
     )
+    _record_latency_attrs(trial, result)
     outcome = TrialOutcome(
         status=result.status,
         reason=stop_reason.get("reason", result.reason),
@@ -117,7 +118,7 @@ def execute_trial(job: TrialJob, ctx: RunContext | None = None, study: optuna.St
         steps_done=int(result.steps_done),
         per_image=result.per_image,
     )
-    if result.metrics and "latency_ms" in result.metrics:
+    if result.metrics and result.metrics.get("latency_ms") is not None:
         outcome.constraints = ctx.limits.constraints(result.metrics)
     if result.status == "complete" and result.model is not None and job.weights_path:
         from safetensors.torch import save_model
@@ -126,6 +127,16 @@ def execute_trial(job: TrialJob, ctx: RunContext | None = None, study: optuna.St
         save_model(result.model.cpu(), job.weights_path)
         outcome.weights = job.weights_path
     return outcome
+
+
+def _record_latency_attrs(trial: optuna.trial.Trial, result: RunResult) -> None:
+    """Where each latency came from and the canary reading (docs/latency_models.md)."""
+    from ehrsr.study_schema import CANARY_ATTR, LATENCY_SOURCES_ATTR
+
+    if result.latency_sources is not None:
+        trial.set_user_attr(LATENCY_SOURCES_ATTR, result.latency_sources)
+    if result.canary is not None:
+        trial.set_user_attr(CANARY_ATTR, result.canary)
 
 
 def cached_cost(study: optuna.Study, config: dict[str, Any], device_name: str | None,
