@@ -36,6 +36,7 @@ __all__ = [
     "RunResult",
     "jsonable_metrics",
     "run_configuration",
+    "run_model",
     "stale_train_settings",
 ]
 
@@ -175,7 +176,28 @@ def run_configuration(
     on_rung: RungCallback | None = None,
     precomputed_cost: dict[str, Any] | None = None,
 ) -> RunResult:
-    """Train ``config`` with ``train`` (its ``steps``, evaluating at ``rung_steps``) and measure it.
+    """Train the EHR-SR network of ``config`` with ``train`` and measure it (``run_model``)."""
+    return run_model(lambda: build_model(config), train, ctx, seed=seed, rung_steps=rung_steps, on_rung=on_rung,
+                     precomputed_cost=precomputed_cost)
+
+
+def run_model(
+    build: Callable[[], nn.Module],
+    train: TrainSettings,
+    ctx: RunContext,
+    *,
+    seed: int = 0,
+    rung_steps: Sequence[int] = (),
+    on_rung: RungCallback | None = None,
+    precomputed_cost: dict[str, Any] | None = None,
+    deploy: Callable[[nn.Module], nn.Module] | None = None,
+) -> RunResult:
+    """Train the network ``build()`` returns with ``train`` (its ``steps``, evaluating at
+    ``rung_steps``) and measure it: one protocol for search trials, ablation runs and the
+    hand-designed baselines (``build`` runs after ``torch.manual_seed(seed)``).
+
+    ``deploy`` gives the form to count and profile (e.g. ``ehrsr.baselines.deploy_baseline``);
+    None profiles the module as built (an EHR-SR network is fused by the profiler itself).
 
     ``train`` reaches ``ehrsr.training.train`` as it is (learning rate, weight decay, loss, batch,
     patch, steps). ``on_rung`` is called after the evaluation at each rung step below
@@ -195,12 +217,13 @@ def run_configuration(
     start = time.perf_counter()
     seconds = {"train": 0.0, "eval": 0.0, "profile": 0.0}
     torch.manual_seed(seed)
-    model = build_model(config)
+    model = build()
+    measured = deploy(model) if deploy is not None else model
 
     # 1. cheap counting: refuse over-limit configurations before spending budget
     t0 = time.perf_counter()
     if precomputed_cost is None:
-        count = count_macs(model, ctx.profile_shape)
+        count = count_macs(measured, ctx.profile_shape)
         params_deploy, macs = count.params_deploy, count.macs
         counted = {"macs": count.macs, "params": count.params, "params_deploy": count.params_deploy}
     else:
@@ -212,7 +235,7 @@ def run_configuration(
         seconds["total"] = time.perf_counter() - start
         return RunResult("refused", f"refused before training: {refusal}", counted, seconds=seconds)
     # 2. measured cost of the deploy form on this device (unless the caller measured it already)
-    cost = measure_cost(model, ctx, mac_count=count) if precomputed_cost is None else dict(precomputed_cost)
+    cost = measure_cost(measured, ctx, mac_count=count) if precomputed_cost is None else dict(precomputed_cost)
     seconds["profile"] = time.perf_counter() - t0
 
     quality_needs_lpips = any(o.name == "lpips" for o in ctx.objectives)
