@@ -17,7 +17,7 @@ import optuna
 
 from ehrsr.ablation import AblationError, AblationResult, run_controlled_ablation
 from ehrsr.ablation.baselines import BaselinesResult, parse_baselines, run_baselines, space_size_class
-from ehrsr.ablation.fidelity import FidelityResult, run_fidelity
+from ehrsr.ablation.fidelity import FidelityResult, fidelity_sources, run_fidelity
 from ehrsr.deploy import (
     DeploymentError,
     DeploymentPick,
@@ -264,6 +264,7 @@ def run_fidelity_for_study(
 ) -> FidelityResult:
     """``run_search.py fidelity``: the proxy-fidelity retrains of a finished study; rewrite the report."""
     study, _, study_dir = load_study(study_name, storage, out_dir)
+    fidelity_sources(study, configs, factor)  # too few trials: say so before preparing any data
     ctx = _context_of(study, device, lpips_weights, verbosity)
     result = run_fidelity(study, ctx, configs=configs, factor=factor, budget_seconds=budget_seconds,
                           progress=verbosity >= 1)

@@ -30,7 +30,7 @@ from ehrsr.study_schema import StudyInfo, fidelity_study_name, finite, is_feasib
 from ehrsr.training import TrainSettings
 
 __all__ = ["DEFAULT_CONFIGS", "DEFAULT_FACTOR", "FidelityError", "FidelityResult", "choose_configurations",
-           "run_fidelity"]
+           "fidelity_sources", "run_fidelity"]
 
 DEFAULT_CONFIGS = 8  # enough for a Kendall tau whose interval says something, cheap enough to afford
 DEFAULT_FACTOR = 4.0  # long = 4x the trial's steps: long enough to reorder what brief training misranks
@@ -82,6 +82,22 @@ def choose_configurations(study: optuna.Study, k: int, quality_key: str = "psnr"
     return sorted(chosen, key=lambda t: t.number)
 
 
+def fidelity_sources(study: optuna.Study, configs: int, factor: float) -> list[FrozenTrial]:
+    """``choose_configurations``, after checking ``configs`` and ``factor``; ``FidelityError``
+    (one line) when the study has fewer than ``MIN_RANK_POINTS`` usable finished trials."""
+    if isinstance(configs, bool) or not isinstance(configs, int) or configs < MIN_RANK_POINTS:
+        raise FidelityError(f"--configs must be an integer >= {MIN_RANK_POINTS}, got {configs!r}")
+    if not (isinstance(factor, (int, float)) and math.isfinite(factor) and factor > 1):
+        raise FidelityError(f"--factor must be a number > 1, got {factor!r}")
+    chosen = choose_configurations(study, configs)
+    if len(chosen) < MIN_RANK_POINTS:
+        raise FidelityError(
+            f"study {study.study_name!r} has {len(chosen)} finished trial{'s' if len(chosen) != 1 else ''} with a "
+            f"stored configuration; the proxy-fidelity check needs at least {MIN_RANK_POINTS}"
+        )
+    return chosen
+
+
 def run_fidelity(
     study: optuna.Study,
     ctx: Any,
@@ -97,17 +113,8 @@ def run_fidelity(
     spend in all; a run whose estimate (the median long run so far, else ``factor`` times its
     trial's charge) would overrun it is not started. Fewer than ``MIN_RANK_POINTS`` finished
     trials raise ``FidelityError``. ``runner`` replaces ``ehrsr.search.runner.run_configuration``."""
-    if isinstance(configs, bool) or not isinstance(configs, int) or configs < MIN_RANK_POINTS:
-        raise FidelityError(f"--configs must be an integer >= {MIN_RANK_POINTS}, got {configs!r}")
-    if not (isinstance(factor, (int, float)) and math.isfinite(factor) and factor > 1):
-        raise FidelityError(f"--factor must be a number > 1, got {factor!r}")
+    chosen = fidelity_sources(study, configs, factor)
     info = StudyInfo.from_study(study)
-    chosen = choose_configurations(study, configs)
-    if len(chosen) < MIN_RANK_POINTS:
-        raise FidelityError(
-            f"study {study.study_name!r} has {len(chosen)} finished trial{'s' if len(chosen) != 1 else ''} with a "
-            f"stored configuration; the proxy-fidelity check needs at least {MIN_RANK_POINTS}"
-        )
     side = open_side_study(study, fidelity_study_name(study.study_name))
     side.set_user_attr("plan", {"sources": [t.number for t in chosen], "factor": float(factor), "configs": configs})
     done = {
