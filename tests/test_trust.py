@@ -208,7 +208,7 @@ def test_fidelity_runs_and_agreement_equals_scipy(tmp_path: Path) -> None:
     assert report.agreement.spearman == pytest.approx(sps.spearmanr(brief, long).statistic)
     assert report.agreement.kendall == pytest.approx(sps.kendalltau(brief, long).statistic)
     assert report.agreement.kendall_low <= report.agreement.kendall <= report.agreement.kendall_high
-    assert report.trusted == (report.agreement.kendall_low > 0.5)
+    assert report.trusted == (report.agreement.kendall_low > 0.5)  # 6 points: a verdict is given
     text = write_report(study, tmp_path / "out", quiet=True).read_text()
     assert "## Proxy fidelity" in text and report.message in text
     assert (tmp_path / "out" / "figures" / "fidelity.png").exists()

@@ -62,6 +62,7 @@ def test_micro_search_with_baselines_fidelity_and_ablation(tmp_path: Path) -> No
     long = [t.user_attrs["metrics"]["psnr"] for t in long_runs]
     assert report.agreement.spearman == pytest.approx(sps.spearmanr(brief, long).statistic)
     assert report.agreement.kendall == pytest.approx(sps.kendalltau(brief, long).statistic)
+    assert report.trusted is None and report.message.startswith("No verdict yet")  # 4 points: too few
 
     # the controlled ablation ran too, and the report has every section
     assert "m-ablation" in optuna.study.get_all_study_names(storage=storage)

@@ -21,6 +21,7 @@ from ehrsr.stats import MIN_RANK_POINTS, RankAgreement, StatsError, rank_agreeme
 from ehrsr.study_schema import fidelity_study_name, finite, load_side_study
 
 __all__ = [
+    "MIN_TRUST_POINTS",
     "TRUST_TAU_LOW",
     "FidelityPlotData",
     "FidelityPoint",
@@ -32,6 +33,9 @@ __all__ = [
 ]
 
 TRUST_TAU_LOW = 0.5  # tau's lower bound above which brief training ranks like long training
+# below this many points the percentile bootstrap collapses (every resample of 4 perfectly ordered
+# points gives tau = 1, a "[1, 1]" interval): no verdict either way, only the numbers
+MIN_TRUST_POINTS = 6
 
 
 class FidelityPoint(NamedTuple):
@@ -75,9 +79,16 @@ def fidelity_report(study: optuna.Study) -> FidelityReport | None:
         agreement = rank_agreement([p.brief for p in points], [p.long for p in points])
     except StatsError as exc:
         return FidelityReport(points, factor, sorted(steps), None, f"No rank agreement: {exc}.", None)
-    trusted = agreement.kendall_low > TRUST_TAU_LOW
+    trusted: bool | None = agreement.kendall_low > TRUST_TAU_LOW
     longer = f"{factor:g}x" if factor else "longer"
-    if trusted:
+    if agreement.n < MIN_TRUST_POINTS:
+        trusted = None
+        message = (
+            f"No verdict yet: Kendall's tau between brief and {longer} training is {agreement.kendall:.2f} over only "
+            f"{agreement.n} configurations, too few for its bootstrap interval to mean much (at least "
+            f"{MIN_TRUST_POINTS}: `fidelity --configs {max(MIN_TRUST_POINTS, 8)}`)."
+        )
+    elif trusted:
         message = (
             f"The study's ranking can be trusted: Kendall's tau between brief and {longer} training is "
             f"{agreement.kendall:.2f} (95 % CI {agreement.kendall_low:.2f} to {agreement.kendall_high:.2f}, lower "

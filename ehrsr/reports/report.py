@@ -142,8 +142,8 @@ def write_report(study: optuna.Study, out_dir: Path, *, quiet: bool = False) -> 
 
 def _with_trust_sections(text: str, study: optuna.Study, info: StudyInfo, baselines: list, figures: Path,
                          root: Path) -> str:
-    """Insert the "Baselines" and "Proxy fidelity" sections before "Deployment picks" (issue 11:
-    answers you can trust; written from ``<study>-baselines`` and ``<study>-fidelity``)."""
+    """Insert the "Baselines" and "Proxy fidelity" sections (docs/reports.md) before "Deployment
+    picks", written from ``<study>-baselines`` and ``<study>-fidelity``."""
     fidelity = fidelity_report(study)
     figure = None
     if fidelity is not None:
