@@ -196,17 +196,22 @@ def report_study(study_name: str, storage: str | None, out_dir: Path, *, quiet: 
 def _trust_steps(study: optuna.Study, prepared: PreparedStudy, settings: SearchSettings, log: SearchLog) -> None:
     """After the search: the hand-designed baselines with the study's trial protocol, then the
     proxy-fidelity retrains, each on its share of the budget. Problems are reported, never fatal."""
-    specs = parse_baselines(settings.baselines, space_size_class(study))
-    steps: list[tuple[str, float, Callable[[Any, float], str]]] = []
+    try:
+        specs = parse_baselines(settings.baselines, space_size_class(study))
+    except AblationError as exc:  # the CLI checks the names first; a direct caller hears it here
+        log(f"baselines skipped: {exc}")
+        specs = []
+    steps: list[tuple[str, float, Callable[[Callable[[], Any], float], str]]] = []
     if specs and settings.baselines_share > 0:
-        def baselines(ctx: Any, seconds: float) -> str:
-            result = run_baselines(study, ctx, specs, budget_seconds=seconds, progress=settings.verbosity >= 1)
+        def baselines(ctx: Callable[[], Any], seconds: float) -> str:
+            result = run_baselines(study, ctx(), specs, budget_seconds=seconds, progress=settings.verbosity >= 1)
             return (f"{result.runs_run} trained now, {result.runs_skipped} already stored, "
                     f"{result.seconds_spent / 60:.3g} device-minutes" + (f" ({result.stopped})" if result.stopped else ""))
         steps.append(("baselines", settings.baselines_share, baselines))
     if settings.fidelity_share > 0:
-        def fidelity(ctx: Any, seconds: float) -> str:
-            result = run_fidelity(study, ctx, configs=settings.fidelity_configs, factor=settings.fidelity_factor,
+        def fidelity(ctx: Callable[[], Any], seconds: float) -> str:
+            fidelity_sources(study, settings.fidelity_configs, settings.fidelity_factor)  # before any data
+            result = run_fidelity(study, ctx(), configs=settings.fidelity_configs, factor=settings.fidelity_factor,
                                   budget_seconds=seconds, progress=settings.verbosity >= 1)
             return (f"{result.runs_run} long retrains now, {result.runs_skipped} stored, trials "
                     f"{result.sources}, {result.seconds_spent / 60:.3g} device-minutes"
@@ -214,7 +219,13 @@ def _trust_steps(study: optuna.Study, prepared: PreparedStudy, settings: SearchS
         steps.append(("proxy fidelity", settings.fidelity_share, fidelity))
     if not steps:
         return
-    ctx = _context_of(study, str(prepared.device), settings.lpips_weights, settings.verbosity)
+    built: list[Any] = []
+
+    def ctx() -> Any:  # the run context, built once and only when a step runs something
+        if not built:
+            built.append(_context_of(study, str(prepared.device), settings.lpips_weights, settings.verbosity))
+        return built[0]
+
     for name, share, step in steps:
         seconds = share_seconds(prepared.budget, study, share, settings.reserved_share)
         log(f"{name}: up to {seconds / 60:.1f} device-minutes ({share:.0%} of the budget)")
