@@ -99,7 +99,8 @@ def fidelity_report(study: optuna.Study) -> FidelityReport | None:
             f"Warning: the study's ranking is not shown to hold under longer training: Kendall's tau is "
             f"{agreement.kendall:.2f} (95 % CI {agreement.kendall_low:.2f} to {agreement.kendall_high:.2f}, lower "
             f"bound not above {TRUST_TAU_LOW}) over {agreement.n} configurations. Give trials more steps per "
-            "rung (`steps` / `rungs` in the space's `fidelity`), start the first rung later, or check more "
+            "rung (`training.max_steps` in the space YAML), start the first rung later (`training.min_steps`), "
+            "or check more "
             "configurations (`fidelity --configs`) before trusting the front."
         )
     return FidelityReport(points, factor, sorted(steps), agreement, message, trusted)
