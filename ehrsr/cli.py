@@ -21,7 +21,8 @@ from ehrsr.errors import UserError
 
 __all__ = ["main", "user_errors"]
 
-SUBCOMMANDS = ("search", "report", "ablate", "deploy", "calibrate", "train", "evaluate", "storage-proxy")
+SUBCOMMANDS = ("search", "report", "ablate", "baselines", "fidelity", "deploy", "calibrate", "train", "evaluate",
+               "storage-proxy")
 EXIT_USAGE = 2
 
 
@@ -101,7 +102,7 @@ def build_parser() -> dict[str, argparse.ArgumentParser]:
     search = _Parser(
         prog="run_search.py",
         description="Hardware-aware multi-objective architecture search over EHR-SR. "
-        "Subcommands: report, ablate, deploy, train, evaluate, storage-proxy (run_search.py SUBCOMMAND --help).",
+        "Subcommands: report, ablate, baselines, fidelity, deploy, train, evaluate, storage-proxy (run_search.py SUBCOMMAND --help).",
     )
     search.add_argument("--budget", help="gpu-hours=48, cpu-hours=2, hours=1.5, minutes=10, trials=30, or several "
                         "joined by commas (default: gpu-hours=1 with CUDA, minutes=10 without)")
@@ -143,6 +144,16 @@ def build_parser() -> dict[str, argparse.ArgumentParser]:
     search.add_argument("--ablation-share", type=float, default=0.15,
                         help="share of the budget kept for the controlled ablation (default 0.15; 0 = none)")
     search.add_argument("--ablation-seeds", type=parse_ablation_seeds, default="auto", help=_SEEDS_HELP)
+    search.add_argument("--baselines", help="hand-designed baselines trained after the search with its trial "
+                        "protocol: comma list (SPAN,SAFMN,PLKSR,RLFN,OmniSR,DITN; NAME-skip drops the bicubic skip), "
+                        "'none', or default: every available one with the bicubic skip")
+    search.add_argument("--baselines-share", type=float, default=0.10,
+                        help="share of the budget kept for the baselines (default 0.10)")
+    search.add_argument("--fidelity-share", type=float, default=0.10,
+                        help="share of the budget kept for the proxy-fidelity check (default 0.10; 0 = none)")
+    search.add_argument("--fidelity-configs", type=int, default=8, help="configurations retrained (default 8, min 4)")
+    search.add_argument("--fidelity-factor", type=float, default=4.0,
+                        help="long retrain = this many times a trial's steps (default 4)")
     search.add_argument("--no-report", action="store_true", help="do not write reports at the end")
     _common(search)
 
@@ -156,6 +167,20 @@ def build_parser() -> dict[str, argparse.ArgumentParser]:
     ablate.add_argument("--device", help="cpu, cuda or cuda:N (default: cuda when present)")
     ablate.add_argument("--lpips-weights")
     _common(ablate)
+
+    baselines = _Parser(prog="run_search.py baselines",
+                        description="Train the hand-designed baselines with a finished study's trial protocol.")
+    baselines.add_argument("--baselines", help="comma list or 'default' (see run_search.py --help)")
+    _side_options(baselines)
+    _common(baselines)
+
+    fidelity = _Parser(prog="run_search.py fidelity",
+                       description="Proxy fidelity: retrain K configurations F times longer and compare the rankings.")
+    fidelity.add_argument("--configs", type=int, default=8, help="configurations to retrain (default 8, min 4)")
+    fidelity.add_argument("--factor", type=_positive_float("--factor"), default=4.0,
+                          help="long retrain = this many times a trial's steps (default 4)")
+    _side_options(fidelity)
+    _common(fidelity)
 
     deploy = _Parser(prog="run_search.py deploy", description="Re-profile the Pareto set here and pick per device profile.")
     deploy.add_argument("--device-profile", required=True, action="append",
@@ -177,9 +202,16 @@ def build_parser() -> dict[str, argparse.ArgumentParser]:
     from ehrsr.search.proxy import storage_proxy_parser
 
     holder = _Parser(prog="run_search.py").add_subparsers(parser_class=_Parser)
-    return {"search": search, "report": report, "ablate": ablate, "deploy": deploy, "calibrate": calibrate,
+    return {"search": search, "report": report, "ablate": ablate, "baselines": baselines, "fidelity": fidelity,
+            "deploy": deploy, "calibrate": calibrate,
             "train": add_train_parser(holder), "evaluate": add_evaluate_parser(holder),
             "storage-proxy": storage_proxy_parser(_Parser)}
+
+
+def _side_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--budget", help="time for these runs (hours=, minutes=); default: unlimited")
+    parser.add_argument("--device", help="cpu, cuda or cuda:N (default: cuda when present)")
+    parser.add_argument("--lpips-weights")
 
 
 def _verbosity(args: argparse.Namespace) -> int:
@@ -198,11 +230,13 @@ def user_errors() -> tuple[type[BaseException], ...]:
 
 
 def _search(args: argparse.Namespace) -> int:
+    from ehrsr.ablation.baselines import parse_baselines
     from ehrsr.pipeline import run_pipeline
     from ehrsr.search.device_latency import parse_latency_limits
     from ehrsr.search.runner import CostLimits
     from ehrsr.search.study import SearchSettings
 
+    parse_baselines(args.baselines)  # an unknown name is an error before any search is started
     max_latency_ms, device_limits = parse_latency_limits(args.max_latency_ms)
     task: dict[str, Any] = {"task": args.task}
     for key in ("scale", "noise_sigma", "blur_sigma", "jpeg_quality"):
@@ -236,6 +270,11 @@ def _search(args: argparse.Namespace) -> int:
         isolate=args.isolate,
         ablation_share=args.ablation_share,
         ablation_seeds=args.ablation_seeds,
+        baselines=args.baselines,
+        baselines_share=args.baselines_share,
+        fidelity_share=args.fidelity_share,
+        fidelity_configs=args.fidelity_configs,
+        fidelity_factor=args.fidelity_factor,
         write_reports=not args.no_report,
         verbosity=_verbosity(args),
     )
@@ -285,18 +324,53 @@ def _report(args: argparse.Namespace) -> int:
     return 0
 
 
+def _time_budget_seconds(args: argparse.Namespace, command: str) -> float | None:
+    """``--budget`` of a subcommand as device-seconds (time limits only), or None when not given."""
+    if not args.budget:
+        return None
+    from ehrsr.search.budget import parse_budget
+
+    limits = [limit for limit in parse_budget(args.budget).limits if limit.seconds is not None]
+    if not limits:
+        raise UsageError(f"{command} --budget {args.budget}: give a time (hours=, minutes=, gpu-hours=, cpu-hours=)")
+    return min(limit.seconds for limit in limits)
+
+
+def _baselines(args: argparse.Namespace) -> int:
+    from ehrsr.pipeline import run_baselines_for_study
+
+    _need_study(args, "baselines")
+    result = run_baselines_for_study(
+        args.study_name, args.storage, args.out_dir, baselines=args.baselines, device=args.device,
+        budget_seconds=_time_budget_seconds(args, "baselines"), lpips_weights=args.lpips_weights,
+        verbosity=_verbosity(args),
+    )
+    print(f"baselines with the protocol of trial #{result.reference_trial}: {result.runs_run} trained now, "
+          f"{result.runs_skipped} already stored, {len(result.planned)} planned"
+          + (f"; stopped: {result.stopped}" if result.stopped else ""))
+    return 0
+
+
+def _fidelity(args: argparse.Namespace) -> int:
+    from ehrsr.pipeline import run_fidelity_for_study
+
+    _need_study(args, "fidelity")
+    result = run_fidelity_for_study(
+        args.study_name, args.storage, args.out_dir, configs=args.configs, factor=args.factor, device=args.device,
+        budget_seconds=_time_budget_seconds(args, "fidelity"), lpips_weights=args.lpips_weights,
+        verbosity=_verbosity(args),
+    )
+    print(f"proxy fidelity: trials {result.sources} retrained x{result.factor:g}: {result.runs_run} now, "
+          f"{result.runs_skipped} already stored" + (f"; stopped: {result.stopped}" if result.stopped else "")
+          + f"; report: {args.out_dir / args.study_name / 'report.md'}")
+    return 0
+
+
 def _ablate(args: argparse.Namespace) -> int:
     from ehrsr.pipeline import run_ablation
 
     _need_study(args, "ablate")
-    budget_seconds = None
-    if args.budget:
-        from ehrsr.search.budget import parse_budget
-
-        limits = [limit for limit in parse_budget(args.budget).limits if limit.seconds is not None]
-        if not limits:
-            raise UsageError(f"ablate --budget {args.budget}: give a time (hours=, minutes=, gpu-hours=, cpu-hours=)")
-        budget_seconds = min(limit.seconds for limit in limits)
+    budget_seconds = _time_budget_seconds(args, "ablate")
     result = run_ablation(
         args.study_name, args.storage, args.out_dir, device=args.device, reference=args.reference,
         seeds=args.ablation_seeds, budget_seconds=budget_seconds, lpips_weights=args.lpips_weights,
@@ -355,7 +429,8 @@ def main(argv: list[str] | None = None) -> int:
     from ehrsr.fulltrain import run_evaluate, run_train
     from ehrsr.search.proxy import run_storage_proxy
 
-    handler = {"search": _search, "report": _report, "ablate": _ablate, "deploy": _deploy, "calibrate": _calibrate,
+    handler = {"search": _search, "report": _report, "ablate": _ablate, "baselines": _baselines,
+               "fidelity": _fidelity, "deploy": _deploy, "calibrate": _calibrate,
                "train": run_train, "evaluate": run_evaluate, "storage-proxy": run_storage_proxy}[command]
     try:
         return handler(args)

@@ -16,6 +16,8 @@ from typing import Any, Literal
 import optuna
 
 from ehrsr.ablation import AblationError, AblationResult, run_controlled_ablation
+from ehrsr.ablation.baselines import BaselinesResult, parse_baselines, run_baselines, space_size_class
+from ehrsr.ablation.fidelity import FidelityResult, fidelity_sources, run_fidelity
 from ehrsr.deploy import (
     DeploymentError,
     DeploymentPick,
@@ -41,7 +43,10 @@ __all__ = [
     "deploy_study",
     "report_study",
     "run_ablation",
+    "run_baselines_for_study",
+    "run_fidelity_for_study",
     "run_pipeline",
+    "share_seconds",
     "write_trials_table",
 ]
 
@@ -68,6 +73,7 @@ def run_pipeline(settings: SearchSettings) -> SearchSummary:
             summary.ablation = _after_search(study, prepared, settings, log)
         except Exception as exc:  # the search results are safe in the storage; say what went wrong
             log(f"warning: ablation / deployment step failed: {type(exc).__name__}: {exc}")
+        _trust_steps(study, prepared, settings, log)
     if settings.write_reports:
         try:
             summary.report = write_report(study, prepared.study_dir, quiet=settings.verbosity == 0)
@@ -181,3 +187,97 @@ def report_study(study_name: str, storage: str | None, out_dir: Path, *, quiet: 
     """``run_search.py report``: regenerate ``<out_dir>/<study>/`` from the storage alone."""
     study, _, study_dir = load_study(study_name, storage, out_dir)
     return write_report(study, study_dir, quiet=quiet)
+
+
+# ---------------------------------------------------------------------------------------------
+# baselines and proxy fidelity (docs/baselines.md, docs/reports.md "Proxy fidelity")
+
+
+def _trust_steps(study: optuna.Study, prepared: PreparedStudy, settings: SearchSettings, log: SearchLog) -> None:
+    """After the search: the hand-designed baselines with the study's trial protocol, then the
+    proxy-fidelity retrains, each on its share of the budget. Problems are reported, never fatal."""
+    try:
+        specs = parse_baselines(settings.baselines, space_size_class(study))
+    except AblationError as exc:  # the CLI checks the names first; a direct caller hears it here
+        log(f"baselines skipped: {exc}")
+        specs = []
+    steps: list[tuple[str, float, Callable[[Callable[[], Any], float], str]]] = []
+    if specs and settings.baselines_share > 0:
+        def baselines(ctx: Callable[[], Any], seconds: float) -> str:
+            result = run_baselines(study, ctx(), specs, budget_seconds=seconds, progress=settings.verbosity >= 1)
+            return (f"{result.runs_run} trained now, {result.runs_skipped} already stored, "
+                    f"{result.seconds_spent / 60:.3g} device-minutes" + (f" ({result.stopped})" if result.stopped else ""))
+        steps.append(("baselines", settings.baselines_share, baselines))
+    if settings.fidelity_share > 0:
+        def fidelity(ctx: Callable[[], Any], seconds: float) -> str:
+            fidelity_sources(study, settings.fidelity_configs, settings.fidelity_factor)  # before any data
+            result = run_fidelity(study, ctx(), configs=settings.fidelity_configs, factor=settings.fidelity_factor,
+                                  budget_seconds=seconds, progress=settings.verbosity >= 1)
+            return (f"{result.runs_run} long retrains now, {result.runs_skipped} stored, trials "
+                    f"{result.sources}, {result.seconds_spent / 60:.3g} device-minutes"
+                    + (f" ({result.stopped})" if result.stopped else ""))
+        steps.append(("proxy fidelity", settings.fidelity_share, fidelity))
+    if not steps:
+        return
+    built: list[Any] = []
+
+    def ctx() -> Any:  # the run context, built once and only when a step runs something
+        if not built:
+            built.append(_context_of(study, str(prepared.device), settings.lpips_weights, settings.verbosity))
+        return built[0]
+
+    for name, share, step in steps:
+        seconds = share_seconds(prepared.budget, study, share, settings.reserved_share)
+        log(f"{name}: up to {seconds / 60:.1f} device-minutes ({share:.0%} of the budget)")
+        try:
+            log(f"{name}: {step(ctx, seconds)}")
+        except AblationError as exc:  # too few trials, no reference: one line
+            log(f"{name} skipped: {exc}")
+        except Exception as exc:  # the search results are safe in the storage; say what went wrong
+            log(f"warning: {name} step failed: {type(exc).__name__}: {exc}")
+
+
+def share_seconds(budget: Any, study: optuna.Study, share: float, reserved: float) -> float:
+    """Device-seconds of ``share`` of a time budget; for a trials-only budget, the same proportion
+    of what the search spent on its ``1 - reserved`` part."""
+    time_limits = [limit.seconds for limit in budget.limits if limit.seconds is not None]
+    if time_limits:
+        return share * min(time_limits)
+    return budget.spent(study).total_seconds * share / (1 - reserved)
+
+
+def _context_of(study: optuna.Study, device: str | None, lpips_weights: str | None, verbosity: int) -> Any:
+    """The study's run context (data, objectives, profiling) rebuilt on ``device``."""
+    if "context" not in study.user_attrs:
+        raise SearchError(f"study {study.study_name!r} was not written by run_search.py (no stored context)")
+    spec = ContextSpec.from_dict(study.user_attrs["context"])
+    run_device = SearchSettings(device=device).resolved_device()
+    return build_context(spec, run_device, lpips_weights=lpips_weights, progress=verbosity >= 2)
+
+
+def run_baselines_for_study(
+    study_name: str, storage: str | None, out_dir: Path, *, baselines: str | None = None, device: str | None = None,
+    budget_seconds: float | None = None, lpips_weights: str | None = None, verbosity: int = 1,
+) -> BaselinesResult:
+    """Train (or resume) the baselines of a finished study with its trial protocol; rewrite the report."""
+    study, _, study_dir = load_study(study_name, storage, out_dir)
+    specs = parse_baselines(baselines, space_size_class(study))
+    ctx = _context_of(study, device, lpips_weights, verbosity)
+    result = run_baselines(study, ctx, specs, budget_seconds=budget_seconds, progress=verbosity >= 1)
+    write_report(study, study_dir, quiet=True)
+    return result
+
+
+def run_fidelity_for_study(
+    study_name: str, storage: str | None, out_dir: Path, *, configs: int = 8, factor: float = 4.0,
+    device: str | None = None, budget_seconds: float | None = None, lpips_weights: str | None = None,
+    verbosity: int = 1,
+) -> FidelityResult:
+    """``run_search.py fidelity``: the proxy-fidelity retrains of a finished study; rewrite the report."""
+    study, _, study_dir = load_study(study_name, storage, out_dir)
+    fidelity_sources(study, configs, factor)  # too few trials: say so before preparing any data
+    ctx = _context_of(study, device, lpips_weights, verbosity)
+    result = run_fidelity(study, ctx, configs=configs, factor=factor, budget_seconds=budget_seconds,
+                          progress=verbosity >= 1)
+    write_report(study, study_dir, quiet=True)
+    return result

@@ -40,14 +40,17 @@ __all__ = [
     "Objective",
     "StudyInfo",
     "ablation_study_name",
+    "baselines_study_name",
     "conventions",
     "device_latency_profile",
+    "fidelity_study_name",
     "finite",
     "format_metric",
     "format_si",
     "is_count",
     "is_feasible",
     "load_ablation_study",
+    "load_side_study",
     "metric_header",
     "metric_info",
     "metric_label",
@@ -63,8 +66,8 @@ __all__ = [
 
 STUDY_ATTRS: tuple[str, ...] = (
     "ehrsr_version", "objectives", "space", "task", "data", "device", "profile", "budget", "limits",
-    "conventions", "early_stopping", "ablation_share", "ablation_seeds", "seed", "sampler", "context",
-    "baseline", "latency_models",
+    "conventions", "early_stopping", "ablation_share", "ablation_seeds", "baselines_share", "fidelity_share",
+    "seed", "sampler", "context", "baseline", "latency_models",
 )
 """Keys of ``study.user_attrs`` written by the search."""
 
@@ -75,6 +78,10 @@ TRIAL_ATTRS: tuple[str, ...] = (
     "variant", "kind", "module", "seed", "reference_trial",
     # per-device latency models (docs/latency_models.md)
     "latency_sources", "canary",
+    # baseline runs (<study>-baselines) only
+    "baseline", "label", "size_class", "bicubic_skip",
+    # proxy-fidelity runs (<study>-fidelity) only
+    "source_trial", "brief_values", "brief_steps", "factor",
 )
 """Keys of ``trial.user_attrs`` (plus ``rung_<i>``, one per MO-ASHA rung reached)."""
 
@@ -338,9 +345,24 @@ def ablation_study_name(study_name: str) -> str:
     return f"{study_name}-ablation"
 
 
+def baselines_study_name(study_name: str) -> str:
+    """Name of the study holding the hand-designed baselines trained with a study's protocol."""
+    return f"{study_name}-baselines"
+
+
+def fidelity_study_name(study_name: str) -> str:
+    """Name of the study holding the proxy-fidelity retrains (configurations trained F times longer)."""
+    return f"{study_name}-fidelity"
+
+
 def load_ablation_study(study: optuna.Study) -> optuna.Study | None:
     """The ``<study>-ablation`` study in the same storage, or None when it was never created."""
-    name = ablation_study_name(study.study_name)
+    return load_side_study(study, ablation_study_name(study.study_name))
+
+
+def load_side_study(study: optuna.Study, name: str) -> optuna.Study | None:
+    """The study ``name`` kept beside ``study`` in the same storage (``<study>-ablation``,
+    ``-baselines``, ``-fidelity``), or None when it was never created."""
     storage = study_storage(study)
     if name not in optuna.study.get_all_study_names(storage=storage):
         return None

@@ -14,7 +14,9 @@ What a Pareto plot shows (one quality metric against one cost metric):
   markers, every other finished feasible trial faint;
 * finished trials that violate a constraint as red x markers;
 * reference configurations (``conv-only``, ``all-modules``) labelled by name;
-* the knee of the study's front (the controlled ablation's default reference) as a star.
+* the knee of the study's front (the controlled ablation's default reference) as a star;
+* hand-designed baselines trained with the study's protocol (``<study>-baselines``) as labelled
+  green triangles; one below the trivial answer (bicubic) says so in its label.
 """
 
 from __future__ import annotations
@@ -28,8 +30,9 @@ import pandas as pd
 from matplotlib.figure import Figure
 from matplotlib.ticker import EngFormatter, FuncFormatter, LogLocator, NullFormatter
 
+from ehrsr.reports.baselines import BaselineRun
 from ehrsr.search.pareto import pareto_front
-from ehrsr.study_schema import StudyInfo, is_count, metric_info
+from ehrsr.study_schema import StudyInfo, finite, is_count, metric_info
 
 __all__ = [
     "ImportancePlotData",
@@ -64,6 +67,7 @@ class ParetoPlotData(NamedTuple):
     knee: PlotPoint | None  # the study's knee (default reference of the controlled ablation)
     x_log: bool  # log x axis when the cost spans more than a decade
     baseline: tuple[str, float] | None = None  # e.g. ("bicubic", 29.38): quality of the trivial answer
+    baselines: tuple[tuple[PlotPoint, str], ...] = ()  # hand-designed baselines (number: in <study>-baselines)
 
 
 def pareto_plot_data(
@@ -73,11 +77,13 @@ def pareto_plot_data(
     cost_key: str,
     study_front_numbers: Sequence[int],
     knee_number: int | None = None,
+    baselines: Sequence[BaselineRun] = (),
 ) -> ParetoPlotData | None:
     """What the ``quality_key`` vs ``cost_key`` plot draws; None when no finished trial has both.
 
     ``trials`` is ``trials_table(study)``; ``study_front_numbers`` the numbers of
-    ``study.best_trials``; ``knee_number`` the knee trial (``knee_trial``), marked when given.
+    ``study.best_trials``; ``knee_number`` the knee trial (``knee_trial``), marked when given;
+    ``baselines``: ``baseline_runs(study)``, the complete ones with both metrics are drawn.
     """
     if quality_key not in trials or cost_key not in trials:
         return None
@@ -108,7 +114,8 @@ def pareto_plot_data(
         for _, r in usable.iterrows()
         if isinstance(r.get("reference"), str) and r["reference"]
     ]
-    costs = usable[cost_key].to_numpy(dtype=float)
+    costs = np.concatenate([usable[cost_key].to_numpy(dtype=float),
+                            [float(r.metrics[cost_key]) for r in baselines if finite(r.metrics.get(cost_key))]])
     positive = costs[costs > 0]
     x_log = bool(positive.size == costs.size and positive.size > 1 and positive.max() / positive.min() > 10)
     cost = metric_info(cost_key)
@@ -126,6 +133,11 @@ def pareto_plot_data(
         knee=next((p for p in on_front if p.number == knee_number), None),
         x_log=x_log,
         baseline=_baseline(info, quality_key),
+        baselines=tuple(
+            (PlotPoint(run.number, float(run.metrics[cost_key]), float(run.metrics[quality_key])), run.plot_label)
+            for run in baselines
+            if run.status == "complete" and finite(run.metrics.get(cost_key)) and finite(run.metrics.get(quality_key))
+        ),
     )
 
 
@@ -178,6 +190,11 @@ def render_pareto_plot(data: ParetoPlotData, path_stem: Path, formats: Sequence[
             f"{name} (#{point.number})", (point.x, point.y), xytext=(6, 6),
             textcoords="offset points", fontsize=8,
         )
+    for index, (point, label) in enumerate(data.baselines):
+        ax.scatter([point.x], [point.y], s=60, marker="^", color="tab:green", edgecolors="black", linewidths=0.6,
+                   zorder=4, label="hand-designed baseline" if index == 0 else None)
+        ax.annotate(label, (point.x, point.y), xytext=(5, -10), textcoords="offset points", fontsize=7,
+                    color="darkgreen")
     if data.baseline is not None:
         name, value = data.baseline
         ax.axhline(value, color="grey", linestyle="--", linewidth=1.0, label=f"{name} ({value:.4g})")

@@ -28,6 +28,8 @@ import pandas as pd
 import ehrsr
 from ehrsr.ablation.table import load_controlled_ablation
 from ehrsr.config import MODULE_TOGGLES
+from ehrsr.reports.baselines import baseline_runs, baselines_markdown
+from ehrsr.reports.fidelity import fidelity_markdown, fidelity_plot_data, fidelity_report, render_fidelity_plot
 from ehrsr.reports.latency import latency_section
 from ehrsr.reports.observational import observational_table, param_importances
 from ehrsr.reports.pareto import pareto_table, trials_table
@@ -87,9 +89,10 @@ def write_report(study: optuna.Study, out_dir: Path, *, quiet: bool = False) -> 
     front_numbers = pareto["number"].astype(int).tolist()
     knee = pareto.loc[pareto["knee"], "number"]
     knee_number = int(knee.iloc[0]) if len(knee) else None
+    baselines = baseline_runs(study)
     for quality in QUALITY_METRICS:
         for cost in COST_METRICS:
-            data = pareto_plot_data(trials, info, quality, cost, front_numbers, knee_number)
+            data = pareto_plot_data(trials, info, quality, cost, front_numbers, knee_number, baselines)
             if data is None:
                 continue
             stem = figures / f"pareto_{metric_info(quality).name}_vs_{metric_info(cost).name}"
@@ -134,18 +137,36 @@ def write_report(study: optuna.Study, out_dir: Path, *, quiet: bool = False) -> 
 
     picks = _deployment_picks(out_dir / "deploy")
     report = out_dir / "report.md"
-    report.write_text(
-        _report_text(
-            study, info, trials, pareto, plots, observational, importances, importance_png, controlled,
-            picks, out_dir,
-        )
+    text = _report_text(
+        study, info, trials, pareto, plots, observational, importances, importance_png, controlled, picks, out_dir,
     )
+    report.write_text(_with_trust_sections(text, study, info, baselines, figures, out_dir))
     _log(f"wrote {report}", quiet)
     return report
 
 
 # ---------------------------------------------------------------------------------------------
 # report.md
+
+
+def _with_trust_sections(text: str, study: optuna.Study, info: StudyInfo, baselines: list, figures: Path,
+                         root: Path) -> str:
+    """Insert the "Baselines" and "Proxy fidelity" sections (docs/reports.md) before "Deployment
+    picks", written from ``<study>-baselines`` and ``<study>-fidelity``."""
+    fidelity = fidelity_report(study)
+    figure = None
+    if fidelity is not None:
+        brief = [(r.label, float(r.metrics["psnr"])) for r in baselines
+                 if r.status == "complete" and isinstance(r.metrics.get("psnr"), (int, float))]
+        data = fidelity_plot_data(fidelity, info.name, brief)
+        if data is not None:
+            figure = _rel(render_fidelity_plot(data, figures / "fidelity")[0], root)
+    sections = (
+        "## Baselines\n\n" + baselines_markdown(study, info, markdown_table)
+        + "## Proxy fidelity\n\n" + fidelity_markdown(fidelity, info.name, figure, markdown_table)
+    )
+    marker = "## Deployment picks\n\n"
+    return text.replace(marker, sections + marker, 1) if marker in text else text + sections
 
 
 def _rel(path: Path | None, root: Path) -> str:

@@ -117,7 +117,7 @@ def run_worker(prepared: PreparedStudy, settings: SearchSettings, *, log: Search
             prepared.spec, device, lpips_weights=settings.lpips_weights,
             need_lpips="lpips" in prepared.spec.objectives, log=log if worker_index == 0 else None,
         )
-    search_budget = search_share(budget, 1.0 - settings.ablation_share)
+    search_budget = search_share(budget, 1.0 - settings.reserved_share)
     summary = WorkerSummary()
     refusals = 0
     running_trial: optuna.Trial | None = None
@@ -128,10 +128,10 @@ def run_worker(prepared: PreparedStudy, settings: SearchSettings, *, log: Search
             ok, why = search_budget.allows_new_trial(study, estimate, device_kind=device.type)
             if not ok:
                 summary.stopped_reason = why
-                if settings.ablation_share > 0 and any(limit.seconds for limit in budget.limits):
+                if settings.reserved_share > 0 and any(limit.seconds for limit in budget.limits):
                     summary.stopped_reason += (
-                        f" (the search's {1 - settings.ablation_share:.0%} of --budget {budget.text}; "
-                        "the rest is kept for the controlled ablation)"
+                        f" (the search's {1 - settings.reserved_share:.0%} of --budget {budget.text}; "
+                        "the rest is kept for the controlled ablation, baselines and proxy-fidelity check)"
                     )
                 break
             trial = study.ask()
@@ -285,7 +285,7 @@ def run_search(settings: SearchSettings, *, log: SearchLog | None = None,
     log(f"study {study.study_name} ({'new' if prepared.created else 'resumed'}) in {mask_url(prepared.storage_url)}")
     log(f"space {prepared.space.name}, task {_task_slug(_task(prepared.spec))}, device {prepared.device_name}, "
         f"objectives {','.join(o.name for o in prepared.objectives)}, budget {prepared.budget.describe_short()}"
-        f" ({settings.ablation_share:.0%} kept for the controlled ablation)")
+        f" ({settings.reserved_share:.0%} kept for the ablation, baselines and proxy-fidelity check)")
     if prepared.spec.train_data is None:
         log("warning: training and validating on the built-in scikit-image sample images: the numbers "
             "only demonstrate the suite; pass --train-data/--val-data for real results")

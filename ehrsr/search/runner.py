@@ -38,6 +38,7 @@ __all__ = [
     "jsonable_metrics",
     "measure_cost_checked",
     "run_configuration",
+    "run_model",
     "stale_train_settings",
 ]
 
@@ -255,7 +256,30 @@ def run_configuration(
     precomputed_cost: dict[str, Any] | None = None,
     train_seconds: float | None = None,
 ) -> RunResult:
-    """Train ``config`` with ``train`` (its ``steps``, evaluating at ``rung_steps``) and measure it.
+    """Train the EHR-SR network of ``config`` with ``train`` and measure it (``run_model``)."""
+    return run_model(lambda: build_model(config), train, ctx, seed=seed, rung_steps=rung_steps, on_rung=on_rung,
+                     precomputed_cost=precomputed_cost, train_seconds=train_seconds, config=config)
+
+
+def run_model(
+    build: Callable[[], nn.Module],
+    train: TrainSettings,
+    ctx: RunContext,
+    *,
+    seed: int = 0,
+    rung_steps: Sequence[int] = (),
+    on_rung: RungCallback | None = None,
+    precomputed_cost: dict[str, Any] | None = None,
+    deploy: Callable[[nn.Module], nn.Module] | None = None,
+    train_seconds: float | None = None,
+    config: EHRSRConfig | None = None,
+) -> RunResult:
+    """Train the network ``build()`` returns with ``train`` (its ``steps``, evaluating at
+    ``rung_steps``) and measure it: one protocol for search trials, ablation runs and the
+    hand-designed baselines (``build`` runs after ``torch.manual_seed(seed)``).
+
+    ``deploy`` gives the form to count and profile (e.g. ``ehrsr.baselines.deploy_baseline``);
+    None profiles the module as built (an EHR-SR network is fused by the profiler itself).
 
     ``train`` reaches ``ehrsr.training.train`` as it is (learning rate, weight decay, loss, batch,
     patch, steps). ``on_rung`` is called after the evaluation at each rung step below
@@ -266,6 +290,8 @@ def run_configuration(
     limits are still checked against it. ``train_seconds``: a deadline on the training itself
     (``ehrsr.training.train``'s ``seconds``); a run that hits it is not evaluated and ends
     ``cut_short`` (the controlled ablation keeps its budget share this way, docs/budget.md).
+    ``config``: the EHR-SR configuration ``build`` makes, when it is one; device latency models
+    (docs/latency_models.md) predict from it (a hand-designed baseline has none: it is measured).
     """
     from ehrsr.profiling import count_macs
     from ehrsr.training import TrainingDiverged, TrainingOutOfMemory
@@ -277,12 +303,13 @@ def run_configuration(
     start = time.perf_counter()
     seconds = {"train": 0.0, "eval": 0.0, "profile": 0.0}
     torch.manual_seed(seed)
-    model = build_model(config)
+    model = build()
+    measured = deploy(model) if deploy is not None else model
 
     # 1. cheap counting: refuse over-limit configurations before spending budget
     t0 = time.perf_counter()
     if precomputed_cost is None:
-        count = count_macs(model, ctx.profile_shape)
+        count = count_macs(measured, ctx.profile_shape)
         params_deploy, macs = count.params_deploy, count.macs
         counted = {"macs": count.macs, "params": count.params, "params_deploy": count.params_deploy}
     else:
@@ -290,7 +317,7 @@ def run_configuration(
         counted = dict(precomputed_cost)
     refusal = ctx.limits.refusal(params_deploy, macs)
     device = None
-    if refusal is None:  # predicted latencies on other devices: a fraction of a second
+    if refusal is None and config is not None:  # predicted latencies on other devices: a fraction of a second
         device = device_latency_step(config, ctx)
         refusal = device.refusal if device is not None else None
         counted.update(device.metrics if device is not None else {})
@@ -302,7 +329,7 @@ def run_configuration(
     # 2. measured cost of the deploy form on this device (unless the caller measured it already)
     canary = None
     if precomputed_cost is None:
-        cost, canary = measure_cost_checked(model, ctx, count)
+        cost, canary = measure_cost_checked(measured, ctx, count)
     else:
         cost = dict(precomputed_cost)
     cost.update(device.metrics if device is not None else {})

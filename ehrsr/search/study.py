@@ -89,6 +89,13 @@ class SearchSettings:
     isolate: bool | None = None  # None: child process per trial on CUDA only
     ablation_share: float = 0.15
     ablation_seeds: int | Literal["auto"] = "auto"  # seeds per ablation variant (docs/reports.md)
+    # hand-designed baselines trained after the search with its trial protocol (docs/baselines.md):
+    # None = every available one with the bicubic skip, "none" = off, else a comma list
+    baselines: str | None = None
+    baselines_share: float = 0.10  # share of a time budget kept for them
+    fidelity_share: float = 0.10  # share kept for the proxy-fidelity retrains (docs/reports.md)
+    fidelity_configs: int = 8
+    fidelity_factor: float = 4.0
     write_reports: bool = True
     verbosity: int = 1  # 0 quiet, 1 normal, 2 verbose
     # per-device latency models (docs/latency_models.md): limits by profile name (--max-latency-ms
@@ -110,6 +117,13 @@ class SearchSettings:
         if device.type not in ("cpu", "cuda"):
             raise SearchError(f"--device {self.device}: only cpu and cuda are supported")
         return device
+
+    @property
+    def reserved_share(self) -> float:
+        """Share of a time budget kept from the search for the steps after it (controlled
+        ablation, baselines, proxy-fidelity check)."""
+        baselines = 0.0 if (self.baselines or "").strip().lower() == "none" else self.baselines_share
+        return self.ablation_share + baselines + self.fidelity_share
 
 
 @dataclass
@@ -314,6 +328,14 @@ def prepare_study(settings: SearchSettings, log: Any = print) -> PreparedStudy:
     seeds = settings.ablation_seeds
     if seeds != "auto" and (isinstance(seeds, bool) or not isinstance(seeds, int) or seeds < 1):
         raise SearchError(f"--ablation-seeds must be 'auto' or a positive integer, got {seeds!r}")
+    for name in ("baselines_share", "fidelity_share"):
+        if not 0 <= getattr(settings, name) < 1:
+            raise SearchError(f"--{name.replace('_', '-')} must be in [0, 1), got {getattr(settings, name)}")
+    if settings.reserved_share >= 1:
+        raise SearchError(
+            f"--ablation-share + --baselines-share + --fidelity-share = {settings.reserved_share:.2f} leaves "
+            "nothing for the search; their sum must be below 1"
+        )
 
     study_name = settings.study_name or _default_study_name(space.name, task, settings.train_data, settings.val_data)
     study_dir = Path(settings.out_dir) / study_name
@@ -402,6 +424,8 @@ def prepare_study(settings: SearchSettings, log: Any = print) -> PreparedStudy:
             },
             "ablation_share": settings.ablation_share,
             "ablation_seeds": settings.ablation_seeds,
+            "baselines_share": settings.baselines_share,
+            "fidelity_share": settings.fidelity_share,
             "seed": settings.seed,
             "sampler": settings.sampler,
             LATENCY_MODELS_ATTR: {d.name: {"file": d.model_path, "target": d.target, "accuracy": d.accuracy,

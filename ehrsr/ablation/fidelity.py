@@ -1,0 +1,166 @@
+"""Proxy fidelity: does the brief training of a trial rank configurations as longer training does?
+
+A search ranks configurations after a few dozen to a few thousand steps. ``run_fidelity``
+retrains K of its finished configurations (chosen across the Pareto front and the dominated cloud,
+spread over the range of brief PSNR) for F times the trial's steps, with the trial's settings and
+seed otherwise unchanged, and stores them in ``<study>-fidelity`` through the one recording path
+(``ehrsr.search.record``). ``ehrsr.reports.fidelity`` then compares the brief and long rankings
+(Spearman and Kendall with bootstrap intervals, ``ehrsr.stats.rank_agreement``); see
+docs/reports.md, "Proxy fidelity".
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import sys
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import optuna
+from optuna.trial import FrozenTrial, TrialState
+
+from ehrsr.ablation.side import SideBudget, median_charge, open_side_study, run_recorded
+from ehrsr.ablation.variants import AblationError
+from ehrsr.config import EHRSRConfig
+from ehrsr.stats import MIN_RANK_POINTS
+from ehrsr.study_schema import StudyInfo, fidelity_study_name, finite, is_feasible
+from ehrsr.training import TrainSettings
+
+__all__ = ["DEFAULT_CONFIGS", "DEFAULT_FACTOR", "FidelityError", "FidelityResult", "choose_configurations",
+           "fidelity_sources", "run_fidelity"]
+
+DEFAULT_CONFIGS = 8  # enough for a Kendall tau whose interval says something, cheap enough to afford
+DEFAULT_FACTOR = 4.0  # long = 4x the trial's steps: long enough to reorder what brief training misranks
+
+
+class FidelityError(AblationError):
+    """The proxy-fidelity check cannot run (too few finished trials, bad K or F): one line, exit 2."""
+
+
+@dataclass
+class FidelityResult:
+    study_name: str  # the <study>-fidelity study
+    sources: list[int]  # trial numbers chosen
+    factor: float
+    runs_run: int
+    runs_skipped: int
+    stopped: str | None
+    seconds_spent: float
+
+
+def _brief_quality(trial: FrozenTrial, key: str) -> float | None:
+    value = (trial.user_attrs.get("metrics") or {}).get(key)
+    return float(value) if finite(value) else None
+
+
+def choose_configurations(study: optuna.Study, k: int, quality_key: str = "psnr") -> list[FrozenTrial]:
+    """K finished trials with a stored configuration: about half from the study's Pareto front and
+    half from the dominated cloud, each half spread evenly over its range of brief ``quality_key``
+    (sorted, then evenly spaced ranks); a short half is filled from the other. Deterministic."""
+    done = [
+        t for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
+        if t.user_attrs.get("config") and t.user_attrs.get("train") and _brief_quality(t, quality_key) is not None
+    ]
+    front_numbers = {t.number for t in study.best_trials}
+    front = sorted((t for t in done if t.number in front_numbers), key=lambda t: _brief_quality(t, quality_key))
+    cloud = sorted((t for t in done if t.number not in front_numbers), key=lambda t: _brief_quality(t, quality_key))
+
+    def spread(items: list[FrozenTrial], n: int) -> list[FrozenTrial]:
+        if n >= len(items):
+            return list(items)
+        if n <= 0:
+            return []
+        return [items[int(i)] for i in np.unique(np.round(np.linspace(0, len(items) - 1, n)).astype(int))]
+
+    n_front = min(len(front), math.ceil(k / 2))
+    n_cloud = min(len(cloud), k - n_front)
+    n_front = min(len(front), k - n_cloud)
+    chosen = spread(front, n_front) + spread(cloud, n_cloud)
+    return sorted(chosen, key=lambda t: t.number)
+
+
+def fidelity_sources(study: optuna.Study, configs: int, factor: float) -> list[FrozenTrial]:
+    """``choose_configurations``, after checking ``configs`` and ``factor``; ``FidelityError``
+    (one line) when the study has fewer than ``MIN_RANK_POINTS`` usable finished trials."""
+    if isinstance(configs, bool) or not isinstance(configs, int) or configs < MIN_RANK_POINTS:
+        raise FidelityError(f"--configs must be an integer >= {MIN_RANK_POINTS}, got {configs!r}")
+    if not (isinstance(factor, (int, float)) and math.isfinite(factor) and factor > 1):
+        raise FidelityError(f"--factor must be a number > 1, got {factor!r}")
+    chosen = choose_configurations(study, configs)
+    if len(chosen) < MIN_RANK_POINTS:
+        raise FidelityError(
+            f"study {study.study_name!r} has {len(chosen)} finished trial{'s' if len(chosen) != 1 else ''} with a "
+            f"stored configuration; the proxy-fidelity check needs at least {MIN_RANK_POINTS}"
+        )
+    return chosen
+
+
+def run_fidelity(
+    study: optuna.Study,
+    ctx: Any,
+    *,
+    configs: int = DEFAULT_CONFIGS,
+    factor: float = DEFAULT_FACTOR,
+    budget_seconds: float | None = None,
+    progress: bool = True,
+    runner: Callable[..., Any] | None = None,
+) -> FidelityResult:
+    """Retrain (or resume) ``configs`` configurations of ``study`` for ``factor`` times their
+    steps and store them in ``<study>-fidelity``. ``budget_seconds``: device-seconds that study may
+    spend in all; a run whose estimate (the median long run so far, else ``factor`` times its
+    trial's charge) would overrun it is not started. Fewer than ``MIN_RANK_POINTS`` finished
+    trials raise ``FidelityError``. ``runner`` replaces ``ehrsr.search.runner.run_configuration``."""
+    chosen = fidelity_sources(study, configs, factor)
+    info = StudyInfo.from_study(study)
+    side = open_side_study(study, fidelity_study_name(study.study_name))
+    side.set_user_attr("plan", {"sources": [t.number for t in chosen], "factor": float(factor), "configs": configs})
+    done = {
+        (t.user_attrs.get("source_trial"), t.user_attrs.get("factor"))
+        for t in side.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
+    }
+    todo = [t for t in chosen if (t.number, float(factor)) not in done]
+    if runner is None:
+        from ehrsr.search.runner import run_configuration as runner  # heavy: only when running
+    budget = SideBudget(budget_seconds)
+    kind = str(getattr(getattr(ctx, "device", None), "type", "cpu"))
+    limits = getattr(ctx, "limits", None)
+    stopped = None
+    ran = 0
+    for index, source in enumerate(todo):
+        finished = [t for t in side.get_trials(deepcopy=False) if t.state.is_finished()]
+        fallback = factor * float(source.user_attrs.get("charged_seconds") or 0.0)
+        stopped = budget.refusal(side, median_charge(finished, fallback), len(todo) - index)
+        if stopped:
+            break
+        stored = dict(source.user_attrs["train"])
+        brief_steps = int(stored["steps"])
+        train = TrainSettings.from_dict({**stored, "steps": max(brief_steps + 1, round(brief_steps * factor))}, ignore=("seed",))
+        # the trial's own seed (the driver's rule: study seed + trial number), so only the length differs
+        seed = int(stored.get("seed", 0)) + source.number
+        config = EHRSRConfig.from_dict(source.user_attrs["config"])
+        attrs = {"source_trial": source.number, "factor": float(factor), "brief_steps": brief_steps,
+                 "brief_values": list(source.values or []),
+                 "brief_metrics": {k: v for k, v in (source.user_attrs.get("metrics") or {}).items()
+                                   if k in ("psnr", "ssim", "lpips")},
+                 "brief_feasible": is_feasible(source), "seed": seed, "config": config.to_dict(),
+                 "train": {**dataclasses.asdict(train), "seed": seed}}
+
+        def run(on_rung: Callable[[int, dict[str, Any]], None], config: EHRSRConfig = config,
+                train: TrainSettings = train, seed: int = seed) -> Any:
+            return runner(config, train, ctx, seed=seed)
+
+        outcome = run_recorded(side, attrs, run, device_kind=kind,
+                               constraints=limits.constraints if limits is not None else None)
+        ran += 1
+        if progress:
+            psnr = (outcome.metrics or {}).get(info.quality_objective.metric_key)
+            print(f"[fidelity] trial #{source.number} x{factor:g} ({train.steps} steps): {outcome.status}"
+                  + (f", {psnr:.3f}" if finite(psnr) else f": {outcome.reason}"), file=sys.stderr)
+    if stopped and progress:
+        print(f"[fidelity] {stopped}", file=sys.stderr)
+    return FidelityResult(side.study_name, [t.number for t in chosen], float(factor), ran, len(chosen) - len(todo),
+                          stopped, SideBudget(None).spent(side))
+
