@@ -92,7 +92,7 @@ def _after_search(study: optuna.Study, prepared: PreparedStudy, settings: Search
         return None
     ablation_line = None
     if settings.ablation_share > 0:
-        seconds = ablation_budget_seconds(prepared.budget, study, settings.ablation_share)
+        seconds = share_seconds(prepared.budget, study, settings.ablation_share, settings.reserved_share)
         log(f"controlled ablation: up to {seconds / 60:.1f} device-minutes ({settings.ablation_share:.0%} of the budget)")
         try:
             result = run_ablation(
@@ -123,13 +123,9 @@ def _after_search(study: optuna.Study, prepared: PreparedStudy, settings: Search
 
 
 def ablation_budget_seconds(budget: Any, study: optuna.Study, share: float) -> float:
-    """Device-seconds kept for the controlled ablation: ``share`` of the time budget; for a
-    trials-only budget, the same proportion of what the search itself spent."""
-    time_limits = [limit.seconds for limit in budget.limits if limit.seconds is not None]
-    if time_limits:
-        return share * min(time_limits)
-    spent = budget.spent(study).total_seconds
-    return spent * share / (1 - share)
+    """Device-seconds kept for the controlled ablation run on its own (``ablate``): ``share`` of
+    the time budget; for a trials-only budget, the same proportion of what the search spent."""
+    return share_seconds(budget, study, share, share)
 
 
 def run_ablation(
