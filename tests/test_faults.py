@@ -65,3 +65,57 @@ def test_a_fault_in_an_isolated_trial_process_ends_only_that_trial(tmp_path: Pat
     study, summary = _search(tmp_path, "iso", isolate=True)
     assert [t.user_attrs["status"] for t in study.trials] == ["diverged"] * 3
     assert summary.n_failed == 3
+
+
+def _dead_worker() -> dict:
+    """The ``worker`` attribute of a process on this host that has ended."""
+    import subprocess
+
+    from ehrsr.search.liveness import _host_key
+
+    proc = subprocess.Popen(["true"])
+    proc.wait()
+    return {"host": _host_key(), "pid": proc.pid, "started": 0.0}
+
+
+def test_a_running_orphan_is_charged_only_up_to_its_last_heartbeat() -> None:
+    from datetime import timedelta
+
+    from ehrsr.search.budget import parse_budget, record_start
+    from ehrsr.search.record import fail_stale_trials
+
+    study = optuna.create_study()
+    trial = study.ask()
+    record_start(trial, "cpu", 1)
+    start = study.trials[0].datetime_start
+    trial.set_user_attr("heartbeat", start.timestamp() + 10.0)
+    trial.set_user_attr("worker", _dead_worker())
+    budget = parse_budget("minutes=10,trials=5")
+    spent = budget.spent(study, now=start + timedelta(seconds=100))
+    # its clock stopped at the last heartbeat (10 s), not at "now" (100 s)
+    assert spent.total_seconds == pytest.approx(10.0) and (spent.running, spent.orphaned) == (1, 1)
+    alive = study.ask()  # a live one (this process) keeps its running clock
+    record_start(alive, "cpu", 1)
+    from ehrsr.search.liveness import current_worker
+
+    alive.set_user_attr("worker", current_worker().to_dict())
+    alive.set_user_attr("heartbeat", start.timestamp() + 95.0)
+    spent = budget.spent(study, now=start + timedelta(seconds=100))
+    assert spent.orphaned == 1 and spent.running == 2
+    assert fail_stale_trials(study) == [0]
+    assert study.trials[0].user_attrs["charged_seconds"] == pytest.approx(10.0)
+    assert budget.spent(study, now=start + timedelta(seconds=100)).orphaned == 0
+
+
+def test_the_summary_counts_orphans_and_the_budget_still_ends_exactly(tmp_path: Path) -> None:
+    study, _ = _search(tmp_path, "orph")  # trials=3 spent
+    orphan = study.ask()  # a worker that died mid-trial
+    orphan.set_user_attr("worker", _dead_worker())
+    settings = SearchSettings(space=MICRO, budget="trials=5", study_name="orph", out_dir=tmp_path / "r",
+                              cache_dir=str(tmp_path / "c"), profile_size=(32, 32), write_reports=False,
+                              verbosity=0, early_stopping=False, threads=1)
+    summary = run_search(settings)
+    assert summary.n_orphaned == 1 and summary.n_complete == 4 and summary.n_failed == 1
+    assert summary.spent.startswith("5 trials")
+    study = optuna.load_study(study_name="orph", storage=f"sqlite:///{tmp_path / 'r' / 'orph' / 'study.db'}")
+    assert study.trials[orphan.number].user_attrs["status"] == "crashed"

@@ -303,6 +303,7 @@ class SearchSummary:
     spent: str
     stopped_reason: str
     interrupted: bool
+    n_orphaned: int = 0  # trials whose worker died (failed as "crashed", or still RUNNING and dead)
     report: Path | None = None  # set by ehrsr.pipeline
     ablation: str | None = None  # what the controlled ablation at the end did (ehrsr.pipeline)
     prepared: PreparedStudy | None = field(default=None, repr=False)  # the study as the search opened it
@@ -397,7 +398,9 @@ def _summarise(prepared: PreparedStudy, worker: WorkerSummary) -> SearchSummary:
             pick = (max if objective.direction == "maximize" else min)(complete, key=lambda t: t.values[i])
             best[objective.name] = (pick.number, pick.values[i])
     pareto = study.best_trials if complete else []
-    spent = prepared.budget.spent(study).describe()
+    spent_now = prepared.budget.spent(study)
+    spent = spent_now.describe()
+    orphaned = sum(t.state == TrialState.FAIL and t.user_attrs.get("status") == "crashed" for t in trials)
     summary = SearchSummary(
         study_name=study.study_name,
         storage_url=mask_url(prepared.storage_url),
@@ -410,6 +413,7 @@ def _summarise(prepared: PreparedStudy, worker: WorkerSummary) -> SearchSummary:
         spent=spent,
         stopped_reason=worker.stopped_reason,
         interrupted=worker.interrupted,
+        n_orphaned=orphaned + spent_now.orphaned,
         prepared=prepared,
     )
     return summary
@@ -419,7 +423,8 @@ def print_summary(summary: SearchSummary, objectives: list[Objective], log: Sear
     log("")
     log(f"Search {summary.study_name}: {summary.stopped_reason or 'done'}", 0)
     rows = [
-        ("trials", f"{summary.n_complete} complete, {summary.n_pruned} stopped early, {summary.n_failed} failed/refused"),
+        ("trials", f"{summary.n_complete} complete, {summary.n_pruned} stopped early, {summary.n_failed} failed/refused"
+                   + (f" ({summary.n_orphaned} orphaned: their worker died)" if summary.n_orphaned else "")),
         ("Pareto set", f"{summary.pareto_size} trials"),
     ]
     for objective in objectives:
