@@ -119,3 +119,31 @@ def test_the_summary_counts_orphans_and_the_budget_still_ends_exactly(tmp_path: 
     assert summary.spent.startswith("5 trials")
     study = optuna.load_study(study_name="orph", storage=f"sqlite:///{tmp_path / 'r' / 'orph' / 'study.db'}")
     assert study.trials[orphan.number].user_attrs["status"] == "crashed"
+
+
+def test_without_local_lpips_weights_a_run_notes_it_once_and_never_downloads(tmp_path: Path, monkeypatch,
+                                                                              capfd) -> None:
+    # no LPIPS weights here (an empty torch hub): LPIPS is not an objective, so nothing may be
+    # downloaded, and the single-worker run says once that it goes on without LPIPS
+    import ehrsr.metrics
+    from ehrsr.cli import main
+    from ehrsr.search import study as study_module
+
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))
+    monkeypatch.setattr(study_module, "_LPIPS_FAILURES", {})
+    downloads = []
+    real = ehrsr.metrics.LPIPS.__init__
+
+    def spy(self, *args, **kwargs):
+        downloads.append(kwargs.get("allow_download", True))
+        return real(self, *args, **kwargs)
+
+    monkeypatch.setattr(ehrsr.metrics.LPIPS, "__init__", spy)
+    code = main(["--space", MICRO, "--study-name", "lp", "--budget", "trials=2", "--profile-size", "32",
+                 "--cache-dir", str(tmp_path / "c"), "--out-dir", str(tmp_path / "r"), "--no-report",
+                 "--threads", "1"])
+    out, err = capfd.readouterr()
+    assert code == 0, err
+    assert downloads and not any(downloads)  # every attempt was local-only
+    assert (out + err).count("note: LPIPS unavailable") == 1
+    assert "Downloading" not in out + err

@@ -311,6 +311,8 @@ class SearchSummary:
 
 def _worker_process(settings: SearchSettings, worker_index: int, gpu: int | None,
                     after_trial: AfterTrial | None = None) -> None:
+    # a spawned process starts with Optuna's default INFO logging ("Using an existing study ...")
+    optuna.logging.set_verbosity(optuna.logging.INFO if settings.verbosity >= 2 else optuna.logging.WARNING)
     if settings.threads:
         torch.set_num_threads(settings.threads)
     if gpu is not None:
@@ -336,7 +338,7 @@ def run_search(settings: SearchSettings, *, log: SearchLog | None = None,
         log("warning: training and validating on the built-in scikit-image sample images: the numbers "
             "only demonstrate the suite; pass --train-data/--val-data for real results")
     # prepare the data cache once here, so workers and child processes only read it
-    ctx = build_context(prepared.spec, torch.device("cpu"), lpips_weights=None, progress=settings.verbosity >= 1)
+    ctx = build_context(prepared.spec, torch.device("cpu"), progress=settings.verbosity >= 1, load_lpips=False)
     if "baseline" not in study.user_attrs:
         study.set_user_attr("baseline", baseline_quality(ctx, prepared.spec))
     workers = _resolve_workers(settings.workers, prepared.device)

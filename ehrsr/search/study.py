@@ -138,8 +138,10 @@ def build_context(
     need_lpips: bool = False,
     progress: bool = False,
     log: Any = None,
+    load_lpips: bool = True,
 ) -> RunContext:
-    """Prepare data (from the on-disk cache after the first time), LPIPS and the run context."""
+    """Prepare data (from the on-disk cache after the first time), LPIPS and the run context.
+    ``load_lpips=False``: no LPIPS (the data cache and the baseline need none)."""
     from ehrsr.data import ImageReadError, TaskConfig, prepare_data
 
     task = TaskConfig.from_dict(spec.task)
@@ -158,7 +160,7 @@ def build_context(
         # ValueError: here they are the user's --train-data / --val-data, so one line, exit 2
         raise SearchError(f"data: {exc}") from exc
     train_set = train_set.to(device)
-    lpips = _load_lpips(device, lpips_weights, required=need_lpips, log=log)
+    lpips = _load_lpips(device, lpips_weights, required=need_lpips, log=log) if load_lpips else None
     return RunContext(
         train_set=train_set,
         val_set=val_set,
@@ -178,12 +180,14 @@ _LPIPS_FAILURES: dict[str | None, str] = {}  # weights path -> why it failed (tr
 
 
 def _load_lpips(device: torch.device, weights: str | None, *, required: bool, log: Any) -> Any:
-    """LPIPS on ``device``, or None (said once) when its weights cannot be had."""
+    """LPIPS on ``device``, or None (said once, by the process given a ``log``) when its weights
+    cannot be had. Weights are downloaded only when LPIPS is an objective (``required``); otherwise
+    only local weights are used, so a search without LPIPS never waits on a failing download."""
     from ehrsr.metrics import LPIPS, LPIPSUnavailable
 
     if weights not in _LPIPS_FAILURES:
         try:
-            return LPIPS(device=device, weights_path=weights)
+            return LPIPS(device=device, weights_path=weights, allow_download=required)
         except LPIPSUnavailable as exc:
             _LPIPS_FAILURES[weights] = str(exc)
             if log is not None and not required:
