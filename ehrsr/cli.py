@@ -11,9 +11,13 @@ programming error and keeps its traceback. Passwords in storage URLs are masked 
 from __future__ import annotations
 
 import argparse
+import contextlib
+import errno
 import math
+import os
 import re
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -310,6 +314,41 @@ class UsageError(UserError):
     """A subcommand is missing something it needs."""
 
 
+class OutputError(UserError):
+    """The output folder cannot be written (read-only, full, under a file)."""
+
+
+@contextlib.contextmanager
+def _writing_to(folder: Path) -> Iterator[None]:
+    """``report`` / ``deploy`` write into ``folder``: check it can be written before any work, and
+    turn a write failure on the way (``OSError``; safetensors' ``SafetensorError``, which wraps
+    the OS error) into one line naming the folder."""
+    from safetensors import SafetensorError
+
+    if folder.is_dir():  # a missing folder is the storage's business ("no study ...")
+        probe = folder / f".write-test-{os.getpid()}"
+        try:
+            probe.write_text("ok")
+            probe.unlink()
+        except OSError as exc:
+            raise OutputError(f"output folder {folder} is not writable: {exc.strerror or exc}") from None
+    elif folder.exists() or any(p.is_file() for p in folder.parents):
+        raise OutputError(f"output folder {folder} is not writable: a file is in its path")
+    try:
+        yield
+    except OSError as exc:
+        if exc.errno not in _WRITE_ERRNOS:
+            raise
+        raise OutputError(f"cannot write to {exc.filename or folder}: {exc.strerror}") from None
+    except SafetensorError as exc:  # e.g. "Error while serializing: IoError(Os { code: 13, ... })"
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else "SafetensorError"
+        raise OutputError(f"weights file under {folder} failed: {first}") from None
+
+
+# the folder cannot be written: permission, read-only file system, full disk or quota, a file in the path
+_WRITE_ERRNOS = {errno.EACCES, errno.EPERM, errno.EROFS, errno.ENOSPC, errno.EDQUOT, errno.ENOTDIR, errno.EEXIST}
+
+
 def _need_study(args: argparse.Namespace, command: str) -> None:
     if not args.study_name:
         raise UsageError(f"{command} needs --study-name NAME (the folder name under {args.out_dir}/)")
@@ -319,7 +358,8 @@ def _report(args: argparse.Namespace) -> int:
     from ehrsr.pipeline import report_study
 
     _need_study(args, "report")
-    path = report_study(args.study_name, args.storage, args.out_dir, quiet=args.quiet)
+    with _writing_to(args.out_dir / args.study_name):
+        path = report_study(args.study_name, args.storage, args.out_dir, quiet=args.quiet)
     print(f"report written: {path}")
     return 0
 
@@ -394,8 +434,9 @@ def _deploy(args: argparse.Namespace) -> int:
         print(f"{name}: trial #{pick.trial} ({quality}; {latency:.1f} ms on {where}) -> {pick.json_path}")
         _say_latency_source(pick.json_path)
 
-    deploy_study(args.study_name, args.storage, args.out_dir, args.device_profile, onnx=args.onnx,
-                 devices_path=args.devices_file, progress=not args.quiet, on_pick=say)
+    with _writing_to(args.out_dir / args.study_name):
+        deploy_study(args.study_name, args.storage, args.out_dir, args.device_profile, onnx=args.onnx,
+                     devices_path=args.devices_file, progress=not args.quiet, on_pick=say)
     return 0
 
 

@@ -26,6 +26,8 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import nn
 
+from ehrsr import faults
+
 if TYPE_CHECKING:  # the settings are read by light modules (reports) that need no data code
     from ehrsr.data.datasets import TrainSet
 
@@ -322,6 +324,7 @@ def train(
         for group in optimizer.param_groups:
             group["lr"] = current_lr
         try:
+            faults.inject("oom", step + 1)  # EHRSR_FAULT (tests only; nothing when unset)
             lr_patch, hr_patch = train_set.sample(batch_size, patch_size, generator, device)
             if channels_last:
                 lr_patch = lr_patch.contiguous(memory_format=torch.channels_last)
@@ -332,6 +335,8 @@ def train(
                 total = criterion(pred.float(), hr_patch)
                 if has_aux:
                     total = total + model.aux_loss().float()
+                if faults.hits("nan", step + 1):
+                    total = total * float("nan")
             optimizer.zero_grad(set_to_none=True)
             total.backward()
             grad_norm = (

@@ -36,6 +36,7 @@ class PostgresTestServer:
     port: int
     bin_dir: Path
     run_as: str | None
+    options: str = ""  # the postgres options it was started with (``restart`` reuses them)
 
     @property
     def url(self) -> str:
@@ -48,6 +49,15 @@ class PostgresTestServer:
         with psycopg.connect(f"postgresql://postgres@127.0.0.1:{self.port}/postgres", autocommit=True) as conn:
             conn.execute(f'CREATE DATABASE "{name}"')
         return f"postgresql://postgres@127.0.0.1:{self.port}/{name}"
+
+    def outage(self, seconds: float) -> None:
+        """Stop the server (``pg_ctl stop -m fast``: connections are cut), wait, start it again:
+        a database restart as workers see it."""
+        data = str(self.root / "data")
+        _run([str(self.bin_dir / "pg_ctl"), "-D", data, "-m", "fast", "-w", "stop"], self.run_as, timeout=60)
+        time.sleep(seconds)
+        _run([str(self.bin_dir / "pg_ctl"), "-D", data, "-o", self.options, "-l", str(self.root / "server.log"),
+              "-w", "-t", "60", "start"], self.run_as, timeout=70)
 
     def stop(self) -> None:
         with contextlib.suppress(Exception):
@@ -124,7 +134,7 @@ def start_postgres(timeout_s: float = 60.0) -> PostgresTestServer:
         options = f"-h 127.0.0.1 -p {port} -k {root} -c fsync=off -c max_connections=200"
         _run([str(bin_dir / "pg_ctl"), "-D", str(root / "data"), "-o", options, "-l", str(root / "server.log"),
               "-w", "-t", str(int(timeout_s)), "start"], run_as, timeout=timeout_s + 10)
-        server = PostgresTestServer(root, port, bin_dir, run_as)
+        server = PostgresTestServer(root, port, bin_dir, run_as, options)
         _wait_and_create(server, timeout_s)
         return server
     except subprocess.CalledProcessError as exc:

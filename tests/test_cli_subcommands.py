@@ -115,3 +115,48 @@ def test_only_user_errors_become_one_line_and_a_bug_keeps_its_traceback(tmp_path
     monkeypatch.setattr(ehrsr.pipeline, "report_study", plain_value_error)
     with pytest.raises(ValueError, match="internal invariant"):
         main(args)
+
+
+def test_report_and_deploy_into_an_unwritable_folder_are_one_line(searched: Path, tmp_path: Path, capsys) -> None:
+    # tests run as root, where chmod does not stop writes: an output folder under a regular file
+    # cannot be created or written by anyone
+    blocker = tmp_path / "a-file"
+    blocker.write_text("not a folder")
+    storage = f"sqlite:///{searched / 'sub' / 'study.db'}"
+    for command in (["report"], ["deploy", "--device-profile", "x"]):
+        assert main([*command, "--study-name", "sub", "--storage", storage, "--out-dir", str(blocker)]) == 2
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and err.startswith("error: output folder") and "not writable" in err
+
+
+def test_write_failures_during_report_and_deploy_are_one_line(searched: Path, monkeypatch, capsys) -> None:
+    # a folder turning read-only (or a full disk) while writing, simulated where the writes happen
+    import errno
+
+    from safetensors import SafetensorError
+
+    import ehrsr.pipeline
+
+    target = searched / "sub" / "report.md"
+
+    def read_only(*a, **k):
+        raise OSError(errno.EROFS, "Read-only file system", str(target))
+
+    monkeypatch.setattr(ehrsr.pipeline, "write_report", read_only)
+    assert main(["report", "--study-name", "sub", "--out-dir", str(searched)]) == 2
+    assert capsys.readouterr().err == f"error: cannot write to {target}: Read-only file system\n"
+
+    def serializing(*a, **k):
+        raise SafetensorError("Error while serializing: IoError(Os { code: 30, kind: ReadOnlyFilesystem })")
+
+    monkeypatch.setattr(ehrsr.pipeline, "pick_deployment", serializing)
+    assert main(["deploy", "--study-name", "sub", "--out-dir", str(searched), "--device-profile", "x"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "Error while serializing" in err and err.startswith("error: weights file")
+
+    def bug(*a, **k):
+        raise FileNotFoundError(errno.ENOENT, "No such file", "x")  # not a write failure: keeps its traceback
+
+    monkeypatch.setattr(ehrsr.pipeline, "write_report", bug)
+    with pytest.raises(FileNotFoundError):
+        main(["report", "--study-name", "sub", "--out-dir", str(searched)])

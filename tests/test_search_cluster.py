@@ -137,3 +137,29 @@ def test_two_workers_through_the_grpc_storage_proxy(tmp_path: Path, pg_url: str)
         out, err = proxy.communicate(timeout=60)
     assert proxy.returncode == 0, err[-2000:]
     assert "storage proxy stopped" in out
+
+
+def test_a_database_restart_mid_search_costs_at_most_the_running_trials(
+        tmp_path: Path, pg_url: str, postgres_server) -> None:
+    # the server goes away for some seconds while two workers search: they wait and retry with
+    # backoff, say so, lose at most the trials they were running, and end with exactly the budget
+    n = 6
+    procs = [_worker(tmp_path, pg_url, "outage", f"trials={n}", i, "--no-early-stopping") for i in range(2)]
+    storage = open_storage(pg_url)
+    deadline = time.time() + 120
+    while time.time() < deadline and all(p.poll() is None for p in procs):
+        time.sleep(0.2)
+        try:
+            study = optuna.load_study(study_name="outage", storage=storage)
+        except KeyError:
+            continue
+        if study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)):
+            break
+    assert all(p.poll() is None for p in procs), "a worker ended before the outage"
+    postgres_server.outage(5.0)
+    outs = _wait_all(procs, timeout=300)
+    assert any("storage unreachable, retrying in" in out for out in outs)
+    study = _check_study(pg_url, "outage", n, outs)
+    lost = [t for t in study.trials if t.state == TrialState.FAIL]
+    assert len(lost) <= 2  # at most one running trial per worker
+    assert sum(t.state == TrialState.COMPLETE for t in study.trials) >= n - 2

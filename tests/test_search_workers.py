@@ -78,6 +78,7 @@ def test_workers_option_starts_processes_on_a_journal(tmp_path: Path) -> None:
     assert proc.returncode == 0, err[-2000:]
     assert (tmp_path / "r" / "multi" / "study.journal").exists()  # several processes: a journal file
     assert "[w0]" in out and "[w1]" in out
+    assert "Using an existing study" not in out + err  # Optuna's INFO lines are off in workers too
     storage = optuna.storages.JournalStorage(
         optuna.storages.journal.JournalFileBackend(str(tmp_path / "r" / "multi" / "study.journal"))
     )

@@ -10,6 +10,7 @@ images (no resize boundary effects at sub-image seams).
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Sequence
 
 import numpy as np
@@ -119,7 +120,7 @@ class ImageBank:
     @classmethod
     def from_arrays(cls, arrays: dict[str, np.ndarray], prefix: str) -> ImageBank:
         return cls(
-            torch.from_numpy(np.array(arrays[f"{prefix}_buffer"])),
+            _as_tensor(arrays[f"{prefix}_buffer"]),
             torch.from_numpy(np.array(arrays[f"{prefix}_shapes"])).to(torch.int64).reshape(-1, 2),
             [str(n) for n in arrays[f"{prefix}_names"]],
         )
@@ -153,3 +154,13 @@ def _crop_to_lr(hr: np.ndarray, lr: np.ndarray, scale: int, name: str) -> np.nda
             f"which is not a x{scale} pair (HR should be {want_w}x{want_h}, up to {scale - 1} extra pixels)"
         )
     return np.ascontiguousarray(hr[:want_h, :want_w])
+
+
+def _as_tensor(array: np.ndarray) -> torch.Tensor:
+    """A tensor over ``array`` without copying a read-only memory map (``cache.load_npz``): the
+    workers of one machine then share one copy of the images. Nothing writes into an image buffer."""
+    if isinstance(array, np.memmap) and not array.flags.writeable:
+        with warnings.catch_warnings():  # torch warns that the array is not writable: it never is written
+            warnings.simplefilter("ignore", UserWarning)
+            return torch.from_numpy(array)
+    return torch.from_numpy(np.array(array))

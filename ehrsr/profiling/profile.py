@@ -20,6 +20,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from ehrsr import faults
 from ehrsr.profiling.counting import (
     DEPLOY_EHRSR,
     DEPLOY_GENERIC,
@@ -102,6 +103,7 @@ def profile_model(
     passes an automatic plan aims for (default 1 s; at least 5 timed passes whatever the budget).
     Invalid arguments raise ``ValueError``.
     """
+    faults.inject("profile-error")  # EHRSR_FAULT (tests only; nothing when unset)
     shape = validate_input_shape(input_shape, model)
     macs_shape = validate_input_shape(macs_input_shape if macs_input_shape is not None else shape, model)
     dev = parse_device(device)

@@ -19,7 +19,8 @@ How each trial is counted:
 * ``WAITING`` (enqueued, not started): nothing.
 * refused before training (user attribute ``refused``): nothing, neither time nor ``trials``.
 * ``RUNNING``: its elapsed wall time so far (``now - datetime_start``) times its devices; it
-  counts as one trial. When deciding whether a new trial may start (``allows_new_trial``) a
+  counts as one trial. An orphan (its worker provably gone from this host, or silent for
+  ``record.STALE_SECONDS``) is charged only up to its last heartbeat: a dead trial's clock stops. When deciding whether a new trial may start (``allows_new_trial``) a
   running trial is counted as ``max(elapsed, estimate)``: it will most likely use the estimate.
 * ``COMPLETE``/``PRUNED``/``FAIL``: ``charged_seconds`` if recorded, else
   ``datetime_complete - datetime_start`` times its devices (a worker killed mid-trial leaves no
@@ -107,6 +108,7 @@ class Spent:
     trials: int  # trials that ran or are running (refused ones excluded)
     running: int  # of which still running
     refused: int  # trials refused before training (not in ``trials``)
+    orphaned: int = 0  # of the running ones, those whose worker is dead (not yet marked failed)
 
     def amount(self, unit: str) -> float:
         """Spent in a budget unit's own terms (GPU-hours, minutes, trials, ...)."""
@@ -134,6 +136,7 @@ class TrialCharge:
     counted: bool  # counts toward ``trials``
     running: bool
     refused: bool
+    orphaned: bool = False  # RUNNING, but its worker is provably dead or silent: charged to its last sign of life
 
 
 # ---------------------------------------------------------------------------------------------
@@ -247,6 +250,11 @@ def trial_charge(trial: Any, now: datetime | None = None) -> TrialCharge:
     if ATTR_REFUSED in attrs:
         return TrialCharge(0.0, kind, counted=False, running=trial.state == TrialState.RUNNING, refused=True)
     if trial.state == TrialState.RUNNING:
+        last_sign = _orphan_last_sign(trial, now)
+        if last_sign is not None:
+            # a dead worker's clock stops at its last sign of life, as ``fail_stale_trials`` will charge it
+            seconds = max(0.0, last_sign - trial.datetime_start.timestamp()) * n_devices
+            return TrialCharge(seconds, kind, counted=True, running=True, refused=False, orphaned=True)
         seconds = _elapsed_seconds(trial.datetime_start, now) * n_devices if trial.datetime_start else 0.0
         return TrialCharge(seconds, kind, counted=True, running=True, refused=False)
     if ATTR_CHARGED_SECONDS in attrs:
@@ -258,6 +266,23 @@ def trial_charge(trial: Any, now: datetime | None = None) -> TrialCharge:
     return TrialCharge(seconds, kind, counted=True, running=False, refused=False)
 
 
+def _orphan_last_sign(trial: Any, now: datetime | None) -> float | None:
+    """For a RUNNING trial whose worker is provably gone from this host (``liveness.worker_gone``)
+    or silent for ``record.STALE_SECONDS``: the time (s since the epoch) of its last heartbeat, or
+    its start when it never beat. None for a live trial."""
+    from ehrsr.search.liveness import worker_gone
+    from ehrsr.search.record import STALE_SECONDS
+
+    if trial.datetime_start is None:
+        return None
+    start = trial.datetime_start.timestamp()
+    beat = float(trial.user_attrs.get("heartbeat", start))
+    clock = now.timestamp() if now is not None else datetime.now().timestamp()
+    if clock - beat >= STALE_SECONDS or worker_gone(trial.user_attrs.get("worker")):
+        return beat
+    return None
+
+
 def _sum(charges: list[TrialCharge]) -> Spent:
     return Spent(
         gpu_seconds=sum(c.seconds for c in charges if c.device_kind == "cuda"),
@@ -266,6 +291,7 @@ def _sum(charges: list[TrialCharge]) -> Spent:
         trials=sum(c.counted for c in charges),
         running=sum(c.running and c.counted for c in charges),
         refused=sum(c.refused for c in charges),
+        orphaned=sum(c.orphaned for c in charges),
     )
 
 

@@ -20,6 +20,7 @@ import multiprocessing as mp
 import os
 import sys
 import time
+import traceback
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -29,8 +30,9 @@ import optuna
 import torch
 from optuna.trial import TrialState
 
+from ehrsr.errors import UserError
 from ehrsr.search.record import Heartbeat, TrialOutcome, fail_stale_trials, record_outcome
-from ehrsr.search.storage import mask_url, open_storage
+from ehrsr.search.storage import mask_url, open_storage, retry_storage
 from ehrsr.search.study import (
     ContextSpec,
     PreparedStudy,
@@ -104,8 +106,6 @@ class SearchLog:
 def run_worker(prepared: PreparedStudy, settings: SearchSettings, *, log: SearchLog | None = None,
                worker_index: int = 0, after_trial: AfterTrial | None = None) -> WorkerSummary:
     """The search loop of one worker (see the module docstring)."""
-    from ehrsr.search.budget import estimate_trial_seconds, record_start
-
     log = log or SearchLog(settings.verbosity)
     study, space, budget = prepared.study, prepared.space, prepared.budget
     device = prepared.device
@@ -121,11 +121,14 @@ def run_worker(prepared: PreparedStudy, settings: SearchSettings, *, log: Search
     summary = WorkerSummary()
     refusals = 0
     running_trial: optuna.Trial | None = None
+
+    def retry(what: str, function: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
+        return retry_storage(lambda: function(*args, **kwargs), what=what, log=log)
+
     try:
         while True:
-            fail_stale_trials(study)
-            estimate = estimate_trial_seconds(study, fidelity.seconds_per_trial_estimate, device.type)
-            ok, why = search_budget.allows_new_trial(study, estimate, device_kind=device.type)
+            retry("fail orphaned trials", fail_stale_trials, study)
+            estimate, (ok, why) = retry("check the budget", _budget_check, study, search_budget, fidelity, device)
             if not ok:
                 summary.stopped_reason = why
                 if settings.reserved_share > 0 and any(limit.seconds for limit in budget.limits):
@@ -134,24 +137,19 @@ def run_worker(prepared: PreparedStudy, settings: SearchSettings, *, log: Search
                         "the rest is kept for the controlled ablation, baselines and proxy-fidelity check)"
                     )
                 break
-            trial = study.ask()
+            trial = retry("ask for a trial", study.ask)
             running_trial = trial
-            ok, why = search_budget.allows_new_trial(study, estimate, device_kind=device.type, trial_number=trial.number)
+            ok, why = retry("check the budget", search_budget.allows_new_trial, study, estimate,
+                            device_kind=device.type, trial_number=trial.number)
             if not ok:  # another worker took the last slot
-                record_outcome(study, trial, TrialOutcome.failed("refused", f"budget: {why}"))
+                retry("record a trial", record_outcome, study, trial, TrialOutcome.failed("refused", f"budget: {why}"))
                 running_trial = None
                 summary.stopped_reason = why
                 break
-            record_start(trial, device.type, 1)
-            trial.set_user_attr("device_name", prepared.device_name)
-            sampled = space.suggest(trial, scale=prepared.spec.task.get("scale", 4))
-            if sampled.config is not None:
-                trial.set_user_attr("config", sampled.config.to_dict())
-            train = {**asdict(sampled.train), "seed": settings.seed}
-            trial.set_user_attr("train", train)
+            sampled, train = retry("start a trial", _start_trial, trial, prepared, settings)
             if sampled.refused is not None:
-                record_outcome(study, trial,
-                               TrialOutcome.failed("refused", f"refused before training: {sampled.refused}"))
+                retry("record a trial", record_outcome, study, trial,
+                      TrialOutcome.failed("refused", f"refused before training: {sampled.refused}"))
                 log(f"#{trial.number:<4} {sampled.summary():<40} refused: {sampled.refused}", 2)
                 running_trial = None
                 refusals += 1
@@ -181,19 +179,32 @@ def run_worker(prepared: PreparedStudy, settings: SearchSettings, *, log: Search
                 device_name=prepared.device_name,
             )
             start = time.perf_counter()
-            with Heartbeat(study, trial._trial_id):
-                outcome = execute_isolated(job) if isolate else execute_trial(job, ctx=ctx, study=study)
+            heartbeat = Heartbeat(study, trial._trial_id)
+            retry("start the heartbeat", heartbeat.__enter__)
+            try:
+                outcome = execute_isolated(job) if isolate else _execute_guarded(job, ctx, study)
+            except UserError as exc:
+                # a user error inside a trial (bad data, loss, ...) would hit every trial: fail
+                # this one now, so it neither stays RUNNING nor costs a slot later, and stop
+                failed = TrialOutcome.failed("error", str(exc), started=True)
+                wall = time.perf_counter() - start
+                retry("record a trial", record_outcome, study, trial, failed, wall_seconds=wall)
+                running_trial = None
+                raise
+            finally:
+                heartbeat.__exit__(None, None, None)
             wall = time.perf_counter() - start
             refusals = refusals + 1 if outcome.status == "refused" else 0
-            outcome = record_outcome(study, trial, outcome, wall_seconds=wall, weights_root=prepared.study_dir)
+            outcome = retry("record a trial", record_outcome, study, trial, outcome, wall_seconds=wall,
+                            weights_root=prepared.study_dir)
             running_trial = None
             summary.finished += 1
             log(_trial_line(trial.number, sampled.summary(), outcome, prepared.objectives, wall))
             if outcome.traceback:
                 log(outcome.traceback, 2)
-            log.progress(search_budget.used_fraction(search_budget.spent(study)))
+            log.progress(search_budget.used_fraction(retry("read the budget", search_budget.spent, study)))
             if after_trial is not None:
-                after_trial(study, prepared.study_dir)
+                retry("write the trials table", after_trial, study, prepared.study_dir)
             if refusals >= MAX_CONSECUTIVE_REFUSALS:
                 summary.stopped_reason = f"{refusals} configurations in a row were refused; relax the limits"
                 break
@@ -205,6 +216,40 @@ def run_worker(prepared: PreparedStudy, settings: SearchSettings, *, log: Search
                 record_outcome(study, running_trial,
                                TrialOutcome.failed("interrupted", "interrupted by the user (Ctrl-C)"))
     return summary
+
+
+def _budget_check(study: optuna.Study, budget: Any, fidelity: Any, device: torch.device) -> tuple[float, tuple[bool, str]]:
+    """(the next trial's estimated seconds, whether the budget allows it and why not)."""
+    from ehrsr.search.budget import estimate_trial_seconds
+
+    estimate = estimate_trial_seconds(study, fidelity.seconds_per_trial_estimate, device.type)
+    return estimate, budget.allows_new_trial(study, estimate, device_kind=device.type)
+
+
+def _start_trial(trial: optuna.Trial, prepared: PreparedStudy, settings: SearchSettings) -> tuple[Any, dict[str, Any]]:
+    """Record the trial's start and sample its configuration (repeatable: the storage may be retried)."""
+    from ehrsr.search.budget import record_start
+
+    record_start(trial, prepared.device.type, 1)
+    trial.set_user_attr("device_name", prepared.device_name)
+    sampled = prepared.space.suggest(trial, scale=prepared.spec.task.get("scale", 4))
+    if sampled.config is not None:
+        trial.set_user_attr("config", sampled.config.to_dict())
+    train = {**asdict(sampled.train), "seed": settings.seed}
+    trial.set_user_attr("train", train)
+    return sampled, train
+
+
+def _execute_guarded(job: TrialJob, ctx: Any, study: optuna.Study) -> TrialOutcome:
+    """``execute_trial`` in this process; an unexpected exception ends this trial only ("error",
+    with its traceback), as it does in a child process. User errors pass (the caller stops)."""
+    try:
+        return execute_trial(job, ctx=ctx, study=study)
+    except UserError:
+        raise
+    except Exception as exc:
+        return TrialOutcome.failed("error", f"{type(exc).__name__}: {exc}", traceback=traceback.format_exc(),
+                                   started=True)
 
 
 def search_share(budget: Any, fraction: float) -> Any:
@@ -258,6 +303,7 @@ class SearchSummary:
     spent: str
     stopped_reason: str
     interrupted: bool
+    n_orphaned: int = 0  # trials whose worker died (failed as "crashed", or still RUNNING and dead)
     report: Path | None = None  # set by ehrsr.pipeline
     ablation: str | None = None  # what the controlled ablation at the end did (ehrsr.pipeline)
     prepared: PreparedStudy | None = field(default=None, repr=False)  # the study as the search opened it
@@ -265,6 +311,8 @@ class SearchSummary:
 
 def _worker_process(settings: SearchSettings, worker_index: int, gpu: int | None,
                     after_trial: AfterTrial | None = None) -> None:
+    # a spawned process starts with Optuna's default INFO logging ("Using an existing study ...")
+    optuna.logging.set_verbosity(optuna.logging.INFO if settings.verbosity >= 2 else optuna.logging.WARNING)
     if settings.threads:
         torch.set_num_threads(settings.threads)
     if gpu is not None:
@@ -290,7 +338,7 @@ def run_search(settings: SearchSettings, *, log: SearchLog | None = None,
         log("warning: training and validating on the built-in scikit-image sample images: the numbers "
             "only demonstrate the suite; pass --train-data/--val-data for real results")
     # prepare the data cache once here, so workers and child processes only read it
-    ctx = build_context(prepared.spec, torch.device("cpu"), lpips_weights=None, progress=settings.verbosity >= 1)
+    ctx = build_context(prepared.spec, torch.device("cpu"), progress=settings.verbosity >= 1, load_lpips=False)
     if "baseline" not in study.user_attrs:
         study.set_user_attr("baseline", baseline_quality(ctx, prepared.spec))
     workers = _resolve_workers(settings.workers, prepared.device)
@@ -352,7 +400,9 @@ def _summarise(prepared: PreparedStudy, worker: WorkerSummary) -> SearchSummary:
             pick = (max if objective.direction == "maximize" else min)(complete, key=lambda t: t.values[i])
             best[objective.name] = (pick.number, pick.values[i])
     pareto = study.best_trials if complete else []
-    spent = prepared.budget.spent(study).describe()
+    spent_now = prepared.budget.spent(study)
+    spent = spent_now.describe()
+    orphaned = sum(t.state == TrialState.FAIL and t.user_attrs.get("status") == "crashed" for t in trials)
     summary = SearchSummary(
         study_name=study.study_name,
         storage_url=mask_url(prepared.storage_url),
@@ -365,6 +415,7 @@ def _summarise(prepared: PreparedStudy, worker: WorkerSummary) -> SearchSummary:
         spent=spent,
         stopped_reason=worker.stopped_reason,
         interrupted=worker.interrupted,
+        n_orphaned=orphaned + spent_now.orphaned,
         prepared=prepared,
     )
     return summary
@@ -374,7 +425,8 @@ def print_summary(summary: SearchSummary, objectives: list[Objective], log: Sear
     log("")
     log(f"Search {summary.study_name}: {summary.stopped_reason or 'done'}", 0)
     rows = [
-        ("trials", f"{summary.n_complete} complete, {summary.n_pruned} stopped early, {summary.n_failed} failed/refused"),
+        ("trials", f"{summary.n_complete} complete, {summary.n_pruned} stopped early, {summary.n_failed} failed/refused"
+                   + (f" ({summary.n_orphaned} orphaned: their worker died)" if summary.n_orphaned else "")),
         ("Pareto set", f"{summary.pareto_size} trials"),
     ]
     for objective in objectives:

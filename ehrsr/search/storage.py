@@ -9,7 +9,10 @@ machines. Every URL that reaches a log or a report goes through ``mask_url``.
 from __future__ import annotations
 
 import re
+import time
+from collections.abc import Callable
 from pathlib import Path
+from typing import TypeVar
 
 import optuna
 
@@ -20,7 +23,11 @@ __all__ = [
     "default_storage_url",
     "mask_url",
     "open_storage",
+    "retry_storage",
+    "storage_unreachable",
 ]
+
+T = TypeVar("T")
 
 
 class StorageError(UserError, RuntimeError):
@@ -206,3 +213,56 @@ def _open_rdb(url: str) -> optuna.storages.RDBStorage:
                 raise
             time.sleep(random.uniform(0.1, 0.5) * (attempt + 1))
     raise AssertionError("unreachable")
+
+
+def storage_unreachable(exc: BaseException) -> bool:
+    """Whether ``exc`` (or an error it was raised from) says the storage could not be reached: a
+    database server that is down or restarting (SQLAlchemy ``OperationalError`` /
+    ``InterfaceError`` / ``DisconnectionError``, which Optuna may wrap in
+    ``StorageInternalError``), an unavailable gRPC proxy, a refused connection."""
+    seen: set[int] = set()
+    while exc is not None and id(exc) not in seen:
+        seen.add(id(exc))
+        if isinstance(exc, ConnectionError):
+            return True
+        names = {cls.__name__ for cls in type(exc).__mro__}
+        module = type(exc).__module__
+        if module.startswith("sqlalchemy") and names & {"OperationalError", "InterfaceError", "DisconnectionError"}:
+            return True
+        if module.startswith("grpc") and "UNAVAILABLE" in str(getattr(exc, "code", lambda: "")()):
+            return True
+        exc = exc.__cause__ or exc.__context__
+    return False
+
+
+RETRY_FIRST_DELAY_S = 1.0
+RETRY_MAX_DELAY_S = 30.0
+RETRY_GIVE_UP_S = 600.0  # a storage down this long is not a restart: stop with one line
+
+
+def retry_storage(operation: Callable[[], T], *, what: str, log: Callable[[str], None] | None = None,
+                  give_up_s: float = RETRY_GIVE_UP_S, first_delay_s: float = RETRY_FIRST_DELAY_S,
+                  sleep: Callable[[float], None] = time.sleep) -> T:
+    """Run ``operation``; while the storage is unreachable (``storage_unreachable``), wait and retry
+    with exponential backoff (1, 2, 4, ... s, at most 30 s between tries), saying so in ``log``.
+
+    A database restart or a network blip then costs a worker some seconds, not its life. After
+    ``give_up_s`` of failures a ``StorageError`` (one line) ends the worker. Other errors pass at once.
+    """
+    delay = first_delay_s
+    waited = 0.0
+    while True:
+        try:
+            return operation()
+        except Exception as exc:
+            if not storage_unreachable(exc):
+                raise
+            if waited >= give_up_s:
+                first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+                raise StorageError(f"storage unreachable for {waited:.0f} s while trying to {what}: "
+                                   f"{mask_url(first)}") from None
+            if log is not None:
+                log(f"storage unreachable, retrying in {delay:.0f} s ({what})")
+            sleep(delay)
+            waited += delay
+            delay = min(RETRY_MAX_DELAY_S, delay * 2)

@@ -9,6 +9,7 @@ the same command finds the study again; asking a different question of an existi
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import os
 import warnings
@@ -165,8 +166,10 @@ def build_context(
     need_lpips: bool = False,
     progress: bool = False,
     log: Any = None,
+    load_lpips: bool = True,
 ) -> RunContext:
-    """Prepare data (from the on-disk cache after the first time), LPIPS and the run context."""
+    """Prepare data (from the on-disk cache after the first time), LPIPS and the run context.
+    ``load_lpips=False``: no LPIPS (the data cache and the baseline need none)."""
     from ehrsr.data import ImageReadError, TaskConfig, prepare_data
 
     task = TaskConfig.from_dict(spec.task)
@@ -185,7 +188,7 @@ def build_context(
         # ValueError: here they are the user's --train-data / --val-data, so one line, exit 2
         raise SearchError(f"data: {exc}") from exc
     train_set = train_set.to(device)
-    lpips = _load_lpips(device, lpips_weights, required=need_lpips, log=log)
+    lpips = _load_lpips(device, lpips_weights, required=need_lpips, log=log) if load_lpips else None
     return RunContext(
         train_set=train_set,
         val_set=val_set,
@@ -225,12 +228,14 @@ _LPIPS_FAILURES: dict[str | None, str] = {}  # weights path -> why it failed (tr
 
 
 def _load_lpips(device: torch.device, weights: str | None, *, required: bool, log: Any) -> Any:
-    """LPIPS on ``device``, or None (said once) when its weights cannot be had."""
+    """LPIPS on ``device``, or None (said once, by the process given a ``log``) when its weights
+    cannot be had. Weights are downloaded only when LPIPS is an objective (``required``); otherwise
+    only local weights are used, so a search without LPIPS never waits on a failing download."""
     from ehrsr.metrics import LPIPS, LPIPSUnavailable
 
     if weights not in _LPIPS_FAILURES:
         try:
-            return LPIPS(device=device, weights_path=weights)
+            return LPIPS(device=device, weights_path=weights, allow_download=required)
         except LPIPSUnavailable as exc:
             _LPIPS_FAILURES[weights] = str(exc)
             if log is not None and not required:
@@ -299,7 +304,6 @@ def _constraints_of(trial: optuna.trial.FrozenTrial) -> list[float]:
 def prepare_study(settings: SearchSettings, log: Any = print) -> PreparedStudy:
     """Validate the settings, open or create the study, store its recipe, enqueue references."""
     from ehrsr.data import TaskConfig
-    from ehrsr.profiling import device_name
     from ehrsr.search.budget import BudgetError, check_budget_device, parse_budget
     from ehrsr.search.space import SearchSpaceError, load_space
 
@@ -336,9 +340,86 @@ def prepare_study(settings: SearchSettings, log: Any = print) -> PreparedStudy:
             f"--ablation-share + --baselines-share + --fidelity-share = {settings.reserved_share:.2f} leaves "
             "nothing for the search; their sum must be below 1"
         )
+    # everything that can fail inside trial 0 is checked before the study exists: a study created
+    # by a run that could not work would keep a RUNNING trial and refuse the corrected rerun
+    check_threads(settings.threads)
+    check_data(task, settings.train_data, settings.val_data, patch_size=space.fidelity.patch_size)
 
     study_name = settings.study_name or _default_study_name(space.name, task, settings.train_data, settings.val_data)
     study_dir = Path(settings.out_dir) / study_name
+    new_folder = not study_dir.exists()
+    try:
+        return _open_study(settings, device, objectives, budget, space, task, study_name, study_dir, log,
+                           device_latency)
+    except BaseException:
+        # a run that failed before any trial leaves no empty reports/<name>/ behind
+        if new_folder and study_dir.is_dir() and not any(study_dir.iterdir()):
+            with contextlib.suppress(OSError):
+                study_dir.rmdir()
+        raise
+
+
+def check_threads(threads: int | None) -> None:
+    """``--threads`` must be 1 .. the cores this process may run on (``os.sched_getaffinity``)."""
+    if threads is None:
+        return
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    if isinstance(threads, bool) or not isinstance(threads, int) or not 1 <= threads <= cores:
+        raise SearchError(f"--threads must be between 1 and {cores} (the cores available here), got {threads}")
+
+
+def check_data(task: Any, train_data: str | None, val_data: str | None, *, patch_size: int) -> None:
+    """The data folders are readable and their images large enough: every training image is
+    sampled at ``patch_size`` LR pixels (``patch_size * scale`` HR), and a validation image must
+    be larger than twice the crop border (``scale`` pixels on each side). Only image headers are
+    read; the built-in images (None) are known to fit."""
+    from PIL import Image, UnidentifiedImageError
+
+    from ehrsr.data.io import list_images
+
+    scale = task.scale
+    crop_border = scale if scale > 1 else 0
+
+    def sizes(folder: str, option: str) -> list[tuple[Path, int, int]]:
+        try:
+            files = list_images(folder)
+        except ValueError as exc:
+            raise SearchError(f"{option}: {exc}") from None
+        out = []
+        for path in files:
+            try:
+                with Image.open(path) as image:
+                    width, height = image.size
+            except (OSError, UnidentifiedImageError, SyntaxError) as exc:
+                raise SearchError(f"{option}: cannot read image {path}: {exc}") from None
+            out.append((path, width, height))
+        return out
+
+    if train_data is not None:
+        hr_patch = patch_size * scale
+        found = sizes(train_data, "--train-data")
+        if not any(w >= hr_patch and h >= hr_patch for _, w, h in found):
+            largest = max(found, key=lambda item: min(item[1], item[2]))
+            raise SearchError(
+                f"--train-data {train_data}: no image is large enough for the space's patch size {patch_size} "
+                f"(x{scale} = {hr_patch} px HR); the largest is {largest[0].name} ({largest[1]}x{largest[2]})"
+            )
+    if val_data is not None:
+        need = max(2 * crop_border + 1, scale)
+        for path, width, height in sizes(val_data, "--val-data"):
+            if width < need or height < need:
+                raise SearchError(
+                    f"--val-data: image {path.name} ({width}x{height}) is too small for the crop border "
+                    f"{crop_border} of x{scale}: it needs at least {need}x{need} px"
+                )
+
+
+def _open_study(settings: SearchSettings, device: torch.device, objectives: list[Objective], budget: Any,
+                space: Any, task: Any, study_name: str, study_dir: Path, log: Any,
+                device_latency: list[Any]) -> PreparedStudy:
+    """Open or create the study of ``prepare_study`` once its settings are checked."""
+    from ehrsr.profiling import device_name
+
     try:
         study_dir.mkdir(parents=True, exist_ok=True)
         probe = study_dir / f".write-test-{os.getpid()}"  # per process: workers start together
@@ -384,6 +465,8 @@ def prepare_study(settings: SearchSettings, log: Any = print) -> PreparedStudy:
         raise StorageError(f"cannot read storage {mask_url(storage_url)}: {str(exc).splitlines()[0]}") from None
     # workers started together all find the study missing: only the one whose creation succeeds
     # writes its attributes and enqueues the reference trials (else they are enqueued twice)
+    if study_name in existing and _replace_unfinished(storage, study_name, spec, space, settings, log):
+        existing.discard(study_name)
     created = study_name not in existing and _claim_new_study(storage, study_name, objectives)
     study = optuna.create_study(
         storage=storage,
@@ -500,6 +583,29 @@ def load_study(study_name: str, storage: str | None, out_dir: Path) -> tuple[opt
         known = ", ".join(sorted(names)) or "none"
         raise SearchError(f"no study {study_name!r} in storage {mask_url(url)} (studies there: {known})")
     return optuna.load_study(study_name=study_name, storage=backend), url, study_dir
+
+
+def _replace_unfinished(storage: optuna.storages.BaseStorage, name: str, spec: ContextSpec, space: Any,
+                        settings: SearchSettings, log: Any) -> bool:
+    """Delete the stored study ``name`` when it asks another question than these settings but has no
+    finished (complete or pruned) trial: nothing would be lost, and a first run that failed must
+    not lock its study to the settings that failed. Returns True when it was deleted."""
+    from optuna.trial import TrialState
+
+    study = optuna.load_study(study_name=name, storage=storage)
+    if "context" not in study.user_attrs:
+        return False
+    try:
+        _check_compatible(study, spec, space, settings)
+        return False
+    except SearchError as exc:
+        why = str(exc).split(";")[0]
+    finished = study.get_trials(deepcopy=False, states=(TrialState.COMPLETE, TrialState.PRUNED))
+    if finished:
+        return False
+    optuna.delete_study(study_name=name, storage=storage)
+    log(f"note: {why}, but it has no finished trial: re-created with the new settings")
+    return True
 
 
 def _check_compatible(study: optuna.Study, spec: ContextSpec, space: Any, settings: SearchSettings) -> None:

@@ -21,6 +21,7 @@ import optuna
 import torch
 from optuna.trial import TrialState
 
+from ehrsr import faults
 from ehrsr.config import EHRSRConfig
 from ehrsr.search.record import HEARTBEAT_SECONDS, STALE_SECONDS, Heartbeat, TrialOutcome, fail_stale_trials
 from ehrsr.search.runner import RunContext, RunResult, jsonable_metrics, run_configuration
@@ -70,6 +71,8 @@ def execute_trial(job: TrialJob, ctx: RunContext | None = None, study: optuna.St
     ``ehrsr.search.record.record_outcome``."""
     from ehrsr.search.asha import MOASHA
 
+    faults.set_trial(job.trial_number)
+    faults.inject("trial-exception")  # EHRSR_FAULT (tests only; nothing when unset)
     if study is None:
         study = optuna.load_study(study_name=job.study_name, storage=open_storage(job.storage_url))
     trial = optuna.trial.Trial(study, job.trial_id)
