@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 import optuna
 import pytest
 from optuna.trial import TrialState
 
+import ehrsr.search.driver as driver
+from ehrsr.cli import main
 from ehrsr.search.record import record_outcome
 from ehrsr.search.revisits import RepeatPolicy, find_finished_repeat, record_repeat, sampler_seed
 
@@ -151,10 +154,12 @@ def test_policy_stops_after_consecutive_repeats() -> None:
 # ---------------------------------------------------------------------------------------------
 # the driver's trial loop (micro space, built-in images, a few training steps)
 
-from pathlib import Path  # noqa: E402
 
-import ehrsr.search.driver as driver  # noqa: E402
-from ehrsr.cli import main  # noqa: E402
+@pytest.fixture(scope="module")
+def cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """One prepared-data cache for the module's searches (preparing the images is the slow part)."""
+    return tmp_path_factory.mktemp("cache")
+
 
 MICRO = str(Path(__file__).resolve().parent / "fixtures" / "micro.yaml")
 
@@ -163,13 +168,13 @@ class _SameProposal(optuna.samplers.BaseSampler):
     """A sampler stand-in that proposes the same configuration every time (the last choice, the
     upper bound), so every proposal after the first repeats a finished trial."""
 
-    def infer_relative_search_space(self, study, trial):  # noqa: ANN001, ANN201
+    def infer_relative_search_space(self, study, trial):
         return {}
 
-    def sample_relative(self, study, trial, search_space):  # noqa: ANN001, ANN201
+    def sample_relative(self, study, trial, search_space):
         return {}
 
-    def sample_independent(self, study, trial, name, distribution):  # noqa: ANN001, ANN201
+    def sample_independent(self, study, trial, name, distribution):
         if isinstance(distribution, optuna.distributions.CategoricalDistribution):
             return distribution.choices[-1]
         return distribution.high
@@ -185,7 +190,7 @@ def _spy_training(monkeypatch: pytest.MonkeyPatch) -> list[int]:
     trained: list[int] = []
     real = driver.execute_trial
 
-    def spy(job, **kwargs):  # noqa: ANN001, ANN202
+    def spy(job, **kwargs):
         trained.append(job.trial_number)
         return real(job, **kwargs)
 
@@ -197,11 +202,12 @@ def _load(out: Path, name: str) -> optuna.Study:
     return optuna.load_study(study_name=name, storage=f"sqlite:///{out / name / 'study.db'}")
 
 
-def test_driver_records_a_repeat_without_training_it(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+@pytest.mark.slow
+def test_driver_records_a_repeat_without_training_it(tmp_path: Path, cache: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(driver, "build_sampler", lambda *_: _SameProposal())
     trained = _spy_training(monkeypatch)
     out = tmp_path / "r"
-    assert main(_micro_args(out, tmp_path / "c", "rep", "trials=4")) == 0
+    assert main(_micro_args(out, cache, "rep", "trials=4")) == 0
     study = _load(out, "rep")
     finished = [t for t in study.trials if t.state != TrialState.WAITING]
     repeats = [t for t in finished if "repeat_of" in t.user_attrs]
@@ -228,11 +234,12 @@ def test_driver_records_a_repeat_without_training_it(tmp_path: Path, monkeypatch
     assert spent.trials == len(originals) and spent.repeats == len(repeats)
 
 
-def test_allow_repeats_trains_every_proposal(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+@pytest.mark.slow
+def test_driver_allow_repeats_trains_every_proposal(tmp_path: Path, cache: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(driver, "build_sampler", lambda *_: _SameProposal())
     trained = _spy_training(monkeypatch)
     out = tmp_path / "r"
-    assert main(_micro_args(out, tmp_path / "c", "rep", "trials=4", "--allow-repeats")) == 0
+    assert main(_micro_args(out, cache, "rep", "trials=4", "--allow-repeats")) == 0
     study = _load(out, "rep")
     finished = [t for t in study.trials if t.state != TrialState.WAITING]
     assert trained == [t.number for t in finished] and len(finished) == 4
@@ -242,13 +249,14 @@ def test_allow_repeats_trains_every_proposal(tmp_path: Path, monkeypatch: pytest
     assert len(set(keys)) < len(keys)
 
 
+@pytest.mark.slow
 def test_resumed_micro_search_proposes_no_finished_configuration(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    tmp_path: Path, cache: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     seeds: list[int] = []
     real = driver.build_sampler
     monkeypatch.setattr(driver, "build_sampler", lambda name, seed, c: (seeds.append(seed), real(name, seed, c))[1])
-    out, cache = tmp_path / "r", tmp_path / "c"
+    out = tmp_path / "r"
     assert main(_micro_args(out, cache, "res", "trials=3", "--sampler", "random")) == 0
     first = {t.number for t in _load(out, "res").trials if t.state != TrialState.WAITING}
     assert main(_micro_args(out, cache, "res", "trials=6", "--sampler", "random")) == 0
