@@ -172,6 +172,11 @@ def export_onnx(
 # ONNX with dynamic sizes
 
 CHECK_SIZES: tuple[tuple[int, int], ...] = ((61, 47), (33, 65))  # odd, neither a multiple of 2, 4 or 8
+# The size a dynamic export is traced at. torch.export follows the Python branches of the example:
+# traced at an even size, "pad to a multiple of 2 ** levels" is skipped and the graph then fails
+# on odd sizes (measured: 32x32 -> onnxruntime refuses 61x47). An odd size takes every padding
+# branch; padding by 0 at other sizes is exact.
+TRACE_HW: tuple[int, int] = (45, 37)
 
 
 @dataclass
@@ -314,9 +319,11 @@ def export_onnx_dynamic(
     example_hw: tuple[int, int] = (45, 37),
     opset: int = 18,
     check_sizes: Sequence[tuple[int, int]] = CHECK_SIZES,
+    trace_hw: tuple[int, int] = TRACE_HW,
 ) -> OnnxExport:
     """Export ``model`` (deploy form, run here in float32 on the CPU) with dynamic batch, height and
     width, and check it with onnxruntime at ``example_hw`` and every ``check_sizes`` (batch 1 and 2).
+    The dynamic graph is traced at ``trace_hw`` (odd sizes, see ``TRACE_HW``).
 
     When the dynamic export fails or disagrees with PyTorch at another size, the model is exported
     at the fixed ``1 x C x example_hw`` instead (run it on larger images with
@@ -328,10 +335,11 @@ def export_onnx_dynamic(
     model = model.to("cpu").float().eval()
     channels = int(getattr(getattr(model, "config", None), "in_channels", 3))
     example = torch.rand(1, channels, *example_hw, generator=torch.Generator().manual_seed(0))
+    trace = torch.rand(1, channels, *trace_hw, generator=torch.Generator().manual_seed(0))
     shapes = [(1, channels, *example_hw), *[(1, channels, *hw) for hw in check_sizes], (2, channels, *check_sizes[0])]
     problem = None
     try:
-        exporter = _export(model, example, path, opset, dynamic=True)
+        exporter = _export(model, trace, path, opset, dynamic=True)
         checks = _compare(model, _session(path), shapes)
         if max(checks.values()) <= ONNX_TOLERANCE:
             return OnnxExport(path, True, exporter, _opset_of(path), None, checks, passed=True)
@@ -339,7 +347,7 @@ def export_onnx_dynamic(
         problem = f"the dynamic export disagrees with PyTorch at {worst} (max abs diff {checks[worst]:.3g})"
     except Exception as exc:
         problem = f"dynamic export failed: {_first_line(exc)}"
-    blocking = _blocking_modules(model, example_hw, opset, path.parent)
+    blocking = _blocking_modules(model, trace_hw, opset, path.parent)
     path.unlink(missing_ok=True)
     try:
         exporter = _export(model, example, path, opset, dynamic=False)
