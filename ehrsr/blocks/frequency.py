@@ -22,8 +22,10 @@ __all__ = ["FrequencySeparationBlock", "radial_frequency"]
 
 def radial_frequency(height: int, width: int, device: torch.device) -> torch.Tensor:
     """(H, W//2+1) normalised radius of every ``rfft2`` bin: 0 at DC, 1 at the Nyquist radius."""
-    # torch.fft.fftfreq / rfftfreq, written with arange so that exporters (ONNX) can trace it
-    fy = torch.remainder(torch.arange(height, device=device) + height // 2, height) - height // 2
+    # torch.fft.fftfreq / rfftfreq, written with arange and where so that exporters (ONNX) can trace
+    # it with symbolic sizes (their remainder-by-a-size translation needs a constant)
+    fy = torch.arange(height, device=device)
+    fy = torch.where(fy >= (height + 1) // 2, fy - height, fy)
     fy = fy / height  # cycles per pixel, in [-0.5, 0.5)
     fx = torch.arange(width // 2 + 1, device=device) / width  # [0, 0.5]
     radius = torch.sqrt(fy[:, None] ** 2 + fx[None, :] ** 2) / 0.5
@@ -31,12 +33,14 @@ def radial_frequency(height: int, width: int, device: torch.device) -> torch.Ten
 
 
 def _dft_basis(n: int, m: int, period: int, device: torch.device, dtype: torch.dtype):
-    """cos and sin of ``2 pi k t / period`` for k < n, t < m; ``k t`` is reduced modulo ``period``
-    in integers first, so the angle stays small and float32 stays exact to ~1e-7."""
+    """cos and sin of ``2 pi k t / period`` for k < n, t < m. The angle (up to ``2 pi n m /
+    period``) is computed in float64, so cos and sin stay exact to ~1e-12 before the cast (a
+    float32 angle of 1e5 rad is off by ~0.01); no remainder by ``period``, which exporters cannot
+    translate for a symbolic size."""
     k = torch.arange(n, device=device)[:, None]
     t = torch.arange(m, device=device)[None, :]
-    angle = torch.remainder(k * t, period).to(dtype) * (2 * math.pi / period)
-    return torch.cos(angle), torch.sin(angle)
+    angle = (k * t).to(torch.float64) * (2 * math.pi) / period
+    return torch.cos(angle).to(dtype), torch.sin(angle).to(dtype)
 
 
 def filter_by_dft(x: torch.Tensor, gain: torch.Tensor) -> torch.Tensor:
