@@ -143,6 +143,9 @@ def build_parser() -> dict[str, argparse.ArgumentParser]:
     search.add_argument("--cache-dir", help="prepared-data cache (default: $EHRSR_CACHE or ~/.cache/ehrsr)")
     search.add_argument("--lpips-weights", help="local LPIPS weights file or folder (offline machines)")
     search.add_argument("--no-early-stopping", action="store_true", help="train every trial at full fidelity")
+    search.add_argument("--allow-repeats", action="store_true",
+                        help="train a proposal that repeats a finished configuration (default: record "
+                             "the earlier result, no training, no budget)")
     search.add_argument("--isolate", action=argparse.BooleanOptionalAction, default=None,
                         help="run each trial in a child process (default: on with CUDA)")
     search.add_argument("--ablation-share", type=float, default=0.15,
@@ -271,6 +274,7 @@ def _search(args: argparse.Namespace) -> int:
         cache_dir=args.cache_dir,
         lpips_weights=args.lpips_weights,
         early_stopping=not args.no_early_stopping,
+        allow_repeats=args.allow_repeats,
         isolate=args.isolate,
         ablation_share=args.ablation_share,
         ablation_seeds=args.ablation_seeds,

@@ -17,8 +17,26 @@ BASE = {"width": 8, "msg": {"levels": 1, "depths": [1]}, "trunk_blocks": 1}
 # the modules whose plain-ops forms export with symbolic sizes (MoE, RepMix, noise) ...
 DYNAMIC_MODULES = {**BASE, "moe": {"enabled": True}, "repmix": {"enabled": True, "kernel_size": 5},
                    "noise": {"enabled": True}}
-# ... and two that do not (FSB caches its frequency mask by size, WAB's window arithmetic)
+# ... and a network whose FSB is made to block (below); its WAB exports dynamically since the
+# mask cache is skipped while exporting
 FIXED_MODULES = {**BASE, "fsb": {"enabled": True}, "wab": {"enabled": True, "window_size": 4, "heads": 2}}
+
+
+@pytest.fixture
+def fsb_keyed_by_size(monkeypatch):
+    """Simulate a module that cannot be exported with symbolic sizes: FSB's frequency weights keyed
+    by the input size again (the bug once found)."""
+    from ehrsr.blocks.frequency import FrequencySeparationBlock
+
+    real_forward = FrequencySeparationBlock.forward
+
+    def forward(self, x):
+        # the dynamic export traces a batch of 2, the fixed one a batch of 1
+        if torch.compiler.is_exporting() and x.shape[0] != 1:
+            raise TypeError("unhashable type: non-nested SymInt (simulated)")
+        return real_forward(self, x)
+
+    monkeypatch.setattr(FrequencySeparationBlock, "forward", forward)
 
 
 def run(session, x: torch.Tensor) -> np.ndarray:
@@ -41,14 +59,16 @@ def test_dynamic_export_runs_at_other_odd_sizes_and_batches(tmp_path):
         assert np.abs(out - reference).max() <= 1e-4
 
 
-def test_modules_that_cannot_be_dynamic_are_named_and_the_fixed_file_is_tiled(tmp_path):
+def test_modules_that_cannot_be_dynamic_are_named_and_the_fixed_file_is_tiled(tmp_path, fsb_keyed_by_size):
     model = reparameterize(randomize_head(build_model(EHRSRConfig.from_dict(FIXED_MODULES)))).eval()
     result = export_onnx_dynamic(model, tmp_path / "m.onnx", example_hw=(16, 16))
     assert not result.dynamic and result.fixed_hw == (16, 16) and result.problem
-    assert set(result.blocking_modules) == {"fsb", "wab"}, result.blocking_modules
+    assert set(result.blocking_modules) == {"fsb"}, result.blocking_modules
+    assert result.blocking_modules["fsb"].startswith("FSBConfig: ")  # the section and the exporter's reason
     assert result.passed and set(result.checks) == {"1x3x16x16"}  # right at its own size
     data = result.to_dict()
     assert data["dynamic"] is False and data["blocking_modules"] == result.blocking_modules
+    assert data["tiling"] == "ehrsr.deploy.export.tiled_onnx_inference"
     session = onnxruntime.InferenceSession(str(tmp_path / "m.onnx"), providers=["CPUExecutionProvider"])
     with pytest.raises(Exception):  # noqa: B017  (onnxruntime's own error type for a wrong shape)
         run(session, torch.rand(1, 3, 61, 47))

@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 import optuna
 import pytest
 from optuna.trial import TrialState
 
+import ehrsr.search.driver as driver
+from ehrsr.cli import main
+from ehrsr.search.record import record_outcome
 from ehrsr.search.revisits import RepeatPolicy, find_finished_repeat, record_repeat, sampler_seed
 
 optuna.logging.set_verbosity(optuna.logging.WARNING)
@@ -36,11 +40,7 @@ def _run(study: optuna.Study, n_trials: int, policy: RepeatPolicy, trained: list
         trial.set_user_attr("train", train)
         earlier = policy.check(study, trial.number, config, train)
         if earlier is not None:
-            outcome = record_repeat(trial, earlier)
-            if outcome["status"] == "complete":
-                study.tell(trial, outcome["values"])
-            else:
-                study.tell(trial, state=TrialState.PRUNED)
+            record_outcome(study, trial, record_repeat(trial, earlier), wall_seconds=0.0)
             continue
         trained.append(config)
         trial.set_user_attr("metrics", {"psnr": float(sum(config.values()))})
@@ -149,3 +149,125 @@ def test_policy_stops_after_consecutive_repeats() -> None:
     assert "converged" in policy.converged(3)
     with pytest.raises(ValueError, match="max_consecutive"):
         RepeatPolicy(max_consecutive=0)
+
+
+# ---------------------------------------------------------------------------------------------
+# the driver's trial loop (micro space, built-in images, a few training steps)
+
+
+@pytest.fixture(scope="module")
+def cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """One prepared-data cache for the module's searches (preparing the images is the slow part)."""
+    return tmp_path_factory.mktemp("cache")
+
+
+MICRO = str(Path(__file__).resolve().parent / "fixtures" / "micro.yaml")
+
+
+class _SameProposal(optuna.samplers.BaseSampler):
+    """A sampler stand-in that proposes the same configuration every time (the last choice, the
+    upper bound), so every proposal after the first repeats a finished trial."""
+
+    def infer_relative_search_space(self, study, trial):
+        return {}
+
+    def sample_relative(self, study, trial, search_space):
+        return {}
+
+    def sample_independent(self, study, trial, name, distribution):
+        if isinstance(distribution, optuna.distributions.CategoricalDistribution):
+            return distribution.choices[-1]
+        return distribution.high
+
+
+def _micro_args(out: Path, cache: Path, name: str, budget: str, *extra: str) -> list[str]:
+    return ["--space", MICRO, "--budget", budget, "--out-dir", str(out), "--cache-dir", str(cache),
+            "--profile-size", "32", "--study-name", name, "--no-report", "--quiet", "--seed", "3",
+            "--profile-seconds", "0.000001", "--ablation-share", "0", *extra]
+
+
+def _spy_training(monkeypatch: pytest.MonkeyPatch) -> list[int]:
+    trained: list[int] = []
+    real = driver.execute_trial
+
+    def spy(job, **kwargs):
+        trained.append(job.trial_number)
+        return real(job, **kwargs)
+
+    monkeypatch.setattr(driver, "execute_trial", spy)
+    return trained
+
+
+def _load(out: Path, name: str) -> optuna.Study:
+    return optuna.load_study(study_name=name, storage=f"sqlite:///{out / name / 'study.db'}")
+
+
+@pytest.mark.slow
+def test_driver_records_a_repeat_without_training_it(tmp_path: Path, cache: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(driver, "build_sampler", lambda *_: _SameProposal())
+    trained = _spy_training(monkeypatch)
+    out = tmp_path / "r"
+    assert main(_micro_args(out, cache, "rep", "trials=4")) == 0
+    study = _load(out, "rep")
+    finished = [t for t in study.trials if t.state != TrialState.WAITING]
+    repeats = [t for t in finished if "repeat_of" in t.user_attrs]
+    originals = [t for t in finished if "repeat_of" not in t.user_attrs]
+    # only the originals trained; the repeats did not reach training at all
+    assert trained == [t.number for t in originals]
+    # repeats do not take trials=4 slots: the run stops on convergence after 20 repeats in a row
+    assert len(repeats) == RepeatPolicy().max_consecutive
+    assert len(originals) <= 4
+    by_number = {t.number: t for t in finished}
+    for t in repeats:
+        earlier = by_number[t.user_attrs["repeat_of"]]
+        assert "repeat_of" not in earlier.user_attrs and earlier.state in (TrialState.COMPLETE, TrialState.PRUNED)
+        assert t.user_attrs["config"] == earlier.user_attrs["config"]
+        assert t.user_attrs["train"] == earlier.user_attrs["train"]
+        assert t.state == earlier.state and t.values == earlier.values
+        assert t.user_attrs["metrics"] == earlier.user_attrs["metrics"]
+        assert t.user_attrs["charged_seconds"] == 0.0 and t.user_attrs["steps_done"] == 0
+        assert "not trained again" in t.user_attrs["reason"]
+        assert not any(k.startswith("rung_") for k in t.user_attrs)
+    from ehrsr.search.budget import parse_budget
+
+    spent = parse_budget("trials=4").spent(study)
+    assert spent.trials == len(originals) and spent.repeats == len(repeats)
+
+
+@pytest.mark.slow
+def test_driver_allow_repeats_trains_every_proposal(tmp_path: Path, cache: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(driver, "build_sampler", lambda *_: _SameProposal())
+    trained = _spy_training(monkeypatch)
+    out = tmp_path / "r"
+    assert main(_micro_args(out, cache, "rep", "trials=4", "--allow-repeats")) == 0
+    study = _load(out, "rep")
+    finished = [t for t in study.trials if t.state != TrialState.WAITING]
+    assert trained == [t.number for t in finished] and len(finished) == 4
+    assert not any("repeat_of" in t.user_attrs for t in finished)
+    # the stand-in proposed one configuration at least twice, and each was trained
+    keys = [repr((t.user_attrs["config"], t.user_attrs["train"])) for t in finished]
+    assert len(set(keys)) < len(keys)
+
+
+@pytest.mark.slow
+def test_resumed_micro_search_proposes_no_finished_configuration(
+    tmp_path: Path, cache: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    seeds: list[int] = []
+    real = driver.build_sampler
+    monkeypatch.setattr(driver, "build_sampler", lambda name, seed, c: (seeds.append(seed), real(name, seed, c))[1])
+    out = tmp_path / "r"
+    assert main(_micro_args(out, cache, "res", "trials=3", "--sampler", "random")) == 0
+    first = {t.number for t in _load(out, "res").trials if t.state != TrialState.WAITING}
+    assert main(_micro_args(out, cache, "res", "trials=6", "--sampler", "random")) == 0
+    study = _load(out, "res")
+    assert seeds[0] == 3 and seeds[1] != 3  # the resume draws a new stream
+    keys = {}
+    for t in study.trials:
+        if t.state == TrialState.WAITING:
+            continue
+        key = repr((t.user_attrs["config"], t.user_attrs["train"]))
+        if t.number not in first:
+            assert key not in keys, f"trial #{t.number} replays #{keys.get(key)}"
+        keys.setdefault(key, t.number)
+    assert len(keys) == 6

@@ -168,13 +168,18 @@ class WindowAttentionBlock(nn.Module):
         shift = self.shift_size if hp > ws and wp > ws else 0
         if shift:
             y = torch.roll(y, shifts=(-shift, -shift), dims=(1, 2))
-        # inference-mode tensors cannot enter autograd later: cache them separately
-        key = (hp, wp, pad_h, pad_w, shift, x.device, torch.is_inference_mode_enabled())
-        if key not in self._mask_cache:  # masks depend only on sizes: build once per input size
-            if len(self._mask_cache) > 16:
-                self._mask_cache.clear()
-            self._mask_cache[key] = attention_mask(hp, wp, pad_h, pad_w, ws, shift, x.device)
-        mask = self._mask_cache[key]
+        if torch.compiler.is_exporting() or torch.onnx.is_in_onnx_export():
+            # a dynamic export's sizes are symbols (unhashable, and a cached mask would freeze one
+            # size into the graph): build the mask in the graph instead
+            mask = attention_mask(hp, wp, pad_h, pad_w, ws, shift, x.device)
+        else:
+            # inference-mode tensors cannot enter autograd later: cache them separately
+            key = (hp, wp, pad_h, pad_w, shift, x.device, torch.is_inference_mode_enabled())
+            if key not in self._mask_cache:  # masks depend only on sizes: build once per input size
+                if len(self._mask_cache) > 16:
+                    self._mask_cache.clear()
+                self._mask_cache[key] = attention_mask(hp, wp, pad_h, pad_w, ws, shift, x.device)
+            mask = self._mask_cache[key]
         y = window_merge(self.attn(window_partition(y, ws), mask), ws, hp, wp)
         if shift:
             y = torch.roll(y, shifts=(shift, shift), dims=(1, 2))

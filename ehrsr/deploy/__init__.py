@@ -4,7 +4,15 @@
 
 from __future__ import annotations
 
-from ehrsr.deploy.export import ONNX_TOLERANCE, export_onnx, load_deployed_model, load_trained_model
+from ehrsr.deploy.export import (
+    ONNX_TOLERANCE,
+    OnnxExport,
+    export_onnx,
+    export_onnx_dynamic,
+    load_deployed_model,
+    load_trained_model,
+    tiled_onnx_inference,
+)
 from ehrsr.deploy.pick import (
     DeploymentError,
     DeploymentPick,
@@ -32,13 +40,16 @@ __all__ = [
     "DeviceProfile",
     "DeviceProfileError",
     "MeasuredCandidate",
+    "OnnxExport",
     "check_device_available",
     "choose_candidate",
     "cpu_threads_for",
     "export_onnx",
+    "export_onnx_dynamic",
     "load_deployed_model",
     "load_device_profiles",
     "load_trained_model",
     "pick_deployment",
     "profiles_for_device",
+    "tiled_onnx_inference",
 ]

@@ -33,7 +33,7 @@ from safetensors.torch import save_file
 from torch import nn
 
 import ehrsr
-from ehrsr.deploy.export import export_onnx, fused_state, load_trained_model
+from ehrsr.deploy.export import export_onnx_dynamic, fused_state, load_trained_model
 from ehrsr.deploy.predicted import LatencyPlan, plan_latency
 from ehrsr.deploy.profiles import LIMIT_METRICS, DeviceProfile, _resolve_profile, check_device_available
 from ehrsr.errors import UserError
@@ -217,6 +217,21 @@ def cpu_threads_for(profile: DeviceProfile, cores: int | None = None) -> tuple[i
     )
 
 
+def _export_pick_onnx(deploy: nn.Module, input_hw: tuple[int, int], path: Path, name: str | None) -> dict[str, Any]:
+    """The pick's ONNX file with dynamic batch, height and width (``export_onnx_dynamic``), checked
+    with onnxruntime against PyTorch at the profile's size and at odd sizes; when the network cannot
+    be exported dynamically, a fixed-size file with the modules to blame and the tiling helper."""
+    result = export_onnx_dynamic(deploy, path, example_hw=input_hw)
+    if name is not None:
+        if result.dynamic:
+            state = f"dynamic sizes, checked at {', '.join(result.checks)} (max abs diff {result.max_abs_diff:.2g})"
+        else:
+            state = (f"fixed size {input_hw[0]}x{input_hw[1]} ({result.problem}); run other sizes with "
+                     f"tiled_onnx_inference")
+        print(f"[deploy {name}] ONNX: {'passed' if result.passed else 'FAILED'}: {state}", file=sys.stderr)
+    return result.to_dict()
+
+
 def pick_deployment(
     study: optuna.Study,
     profile: DeviceProfile | str,
@@ -327,10 +342,8 @@ def pick_deployment(
     )
     onnx_result = None
     if onnx:
-        onnx_result = export_onnx(deploy, (1, model.config.in_channels, *input_hw), deploy_dir / f"{profile.name}.onnx")
-        if progress:
-            state = onnx_result.get("error") or onnx_result.get("numeric_check")
-            print(f"[deploy {profile.name}] ONNX: {state}", file=sys.stderr)
+        onnx_result = _export_pick_onnx(deploy, tuple(input_hw), deploy_dir / f"{profile.name}.onnx",
+                                        profile.name if progress else None)
 
     json_path = deploy_dir / f"{profile.name}.json"
     record = {

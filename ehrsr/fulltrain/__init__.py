@@ -8,6 +8,7 @@ card; and evaluates any saved SR weights like a paper table. See ``docs/full_tra
 
 from __future__ import annotations
 
+from ehrsr.deploy.export import OnnxExport, export_onnx_dynamic, tiled_onnx_inference
 from ehrsr.fulltrain.card import NTIRE_INPUT_SHAPE, render_card
 from ehrsr.fulltrain.checkpoint import load_checkpoint
 from ehrsr.fulltrain.cli import add_evaluate_parser, add_train_parser, run_evaluate, run_train
@@ -15,7 +16,6 @@ from ehrsr.fulltrain.data import ValData, parse_val_data, prepare_sets
 from ehrsr.fulltrain.ema import ModelEMA
 from ehrsr.fulltrain.evaluate import EvalTable, LoadedModel, evaluate_model, format_table, load_model
 from ehrsr.fulltrain.loop import FullTrainResult, FullTrainSettings, full_train
-from ehrsr.fulltrain.onnx_export import OnnxExport, export_onnx_dynamic, tiled_onnx_inference
 from ehrsr.fulltrain.recipe import FullTrainError, Recipe
 from ehrsr.fulltrain.source import ConfigSource, resolve_config
 

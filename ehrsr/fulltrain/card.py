@@ -78,7 +78,7 @@ def finish_run(
                                               "latency_ms_p90", "device", "dtype", "threads", "repeats", "input_shape")}
     onnx = None
     if settings.onnx:
-        from ehrsr.fulltrain.onnx_export import export_onnx_dynamic
+        from ehrsr.deploy.export import export_onnx_dynamic
 
         onnx = export_onnx_dynamic(deploy.to("cpu"), out_dir / "model.onnx").to_dict()
     evaluation = {

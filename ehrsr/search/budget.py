@@ -6,7 +6,8 @@ A budget is one or more limits joined by commas; the first one exhausted stops t
     cpu-hours=2         device-seconds of trials that ran on the CPU, / 3600
     hours=1.5           device-seconds of every trial whatever its device, / 3600
     minutes=10          the same, / 60
-    trials=30           trials that ran (refused-before-training ones do not count)
+    trials=30           trials that ran (refused-before-training ones and recorded repeats do
+                        not count)
 
 A trial's *charge* is its wall time times the devices it used (one GPU = one device; a CPU trial
 is one device whatever its thread count). Each trial records its own charge in its user
@@ -18,6 +19,10 @@ How each trial is counted:
 
 * ``WAITING`` (enqueued, not started): nothing.
 * refused before training (user attribute ``refused``): nothing, neither time nor ``trials``.
+* a recorded repeat (user attribute ``repeat_of``, see ``ehrsr.search.revisits`` and
+  docs/search_spaces.md "Repeated configurations"): its charge (0 s: it did not train) and not a
+  ``trials`` slot, so ``trials=N`` means N configurations actually trained; a converged sampler
+  that only repeats is stopped by ``RepeatPolicy.max_consecutive``, not by the budget.
 * ``RUNNING``: its elapsed wall time so far (``now - datetime_start``) times its devices; it
   counts as one trial. An orphan (its worker provably gone from this host, or silent for
   ``record.STALE_SECONDS``) is charged only up to its last heartbeat: a dead trial's clock stops. When deciding whether a new trial may start (``allows_new_trial``) a
@@ -46,6 +51,7 @@ __all__ = [
     "ATTR_DEVICE_KIND",
     "ATTR_N_DEVICES",
     "ATTR_REFUSED",
+    "ATTR_REPEAT_OF",
     "UNITS",
     "Budget",
     "BudgetError",
@@ -67,6 +73,7 @@ ATTR_CHARGED_SECONDS = "charged_seconds"  # wall seconds x devices, set when the
 ATTR_DEVICE_KIND = "device_kind"  # 'cuda' or 'cpu' (any torch device type), set when it starts
 ATTR_N_DEVICES = "n_devices"  # devices the trial used, set when it starts
 ATTR_REFUSED = "refused"  # why it was refused before training (costs no budget)
+ATTR_REPEAT_OF = "repeat_of"  # number of the finished trial this one repeats (recorded, not trained)
 
 _SECONDS_PER_UNIT = {"gpu-hours": 3600.0, "cpu-hours": 3600.0, "hours": 3600.0, "minutes": 60.0}
 _UNIT_KIND = {"gpu-hours": "cuda", "cpu-hours": "cpu"}  # time units that count one device kind
@@ -109,6 +116,7 @@ class Spent:
     running: int  # of which still running
     refused: int  # trials refused before training (not in ``trials``)
     orphaned: int = 0  # of the running ones, those whose worker is dead (not yet marked failed)
+    repeats: int = 0  # recorded repeats of finished configurations (not in ``trials``)
 
     def amount(self, unit: str) -> float:
         """Spent in a budget unit's own terms (GPU-hours, minutes, trials, ...)."""
@@ -119,6 +127,8 @@ class Spent:
 
     def describe(self) -> str:
         parts = [f"{self.trials} trial{'s' if self.trials != 1 else ''}"]
+        if self.repeats:
+            parts[0] += f" (+{self.repeats} recorded repeat{'s' if self.repeats != 1 else ''})"
         if self.gpu_seconds:
             parts.append(f"{self.gpu_seconds / 3600:.3g} GPU-hours")
         if self.cpu_seconds:
@@ -137,6 +147,7 @@ class TrialCharge:
     running: bool
     refused: bool
     orphaned: bool = False  # RUNNING, but its worker is provably dead or silent: charged to its last sign of life
+    repeat: bool = False  # a recorded repeat: not counted toward ``trials``
 
 
 # ---------------------------------------------------------------------------------------------
@@ -249,6 +260,9 @@ def trial_charge(trial: Any, now: datetime | None = None) -> TrialCharge:
         return TrialCharge(0.0, kind, counted=False, running=False, refused=False)
     if ATTR_REFUSED in attrs:
         return TrialCharge(0.0, kind, counted=False, running=trial.state == TrialState.RUNNING, refused=True)
+    if ATTR_REPEAT_OF in attrs and trial.state != TrialState.RUNNING:
+        seconds = float(attrs.get(ATTR_CHARGED_SECONDS, 0.0))
+        return TrialCharge(seconds, kind, counted=False, running=False, refused=False, repeat=True)
     if trial.state == TrialState.RUNNING:
         last_sign = _orphan_last_sign(trial, now)
         if last_sign is not None:
@@ -292,6 +306,7 @@ def _sum(charges: list[TrialCharge]) -> Spent:
         running=sum(c.running and c.counted for c in charges),
         refused=sum(c.refused for c in charges),
         orphaned=sum(c.orphaned for c in charges),
+        repeats=sum(c.repeat for c in charges),
     )
 
 

@@ -32,6 +32,7 @@ from optuna.trial import TrialState
 
 from ehrsr.errors import UserError
 from ehrsr.search.record import Heartbeat, TrialOutcome, fail_stale_trials, record_outcome
+from ehrsr.search.revisits import RepeatPolicy, record_repeat, sampler_seed
 from ehrsr.search.storage import mask_url, open_storage, retry_storage
 from ehrsr.search.study import (
     ContextSpec,
@@ -41,6 +42,7 @@ from ehrsr.search.study import (
     _task,
     _task_slug,
     build_context,
+    build_sampler,
     prepare_study,
 )
 from ehrsr.search.trial import TrialJob, execute_isolated, execute_trial
@@ -68,6 +70,7 @@ MAX_CONSECUTIVE_REFUSALS = 50
 @dataclass
 class WorkerSummary:
     finished: int = 0
+    repeats: int = 0  # proposals recorded as repeats of finished trials, not trained
     stopped_reason: str = ""
     interrupted: bool = False
 
@@ -118,8 +121,11 @@ def run_worker(prepared: PreparedStudy, settings: SearchSettings, *, log: Search
             need_lpips="lpips" in prepared.spec.objectives, log=log if worker_index == 0 else None,
         )
     search_budget = search_share(budget, 1.0 - settings.reserved_share)
+    study.sampler = worker_sampler(prepared, settings, worker_index)
+    policy = RepeatPolicy(allow_repeats=settings.allow_repeats)
     summary = WorkerSummary()
     refusals = 0
+    repeats = 0  # proposals in a row that repeated a finished configuration
     running_trial: optuna.Trial | None = None
 
     def retry(what: str, function: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
@@ -159,6 +165,20 @@ def run_worker(prepared: PreparedStudy, settings: SearchSettings, *, log: Search
                     )
                     break
                 continue
+            earlier = policy.check(study, trial.number, sampled.config.to_dict(), train)
+            if earlier is not None:
+                _record_repeat(prepared, trial, earlier, sampled.summary(), log)
+                running_trial = None
+                summary.repeats += 1
+                repeats += 1
+                if after_trial is not None:
+                    after_trial(study, prepared.study_dir)
+                converged = policy.converged(repeats)
+                if converged is not None:
+                    summary.stopped_reason = converged
+                    break
+                continue
+            repeats = 0
             job = TrialJob(
                 storage_url=prepared.storage_url,
                 study_name=study.study_name,
@@ -250,6 +270,25 @@ def _execute_guarded(job: TrialJob, ctx: Any, study: optuna.Study) -> TrialOutco
     except Exception as exc:
         return TrialOutcome.failed("error", f"{type(exc).__name__}: {exc}", traceback=traceback.format_exc(),
                                    started=True)
+
+
+def worker_sampler(prepared: PreparedStudy, settings: SearchSettings, worker_index: int) -> Any:
+    """This worker's sampler: ``--sampler`` seeded by ``revisits.sampler_seed``, so a resumed study
+    and each extra worker continue the search with a new random stream instead of replaying the
+    first proposals (a fresh single-worker study keeps ``--seed``: reproducible as before)."""
+    constrained = settings.limits.max_latency_ms is not None or settings.limits.max_memory_mb is not None
+    seed = sampler_seed(settings.seed, prepared.study, worker_index)
+    return build_sampler(settings.sampler, seed, constrained)
+
+
+def _record_repeat(prepared: PreparedStudy, trial: optuna.Trial, earlier: Any, summary: str,
+                   log: SearchLog) -> TrialOutcome:
+    """Record ``trial`` as a repeat of the finished ``earlier`` (docs/search_spaces.md, "Repeated
+    configurations"): its result copied, ``repeat_of`` set, nothing trained, 0 s charged."""
+    outcome = record_repeat(trial, earlier)
+    outcome = record_outcome(prepared.study, trial, outcome, wall_seconds=0.0, weights_root=prepared.study_dir)
+    log(f"#{trial.number:<4} {summary:<42} repeat of #{earlier.number}: not trained")
+    return outcome
 
 
 def search_share(budget: Any, fraction: float) -> Any:

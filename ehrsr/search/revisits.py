@@ -27,6 +27,9 @@ from typing import Any
 import optuna
 from optuna.trial import FrozenTrial, TrialState
 
+from ehrsr.search.budget import ATTR_REPEAT_OF
+from ehrsr.search.record import TrialOutcome
+
 __all__ = [
     "RepeatPolicy",
     "find_finished_repeat",
@@ -35,10 +38,9 @@ __all__ = [
     "sampler_seed",
 ]
 
-# user attributes written on a recorded repeat (besides the copied results)
-ATTR_REPEAT_OF = "repeat_of"
-# results copied from the earlier trial: what reports and the Pareto front read
-_COPIED_ATTRS = ("metrics", "seconds", "steps_done", "weights", "status", "cost_from_trial")
+# results copied from the earlier trial that ``record_outcome`` does not write itself (metrics and
+# status travel in the outcome; ``weights`` is copied as stored, already relative to the study folder)
+_COPIED_ATTRS = ("weights", "cost_from_trial")
 
 
 def sampler_seed(base_seed: int, study: optuna.Study, worker_index: int = 0) -> int:
@@ -72,28 +74,31 @@ def find_finished_repeat(
     return None
 
 
-def repeat_outcome(earlier: FrozenTrial) -> dict[str, Any]:
-    """An outcome in ``execute_trial``'s format that repeats ``earlier``'s result without training:
-    a COMPLETE earlier trial gives its objective values, a PRUNED one a stop at the same point."""
+def repeat_outcome(earlier: FrozenTrial) -> TrialOutcome:
+    """The outcome that repeats ``earlier``'s result without training: a COMPLETE earlier trial
+    gives its objective values, a PRUNED one a stop at the same point. No step was trained and no
+    time spent (``seconds`` is empty, ``steps_done`` 0)."""
     attrs = earlier.user_attrs
     complete = earlier.state == TrialState.COMPLETE
-    return {
-        "status": "complete" if complete else "stopped",
-        "reason": f"repeat of trial #{earlier.number} (same configuration and fidelity); not trained again",
-        "values": list(earlier.values) if complete else None,
-        "metrics": attrs.get("metrics") or {},
-        "seconds": {},
-        "steps_done": 0,
-        "constraints": dict(earlier.constraints or {}),
-    }
+    return TrialOutcome(
+        status="complete" if complete else "pruned",
+        reason=f"repeat of trial #{earlier.number} (same configuration and fidelity); not trained again",
+        values=list(earlier.values) if complete else None,
+        metrics=dict(attrs.get("metrics") or {}),
+        seconds={},
+        steps_done=0,
+        constraints=dict(earlier.constraints or {}),
+    )
 
 
-def record_repeat(trial: optuna.Trial, earlier: FrozenTrial) -> dict[str, Any]:
+def record_repeat(trial: optuna.Trial, earlier: FrozenTrial) -> TrialOutcome:
     """Mark ``trial`` as a repeat of ``earlier`` and return the outcome to finish it with.
 
-    Writes ``repeat_of`` and the earlier trial's results (metrics, weights, ...) onto ``trial``;
-    the caller then finishes it as any other outcome (``study.tell``), charging no time.
-    Rung attributes are not copied: MO-ASHA must not count one training run twice at a rung.
+    Writes ``repeat_of`` (which also keeps it out of a ``trials=N`` budget, see
+    ``ehrsr.search.budget``) and the earlier trial's stored weights path onto ``trial``; the caller
+    finishes it through the one recording path, ``record_outcome(study, trial, outcome,
+    wall_seconds=0.0)``. Rung attributes are not copied: MO-ASHA must not count one training run
+    twice at a rung.
     """
     trial.set_user_attr(ATTR_REPEAT_OF, earlier.number)
     for key in _COPIED_ATTRS:

@@ -46,6 +46,7 @@ __all__ = [
     "SearchError",
     "SearchSettings",
     "build_context",
+    "build_sampler",
     "load_study",
     "prepare_study",
 ]
@@ -87,6 +88,9 @@ class SearchSettings:
     cache_dir: str | None = None
     lpips_weights: str | None = None
     early_stopping: bool = True
+    # train a proposal that repeats a finished configuration (default: record the earlier result,
+    # docs/search_spaces.md "Repeated configurations")
+    allow_repeats: bool = False
     isolate: bool | None = None  # None: child process per trial on CUDA only
     ablation_share: float = 0.15
     ablation_seeds: int | Literal["auto"] = "auto"  # seeds per ablation variant (docs/reports.md)
@@ -273,7 +277,10 @@ class PreparedStudy:
     created: bool
 
 
-def _sampler(name: str, seed: int, constrained: bool) -> optuna.samplers.BaseSampler:
+def build_sampler(name: str, seed: int, constrained: bool) -> optuna.samplers.BaseSampler:
+    """The ``--sampler`` by name; ``constrained``: it honours the trials' constraints (latency and
+    memory limits measured after training). The driver rebuilds it per worker with
+    ``revisits.sampler_seed`` so a resume or a second worker does not replay the first proposals."""
     constraints_func = _constraints_of if constrained else None
     name = name.lower()
     if name == "tpe":
@@ -458,7 +465,7 @@ def _open_study(settings: SearchSettings, device: torch.device, objectives: list
         device_latency=[d.to_dict() for d in device_latency],
     )
     constrained = settings.limits.max_latency_ms is not None or settings.limits.max_memory_mb is not None
-    sampler = _sampler(settings.sampler, settings.seed, constrained)
+    sampler = build_sampler(settings.sampler, settings.seed, constrained)
     try:
         existing = {s.study_name for s in optuna.get_all_study_summaries(storage)}
     except Exception as exc:
