@@ -19,7 +19,6 @@ import dataclasses
 import math
 import sys
 import time
-import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal
@@ -35,7 +34,7 @@ from ehrsr.search.budget import record_start, trial_charge
 from ehrsr.search.pareto import knee_trial
 from ehrsr.search.record import Heartbeat, TrialOutcome, fail_stale_trials, record_outcome
 from ehrsr.stats import SeedPlan, auto_seed_plan
-from ehrsr.study_schema import StudyInfo, ablation_study_name, study_storage
+from ehrsr.study_schema import StudyInfo, ablation_study_name
 from ehrsr.training import TrainSettings
 
 __all__ = ["AUTO_MAX_SEEDS", "AUTO_MIN_SEEDS", "AblationResult", "SeedsSetting", "run_controlled_ablation"]
@@ -104,24 +103,9 @@ def _reference_trial(study: optuna.Study, reference: int | None) -> FrozenTrial:
 
 
 def _open_ablation_study(study: optuna.Study) -> optuna.Study:
-    name = ablation_study_name(study.study_name)
-    ablation = optuna.create_study(
-        study_name=name,
-        storage=study_storage(study),
-        directions=list(study.directions),
-        sampler=optuna.samplers.RandomSampler(seed=0),  # nothing is sampled: runs are told by hand
-        load_if_exists=True,
-    )
-    if list(ablation.directions) != list(study.directions):
-        raise AblationError(
-            f"study {name!r} exists with directions {[d.name for d in ablation.directions]} but "
-            f"{study.study_name!r} has {[d.name for d in study.directions]}; delete it or rename the study"
-        )
-    if study.metric_names and not ablation.metric_names:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
-            ablation.set_metric_names(list(study.metric_names))
-    return ablation
+    from ehrsr.ablation.side import open_side_study
+
+    return open_side_study(study, ablation_study_name(study.study_name))
 
 
 def _charge_estimate(done: Sequence[FrozenTrial], reference: FrozenTrial) -> float:

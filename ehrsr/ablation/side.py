@@ -40,7 +40,9 @@ def open_side_study(study: optuna.Study, name: str) -> optuna.Study:
         load_if_exists=True,
     )
     if list(side.directions) != list(study.directions):
-        raise ValueError(
+        from ehrsr.ablation.variants import AblationError
+
+        raise AblationError(
             f"study {name!r} exists with directions {[d.name for d in side.directions]} but "
             f"{study.study_name!r} has {[d.name for d in study.directions]}; delete it or rename the study"
         )

@@ -24,7 +24,7 @@ import contextlib
 import math
 import platform
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -326,16 +326,21 @@ def measure_latency(
             with cpu_threads(threads) as n_threads:
                 samples, warmup_done, repeats_done = _run_timed(run, _PerfCounterClock(), "cpu", warmup, repeats, budget_s)
             name = device_name(device, n_threads)
+    return stats_from_samples(samples, warmup_done, repeats_done, dtype_name, name)
+
+
+def stats_from_samples(samples: Sequence[float], warmup: int, repeats: int, dtype: str, device: str) -> LatencyStats:
+    """``LatencyStats`` of timed passes: the median with its 10th/90th percentiles."""
     p10, median, p90 = (float(v) for v in np.percentile(samples, [10, 50, 90]))
     return LatencyStats(
         latency_ms=median,
         latency_ms_p10=p10,
         latency_ms_p90=p90,
         samples_ms=tuple(samples),
-        warmup=warmup_done,
-        repeats=repeats_done,
-        dtype=dtype_name,
-        device=name,
+        warmup=warmup,
+        repeats=repeats,
+        dtype=dtype,
+        device=device,
     )
 
 

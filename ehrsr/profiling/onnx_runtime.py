@@ -27,7 +27,6 @@ import warnings
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 
-import numpy as np
 import torch
 from torch import nn
 
@@ -39,6 +38,7 @@ from ehrsr.profiling.latency import (
     device_name,
     parse_dtype,
     resolve_budget,
+    stats_from_samples,
 )
 
 __all__ = ["RUNTIMES", "export_for_timing", "onnxruntime_version", "runtime_versions", "time_model"]
@@ -222,14 +222,5 @@ def time_model(
 
         samples, warmup_done, repeats_done = _run_timed(run_onnx, timer, "cpu", warmup, repeats, budget_s)
         n_threads = threads if threads is not None else torch.get_num_threads()
-    p10, median, p90 = (float(v) for v in np.percentile(samples, [10, 50, 90]))
-    return LatencyStats(
-        latency_ms=median,
-        latency_ms_p10=p10,
-        latency_ms_p90=p90,
-        samples_ms=tuple(samples),
-        warmup=warmup_done,
-        repeats=repeats_done,
-        dtype=dtype_name,
-        device=f"{device_name('cpu', n_threads)} [{runtime}{', cpu clock' if clock == 'cpu' else ''}]",
-    )
+    return stats_from_samples(samples, warmup_done, repeats_done, dtype_name,
+                              f"{device_name('cpu', n_threads)} [{runtime}{', cpu clock' if clock == 'cpu' else ''}]")
