@@ -47,7 +47,7 @@ import numpy as np
 from PIL import Image
 
 import ehrsr
-from ehrsr.reports.deploy import load_device_profiles
+from ehrsr.deploy import load_device_profiles
 from ehrsr.resources import shipped_space_names, spaces_dir
 from ehrsr.search.space import load_space
 
