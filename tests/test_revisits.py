@@ -85,6 +85,22 @@ def test_each_worker_and_each_resume_gets_its_own_seed() -> None:
         sampler_seed(3, study, -1)
 
 
+def test_workers_that_join_a_study_draw_their_own_stream() -> None:
+    # machines started together, each worker 0 with the same --seed, all see an empty study:
+    # without their host and process in the hash they would all draw the creator's stream
+    study = optuna.create_study()
+    assert sampler_seed(3, study, 0) == 3
+    joined = sampler_seed(3, study, 0, joined=True)
+    assert joined != 3 and 0 <= joined < 2**32
+    assert joined == sampler_seed(3, study, 0, joined=True)  # one process: stable
+    script = ("import optuna; from ehrsr.search.revisits import sampler_seed; "
+              "print(sampler_seed(3, optuna.create_study(), 0, joined=True))")
+    import subprocess
+    import sys
+    other = int(subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=True).stdout)
+    assert other not in (3, joined)  # another process (pid) draws another stream
+
+
 class _FixedSampler(optuna.samplers.BaseSampler):
     """A sampler stand-in that always proposes the first choice of every parameter."""
 

@@ -40,8 +40,10 @@ def _wait_all(procs: list[subprocess.Popen], timeout: float = 600) -> list[str]:
 
 
 def _counted(study: optuna.Study) -> list[optuna.trial.FrozenTrial]:
-    """Trials that count toward trials=N: they ran (not waiting, not refused)."""
-    return [t for t in study.trials if t.state != TrialState.WAITING and "refused" not in t.user_attrs]
+    """Trials that count toward trials=N: they trained (not waiting, not refused, not a recorded
+    repeat of an earlier trial: see ehrsr.search.budget)."""
+    return [t for t in study.trials if t.state != TrialState.WAITING and "refused" not in t.user_attrs
+            and "repeat_of" not in t.user_attrs]
 
 
 def _check_study(storage_url: str, name: str, n: int, outs: list[str]) -> optuna.Study:
@@ -74,6 +76,9 @@ def test_three_workers_on_postgresql_end_with_exactly_the_budget(tmp_path: Path,
     outs = _wait_all(procs)
     assert all("trials=6 reached" in out for out in outs)  # each stopped on the shared budget
     study = _check_study(pg_url, "pg3", n, outs)
+    # each machine draws its own sampler stream (revisits.sampler_seed, joined): started together
+    # with one --seed they once proposed the same configurations, recorded as repeats
+    assert not [t.number for t in study.trials if "repeat_of" in t.user_attrs]
     # the two reference configurations were enqueued once, whichever worker created the study
     references = [t.user_attrs["reference"] for t in study.trials if "reference" in t.user_attrs]
     assert sorted(references) == ["all-modules", "conv-only"]

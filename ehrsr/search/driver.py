@@ -275,9 +275,10 @@ def _execute_guarded(job: TrialJob, ctx: Any, study: optuna.Study) -> TrialOutco
 def worker_sampler(prepared: PreparedStudy, settings: SearchSettings, worker_index: int) -> Any:
     """This worker's sampler: ``--sampler`` seeded by ``revisits.sampler_seed``, so a resumed study
     and each extra worker continue the search with a new random stream instead of replaying the
-    first proposals (a fresh single-worker study keeps ``--seed``: reproducible as before)."""
+    first proposals (a fresh single-worker study keeps ``--seed``: reproducible as before). A worker
+    that opened a study another process created draws a stream of its own host and process."""
     constrained = settings.limits.max_latency_ms is not None or settings.limits.max_memory_mb is not None
-    seed = sampler_seed(settings.seed, prepared.study, worker_index)
+    seed = sampler_seed(settings.seed, prepared.study, worker_index, joined=not prepared.created)
     return build_sampler(settings.sampler, seed, constrained)
 
 

@@ -7,7 +7,9 @@ Two ways a search can spend budget on what it already knows:
   interruption and a rerun (or in each of several workers started together), the same first
   configurations again. ``sampler_seed`` derives the seed from the user's seed, the number of
   trials already in the study and the worker's index, so a fresh single-worker study keeps the
-  user's seed (reproducible as before) while a resume or a second worker draws a new stream.
+  user's seed (reproducible as before) while a resume or a second worker draws a new stream; a
+  worker that joins a study another process created (another machine) also mixes in its host and
+  process id, since machines started together see the same number of trials.
 * **Repeated configurations.** Samplers, TPE's in particular once it concentrates, propose a
   configuration (architecture and training settings) that already finished in the study at the
   same fidelity. Training it again only measures the training seed's noise. The policy (see
@@ -21,6 +23,8 @@ Two ways a search can spend budget on what it already knows:
 from __future__ import annotations
 
 import hashlib
+import os
+import socket
 from dataclasses import dataclass
 from typing import Any
 
@@ -43,19 +47,26 @@ __all__ = [
 _COPIED_ATTRS = ("weights", "cost_from_trial")
 
 
-def sampler_seed(base_seed: int, study: optuna.Study, worker_index: int = 0) -> int:
+def sampler_seed(base_seed: int, study: optuna.Study, worker_index: int = 0, *, joined: bool = False) -> int:
     """The seed of the sampler for this start of the search: ``base_seed`` itself for the first
-    worker of a study without trials (so fresh runs stay reproducible), otherwise a 32-bit hash of
-    (``base_seed``, trials already in the study, ``worker_index``), a new stream for each resume
-    and each worker. WAITING trials (enqueued reference configurations) do not count: they are
-    there before the first start too."""
+    worker of a study without trials that this process created (so fresh runs stay
+    reproducible), otherwise a 32-bit hash of (``base_seed``, trials already in the study,
+    ``worker_index``), a new stream for each resume and each worker. WAITING trials (enqueued
+    reference configurations) do not count: they are there before the first start too.
+
+    ``joined``: this process opened a study another process created. Workers on several
+    machines, each started as worker 0 with the same ``--seed``, may open the study in the same
+    second and see the same number of trials; the hash then also takes this host's name and
+    process id, so each machine draws its own stream (otherwise they propose the same
+    configurations, and all but the first are recorded as repeats)."""
     if worker_index < 0:
         raise ValueError(f"worker_index must be >= 0, got {worker_index}")
     started = (TrialState.RUNNING, TrialState.COMPLETE, TrialState.PRUNED, TrialState.FAIL)
     n_trials = len(study.get_trials(deepcopy=False, states=started))
-    if n_trials == 0 and worker_index == 0:
+    if n_trials == 0 and worker_index == 0 and not joined:
         return int(base_seed)
-    digest = hashlib.sha256(f"ehrsr-sampler:{base_seed}:{n_trials}:{worker_index}".encode()).digest()
+    process = f":{socket.gethostname()}:{os.getpid()}" if joined else ""
+    digest = hashlib.sha256(f"ehrsr-sampler:{base_seed}:{n_trials}:{worker_index}{process}".encode()).digest()
     return int.from_bytes(digest[:4], "little")
 
 
