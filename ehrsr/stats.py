@@ -152,23 +152,30 @@ def verdict(interval: PairedInterval, higher_is_better: bool) -> str:
 
 
 def minimum_detectable_effect(
-    deltas: np.ndarray | Sequence[float] | Sequence[Sequence[float]], alpha: float = 0.05, power: float = 0.8
+    deltas: np.ndarray | Sequence[float] | Sequence[Sequence[float]], alpha: float = 0.05, power: float = 0.8,
+    rng: np.random.Generator | int | None = 0, n_resamples: int = DEFAULT_BOOTSTRAP_RESAMPLES,
 ) -> float:
-    """Smallest true mean delta a two-sided paired t-test at level ``alpha`` detects with
-    probability ``power``, given the spread of these deltas:
+    """Smallest true mean delta a two-sided paired test at level ``alpha`` detects with
+    probability ``power``, given the spread of these deltas (same unit as the deltas: dB for PSNR).
 
-    ``MDE = (t_{1-alpha/2, n-1} + t_{power, n-1}) * sd(d) / sqrt(n)``, ``d`` the per-image deltas
-    averaged over seeds, ``n`` the number of images. Same unit as the deltas (dB for PSNR).
+    One seed: ``MDE = (t_{1-alpha/2, n-1} + t_{power, n-1}) * sd(d) / sqrt(n)``, ``d`` the per-image
+    deltas, ``n`` the number of images. Several seeds: the standard error of the grand mean is the
+    standard deviation of the pigeonhole-bootstrap means (the resampling of ``paired_interval``,
+    seeds and images both resampled), so seed-to-seed variation counts as it does in the interval:
+    ``MDE = (z_{1-alpha/2} + z_{power}) * se``. Averaging over seeds first would hide a seed effect
+    shared by all images and claim a resolution the intervals do not have.
     """
     table = as_delta_table(deltas)
     if not 0.0 < alpha < 1.0 or not 0.0 < power < 1.0:
         raise StatsError(f"alpha and power must be in (0, 1), got {alpha}, {power}")
-    per_image = table.mean(axis=0)
-    n = per_image.size
+    n_seeds, n = table.shape
     if n < 2:
         raise StatsError(f"the minimum detectable effect needs at least 2 images, got {n}")
-    factor = float(sps.t.ppf(1.0 - alpha / 2.0, n - 1) + sps.t.ppf(power, n - 1))
-    return factor * float(per_image.std(ddof=1)) / math.sqrt(n)
+    if n_seeds == 1:
+        factor = float(sps.t.ppf(1.0 - alpha / 2.0, n - 1) + sps.t.ppf(power, n - 1))
+        return factor * float(table[0].std(ddof=1)) / math.sqrt(n)
+    se = float(_pigeonhole_means(table, np.random.default_rng(rng), n_resamples).std(ddof=1))
+    return float(sps.norm.ppf(1.0 - alpha / 2.0) + sps.norm.ppf(power)) * se
 
 
 # ---------------------------------------------------------------------------------------------

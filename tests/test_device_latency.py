@@ -310,3 +310,23 @@ def test_onnxruntime_profile_times_through_onnxruntime(monkeypatch) -> None:
     measured = _measure(model, profile, (16, 16), 3)
     assert seen == [("onnxruntime", (1, 3, 16, 16), 1)]
     assert measured["latency_ms"] == 7.25 and measured["runtime"] == "onnxruntime" and measured["repeats"] == 5
+
+
+def test_baselines_in_a_predicted_latency_study_are_measured_per_profile(tmp_path: Path) -> None:
+    # a hand-designed baseline has no EHR-SR configuration, so no latency model can predict it: its
+    # latency on each profile is measured here (it once ended "diverged" with no value at all)
+    from ehrsr.baselines import available_baselines
+    from ehrsr.reports.baselines import baseline_runs
+
+    space = load_space(MICRO)
+    devices = _devices_file(tmp_path, space)
+    assert main([*_search_args(tmp_path, devices, "bl"), "--budget", "trials=2", "--sampler", "random",
+                 "--objectives", "psnr,latency@edge-test", "--baselines", "none", "--fidelity-share", "0"]) == 0
+    name = next(i.name for i in available_baselines() if i.available)
+    assert main(["baselines", "--study-name", "bl", "--out-dir", str(tmp_path / "reports"),
+                 "--baselines", name, "--quiet"]) == 0
+    runs = baseline_runs(_study(tmp_path / "reports", "bl"))
+    assert runs and all(r.status == "complete" for r in runs)
+    for run in runs:
+        assert run.metrics["latency_ms@edge-test"] > 0
+        assert run.metrics["latency_ms@other-test"] > 0  # the limits' profile too

@@ -247,6 +247,9 @@ def test_too_strict_profile_names_the_limit(deploy_study, tmp_path):
         pick_deployment(study, cpu_profile(max_params=smallest // 2), tmp_path, weights_root=root, progress=False)
     assert info.value.limit == "max_params" and info.value.trial == 0
     assert f"max_params ({smallest:.4g} measured > {smallest // 2:.4g} limit)" in str(info.value)
+    # the one line also says how to go on with the closest trial (full training does not need a pick)
+    assert str(info.value).endswith(
+        f"run_search.py train --study-name {study.study_name} --trial 0 --reports-dir {tmp_path.parent}")
     assert not (tmp_path / "deploy" / "test-cpu.json").exists()
 
 

@@ -77,6 +77,21 @@ def test_minimum_detectable_effect_formula_and_scaling() -> None:
     assert 0.35 < ratio < 0.5
 
 
+def test_minimum_detectable_effect_counts_seed_variation_like_the_interval() -> None:
+    # two seeds whose training landed differently: every image moves together (a seed effect),
+    # plus a little image noise. Averaging over seeds would hide the seed term entirely.
+    noise = np.random.default_rng(5).normal(0, 0.005, size=(2, 18))
+    table = np.array([[0.05] * 18, [-0.05] * 18]) + noise
+    mde = minimum_detectable_effect(table)
+    image_only = minimum_detectable_effect(table.mean(axis=0))
+    assert mde > 5 * image_only
+    interval = paired_interval(table)
+    half_width = (interval.high - interval.low) / 2
+    # the MDE (2.8 standard errors) exceeds the interval's half width (about 2 standard errors)
+    assert half_width < mde < 2.5 * half_width
+    assert minimum_detectable_effect(table, rng=1) == pytest.approx(mde, rel=0.1)  # bootstrap noise is small
+
+
 def test_rank_agreement_point_values_equal_scipy() -> None:
     brief = [28.1, 28.4, 27.9, 28.8, 28.0, 28.6, 27.5]
     long = [29.0, 29.5, 29.1, 29.9, 28.7, 29.4, 28.9]

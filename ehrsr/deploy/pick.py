@@ -326,7 +326,18 @@ def pick_deployment(
             f"none of the {len(front)} Pareto trials of {study.study_name!r} can be deployed: {reasons}",
             profile=profile.name,
         )
-    chosen = choose_candidate(candidates, profile, quality)
+    try:
+        chosen = choose_candidate(candidates, profile, quality)
+    except DeploymentError as exc:
+        if exc.trial is None:
+            raise
+        reports_dir = Path(out_dir).parent
+        where = "" if reports_dir == Path("reports") else f" --reports-dir {reports_dir}"
+        raise DeploymentError(
+            f"{exc}; to train that closest trial anyway: run_search.py train --study-name {study.study_name} "
+            f"--trial {exc.trial}{where}",
+            profile=exc.profile, limit=exc.limit, trial=exc.trial,
+        ) from None
     latency_record = _latency_record(plan, candidates, chosen, profile, quality, limits)
 
     deploy_dir = Path(out_dir) / "deploy"

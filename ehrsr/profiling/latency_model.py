@@ -66,6 +66,8 @@ __all__ = [
     "calibrate",
     "enumerate_units",
     "latency_for_profile",
+    "measure_module",
+    "measure_module_for_profile",
     "measure_network",
     "sample_configs",
     "space_fingerprint",
@@ -610,6 +612,27 @@ def measure_network(config: EHRSRConfig, target: LatencyTarget, *, budget_s: flo
     """Measured median latency (ms) of ``config``'s whole deploy form on ``target`` (this machine)."""
     shape = (1, config.in_channels, *target.input_hw)
     return float(_time(_deploy(config), target, [shape], budget_s, clock).latency_ms)
+
+
+def measure_module(module: nn.Module, in_channels: int, target: LatencyTarget, *,
+                   budget_s: float = NETWORK_BUDGET_S) -> float:
+    """``measure_network`` for any network (a hand-designed baseline: no EHR-SR configuration, so
+    no latency model can predict it): its median latency (ms) on ``target``, timed on this machine."""
+    shape = (1, in_channels, *target.input_hw)
+    return float(_time(module.eval(), target, [shape], budget_s).latency_ms)
+
+
+def measure_module_for_profile(module: nn.Module, in_channels: int, target: LatencyTarget, *,
+                               canary: Canary | None = None, retries: int = 2) -> LatencyRecord:
+    """``latency_for_profile`` for a network that is not an EHR-SR configuration: always measured
+    here (with the canary), recorded with the reason in ``missing_units``."""
+    from ehrsr.profiling.canary import measure_with_canary
+
+    canary = canary or Canary(threads=target.threads if target.kind == "cpu" else 1)
+    latency_ms, reading, _ = measure_with_canary(lambda: measure_module(module, in_channels, target), canary,
+                                                 retries=retries)
+    return LatencyRecord(target.profile, float(latency_ms), "measured", ("not an EHR-SR network",),
+                         reading.ratio, reading.contended)
 
 
 def _spearman(a: Sequence[float], b: Sequence[float]) -> float:

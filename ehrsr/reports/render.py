@@ -214,10 +214,12 @@ def controlled_summary(table: pd.DataFrame) -> str:
     if groups["mixed"]:
         text += f"; leave-one-out and add-one-in disagree: {names('mixed')}"
     text += "."
-    mde = [float(v) for v in table.get("mde_psnr", pd.Series(dtype=float)) if _cell(v) is not None]
+    # a comparison of identical runs (the baseline when the reference has no module) has MDE 0
+    mde = [float(v) for v in table.get("mde_psnr", pd.Series(dtype=float)) if _cell(v) is not None and float(v) > 0]
     if mde:
-        text += (f" Minimum detectable PSNR effect of this run (paired t, alpha 0.05, power 0.8, over "
-                 f"the paired units: validation images, or seeds for runs stored without per-image values): median {np.median(mde):.3f} dB over the comparisons "
+        text += (f" Minimum detectable PSNR effect of this run (alpha 0.05, power 0.8, over the paired units: "
+                 f"validation images and seeds, or seeds for runs stored without per-image values; "
+                 f"docs/statistics.md): median {np.median(mde):.3f} dB over the comparisons "
                  f"(range {min(mde):.3f}–{max(mde):.3f} dB); smaller true effects are reported as "
                  "no detectable effect.")
     else:

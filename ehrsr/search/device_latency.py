@@ -27,6 +27,7 @@ __all__ = [
     "DeviceLatencyError",
     "DeviceLatencyResult",
     "load_device_latencies",
+    "measure_device_latencies",
     "parse_latency_limits",
     "predict_device_latencies",
 ]
@@ -138,6 +139,28 @@ class DeviceLatencyResult:
     metrics: dict[str, float] = field(default_factory=dict)  # latency_ms@NAME -> ms
     sources: dict[str, dict[str, Any]] = field(default_factory=dict)  # NAME -> LatencyRecord + model info
     refusal: str | None = None  # why the configuration exceeds a device limit, or None
+
+
+def measure_device_latencies(
+    module: Any, in_channels: int, devices: list[tuple[DeviceLatency, Any, Any]], *, canary: Any = None,
+) -> DeviceLatencyResult:
+    """``predict_device_latencies`` for a network no latency model covers (a hand-designed
+    baseline): each profile's latency measured on this machine with that profile's runtime,
+    threads and input size, recorded as ``measured`` (a different device from the profile's when
+    the search machine is not the target: the report says so). Limits refuse as for a trial."""
+    from ehrsr.profiling.latency_model import measure_module_for_profile
+
+    result = DeviceLatencyResult()
+    for spec, _, target in devices:
+        record = measure_module_for_profile(module, in_channels, target, canary=canary)
+        result.metrics[spec.metric_key] = record.latency_ms
+        result.sources[spec.name] = {**record.to_dict(), "model": None, "accuracy": None}
+        if result.refusal is None and spec.max_latency_ms is not None and record.latency_ms > spec.max_latency_ms:
+            result.refusal = (
+                f"latency on {spec.name} {record.latency_ms:.1f} ms (measured here) > --max-latency-ms "
+                f"{spec.name}={spec.max_latency_ms:g}"
+            )
+    return result
 
 
 def predict_device_latencies(

@@ -291,7 +291,8 @@ def run_model(
     (``ehrsr.training.train``'s ``seconds``); a run that hits it is not evaluated and ends
     ``cut_short`` (the controlled ablation keeps its budget share this way, docs/budget.md).
     ``config``: the EHR-SR configuration ``build`` makes, when it is one; device latency models
-    (docs/latency_models.md) predict from it (a hand-designed baseline has none: it is measured).
+    (docs/latency_models.md) predict from it (a hand-designed baseline has none: each profile's
+    latency is measured here with the profile's runtime, threads and input size).
     """
     from ehrsr.profiling import count_macs
     from ehrsr.training import TrainingDiverged, TrainingOutOfMemory
@@ -319,8 +320,13 @@ def run_model(
     device = None
     if refusal is None and config is not None:  # predicted latencies on other devices: a fraction of a second
         device = device_latency_step(config, ctx)
-        refusal = device.refusal if device is not None else None
-        counted.update(device.metrics if device is not None else {})
+    elif refusal is None and ctx.device_latencies:  # no configuration (a baseline): measured per profile here
+        from ehrsr.search.device_latency import measure_device_latencies
+
+        device = measure_device_latencies(measured, ctx.profile_shape[1], ctx.device_latencies)
+    if device is not None:
+        refusal = device.refusal
+        counted.update(device.metrics)
     if refusal is not None:
         seconds["profile"] = time.perf_counter() - t0
         seconds["total"] = time.perf_counter() - start
