@@ -60,6 +60,9 @@ def main() -> None:
     headers = ["profile", "clock", "input", "units", "calibration s", "n unseen", "Spearman", "median |err| %",
                "p90 |err| %", "predict ms/config", "median measured ms", "canary ratio med / max",
                "stored hold-out err % / rho"]
+    unknown = [n for n in args.profiles.split(",") if n not in PROFILES]
+    if unknown:
+        parser.error(f"unknown profile {', '.join(unknown)}; choose from {', '.join(PROFILES)}")
     for name in args.profiles.split(","):
         runtime, threads = PROFILES[name]
         if args.clock == "cpu" and threads != 1:

@@ -697,7 +697,7 @@ def calibrate(
     dtype: str | None = None,
     input_hw: Sequence[int] | None = None,
     scale: int = 4,
-    n_fit: int = 8,
+    n_fit: int = 24,
     n_holdout: int = 12,
     seed: int = 0,
     unit_budget_s: float = UNIT_BUDGET_S,
