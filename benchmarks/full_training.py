@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import tempfile
 import time
@@ -30,7 +31,7 @@ from ehrsr import EHRSRConfig, build_model
 from ehrsr.data import TaskConfig
 from ehrsr.fulltrain import FullTrainSettings, ModelEMA, Recipe, full_train, prepare_sets
 from ehrsr.metrics import bicubic_baseline, evaluate
-from ehrsr.training import train
+from ehrsr.training import TrainSettings, train
 
 # the middle of search_spaces/tiny.yaml: width {8,12,16,24}, msg.levels 0..2, trunk_blocks 1..2, RepMix k {5,7,9}
 TINY_MIDDLE = {"scale": 4, "width": 16, "msg": {"levels": 1, "depths": [1]}, "trunk_blocks": 1,
@@ -39,7 +40,7 @@ TRIAL_STEPS, BATCH, PATCH = 108, 8, 32  # tiny.yaml: max_steps, batch_size, patc
 TRIAL_LR = 6.3e-4  # geometric middle of tiny.yaml's lr range [2e-4, 2e-3]
 
 
-def ema_cost(config: EHRSRConfig, train_set, repeats: int) -> tuple[float, float]:
+def ema_cost(config: EHRSRConfig, train_set, repeats: int, batch: int = BATCH, patch: int = PATCH) -> tuple[float, float]:
     """Median ms of one training step without and with the EMA update, timed alternately."""
     torch.manual_seed(0)
     model = build_model(config).train()
@@ -48,7 +49,7 @@ def ema_cost(config: EHRSRConfig, train_set, repeats: int) -> tuple[float, float
     generator = torch.Generator().manual_seed(0)
 
     def step() -> None:
-        lr, hr = train_set.sample(BATCH, PATCH, generator)
+        lr, hr = train_set.sample(batch, patch, generator)
         loss = (model(lr) - hr).abs().mean() + model.aux_loss()
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
@@ -65,30 +66,40 @@ def ema_cost(config: EHRSRConfig, train_set, repeats: int) -> tuple[float, float
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--pick", type=Path, help="train this pick's configuration instead of the tiny middle")
-    parser.add_argument("--factor", type=int, default=30, help="long run = factor x 108 steps (default 30)")
+    parser.add_argument("--factor", type=int, default=30, help="long run = factor x the trial's steps (default 30)")
     parser.add_argument("--val-every", type=int, help="validation interval (default: factor x 108 / 10)")
     parser.add_argument("--ema-repeats", type=int, default=15, help="timed steps per variant for the EMA cost")
     parser.add_argument("--no-ema-warmup", action="store_true", help="EMA at 0.999 from the first step (BasicSR)")
     parser.add_argument("--out", type=Path, help="run folder (default: a temporary one)")
     args = parser.parse_args()
     torch.set_num_threads(max(1, torch.get_num_threads()))
-    config = EHRSRConfig.from_dict(json.loads(args.pick.read_text())["config"] if args.pick else TINY_MIDDLE)
+    pick = json.loads(args.pick.read_text()) if args.pick else None
+    config = EHRSRConfig.from_dict(pick["config"] if pick else TINY_MIDDLE)
+    # the brief run is the trial's own protocol (the pick records it), else the tiny space's middle
+    if pick and pick.get("train"):
+        trial = TrainSettings.from_dict(pick["train"], ignore=("seed",))
+    else:
+        trial = TrainSettings(steps=TRIAL_STEPS, lr=TRIAL_LR, batch_size=BATCH, patch_size=PATCH)
     task = TaskConfig(scale=config.scale)
     train_set, sets = prepare_sets(task, None, ())
     val_set = sets[0][1]
     crop = config.scale
 
-    print(f"machine: {torch.get_num_threads()} threads; shared with other jobs (timings are indicative)")
+    load = os.getloadavg()[0]
+    print(f"machine: {torch.get_num_threads()} threads, load average {load:.1f} on {os.cpu_count()} cores"
+          + (" (busy: timings are indicative)" if load > 0.75 * (os.cpu_count() or 1) else ""))
     start = time.perf_counter()
     torch.manual_seed(0)
     brief = build_model(config)
-    train(brief, train_set, steps=TRIAL_STEPS, lr=TRIAL_LR, batch_size=BATCH, patch_size=PATCH, seed=0)
+    train(brief, train_set, trial, seed=0)
+    print(f"brief run: {trial}")
     brief_result = evaluate(brief, val_set, crop_border=crop)
     brief_seconds = time.perf_counter() - start
 
-    steps = args.factor * TRIAL_STEPS
+    steps = args.factor * trial.steps
     val_every = args.val_every or max(1, steps // 10)
-    recipe = Recipe(steps=steps, batch_size=BATCH, patch_size=PATCH, lr=TRIAL_LR, val_every=val_every,
+    recipe = Recipe(steps=steps, batch_size=trial.batch_size, patch_size=trial.patch_size, lr=trial.lr,
+                    loss=trial.loss, val_every=val_every,
                     checkpoint_every=val_every, ema_warmup=not args.no_ema_warmup)
     out = args.out or Path(tempfile.mkdtemp(prefix="full_training_"))
     start = time.perf_counter()
@@ -105,15 +116,16 @@ def main() -> None:
     print_table(
         ["weights", "steps", "PSNR (dB)", "SSIM", "gain over bicubic (dB)", "wall s"],
         [("bicubic", 0, bicubic.psnr, f"{bicubic.ssim:.4f}", 0.0, "-"),
-         ("brief (a tiny trial)", TRIAL_STEPS, brief_result.psnr, f"{brief_result.ssim:.4f}",
+         ("brief (the trial's protocol)", trial.steps, brief_result.psnr, f"{brief_result.ssim:.4f}",
           brief_result.psnr - bicubic.psnr, brief_seconds),
          (f"full x{args.factor} (EMA)", steps, final_psnr, f"{final_ssim:.4f}", final_psnr - bicubic.psnr, full_seconds)],
         title=f"gain of full training over the trial's weights: {final_psnr - brief_result.psnr:+.2f} dB",
     )
-    plain_ms, ema_ms = ema_cost(config, train_set, args.ema_repeats)
+    plain_ms, ema_ms = ema_cost(config, train_set, args.ema_repeats, trial.batch_size, trial.patch_size)
     print_table(["variant", "ms/step (median)", "steps/s"],
                 [("without EMA", plain_ms, 1e3 / plain_ms), ("with EMA 0.999", ema_ms, 1e3 / ema_ms)],
-                title=f"EMA cost (batch {BATCH}, patch {PATCH}, interleaved): x{ema_ms / plain_ms:.3f}")
+                title=f"EMA cost (batch {trial.batch_size}, patch {trial.patch_size}, interleaved): "
+                      f"x{ema_ms / plain_ms:.3f}")
     print(f"\nlong run: {result.steps_per_second:.2f} steps/s overall (validation included); folder {out}")
 
 
