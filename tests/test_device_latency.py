@@ -321,7 +321,8 @@ def test_baselines_in_a_predicted_latency_study_are_measured_per_profile(tmp_pat
     space = load_space(MICRO)
     devices = _devices_file(tmp_path, space)
     assert main([*_search_args(tmp_path, devices, "bl"), "--budget", "trials=2", "--sampler", "random",
-                 "--objectives", "psnr,latency@edge-test", "--baselines", "none", "--fidelity-share", "0"]) == 0
+                 "--objectives", "psnr,latency@edge-test", "--max-latency-ms", "other-test=1000",
+                 "--baselines", "none", "--fidelity-share", "0"]) == 0
     name = next(i.name for i in available_baselines() if i.available)
     assert main(["baselines", "--study-name", "bl", "--out-dir", str(tmp_path / "reports"),
                  "--baselines", name, "--quiet"]) == 0
