@@ -1,4 +1,5 @@
-"""The selective-scan op's hand-written backward (issue 15) against the reference loop's autograd."""
+"""The selective-scan op's two backwards (issue 15) against the reference loop's autograd: the
+default recompute under autograd and the hand-written adjoint scan (``ssm.SCAN_BACKWARD``)."""
 
 from __future__ import annotations
 
@@ -24,13 +25,17 @@ def _inputs(b: int, d: int, n: int, length: int, groups: int, seed: int) -> list
 
 
 NAMES = ("u", "delta", "A", "B", "C", "D")
+MODES = ("recompute", "adjoint")
 
 
 # groups = scan directions stacked along the channels (1, 2, 4); lengths odd, shorter and longer
 # than a chunk, and a multiple of it
 @pytest.mark.parametrize("groups", [1, 2, 4])
 @pytest.mark.parametrize("length", [1, 7, 33, 65, 127])
-def test_op_gradients_equal_reference_autograd(groups: int, length: int) -> None:
+@pytest.mark.parametrize("mode", MODES)
+def test_op_gradients_equal_reference_autograd(groups: int, length: int, mode: str,
+                                               monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(ssm_module, "SCAN_BACKWARD", mode)
     inputs = _inputs(2, 4 * groups, 3, length, groups, seed=length + groups)
     ref = [t.clone().requires_grad_() for t in inputs]
     fast = [t.clone().requires_grad_() for t in inputs]
@@ -45,17 +50,27 @@ def test_op_gradients_equal_reference_autograd(groups: int, length: int) -> None
         torch.testing.assert_close(f.grad, r.grad, atol=1e-5, rtol=1e-5, msg=lambda m, name=name: f"{name}: {m}")
 
 
-def test_backward_does_not_recompute_under_autograd(monkeypatch: pytest.MonkeyPatch) -> None:
-    # the old formula re-ran selective_scan_parallel under autograd; the new one must not call it
+def test_adjoint_backward_does_not_recompute_under_autograd(monkeypatch: pytest.MonkeyPatch) -> None:
+    # the recompute formula re-runs selective_scan_parallel under autograd; the adjoint must not
+    monkeypatch.setattr(ssm_module, "SCAN_BACKWARD", "adjoint")
+    inputs = [t.requires_grad_() for t in _inputs(1, 4, 2, 20, 1, seed=0)]
+    y = torch.ops.ehrsr.selective_scan(*inputs)
     calls = []
     real = ssm_module.selective_scan_parallel
     monkeypatch.setattr(ssm_module, "selective_scan_parallel", lambda *a, **k: calls.append(1) or real(*a, **k))
-    inputs = [t.requires_grad_() for t in _inputs(1, 4, 2, 20, 1, seed=0)]
-    torch.ops.ehrsr.selective_scan(*inputs).sum().backward()
+    y.sum().backward()
     assert calls == [] and all(t.grad is not None for t in inputs)
+    # and the default does recompute (the faster formula on CPU, measured: see ssm.SCAN_BACKWARD)
+    monkeypatch.setattr(ssm_module, "SCAN_BACKWARD", "recompute")
+    y = torch.ops.ehrsr.selective_scan(*inputs)
+    calls.clear()
+    y.sum().backward()
+    assert calls == [1]
 
 
-def test_gradcheck_custom_op() -> None:
+@pytest.mark.parametrize("mode", MODES)
+def test_gradcheck_custom_op(mode: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(ssm_module, "SCAN_BACKWARD", mode)
     inputs = [t.requires_grad_() for t in _inputs(1, 4, 2, 9, 2, seed=3)]
     assert torch.autograd.gradcheck(torch.ops.ehrsr.selective_scan, inputs, eps=1e-6, atol=1e-6)
 
@@ -98,7 +113,8 @@ def test_batched_directions_call_the_scan_once(monkeypatch: pytest.MonkeyPatch) 
 
 
 def test_channel_slabs_give_the_same_values_and_gradients(monkeypatch: pytest.MonkeyPatch) -> None:
-    # large inputs are processed in slabs of channels to bound memory; force several slabs here
+    # the adjoint processes large inputs in slabs of channels to bound memory; force several slabs
+    monkeypatch.setattr(ssm_module, "SCAN_BACKWARD", "adjoint")
     inputs = _inputs(2, 12, 3, 41, 2, seed=9)
     results = {}
     for slab in (ssm_module.SLAB_ELEMENTS, 2 * 3 * 41):  # one slab; then about one channel per slab
@@ -106,7 +122,9 @@ def test_channel_slabs_give_the_same_values_and_gradients(monkeypatch: pytest.Mo
         xs = [t.clone().requires_grad_() for t in inputs]
         y = torch.ops.ehrsr.selective_scan(*xs)
         y.square().sum().backward()
-        results[slab] = [y.detach()] + [x.grad for x in xs]
+        results[slab] = [ssm_module._materialised_forward(*inputs)] + [x.grad for x in xs]
     assert len(ssm_module._slabs(ssm_module._ScanShapes(inputs[0], inputs[2], inputs[3]))) > 1
     for a, b in zip(*results.values()):
         torch.testing.assert_close(a, b, atol=1e-12, rtol=1e-12)
+    # the materialised states the adjoint works on give the reference loop's output
+    torch.testing.assert_close(results[2 * 3 * 41][0], selective_scan_sequential(*inputs), atol=1e-10, rtol=1e-10)

@@ -21,7 +21,8 @@ Three implementations of the same recurrence:
 
 The parallel scan is exposed as the custom operator ``torch.ops.ehrsr.selective_scan`` so that
 MAC counters see one op with known shapes (``selective_scan_macs`` gives its cost) instead of a
-cloud of element-wise ops; its backward recomputes the forward under autograd.
+cloud of element-wise ops; its backward recomputes the forward under autograd (``SCAN_BACKWARD``;
+a hand-written adjoint scan is kept as the alternative, tested, but slower on CPU).
 
 All scans compute in float32 (float64 stays float64): the exponentials of the recurrence lose
 too much precision in half types, so the block casts explicitly and casts the result back.
@@ -260,7 +261,24 @@ def _slabs(shapes: _ScanShapes) -> list[slice]:
     return [slice(i, min(i + step, per_group)) for i in range(0, per_group, step)]
 
 
+# How the op's backward computes its gradients. "recompute" (default): run the chunked forward
+# again under autograd and differentiate it. "adjoint": the hand-written reverse-time adjoint scan
+# below, over materialised states. Measured on a quiet 2-core CPU (benchmarks/blocks.py and the
+# op alone, interleaved), the adjoint was 1.1-2.0x *slower* than the recompute (for example
+# fwd+bwd 1222 vs 613 ms at 64x64, batch 8, 4 directions): it streams (b, d, l, n) tensors through
+# memory several times, while the recompute's autograd graph is a few large element-wise kernels
+# per step. An earlier comparison on a machine loaded 10-20x over had shown the reverse.
+SCAN_BACKWARD: Literal["recompute", "adjoint"] = "recompute"
+
+
 def _scan_op_forward(u, delta, A, B, C, D) -> torch.Tensor:
+    """The op's forward: the chunked scan (no ``(b, d, l, n)`` tensor; faster than the materialised
+    form below on CPU in every measured case: 100 vs 309 ms at 64x64, batch 8, 2 directions)."""
+    return selective_scan_parallel(u, delta, A, B, C, D)
+
+
+def _materialised_forward(u, delta, A, B, C, D) -> torch.Tensor:
+    """The scan over materialised states (``_chunked_states``), as the adjoint sees it."""
     shapes = _ScanShapes(u, A, B)
     a_g = A.view(shapes.groups, -1, shapes.n)
     delta_t, du_t = shapes.seq(delta), shapes.seq(delta * u)
@@ -343,7 +361,12 @@ def _selective_scan_setup(ctx, inputs, output) -> None:
 
 
 def _selective_scan_backward(ctx, grad_y):
-    return _scan_op_backward(*ctx.saved_tensors, grad_y.contiguous())
+    if SCAN_BACKWARD == "adjoint":
+        return _scan_op_backward(*ctx.saved_tensors, grad_y.contiguous())
+    inputs = [t.detach().requires_grad_(t.requires_grad or t.is_floating_point()) for t in ctx.saved_tensors]
+    with torch.enable_grad():
+        y = selective_scan_parallel(*inputs)
+    return torch.autograd.grad(y, inputs, grad_y, allow_unused=True)
 
 
 _selective_scan_op.register_autograd(_selective_scan_backward, setup_context=_selective_scan_setup)
