@@ -626,13 +626,19 @@ def measure_module_for_profile(module: nn.Module, in_channels: int, target: Late
                                canary: Canary | None = None, retries: int = 2) -> LatencyRecord:
     """``latency_for_profile`` for a network that is not an EHR-SR configuration: always measured
     here (with the canary), recorded with the reason in ``missing_units``."""
+    return _measured_record(lambda: measure_module(module, in_channels, target), target,
+                            ("not an EHR-SR network",), canary, retries)
+
+
+def _measured_record(measure: Callable[[], float], target: LatencyTarget, missing: tuple[str, ...],
+                     canary: Canary | None, retries: int) -> LatencyRecord:
+    """One latency measured on this machine right after a canary reading, measured again while the
+    canary says the machine is busy (``measure_with_canary``), as a ``LatencyRecord``."""
     from ehrsr.profiling.canary import measure_with_canary
 
     canary = canary or Canary(threads=target.threads if target.kind == "cpu" else 1)
-    latency_ms, reading, _ = measure_with_canary(lambda: measure_module(module, in_channels, target), canary,
-                                                 retries=retries)
-    return LatencyRecord(target.profile, float(latency_ms), "measured", ("not an EHR-SR network",),
-                         reading.ratio, reading.contended)
+    latency_ms, reading, _ = measure_with_canary(measure, canary, retries=retries)
+    return LatencyRecord(target.profile, float(latency_ms), "measured", missing, reading.ratio, reading.contended)
 
 
 def _spearman(a: Sequence[float], b: Sequence[float]) -> float:
@@ -896,8 +902,6 @@ def latency_for_profile(
     """The latency of ``config`` on ``target``: predicted by ``model`` when it covers every unit,
     else measured on this machine (``measure``, default ``measure_network``) next to a canary
     reading, measuring again while the canary says the machine is busy (``measure_with_canary``)."""
-    from ehrsr.profiling.canary import measure_with_canary
-
     missing: tuple[str, ...] = ()
     if model is not None:
         prediction = model.predict(config, target.input_hw)
@@ -905,6 +909,4 @@ def latency_for_profile(
             return LatencyRecord(target.profile, prediction.latency_ms, "predicted")
         missing = prediction.missing_units
     measure = measure or measure_network
-    canary = canary or Canary(threads=target.threads if target.kind == "cpu" else 1)
-    latency_ms, reading, _ = measure_with_canary(lambda: measure(config, target), canary, retries=retries)
-    return LatencyRecord(target.profile, float(latency_ms), "measured", missing, reading.ratio, reading.contended)
+    return _measured_record(lambda: measure(config, target), target, missing, canary, retries)
