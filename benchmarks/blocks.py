@@ -1,6 +1,6 @@
 """Per-block CPU timings (issue 2): forward and forward+backward at 64x64 and 128x128, width 32;
 the chunked parallel scan vs the sequential loop; RepMix unfused vs fused; the SSMB before and
-after issue 15 (hand-written scan backward, directions batched into one scan call).
+after issue 15 (directions batched into one scan call; the scan compiled for the CPU, ehrsr/blocks/scan_kernel.c).
 
     python benchmarks/blocks.py [--threads N] [--repeats N] [--only ssmb]
 
@@ -31,8 +31,10 @@ from ehrsr.blocks import (
     RepMixBlock,
     SSMBlock,
     WindowAttentionBlock,
+    scan_kernel,
     selective_scan_parallel,
     selective_scan_sequential,
+    ssm,
 )
 from ehrsr.blocks.ssm import _scan_orders
 
@@ -142,8 +144,25 @@ def ssmb_baseline_forward(block: SSMBlock, x: torch.Tensor) -> torch.Tensor:
     return x + block.drop_path(block.out_proj(y))
 
 
+def _with_scan(mode: str, fn):
+    """``fn`` run with ``ssm.SCAN_KERNEL = mode`` ("auto": the compiled CPU kernel; "torch")."""
+
+    def run(*args):
+        saved, ssm.SCAN_KERNEL = ssm.SCAN_KERNEL, mode
+        try:
+            return fn(*args)
+        finally:
+            ssm.SCAN_KERNEL = saved
+
+    return run
+
+
 def ssmb_table(sizes: list[int], repeats: int) -> None:
-    """Baseline vs current SSMB, and the NAF block for scale, interleaved in one run."""
+    """Baseline vs current SSMB (PyTorch scan and compiled kernel), and the NAF block for scale,
+    interleaved in one run."""
+    if not scan_kernel.available():
+        print(f"note: the compiled scan kernel is not used ({scan_kernel.reason()}); 'kernel' = PyTorch scan",
+              file=sys.stderr)
     rows = []
     for size in sizes:
         for directions in (2, 4):
@@ -152,9 +171,13 @@ def ssmb_table(sizes: list[int], repeats: int) -> None:
             naf = NAFBlock(WIDTH)
             x = torch.randn(1, WIDTH, size, size)
             torch.testing.assert_close(ssmb_baseline_forward(block, x), block(x), atol=1e-4, rtol=1e-4)
+            torch_path = _with_scan("torch", lambda x, b=block: b(x))
+            kernel_path = _with_scan("auto", lambda x, b=block: b(x))
             with torch.inference_mode():
-                fwd_old, fwd_new = paired_median_ms(
-                    lambda b=block, x=x: ssmb_baseline_forward(b, x), lambda b=block, x=x: b(x), repeats=repeats
+                fwd_old, fwd_torch, fwd_kernel = interleaved_median_ms(
+                    [lambda b=block, x=x: ssmb_baseline_forward(b, x), lambda x=x: torch_path(x),
+                     lambda x=x: kernel_path(x)],
+                    repeats=repeats,
                 )
             xg = x.clone().requires_grad_()
 
@@ -162,27 +185,29 @@ def ssmb_table(sizes: list[int], repeats: int) -> None:
                 module.zero_grad(set_to_none=True)
                 forward(x).sum().backward()
 
-            both_old, both_new, both_naf = interleaved_median_ms(
+            both_old, both_torch, both_kernel, both_naf = interleaved_median_ms(
                 [
                     lambda b=block: train_step(b, lambda x, b=b: ssmb_baseline_forward(b, x)),
-                    lambda b=block: train_step(b, b),
+                    lambda b=block: _with_scan("torch", train_step)(b, b),
+                    lambda b=block: _with_scan("auto", train_step)(b, b),
                     lambda n=naf: train_step(n, n),
                 ],
                 repeats=repeats,
             )
             rows.append([
-                f"{size}x{size}", directions, fwd_old, fwd_new, f"{fwd_old / fwd_new:.2f}x",
-                both_old, both_new, f"{both_old / both_new:.2f}x", both_naf,
-                f"{both_old / both_naf:.1f}x", f"{both_new / both_naf:.1f}x",
+                f"{size}x{size}", directions, fwd_old, fwd_torch, fwd_kernel, f"{fwd_old / fwd_kernel:.2f}x",
+                both_old, both_torch, both_kernel, f"{both_old / both_kernel:.2f}x", both_naf,
+                f"{both_old / both_naf:.1f}x", f"{both_kernel / both_naf:.1f}x",
             ])
             print(f"  timed SSMB {directions} dirs at {size}x{size}", file=sys.stderr)
     print_table(
-        ["input", "dirs", "fwd old ms", "fwd new ms", "fwd speed-up", "fwd+bwd old ms", "fwd+bwd new ms",
-         "fwd+bwd speed-up", "NAF fwd+bwd ms", "old/NAF", "new/NAF"],
+        ["input", "dirs", "fwd old ms", "fwd torch ms", "fwd kernel ms", "fwd speed-up", "fwd+bwd old ms",
+         "fwd+bwd torch ms", "fwd+bwd kernel ms", "fwd+bwd speed-up", "NAF fwd+bwd ms", "old/NAF", "kernel/NAF"],
         rows,
         title=(
-            f"SSMB (width 32, N=8) before/after issue 15, CPU ({torch.get_num_threads()} threads), "
-            f"medians of {repeats} interleaved rounds (target: fwd+bwd >= 3x at 64x64, fwd not slower)"
+            f"SSMB (width 32, N=8, batch 1) before issue 15 (old), now with the PyTorch scan (torch) and with the "
+            f"compiled CPU scan (kernel), CPU ({torch.get_num_threads()} threads), medians of {repeats} interleaved "
+            "rounds; speed-up = old / kernel (target: fwd+bwd >= 3x at 64x64, fwd not slower)"
         ),
     )
 

@@ -1,4 +1,5 @@
-"""Files shipped inside the package: the search-space YAML files and the device profiles.
+"""Files shipped inside the package (the search-space YAML files, the device profiles) and the
+user's cache folder.
 
 They live in ``ehrsr/search_spaces/`` and are read through :mod:`importlib.resources`, so an
 installed wheel finds them wherever it is installed, not only a checkout of the repository.
@@ -8,10 +9,11 @@ from __future__ import annotations
 
 import atexit
 import contextlib
+import os
 from importlib import resources
 from pathlib import Path
 
-__all__ = ["devices_file", "shipped_space_names", "space_file", "spaces_dir"]
+__all__ = ["default_cache_dir", "devices_file", "shipped_space_names", "space_file", "spaces_dir"]
 
 _extracted = contextlib.ExitStack()
 atexit.register(_extracted.close)
@@ -39,3 +41,9 @@ def shipped_space_names() -> list[str]:
 def devices_file() -> Path:
     """The shipped device profiles, ``ehrsr/search_spaces/devices.yaml``."""
     return spaces_dir() / "devices.yaml"
+
+
+def default_cache_dir() -> Path:
+    """``$EHRSR_CACHE`` if set, else ``~/.cache/ehrsr``: prepared data, compiled kernels."""
+    env = os.environ.get("EHRSR_CACHE")
+    return Path(env).expanduser() if env else Path.home() / ".cache" / "ehrsr"

@@ -1,12 +1,14 @@
-"""The selective-scan op's two backwards (issue 15) against the reference loop's autograd: the
-default recompute under autograd and the hand-written adjoint scan (``ssm.SCAN_BACKWARD``)."""
+"""The selective-scan op's backwards (issue 15) against the reference loop's autograd: the compiled
+CPU kernel (``ssm.SCAN_KERNEL = "auto"``, the default where it builds; ``tests/test_scan_kernel.py``
+tests its building and fallback), and the PyTorch forms used without it: the recompute under
+autograd and the hand-written adjoint scan (``ssm.SCAN_BACKWARD``)."""
 
 from __future__ import annotations
 
 import pytest
 import torch
 
-from ehrsr.blocks import SSMBlock, selective_scan_sequential
+from ehrsr.blocks import SSMBlock, scan_kernel, selective_scan_sequential
 from ehrsr.blocks import ssm as ssm_module
 
 
@@ -25,7 +27,18 @@ def _inputs(b: int, d: int, n: int, length: int, groups: int, seed: int) -> list
 
 
 NAMES = ("u", "delta", "A", "B", "C", "D")
-MODES = ("recompute", "adjoint")
+MODES = ("kernel", "recompute", "adjoint")
+
+
+def use(mode: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Route the op through ``mode``: the compiled kernel, or one of the PyTorch backwards."""
+    if mode == "kernel":
+        if not scan_kernel.available():
+            pytest.skip(f"the compiled scan kernel is not available here: {scan_kernel.reason()}")
+        monkeypatch.setattr(ssm_module, "SCAN_KERNEL", "auto")
+    else:
+        monkeypatch.setattr(ssm_module, "SCAN_KERNEL", "torch")
+        monkeypatch.setattr(ssm_module, "SCAN_BACKWARD", mode)
 
 
 # groups = scan directions stacked along the channels (1, 2, 4); lengths odd, shorter and longer
@@ -35,7 +48,7 @@ MODES = ("recompute", "adjoint")
 @pytest.mark.parametrize("mode", MODES)
 def test_op_gradients_equal_reference_autograd(groups: int, length: int, mode: str,
                                                monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(ssm_module, "SCAN_BACKWARD", mode)
+    use(mode, monkeypatch)
     inputs = _inputs(2, 4 * groups, 3, length, groups, seed=length + groups)
     ref = [t.clone().requires_grad_() for t in inputs]
     fast = [t.clone().requires_grad_() for t in inputs]
@@ -52,7 +65,7 @@ def test_op_gradients_equal_reference_autograd(groups: int, length: int, mode: s
 
 def test_adjoint_backward_does_not_recompute_under_autograd(monkeypatch: pytest.MonkeyPatch) -> None:
     # the recompute formula re-runs selective_scan_parallel under autograd; the adjoint must not
-    monkeypatch.setattr(ssm_module, "SCAN_BACKWARD", "adjoint")
+    use("adjoint", monkeypatch)
     inputs = [t.requires_grad_() for t in _inputs(1, 4, 2, 20, 1, seed=0)]
     y = torch.ops.ehrsr.selective_scan(*inputs)
     calls = []
@@ -70,12 +83,14 @@ def test_adjoint_backward_does_not_recompute_under_autograd(monkeypatch: pytest.
 
 @pytest.mark.parametrize("mode", MODES)
 def test_gradcheck_custom_op(mode: str, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(ssm_module, "SCAN_BACKWARD", mode)
+    use(mode, monkeypatch)
     inputs = [t.requires_grad_() for t in _inputs(1, 4, 2, 9, 2, seed=3)]
     assert torch.autograd.gradcheck(torch.ops.ehrsr.selective_scan, inputs, eps=1e-6, atol=1e-6)
 
 
-def test_float32_gradients_close_to_float64() -> None:
+@pytest.mark.parametrize("mode", MODES)
+def test_float32_gradients_close_to_float64(mode: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    use(mode, monkeypatch)
     inputs = _inputs(1, 8, 4, 300, 2, seed=5)
     grads = {}
     for dtype in (torch.float64, torch.float32):
@@ -87,8 +102,11 @@ def test_float32_gradients_close_to_float64() -> None:
         assert ((g32 - g64).abs().max() / scale).item() < 1e-4, name
 
 
+@pytest.mark.parametrize("mode", MODES)
 @pytest.mark.parametrize("directions", [1, 2, 4])
-def test_block_gradients_equal_sequential_reference(directions: int) -> None:
+def test_block_gradients_equal_sequential_reference(directions: int, mode: str,
+                                                    monkeypatch: pytest.MonkeyPatch) -> None:
+    use(mode, monkeypatch)
     # the block's directions go through one batched scan call; the parameters' gradients must equal
     # those of the reference loop run on the same stacked inputs
     torch.manual_seed(directions)
@@ -114,7 +132,7 @@ def test_batched_directions_call_the_scan_once(monkeypatch: pytest.MonkeyPatch) 
 
 def test_channel_slabs_give_the_same_values_and_gradients(monkeypatch: pytest.MonkeyPatch) -> None:
     # the adjoint processes large inputs in slabs of channels to bound memory; force several slabs
-    monkeypatch.setattr(ssm_module, "SCAN_BACKWARD", "adjoint")
+    use("adjoint", monkeypatch)
     inputs = _inputs(2, 12, 3, 41, 2, seed=9)
     results = {}
     for slab in (ssm_module.SLAB_ELEMENTS, 2 * 3 * 41):  # one slab; then about one channel per slab

@@ -19,10 +19,12 @@ Three implementations of the same recurrence:
 * ``mamba_ssm``'s fused CUDA kernel ``selective_scan_fn`` when that package is importable and the
   tensors are on CUDA (imported lazily, so CPU-only installs work).
 
-The parallel scan is exposed as the custom operator ``torch.ops.ehrsr.selective_scan`` so that
-MAC counters see one op with known shapes (``selective_scan_macs`` gives its cost) instead of a
-cloud of element-wise ops; its backward recomputes the forward under autograd (``SCAN_BACKWARD``;
-a hand-written adjoint scan is kept as the alternative, tested, but slower on CPU).
+The scan is exposed as the custom operator ``torch.ops.ehrsr.selective_scan`` so that MAC
+counters see one op with known shapes (``selective_scan_macs`` gives its cost) instead of a cloud
+of element-wise ops. On the CPU the op runs the compiled kernel of ``scan_kernel`` (forward loop
+and reverse-time adjoint; ``SCAN_KERNEL``) when it can be built, else the parallel scan with a
+backward that recomputes it under autograd (``SCAN_BACKWARD``; a hand-written adjoint in PyTorch
+is kept as the alternative, tested, but slower on CPU).
 
 All scans compute in float32 (float64 stays float64): the exponentials of the recurrence lose
 too much precision in half types, so the block casts explicitly and casts the result back.
@@ -37,6 +39,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ehrsr.blocks import scan_kernel
 from ehrsr.blocks.layers import DropPath, LayerNorm2d
 
 __all__ = [
@@ -270,6 +273,11 @@ def _slabs(shapes: _ScanShapes) -> list[slice]:
 # per step. An earlier comparison on a machine loaded 10-20x over had shown the reverse.
 SCAN_BACKWARD: Literal["recompute", "adjoint"] = "recompute"
 
+# On the CPU (float32 / float64) the op runs the compiled kernel of ``scan_kernel`` when it can be
+# built ("auto"): forward and adjoint backward as plain loops, 5-10x faster than the PyTorch forms
+# at training sizes (benchmarks/blocks.py). "torch" keeps the PyTorch forms above everywhere.
+SCAN_KERNEL: Literal["auto", "torch"] = "auto"
+
 
 def _scan_op_forward(u, delta, A, B, C, D) -> torch.Tensor:
     """The op's forward: the chunked scan (no ``(b, d, l, n)`` tensor; faster than the materialised
@@ -346,6 +354,8 @@ def _selective_scan_op(
     u: torch.Tensor, delta: torch.Tensor, A: torch.Tensor, B: torch.Tensor, C: torch.Tensor, D: torch.Tensor
 ) -> torch.Tensor:
     _check_shapes(u, delta, A, B, C, D)
+    if SCAN_KERNEL == "auto" and scan_kernel.supports(u, delta, A, B, C, D):
+        return scan_kernel.forward(u, delta, A, B, C, D)
     return _scan_op_forward(u, delta, A, B, C, D)
 
 
@@ -361,6 +371,8 @@ def _selective_scan_setup(ctx, inputs, output) -> None:
 
 
 def _selective_scan_backward(ctx, grad_y):
+    if SCAN_KERNEL == "auto" and scan_kernel.supports(*ctx.saved_tensors, grad_y):
+        return scan_kernel.backward(*ctx.saved_tensors, grad_y)
     if SCAN_BACKWARD == "adjoint":
         return _scan_op_backward(*ctx.saved_tensors, grad_y.contiguous())
     inputs = [t.detach().requires_grad_(t.requires_grad or t.is_floating_point()) for t in ctx.saved_tensors]

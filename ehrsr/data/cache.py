@@ -16,17 +16,12 @@ import numpy as np
 
 from ehrsr.data.task import TaskConfig
 from ehrsr.data.trainset import NOISE_VARIANTS_BEFORE_JPEG
+from ehrsr.resources import default_cache_dir
 
 __all__ = ["DATA_FORMAT_VERSION", "cache_key", "default_cache_dir", "load_npz", "save_npz_atomically"]
 
 # Bump when the cached content for the same inputs would change (imresize, degradations, layout).
 DATA_FORMAT_VERSION = 1
-
-
-def default_cache_dir() -> Path:
-    """``$EHRSR_CACHE`` if set, else ``~/.cache/ehrsr``."""
-    env = os.environ.get("EHRSR_CACHE")
-    return Path(env).expanduser() if env else Path.home() / ".cache" / "ehrsr"
 
 
 def _file_fingerprint(files: Sequence[Path] | None) -> list[list]:
