@@ -75,7 +75,9 @@ class MacCount:
     """Result of ``count_macs``. MACs: one multiply-accumulate = 1 (fvcore's convention)."""
 
     macs: int  # fvcore total on the data path: the NTIRE "FLOPs (fvcore)" number
-    macs_ptflops: int  # ptflops (aten backend) total with the same rules: the cross-check
+    # ptflops (aten backend) total with the same rules: the cross-check (None: not run, as in a
+    # search's per-unit counts, ``ehrsr.profiling.unit_counts``)
+    macs_ptflops: int | None
     params: int  # parameters of the model as given (every branch, training ones included)
     params_deploy: int  # parameters of the deploy form (fused; nothing counted twice)
     unsupported_ops: dict[str, int]  # operators a counter could not price, with call counts
@@ -89,7 +91,10 @@ class MacCount:
 
     @property
     def relative_difference(self) -> float:
-        """``|macs - macs_ptflops| / macs``: the counters' disagreement (0 when both are 0)."""
+        """``|macs - macs_ptflops| / macs``: the counters' disagreement (0 when both are 0, NaN
+        when ptflops was not run)."""
+        if self.macs_ptflops is None:
+            return float("nan")
         if self.macs == 0:
             return 0.0 if self.macs_ptflops == 0 else float("inf")
         return abs(self.macs - self.macs_ptflops) / self.macs
@@ -312,14 +317,16 @@ def _fvcore_handles(tally: _Tally, data_path: _JitDataPath) -> dict[str, Any]:
     return handles
 
 
-def _count_fvcore(model: nn.Module, x: torch.Tensor) -> _Tally:
+def _count_fvcore(model: nn.Module, x: torch.Tensor | tuple[torch.Tensor, ...]) -> _Tally:
+    """fvcore's count of ``model(x)`` (``x``: one input, or a tuple of inputs, all on the data path)."""
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", FutureWarning)  # fvcore's import touches deprecated torch.jit
         from fvcore.nn import FlopCountAnalysis
 
     tally = _Tally()
-    analysis = FlopCountAnalysis(model, (x,))
-    analysis.set_op_handle(**_fvcore_handles(tally, _JitDataPath(n_inputs=1)))
+    inputs = x if isinstance(x, tuple) else (x,)
+    analysis = FlopCountAnalysis(model, inputs)
+    analysis.set_op_handle(**_fvcore_handles(tally, _JitDataPath(n_inputs=len(inputs))))
     analysis.set_op_handle(**dict.fromkeys(ZERO_COST_OPS))  # None: declared free, not "unsupported"
     analysis.unsupported_ops_warnings(False)
     analysis.uncalled_modules_warnings(False)
@@ -332,7 +339,7 @@ def _count_fvcore(model: nn.Module, x: torch.Tensor) -> _Tally:
             tally.by_family.update({k: int(v) for k, v in analysis.by_operator().items()})
             tally.unsupported = {k: int(v) for k, v in analysis.unsupported_ops().items()}
     except Exception as exc:
-        raise _describe_failure("fvcore", model, x, exc) from exc
+        raise _describe_failure("fvcore", model, inputs[0], exc) from exc
     return tally
 
 

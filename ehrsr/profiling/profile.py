@@ -46,7 +46,7 @@ class Profile:
     """Cost of one model on one device. MACs: one multiply-accumulate = 1; memory in MiB."""
 
     macs: int  # fvcore, deploy form, at ``macs_input_shape`` ("FLOPs (fvcore)" in NTIRE tables)
-    macs_ptflops: int  # ptflops cross-check with the same rules
+    macs_ptflops: int | None  # ptflops cross-check with the same rules (None: not run)
     params: int  # the model as given, every branch included
     params_deploy: int  # the deploy form (fused; nothing counted twice)
     latency_ms: float  # median of ``repeats`` timed passes

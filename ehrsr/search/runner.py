@@ -135,6 +135,20 @@ class RunResult:
     canary: dict[str, Any] | None = None  # study_schema.CANARY_ATTR
 
 
+_UNIT_COUNTER: Any = None
+
+
+def unit_mac_counter() -> Any:
+    """This process's ``UnitMacCounter``: a trial's MACs summed from unit counts cached across
+    trials (exactly ``count_macs``'s fvcore figures; docs/profiling.md, "Counting in a search")."""
+    global _UNIT_COUNTER
+    if _UNIT_COUNTER is None:
+        from ehrsr.profiling.unit_counts import UnitMacCounter
+
+        _UNIT_COUNTER = UnitMacCounter()
+    return _UNIT_COUNTER
+
+
 def measure_cost(model: nn.Module, ctx: RunContext, mac_count: Any = None) -> dict[str, Any]:
     """Latency, memory and counts of the deploy form on the search device (``profile_model``);
     ``mac_count`` (from ``count_macs`` at the same shape) saves counting twice."""
@@ -189,11 +203,11 @@ def measure_cost_checked(
 def _untimed_cost(model: nn.Module, ctx: RunContext, mac_count: Any) -> dict[str, Any]:
     """Counts (and peak memory when an objective or limit needs it) without timing: a search whose
     latencies are all predicted for other devices spends nothing on this machine's latency."""
-    from ehrsr.profiling import count_macs, device_name
+    from ehrsr.profiling import device_name
     from ehrsr.profiling.counting import deploy_form
     from ehrsr.profiling.memory import measure_peak_memory
 
-    count = mac_count if mac_count is not None else count_macs(model, ctx.profile_shape)
+    count = mac_count if mac_count is not None else unit_mac_counter().count(model, ctx.profile_shape)
     memory_mb = None
     if "memory" in [o.name for o in ctx.objectives] or ctx.limits.max_memory_mb is not None:
         deploy, _ = deploy_form(model)
@@ -294,7 +308,6 @@ def run_model(
     (docs/latency_models.md) predict from it (a hand-designed baseline has none: each profile's
     latency is measured here with the profile's runtime, threads and input size).
     """
-    from ehrsr.profiling import count_macs
     from ehrsr.training import TrainingDiverged, TrainingOutOfMemory
     from ehrsr.training import train as train_model
 
@@ -310,7 +323,7 @@ def run_model(
     # 1. cheap counting: refuse over-limit configurations before spending budget
     t0 = time.perf_counter()
     if precomputed_cost is None:
-        count = count_macs(measured, ctx.profile_shape)
+        count = unit_mac_counter().count(measured, ctx.profile_shape)
         params_deploy, macs = count.params_deploy, count.macs
         counted = {"macs": count.macs, "params": count.params, "params_deploy": count.params_deploy}
     else:

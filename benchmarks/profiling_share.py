@@ -1,0 +1,111 @@
+"""Profiling share of default tiny CPU trials: latency measured here vs predicted by a latency model.
+
+Runs two real searches of the README kind (tiny space, built-in images, ``--budget trials=N``,
+no baselines, ablation or fidelity share, so only trials run), one after the other with the same
+seed: one with the default objectives (``psnr,latency``: latency measured on this machine) and one
+with ``psnr,latency@bench-1t``, a device profile whose latency model is calibrated first (or given
+with ``--latency-model``; torch, 1 thread, 128x128 LR). Each trial stores its seconds of training,
+evaluation and profiling (``seconds`` user attribute); the table gives the profiling share
+``profile / total`` per search: its median and range, and the total over all trials.
+The second half of each search is shown apart: the search counts MACs from unit counts cached
+across trials (docs/profiling.md, "Counting in a search"), so counting gets cheaper as the search
+goes on. Issue 12's goal: <= 5 % when the latency objective is predicted. Asserts nothing.
+
+    python benchmarks/profiling_share.py --trials 12 [--latency-model FILE]
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+if __package__ in (None, ""):
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import optuna
+
+from benchmarks._common import print_table
+
+ROOT = Path(__file__).resolve().parents[1]
+PROFILE = "bench-1t"
+
+
+def _search(out_dir: Path, name: str, objectives: str, devices: Path, trials: int, seed: int) -> None:
+    command = [
+        sys.executable, str(ROOT / "run_search.py"), "--budget", f"trials={trials}", "--space", "tiny",
+        "--objectives", objectives, "--devices-file", str(devices), "--out-dir", str(out_dir), "--study-name", name,
+        "--baselines", "none", "--ablation-share", "0", "--fidelity-share", "0", "--seed", str(seed),
+    ]
+    print("$ " + " ".join(command), file=sys.stderr, flush=True)
+    subprocess.run(command, check=True, env={**os.environ, "PYTHONPATH": str(ROOT)})
+
+
+def _shares(out_dir: Path, name: str) -> list[tuple[float, float]]:
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    study = optuna.load_study(study_name=name, storage=f"sqlite:///{out_dir / name / 'study.db'}")
+    rows = []
+    for trial in study.trials:
+        seconds = trial.user_attrs.get("seconds") or {}
+        # complete and pruned trials alike (a pruned trial was counted and profiled too); recorded
+        # repeats and refused proposals train nothing and are left out
+        if seconds.get("total") and seconds.get("train") and "repeat_of" not in trial.user_attrs:
+            rows.append((float(seconds.get("profile", 0.0)), float(seconds["total"])))
+    return rows
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--trials", type=int, default=12)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--latency-model", type=Path, help="a torch 1-thread 128x128 model of the tiny space "
+                        "(default: calibrate one first, a few minutes)")
+    parser.add_argument("--out-dir", type=Path, default=None, help="keep the studies here (default: a temporary folder)")
+    args = parser.parse_args()
+    out_dir = args.out_dir or Path(tempfile.mkdtemp(prefix="ehrsr-share-"))
+    out_dir.mkdir(parents=True, exist_ok=True)
+
+    model_file = args.latency_model
+    if model_file is None:
+        from ehrsr.profiling.latency_model import LatencyTarget, calibrate
+        from ehrsr.search.space import load_space
+
+        model_file = out_dir / f"{PROFILE}.json"
+        target = LatencyTarget(PROFILE, "cpu", "torch", 1, "float32", (128, 128))
+        calibrate(load_space("tiny"), target, model_file, log=lambda m: print(m, file=sys.stderr))
+    devices = out_dir / "devices.yaml"
+    devices.write_text(
+        f"profiles:\n  {PROFILE}:\n    kind: cpu\n    threads: 1\n    dtype: float32\n"
+        f"    input_size: [128, 128]\n    latency_model: {model_file.resolve()}\n"
+    )
+    runs = [("measured", "psnr,latency"), ("predicted", f"psnr,latency@{PROFILE}")]
+    for name, objectives in runs:
+        _search(out_dir, name, objectives, devices, args.trials, args.seed)
+    table = []
+    for name, objectives in runs:
+        rows = _shares(out_dir, name)
+        shares = [100.0 * p / t for p, t in rows]
+        later = shares[len(shares) // 2:]
+        table.append([
+            name, objectives, len(rows), f"{statistics.median(shares):.1f}", f"{min(shares):.1f} - {max(shares):.1f}",
+            f"{statistics.median(later):.1f}",
+            f"{statistics.median(p for p, _ in rows):.2f}", f"{statistics.median(t for _, t in rows):.2f}",
+            f"{100.0 * sum(p for p, _ in rows) / sum(t for _, t in rows):.1f}",
+        ])
+    load = os.getloadavg()
+    print_table(
+        ["search", "objectives", "trials", "profiling share median %", "min - max %", "second half median %",
+         "profile s median",
+         "trial s median", "profile s / trial s, all trials %"],
+        table,
+        title=(f"Profiling share of tiny CPU trials ({args.trials} trials each, seed {args.seed}); load average "
+               f"{load[0]:.2f}, {load[1]:.2f}, {load[2]:.2f} on {os.cpu_count()} cores (goal when predicted: <= 5 %)"),
+    )
+
+
+if __name__ == "__main__":
+    main()
