@@ -25,6 +25,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks._common import print_table
 from ehrsr import MODULE_TOGGLES, build_model
+from ehrsr.blocks import scan_kernel, ssm
 from ehrsr.data import TaskConfig, prepare_data
 from ehrsr.training import TrainSettings, train
 
@@ -71,6 +72,15 @@ def main() -> None:
             params, patches_per_s = throughput(
                 config, train_set, device, args.steps, args.batch, args.patch, args.repeats
             )
+            if label == "+ ssm" and device.type == "cpu":  # the same SSMB without the compiled CPU scan
+                saved, ssm.SCAN_KERNEL = ssm.SCAN_KERNEL, "torch"
+                try:
+                    _, torch_rate = throughput(config, train_set, device, args.steps, args.batch, args.patch,
+                                               args.repeats)
+                finally:
+                    ssm.SCAN_KERNEL = saved
+                rows.append([f"{label} (PyTorch scan)", params, torch_rate, torch_rate / baseline])
+                label = f"{label} ({'compiled scan' if scan_kernel.available() else 'PyTorch scan: ' + str(scan_kernel.reason())})"
             baseline = baseline or patches_per_s
             rows.append([label, params, patches_per_s, patches_per_s / baseline])
             print(f"  timed {label} on {device}", file=sys.stderr)
