@@ -221,6 +221,14 @@ def test_calibrate_subcommand_writes_a_loadable_model(tmp_path: Path, monkeypatc
     # bad input: one line, exit 2
     assert main(["calibrate", "--device-profile", "nope", "--space", str(space_file), "--devices-file", str(devices)]) == 2
     assert "unknown device profile 'nope'" in capsys.readouterr().err
+    # the CPU clock is refused for onnxruntime (its passes did not repeat in CPU time)
+    devices.write_text("profiles:\n  ortdev:\n    kind: cpu\n    runtime: onnxruntime\n    threads: 1\n"
+                       "    input_size: [8, 8]\n")
+    assert main(["calibrate", "--device-profile", "ortdev", "--space", str(space_file), "--devices-file",
+                 str(devices), "--clock", "cpu", "--out", str(tmp_path / "ort.json")]) == 2
+    err = capsys.readouterr().err
+    assert "--clock cpu is for the torch runtime only" in err and len(err.strip().splitlines()) == 1
+    assert not (tmp_path / "ort.json").exists()
 
 
 def test_canary_ratio_stored_with_the_local_latency_rises_under_load(tmp_path: Path) -> None:

@@ -252,6 +252,11 @@ def test_cpu_clock_is_for_one_thread_only(tmp_path: Path, tiny):
         time_model(torch.nn.Identity(), "torch", (1, 3, 8, 8), 1, clock="sundial")
     with pytest.raises(ValueError, match="one-thread target"):
         calibrate(tiny, LatencyTarget.from_profile(TARGET, threads=2), tmp_path / "m.json", clock="cpu")
+    with pytest.raises(ValueError, match="torch runtime only"):
+        time_model(torch.nn.Identity(), "onnxruntime", (1, 3, 8, 8), 1, clock="cpu")
+    with pytest.raises(ValueError, match="torch runtime only"):
+        calibrate(tiny, LatencyTarget.from_profile(TARGET, threads=1, runtime="onnxruntime"), tmp_path / "m.json",
+                  clock="cpu")
     stats = time_model(torch.nn.Conv2d(3, 3, 3), "torch", (1, 3, 16, 16), 1, clock="cpu", warmup=1, repeats=5)
     assert stats.repeats == 5 and stats.latency_ms >= 0 and "cpu clock" in stats.device
 

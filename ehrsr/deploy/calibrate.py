@@ -64,6 +64,11 @@ def calibrate_profile(
         raise CalibrationError(
             f"--clock cpu times one thread only; device profile {profile.name!r} uses {profile.threads} threads"
         )
+    if clock == "cpu" and profile.runtime != "torch":
+        raise CalibrationError(
+            f"--clock cpu is for the torch runtime only; device profile {profile.name!r} runs onnxruntime: "
+            "use the wall clock"
+        )
     if profile.kind != "cpu" and profile.runtime != "torch":
         raise DeviceProfileError(f"device profile {profile.name!r}: onnxruntime runs on the CPU only")
     path = Path(out_path) if out_path is not None else default_model_path(profile.name, space.name)

@@ -739,6 +739,8 @@ def calibrate(
     """
     if clock not in ("wall", "cpu") or (clock == "cpu" and _target_threads(device_profile, threads) != 1):
         raise ValueError(f"clock must be 'wall', or 'cpu' for a one-thread target, got {clock!r}")
+    if clock == "cpu" and (runtime or getattr(device_profile, "runtime", None) or "torch") != "torch":
+        raise ValueError("clock 'cpu' is for the torch runtime only; calibrate onnxruntime with the wall clock")
     say = log or (lambda _message: None)
     target = LatencyTarget.from_profile(
         device_profile, scale=scale, runtime=runtime, threads=threads, dtype=dtype, input_hw=input_hw

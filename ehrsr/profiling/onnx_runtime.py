@@ -191,6 +191,10 @@ def time_model(
         raise ValueError(f"clock must be one of {', '.join(CLOCKS)}, got {clock!r}")
     if clock == "cpu" and threads != 1:
         raise ValueError(f"clock 'cpu' measures latency with one thread only, got threads={threads!r}")
+    if clock == "cpu" and runtime != "torch":
+        # measured: onnxruntime's passes timed in process CPU time did not repeat (Spearman 0.37
+        # between two passes over 100 networks, against 0.93 for torch; docs/latency_models.md)
+        raise ValueError("clock 'cpu' is for the torch runtime only; time onnxruntime with the wall clock")
     resolve_budget("cpu", budget_s)
     dtype_name, torch_dtype = parse_dtype(dtype)
     shapes = _shapes(input_shapes)
