@@ -17,7 +17,8 @@ threads (no pool survives a call, so forked processes are safe). Nothing is need
 
 When it cannot be used (no C compiler, a failed build, an unwritable cache, or
 ``EHRSR_SCAN_KERNEL=torch`` in the environment) the scan falls back to the PyTorch formulation
-with the same results, and says why once in the log (``reason()``). Float32 and float64 on the CPU
+with the same results; ``reason()`` says why, and so does the log for a missing compiler or a
+failed build. Float32 and float64 on the CPU
 only; CUDA has ``mamba_ssm`` or the PyTorch path.
 """
 
@@ -45,7 +46,6 @@ log = logging.getLogger(__name__)
 ENV_SWITCH = "EHRSR_SCAN_KERNEL"  # "torch": never compile or use the kernel
 FLAGS = ("-O3", "-fno-math-errno", "-pthread", "-fPIC", "-shared", "-std=c11")
 _SUFFIX = {torch.float32: "f32", torch.float64: "f64"}
-_CTYPE = {torch.float32: ctypes.c_float, torch.float64: ctypes.c_double}
 
 _lock = threading.Lock()
 _library: ctypes.CDLL | None = None
@@ -151,48 +151,45 @@ def _time_major(B: torch.Tensor) -> torch.Tensor:
     return grouped.transpose(-1, -2).contiguous()
 
 
-def forward(u, delta, A, B, C, D) -> torch.Tensor:
-    """The scan's output ``y`` (shapes as ``ssm.selective_scan_sequential``); call ``supports`` first."""
+def _call(name: str, u: torch.Tensor, *pointers_of: torch.Tensor, sizes: tuple[int, ...]) -> None:
+    """Run ``scan_<name>_<dtype>`` of the library on the tensors' data and the sizes."""
     library = _load()
     assert library is not None, "call supports() first"
+    status = getattr(library, f"scan_{name}_{_SUFFIX[u.dtype]}")(
+        *map(_pointer, pointers_of), *sizes, torch.get_num_threads()
+    )
+    if status:
+        raise MemoryError("selective scan kernel: out of memory for its per-thread buffers")
+
+
+def _prepared(u, delta, A, B, C, D):
+    """Contiguous inputs in the kernel's layouts, and the sizes ``(b, d, L, n, groups)``."""
     bsz, d, length = u.shape
-    n = A.shape[1]
-    groups = B.shape[1] if B.dim() == 4 else 1
+    sizes = (bsz, d, length, A.shape[1], B.shape[1] if B.dim() == 4 else 1)
     u, delta, A, D = (t.contiguous() for t in (u, delta, A, D))
-    b_t, c_t = _time_major(B), _time_major(C)
-    y = torch.empty_like(u)
-    if u.numel():
-        status = getattr(library, f"scan_forward_{_SUFFIX[u.dtype]}")(
-            *map(_pointer, (u, delta, A, b_t, c_t, D, y)), bsz, d, length, n, groups, torch.get_num_threads()
-        )
-        if status:
-            raise MemoryError("selective scan kernel: out of memory for its per-thread buffers")
+    return (u, delta, A, _time_major(B), _time_major(C), D), sizes
+
+
+def forward(u, delta, A, B, C, D) -> torch.Tensor:
+    """The scan's output ``y`` (shapes as ``ssm.selective_scan_sequential``); call ``supports`` first."""
+    inputs, sizes = _prepared(u, delta, A, B, C, D)
+    y = torch.empty_like(inputs[0])
+    if y.numel():
+        _call("forward", y, *inputs, y, sizes=sizes)
     return y
 
 
 def backward(u, delta, A, B, C, D, grad_y):
     """Gradients of the scan for ``(u, delta, A, B, C, D)`` given ``grad_y`` (the adjoint in one pass)."""
-    library = _load()
-    assert library is not None, "call supports() first"
-    bsz, d, length = u.shape
-    n = A.shape[1]
-    groups = B.shape[1] if B.dim() == 4 else 1
-    u, delta, A, D, grad_y = (t.contiguous() for t in (u, delta, A, D, grad_y))
-    b_t, c_t = _time_major(B), _time_major(C)
-    grad_u, grad_delta = torch.empty_like(u), torch.empty_like(u)
-    grad_a = u.new_zeros(bsz, d, n)
-    grad_b, grad_c = torch.empty_like(b_t), torch.empty_like(c_t)
-    grad_d = u.new_zeros(bsz, d)
-    if u.numel():
-        status = getattr(library, f"scan_backward_{_SUFFIX[u.dtype]}")(
-            *map(_pointer, (u, delta, A, b_t, c_t, D, grad_y, grad_u, grad_delta, grad_a, grad_b, grad_c, grad_d)),
-            bsz, d, length, n, groups, torch.get_num_threads(),
-        )
-        if status:
-            raise MemoryError("selective scan kernel: out of memory for its per-thread buffers")
-    else:
-        grad_b.zero_()
-        grad_c.zero_()
+    inputs, sizes = _prepared(u, delta, A, B, C, D)
+    bsz, d, _, n, _ = sizes
+    u_c, _, _, b_t, c_t, _ = inputs
+    grad_u, grad_delta = torch.empty_like(u_c), torch.empty_like(u_c)
+    grad_a, grad_d = u_c.new_zeros(bsz, d, n), u_c.new_zeros(bsz, d)
+    grad_b, grad_c = torch.zeros_like(b_t), torch.zeros_like(c_t)
+    if u_c.numel():
+        _call("backward", u_c, *inputs, grad_y.contiguous(), grad_u, grad_delta, grad_a, grad_b, grad_c, grad_d,
+              sizes=sizes)
 
     def layout(grad: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
         return grad.transpose(-1, -2).reshape(like.shape)
