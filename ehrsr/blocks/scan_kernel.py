@@ -39,7 +39,7 @@ import torch
 
 from ehrsr.resources import default_cache_dir
 
-__all__ = ["available", "backward", "forward", "reason", "supports"]
+__all__ = ["available", "backward", "buildable_here", "forward", "reason", "supports"]
 
 log = logging.getLogger(__name__)
 
@@ -126,6 +126,14 @@ def _load() -> ctypes.CDLL | None:
 def available() -> bool:
     """Whether the compiled kernel is loaded (compiling it on the first call)."""
     return _load() is not None
+
+
+def buildable_here() -> bool:
+    """Whether this environment is expected to build the kernel: not switched off, a C compiler
+    found. When it is and ``available()`` is still False, the build itself is broken."""
+    if os.environ.get(ENV_SWITCH, "").strip().lower() == "torch":
+        return False
+    return shutil.which(os.environ.get("CC") or "cc") is not None
 
 
 def reason() -> str | None:
