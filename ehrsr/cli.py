@@ -169,7 +169,7 @@ def build_parser() -> dict[str, argparse.ArgumentParser]:
 
     ablate = _Parser(prog="run_search.py ablate", description="Run the controlled ablation of a finished search.")
     ablate.add_argument("--reference", type=int, help="trial number of the reference (default: the Pareto knee)")
-    ablate.add_argument("--ablation-seeds", type=parse_ablation_seeds, default="auto", help=_SEEDS_HELP)
+    ablate.add_argument("--ablation-seeds", type=parse_ablation_seeds, help=_SEEDS_HELP + " (default: the study's)")
     ablate.add_argument("--budget", help="time for the ablation (hours=, minutes=); default: unlimited")
     ablate.add_argument("--device", help="cpu, cuda or cuda:N (default: cuda when present)")
     ablate.add_argument("--lpips-weights")
@@ -177,15 +177,17 @@ def build_parser() -> dict[str, argparse.ArgumentParser]:
 
     baselines = _Parser(prog="run_search.py baselines",
                         description="Train the hand-designed baselines with a finished study's trial protocol.")
-    baselines.add_argument("--baselines", help="comma list or 'default' (see run_search.py --help)")
+    baselines.add_argument("--baselines", help="comma list or 'default' (see run_search.py --help; default: the "
+                           "study's --baselines)")
     _side_options(baselines)
     _common(baselines)
 
     fidelity = _Parser(prog="run_search.py fidelity",
                        description="Proxy fidelity: retrain K configurations F times longer and compare the rankings.")
-    fidelity.add_argument("--configs", type=int, default=8, help="configurations to retrain (default 8, min 4)")
-    fidelity.add_argument("--factor", type=_positive_float("--factor"), default=4.0,
-                          help="long retrain = this many times a trial's steps (default 4)")
+    fidelity.add_argument("--configs", type=int,
+                          help="configurations to retrain (default: the study's --fidelity-configs; min 4)")
+    fidelity.add_argument("--factor", type=_positive_float("--factor"),
+                          help="long retrain = this many times a trial's steps (default: the study's --fidelity-factor)")
     _side_options(fidelity)
     _common(fidelity)
 
@@ -236,12 +238,47 @@ def user_errors() -> tuple[type[BaseException], ...]:
     return (UserError, BudgetError, SearchSpaceError, ImageReadError)
 
 
-def _search(args: argparse.Namespace) -> int:
+# Where each flag of the search lands in ``SearchSettings`` (a field, or a part of ``limits`` /
+# ``task``). On a resume, the study record gives every recorded setting that is not given here
+# (ehrsr.search.study.merged_settings); tests/test_study_record.py follows each flag into the record.
+SEARCH_FLAG_SETTINGS: dict[str, tuple[str, ...]] = {
+    "budget": ("budget",), "space": ("space",), "objectives": ("objectives",), "device": ("device",),
+    "profile_size": ("profile_size",), "profile_dtype": ("profile_dtype",), "profile_seconds": ("profile_seconds",),
+    "threads": ("threads",), "max_params": ("limits.max_params",), "max_macs": ("limits.max_macs",),
+    "max_latency_ms": ("limits.max_latency_ms", "device_latency_limits"), "devices_file": ("devices_file",),
+    "max_memory_mb": ("limits.max_memory_mb",), "sampler": ("sampler",), "seed": ("seed",), "workers": ("workers",),
+    "train_data": ("train_data",), "val_data": ("val_data",), "task": ("task.task",), "scale": ("task.scale",),
+    "noise_sigma": ("task.noise_sigma",), "blur_sigma": ("task.blur_sigma",), "jpeg_quality": ("task.jpeg_quality",),
+    "cache_dir": ("cache_dir",), "lpips_weights": ("lpips_weights",), "no_early_stopping": ("early_stopping",),
+    "allow_repeats": ("allow_repeats",), "isolate": ("isolate",), "ablation_share": ("ablation_share",),
+    "ablation_seeds": ("ablation_seeds",), "baselines": ("baselines",), "baselines_share": ("baselines_share",),
+    "fidelity_share": ("fidelity_share",), "fidelity_configs": ("fidelity_configs",),
+    "fidelity_factor": ("fidelity_factor",), "no_report": ("write_reports",), "study_name": ("study_name",),
+    "storage": ("storage",), "out_dir": ("out_dir",), "quiet": ("verbosity",), "verbose": ("verbosity",),
+}
+
+
+def given_flags(parser: argparse.ArgumentParser, argv: list[str]) -> set[str]:
+    """The destinations of the flags ``argv`` gives explicitly (a default is not 'given'): the
+    parser runs again with every default suppressed, so abbreviations and ``--flag=value`` count."""
+    actions = parser._actions  # argparse has no public list of its actions
+    saved = [action.default for action in actions]
+    try:
+        for action in actions:
+            action.default = argparse.SUPPRESS
+        return set(vars(parser.parse_args(argv))) - {"help"}
+    finally:
+        for action, default in zip(actions, saved):
+            action.default = default
+
+
+def _search(args: argparse.Namespace, given: set[str] | None = None) -> int:
     from ehrsr.ablation.baselines import parse_baselines
+    from ehrsr.deploy import load_device_profiles
     from ehrsr.pipeline import run_pipeline
     from ehrsr.search.device_latency import parse_latency_limits
-    from ehrsr.search.runner import CostLimits
     from ehrsr.search.study import SearchSettings
+    from ehrsr.study_schema import CostLimits
 
     parse_baselines(args.baselines)  # an unknown name is an error before any search is started
     max_latency_ms, device_limits = parse_latency_limits(args.max_latency_ms)
@@ -260,8 +297,8 @@ def _search(args: argparse.Namespace) -> int:
         threads=args.threads,
         limits=CostLimits(args.max_params, args.max_macs, max_latency_ms, args.max_memory_mb),
         device_latency_limits=device_limits,
-        device_profiles=_device_profiles(args.objectives, device_limits, args.devices_file),
         devices_file=args.devices_file,
+        load_device_profiles=load_device_profiles,
         sampler=args.sampler,
         seed=args.seed,
         storage=args.storage,
@@ -285,18 +322,10 @@ def _search(args: argparse.Namespace) -> int:
         fidelity_factor=args.fidelity_factor,
         write_reports=not args.no_report,
         verbosity=_verbosity(args),
+        given=None if given is None else frozenset(s for dest in given for s in SEARCH_FLAG_SETTINGS[dest]),
     )
     summary = run_pipeline(settings)
     return 130 if summary.interrupted else 0
-
-
-def _device_profiles(objectives: str, limits: dict[str, float], devices_file: str | None) -> dict[str, Any]:
-    """The device profiles a search needs (only read when an objective or a limit names one)."""
-    if "@" not in objectives and not limits and devices_file is None:
-        return {}
-    from ehrsr.deploy import load_device_profiles
-
-    return load_device_profiles(devices_file)
 
 
 def _calibrate(args: argparse.Namespace) -> int:
@@ -354,8 +383,11 @@ _WRITE_ERRNOS = {errno.EACCES, errno.EPERM, errno.EROFS, errno.ENOSPC, errno.EDQ
 
 
 def _need_study(args: argparse.Namespace, command: str) -> None:
-    if not args.study_name:
+    from ehrsr.search.study import check_study_name
+
+    if args.study_name is None:
         raise UsageError(f"{command} needs --study-name NAME (the folder name under {args.out_dir}/)")
+    check_study_name(args.study_name)
 
 
 def _report(args: argparse.Namespace) -> int:
@@ -478,6 +510,8 @@ def main(argv: list[str] | None = None) -> int:
                "fidelity": _fidelity, "deploy": _deploy, "calibrate": _calibrate,
                "train": run_train, "evaluate": run_evaluate, "storage-proxy": run_storage_proxy}[command]
     try:
+        if command == "search":
+            return _search(args, given_flags(parser, argv))
         return handler(args)
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)

@@ -30,12 +30,12 @@ from ehrsr.reports import write_report, write_trials_csv
 from ehrsr.search.driver import SearchLog, SearchSummary, print_summary, run_search
 from ehrsr.search.storage import open_storage
 from ehrsr.search.study import (
-    ContextSpec,
     PreparedStudy,
-    SearchError,
     SearchSettings,
     build_context,
+    context_spec,
     load_study,
+    stored_record,
 )
 
 __all__ = [
@@ -66,6 +66,7 @@ def run_pipeline(settings: SearchSettings) -> SearchSummary:
     summary = run_search(settings, log=log, after_trial=write_trials_table)
     prepared = summary.prepared
     assert prepared is not None  # run_search always sets it
+    settings = prepared.settings  # the study record's values (a resume may not change them)
     study = optuna.load_study(study_name=summary.study_name, storage=open_storage(prepared.storage_url))
     write_trials_table(study, prepared.study_dir)
     if settings.write_reports and not summary.interrupted:
@@ -135,7 +136,7 @@ def run_ablation(
     *,
     device: str | None,
     reference: int | None,
-    seeds: int | Literal["auto"],
+    seeds: int | Literal["auto"] | None = None,
     budget_seconds: float | None,
     lpips_weights: str | None,
     verbosity: int = 1,
@@ -143,11 +144,9 @@ def run_ablation(
     """``run_search.py ablate``: rebuild the study's run context here, run the controlled
     ablation and rewrite the report."""
     study, _, study_dir = load_study(study_name, storage, out_dir)
-    if "context" not in study.user_attrs:
-        raise SearchError(f"study {study_name!r} was not written by run_search.py (no stored context)")
-    spec = ContextSpec.from_dict(study.user_attrs["context"])
-    run_device = SearchSettings(device=device).resolved_device()
-    ctx = build_context(spec, run_device, lpips_weights=lpips_weights, progress=verbosity >= 2)
+    ctx = _context_of(study, device, lpips_weights, verbosity)
+    if seeds is None:  # the study's --ablation-seeds
+        seeds = stored_record(study).shares.ablation_seeds
     result = run_controlled_ablation(study, ctx, reference=reference, seeds=seeds, budget_seconds=budget_seconds,
                                      progress=verbosity >= 1)
     write_report(study, study_dir, quiet=True)
@@ -243,10 +242,9 @@ def share_seconds(budget: Any, study: optuna.Study, share: float, reserved: floa
 
 
 def _context_of(study: optuna.Study, device: str | None, lpips_weights: str | None, verbosity: int) -> Any:
-    """The study's run context (data, objectives, profiling) rebuilt on ``device``."""
-    if "context" not in study.user_attrs:
-        raise SearchError(f"study {study.study_name!r} was not written by run_search.py (no stored context)")
-    spec = ContextSpec.from_dict(study.user_attrs["context"])
+    """The study's run context (data, objectives, profiling), from its stored record, rebuilt on
+    ``device`` (the ablation, baselines and fidelity steps all run the study's own settings)."""
+    spec = context_spec(stored_record(study))
     run_device = SearchSettings(device=device).resolved_device()
     return build_context(spec, run_device, lpips_weights=lpips_weights, progress=verbosity >= 2)
 
@@ -255,8 +253,11 @@ def run_baselines_for_study(
     study_name: str, storage: str | None, out_dir: Path, *, baselines: str | None = None, device: str | None = None,
     budget_seconds: float | None = None, lpips_weights: str | None = None, verbosity: int = 1,
 ) -> BaselinesResult:
-    """Train (or resume) the baselines of a finished study with its trial protocol; rewrite the report."""
+    """Train (or resume) the baselines of a finished study with its trial protocol (``baselines``:
+    None = the study's own ``--baselines``); rewrite the report."""
     study, _, study_dir = load_study(study_name, storage, out_dir)
+    if baselines is None:
+        baselines = stored_record(study).shares.baselines
     specs = parse_baselines(baselines, space_size_class(study))
     ctx = _context_of(study, device, lpips_weights, verbosity)
     result = run_baselines(study, ctx, specs, budget_seconds=budget_seconds, progress=verbosity >= 1)
@@ -265,12 +266,15 @@ def run_baselines_for_study(
 
 
 def run_fidelity_for_study(
-    study_name: str, storage: str | None, out_dir: Path, *, configs: int = 8, factor: float = 4.0,
+    study_name: str, storage: str | None, out_dir: Path, *, configs: int | None = None, factor: float | None = None,
     device: str | None = None, budget_seconds: float | None = None, lpips_weights: str | None = None,
     verbosity: int = 1,
 ) -> FidelityResult:
     """``run_search.py fidelity``: the proxy-fidelity retrains of a finished study; rewrite the report."""
     study, _, study_dir = load_study(study_name, storage, out_dir)
+    shares = stored_record(study).shares  # K and F default to the study's --fidelity-configs / -factor
+    configs = shares.fidelity_configs if configs is None else configs
+    factor = shares.fidelity_factor if factor is None else factor
     fidelity_sources(study, configs, factor)  # too few trials: say so before preparing any data
     ctx = _context_of(study, device, lpips_weights, verbosity)
     result = run_fidelity(study, ctx, configs=configs, factor=factor, budget_seconds=budget_seconds,

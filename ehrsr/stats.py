@@ -16,6 +16,8 @@ with the same training seeds, and the unit of analysis is the per-(seed, image) 
   deltas ``d_i`` averaged over seeds (Cohen, "Statistical Power Analysis", 1988, ch. 2).
 - :func:`rank_agreement`: Spearman's rho and Kendall's tau-b (scipy's point values) with
   percentile-bootstrap 95 % intervals over the points.
+- :func:`ranking_quality`: rank agreement plus what a search that trusts the proxy would lose:
+  the regret of the proxy's best configuration and the recall of the reference's top k.
 - :func:`auto_seed_plan`: which ablation variants get one more training seed (``--ablation-seeds
   auto``): every variant gets ``min_seeds``; afterwards only variants whose interval still
   contains zero, most promising first, while the budget lasts, up to ``max_seeds``.
@@ -37,6 +39,7 @@ __all__ = [
     "NO_EFFECT",
     "PairedInterval",
     "RankAgreement",
+    "RankingQuality",
     "SeedPlan",
     "StatsError",
     "as_delta_table",
@@ -44,6 +47,7 @@ __all__ = [
     "minimum_detectable_effect",
     "paired_interval",
     "rank_agreement",
+    "ranking_quality",
     "verdict",
 ]
 
@@ -231,6 +235,42 @@ def rank_agreement(
     rho_low, rho_high = (float(v) for v in np.nanquantile(rhos, q))
     tau_low, tau_high = (float(v) for v in np.nanquantile(taus, q))
     return RankAgreement(rho, rho_low, rho_high, tau, tau_low, tau_high, int(x.size), confidence)
+
+
+@dataclass(frozen=True)
+class RankingQuality:
+    """How well a proxy ranks configurations against a reference (long training).
+
+    ``agreement``: Spearman and Kendall with their intervals. ``regret``: the reference value of
+    the reference's best configuration minus that of the proxy's best (0 when the proxy picks the
+    best; in the reference's unit, e.g. dB). ``top_k_recall``: the share of the reference's ``k``
+    best that are among the proxy's ``k`` best."""
+
+    agreement: RankAgreement
+    regret: float
+    top_k_recall: float
+    k: int
+
+
+def ranking_quality(
+    proxy: Sequence[float] | np.ndarray,
+    reference: Sequence[float] | np.ndarray,
+    *,
+    k: int = 3,
+    confidence: float = 0.95,
+    rng: np.random.Generator | int | None = 0,
+    n_resamples: int = 2000,
+) -> RankingQuality:
+    """``rank_agreement`` of ``proxy`` against ``reference`` (higher is better in both), with the
+    regret of trusting the proxy's best and the recall of the reference's top ``k``."""
+    agreement = rank_agreement(proxy, reference, confidence=confidence, rng=rng, n_resamples=n_resamples)
+    x, y = np.asarray(proxy, dtype=np.float64), np.asarray(reference, dtype=np.float64)
+    if not 1 <= k <= x.size:
+        raise StatsError(f"k must be between 1 and the number of configurations ({x.size}), got {k}")
+    regret = float(y.max() - y[int(np.argmax(x))])
+    top_proxy = set(np.argsort(-x, kind="stable")[:k].tolist())
+    top_reference = set(np.argsort(-y, kind="stable")[:k].tolist())
+    return RankingQuality(agreement, regret, len(top_proxy & top_reference) / k, k)
 
 
 # ---------------------------------------------------------------------------------------------

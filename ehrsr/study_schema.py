@@ -14,7 +14,7 @@ from __future__ import annotations
 import math
 import re
 from collections.abc import Sequence
-from dataclasses import dataclass, field, replace
+from dataclasses import MISSING, dataclass, field, fields, is_dataclass, replace
 from typing import Any, Literal
 
 import optuna
@@ -64,12 +64,6 @@ __all__ = [
 # ---------------------------------------------------------------------------------------------
 # attribute names (docs/study_schema.md)
 
-STUDY_ATTRS: tuple[str, ...] = (
-    "ehrsr_version", "objectives", "space", "task", "data", "device", "profile", "budget", "limits",
-    "conventions", "early_stopping", "ablation_share", "ablation_seeds", "baselines_share", "fidelity_share",
-    "seed", "sampler", "context", "baseline", "latency_models",
-)
-"""Keys of ``study.user_attrs`` written by the search."""
 
 TRIAL_ATTRS: tuple[str, ...] = (
     "status", "reason", "config", "train", "metrics", "seconds", "steps_done", "weights", "device_name",
@@ -84,6 +78,284 @@ TRIAL_ATTRS: tuple[str, ...] = (
     "source_trial", "brief_values", "brief_steps", "factor",
 )
 """Keys of ``trial.user_attrs`` (plus ``rung_<i>``, one per MO-ASHA rung reached)."""
+
+
+# ---------------------------------------------------------------------------------------------
+# the study record: everything a study is created with
+
+
+class RecordError(ValueError):
+    """A stored or given study record that does not fit its dataclass (unknown or missing keys,
+    wrong types); the message names the field."""
+
+
+def _strict(cls: type, data: Any, where: str) -> dict[str, Any]:
+    """The keyword arguments of ``cls`` from ``data``: unknown keys are an error, as in
+    ``TrainSettings.from_dict``; missing keys take the field's default (an error without one)."""
+    if not isinstance(data, dict):
+        raise RecordError(f"study record {where}: expected a mapping, got {type(data).__name__}")
+    names = [f.name for f in fields(cls)]
+    unknown = sorted(str(k) for k in data if k not in names)
+    if unknown:
+        raise RecordError(f"study record {where}: unknown key{'s' if len(unknown) > 1 else ''} "
+                          f"{', '.join(unknown)}; valid: {', '.join(names)}")
+    missing = [f.name for f in fields(cls) if f.name not in data
+               and f.default is MISSING and f.default_factory is MISSING]
+    if missing:
+        raise RecordError(f"study record {where}: missing {', '.join(missing)}")
+    return {k: data[k] for k in names if k in data}
+
+
+@dataclass(frozen=True)
+class CostLimits:
+    """Caps on a configuration's cost: params and MACs are checked before training, latency and
+    memory measured (``--max-params``, ``--max-macs``, ``--max-latency-ms``, ``--max-memory-mb``)."""
+
+    max_params: float | None = None
+    max_macs: float | None = None
+    max_latency_ms: float | None = None
+    max_memory_mb: float | None = None
+
+    def to_dict(self) -> dict[str, float | None]:
+        return {f.name: getattr(self, f.name) for f in fields(self)}
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any] | None) -> CostLimits:
+        return cls(**_strict(cls, data or {}, "limits"))
+
+    @property
+    def measured(self) -> bool:
+        """Whether a limit is measured after training (latency or memory: Optuna constraints)."""
+        return self.max_latency_ms is not None or self.max_memory_mb is not None
+
+    def refusal(self, params_deploy: int, macs: int) -> str | None:
+        """Why a configuration is refused before training, or None."""
+        if self.max_params is not None and params_deploy > self.max_params:
+            return f"params {format_si(params_deploy)} > --max-params {format_si(self.max_params)}"
+        if self.max_macs is not None and macs > self.max_macs:
+            return f"MACs {format_si(macs)} > --max-macs {format_si(self.max_macs)}"
+        return None
+
+    def constraints(self, metrics: dict[str, Any]) -> dict[str, float]:
+        """Optuna constraint values (measured - limit; feasible when <= 0) for the measured limits."""
+        out = {}
+        if self.max_latency_ms is not None:
+            out["latency_ms"] = float(metrics["latency_ms"]) - self.max_latency_ms
+        if self.max_memory_mb is not None:
+            out["peak_memory_mb"] = float(metrics["peak_memory_mb"]) - self.max_memory_mb
+        return out
+
+
+@dataclass(frozen=True)
+class SpaceRecord:
+    """The search space a study samples: its name, the file it came from and its full text (what
+    is compared on resume)."""
+
+    name: str
+    path: str | None
+    yaml: str
+
+
+@dataclass(frozen=True)
+class DataRecord:
+    """The HR image folders (None: the built-in scikit-image sample images)."""
+
+    train: str | None
+    val: str | None
+
+    @property
+    def builtin(self) -> bool:
+        return self.train is None and self.val is None
+
+
+@dataclass(frozen=True)
+class DeviceRecord:
+    """Where the trials run: the device kind and the name of the machine's device (the name is
+    shown, not compared: workers on several machines of one kind share a study)."""
+
+    kind: str  # "cpu" or "cuda" (``cuda:N`` picks a GPU of that kind; the index may change)
+    name: str
+
+
+@dataclass(frozen=True)
+class ProfileRecord:
+    """How cost is measured: LR input shape, dtype, CPU threads (training and timing) and the
+    seconds of timed passes per latency measurement."""
+
+    input_shape: tuple[int, ...]
+    dtype: str
+    threads: int | None  # a number on the CPU (the search resolves the default); None on CUDA
+    seconds: float
+
+
+@dataclass(frozen=True)
+class EarlyStoppingRecord:
+    """MO-ASHA (docs/early_stopping.md): on or off, and the rungs of the space's fidelity."""
+
+    enabled: bool
+    rung_steps: tuple[int, ...]
+    eta: int
+
+
+@dataclass(frozen=True)
+class SharesRecord:
+    """What follows the search, and the share of a time budget each step is given."""
+
+    ablation: float  # --ablation-share
+    ablation_seeds: int | str  # --ablation-seeds: a number or "auto"
+    baselines: str | None  # --baselines: None = the default set, "none" = off, else a comma list
+    baselines_share: float
+    fidelity: float  # --fidelity-share
+    fidelity_configs: int
+    fidelity_factor: float
+
+    @property
+    def baselines_off(self) -> bool:
+        return (self.baselines or "").strip().lower() == "none"
+
+    @property
+    def reserved(self) -> float:
+        """Share of a time budget kept from the search for the steps after it."""
+        return self.ablation + (0.0 if self.baselines_off else self.baselines_share) + self.fidelity
+
+
+_NESTED: dict[str, type] = {
+    "space": SpaceRecord, "data": DataRecord, "device": DeviceRecord, "profile": ProfileRecord,
+    "limits": CostLimits, "early_stopping": EarlyStoppingRecord, "shares": SharesRecord,
+}
+_TUPLES = {"objectives", "device_latency", "input_shape", "rung_steps"}
+
+
+@dataclass(frozen=True)
+class StudyRecord:
+    """Everything a study is created with (docs/study_schema.md, "The study record").
+
+    Stored as the study's user attributes, one per field (``to_attrs``), with ``record_version``
+    written last. Every later process (a resume, a joining worker, the ablation, baselines and
+    fidelity steps, ``deploy`` and ``report``) reads it back with ``from_attrs`` and runs with it;
+    a run may change only ``RUN_SETTINGS`` (budget, workers, verbosity, output and locations).
+    """
+
+    ehrsr_version: str
+    objectives: tuple[str, ...]
+    space: SpaceRecord
+    task: dict[str, Any]  # ehrsr.data.TaskConfig.to_dict(), every default resolved
+    data: DataRecord
+    device: DeviceRecord
+    profile: ProfileRecord
+    limits: CostLimits
+    device_latency: tuple[dict[str, Any], ...]  # ehrsr.search.device_latency.DeviceLatency.to_dict() each
+    devices_file: str | None  # the device profiles file they came from (None: the shipped one)
+    early_stopping: EarlyStoppingRecord
+    shares: SharesRecord
+    sampler: str
+    seed: int
+    allow_repeats: bool
+    cache_dir: str | None
+    train_settings_version: int
+    record_version: int = 1
+
+    @property
+    def crop_border(self) -> int:
+        scale = int(self.task.get("scale", 4))
+        return scale if scale > 1 else 0
+
+    def conventions(self) -> dict[str, str]:
+        """The measuring conventions text of this study (``conventions`` attribute)."""
+        return conventions(profile_shape=self.profile.input_shape, crop_border=self.crop_border,
+                           profile_dtype=self.profile.dtype, device_name=self.device.name,
+                           profile_seconds=self.profile.seconds)
+
+    def latency_models(self) -> dict[str, dict[str, Any]]:
+        """Per device profile: its latency model file, target, stored accuracy and limit
+        (``LATENCY_MODELS_ATTR``, what the reports show)."""
+        return {d["name"]: {"file": d["model_path"], "target": d["target"], "accuracy": d.get("accuracy"),
+                            "max_latency_ms": d.get("max_latency_ms")} for d in self.device_latency}
+
+    # -- storage ----------------------------------------------------------------------------------
+    def to_plain(self) -> dict[str, Any]:
+        """Plain JSON-able data, field by field (tuples as lists)."""
+        return {f.name: _plain(getattr(self, f.name)) for f in fields(self)}
+
+    def to_attrs(self) -> dict[str, Any]:
+        """The study user attributes that store this record, ``record_version`` last (a joining
+        worker waits for it), plus the derived ``conventions`` and ``latency_models`` texts."""
+        plain = self.to_plain()
+        version = plain.pop("record_version")
+        return {**plain, CONVENTIONS_ATTR: self.conventions(), LATENCY_MODELS_ATTR: self.latency_models(),
+                RECORD_VERSION_ATTR: version}
+
+    @classmethod
+    def from_plain(cls, data: dict[str, Any]) -> StudyRecord:
+        """The record from ``to_plain`` data; unknown or missing keys raise ``RecordError``."""
+        values = _strict(cls, data, "")
+        for name, nested in _NESTED.items():
+            if name in values:
+                inner = _strict(nested, values[name], name)
+                for key in _TUPLES & set(inner):
+                    inner[key] = tuple(inner[key])
+                values[name] = nested(**inner)
+        for key in _TUPLES & set(values):
+            values[key] = tuple(values[key])
+        if not isinstance(values.get("task"), dict):
+            raise RecordError("study record task: expected a mapping")
+        return cls(**values)
+
+    @classmethod
+    def from_attrs(cls, attrs: dict[str, Any]) -> StudyRecord:
+        """The record stored in a study's user attributes (``RecordError`` when it has none or a
+        malformed one)."""
+        if RECORD_VERSION_ATTR not in attrs:
+            raise RecordError("the study has no stored study record (it was made by an earlier ehrsr)")
+        return cls.from_plain({f.name: attrs[f.name] for f in fields(cls) if f.name in attrs})
+
+    @classmethod
+    def from_study(cls, study: optuna.Study) -> StudyRecord:
+        return cls.from_attrs(dict(study.user_attrs))
+
+    def flat(self) -> dict[str, Any]:
+        """``{"profile.threads": 2, ...}``: every leaf field by dotted name (for comparisons)."""
+        out: dict[str, Any] = {}
+        for key, value in self.to_plain().items():
+            if isinstance(value, dict) and (key in _NESTED or key == "task"):
+                for inner, item in value.items():
+                    out[f"{key}.{inner}"] = item
+            else:
+                out[key] = value
+        return out
+
+
+def _plain(value: Any) -> Any:
+    if is_dataclass(value) and not isinstance(value, type):
+        return {f.name: _plain(getattr(value, f.name)) for f in fields(value)}
+    if isinstance(value, (tuple, list)):
+        return [_plain(v) for v in value]
+    if isinstance(value, dict):
+        return {str(k): _plain(v) for k, v in value.items()}
+    return value
+
+
+LATENCY_MODELS_ATTR = "latency_models"
+"""Study attribute: per device profile, the latency model file, its target and stored accuracy."""
+
+RECORD_VERSION_ATTR = "record_version"
+"""Study attribute written last when a study is created: its record is complete."""
+
+CONVENTIONS_ATTR = "conventions"
+"""Study attribute: the measuring conventions text (derived from the record when it is written)."""
+
+BUDGET_ATTR = "budget"
+"""Study attribute: the budget text of the latest run that trained (a run may extend it)."""
+
+BASELINE_ATTR = "baseline"
+"""Study attribute: the quality of the trivial baseline (bicubic, or the degraded input)."""
+
+
+STUDY_ATTRS: tuple[str, ...] = (
+    *(f.name for f in fields(StudyRecord)), CONVENTIONS_ATTR, LATENCY_MODELS_ATTR, BUDGET_ATTR, BASELINE_ATTR,
+)
+"""Keys of a search study's ``user_attrs``: the record's fields, then what is derived from it or
+written later."""
 
 
 # ---------------------------------------------------------------------------------------------
@@ -136,8 +408,6 @@ CANARY_ATTR = "canary"
 """Trial attribute: the canary reading next to this machine's latency measurement (``ratio``,
 ``quiet_ms``, ``latency_ms``, ``contended``)."""
 
-LATENCY_MODELS_ATTR = "latency_models"
-"""Study attribute: per device profile, the latency model file, its target and stored accuracy."""
 
 
 def device_latency_profile(key_or_name: str) -> str | None:
@@ -408,6 +678,14 @@ class StudyInfo:
         return cls(study.study_name, tuple(objectives), attrs)
 
     # -- what the study says about itself ---------------------------------------------------------
+    @property
+    def record(self) -> StudyRecord | None:
+        """The study record (None for a study an earlier ehrsr wrote, which reports still read)."""
+        try:
+            return StudyRecord.from_attrs(self.attrs)
+        except RecordError:
+            return None
+
     @property
     def scale(self) -> int:
         task = self.attrs.get("task") or {}

@@ -19,6 +19,16 @@ from safetensors.torch import save_file
 
 from ehrsr import MODULE_TOGGLES, EHRSRConfig, build_model
 from ehrsr.search.space import load_space
+from ehrsr.study_schema import (
+    CostLimits,
+    DataRecord,
+    DeviceRecord,
+    EarlyStoppingRecord,
+    ProfileRecord,
+    SharesRecord,
+    SpaceRecord,
+    StudyRecord,
+)
 
 OBJECTIVE_KEYS = {
     "psnr": "psnr",
@@ -60,27 +70,35 @@ def synthetic_metrics(config: EHRSRConfig, rng: random.Random, lpips: bool = Fal
     }
 
 
-def study_attrs(objectives: tuple[str, ...], space_name: str = "tiny", max_latency_ms: float | None = None) -> dict:
+def study_record(objectives: tuple[str, ...], space_name: str = "tiny", max_latency_ms: float | None = None,
+                 scale: int = 4) -> StudyRecord:
+    """A study record like the search writes for a CPU study of ``space_name``."""
     space = load_space(space_name)
-    return {
-        "ehrsr_version": "0.1.0",
-        "objectives": list(objectives),
-        "space": {"name": space.name, "path": str(space.path), "yaml": space.source_text},
-        "task": {"task": "sr", "scale": 4, "degradation": "bicubic"},
-        "data": {"train": "built-in sample images (test)", "val": "built-in sample images (test)", "builtin": True},
-        "device": {"kind": "cpu", "name": "Test CPU", "n_devices": 1},
-        "profile": {"input_shape": [1, 3, 256, 256], "dtype": "float32", "threads": 2},
-        "budget": "trials=40",
-        "limits": {"max_params": None, "max_macs": None, "max_latency_ms": max_latency_ms, "max_memory_mb": None},
-        "conventions": {
-            "psnr": "PSNR on Y (BT.601), crop_border=4, uint8-rounded",
-            "ssim": "SSIM on Y (BT.601), 11x11 Gaussian window (sigma 1.5), crop_border=4",
-            "macs": "fvcore MACs of the deploy form at 1x3x256x256",
-            "latency": "median of N runs, deploy form, Test CPU",
-        },
-        "early_stopping": {"enabled": True, "rung_steps": [20, 60, 180], "eta": 3},
-        "ablation_share": 0.15,
-    }
+    return StudyRecord(
+        ehrsr_version="0.1.0",
+        objectives=tuple(objectives),
+        space=SpaceRecord(space.name, str(space.path), space.source_text),
+        task={"task": "sr", "scale": scale, "noise_sigma": 0.0, "blur_sigma": 0.0, "jpeg_quality": None},
+        data=DataRecord(None, None),
+        device=DeviceRecord("cpu", "Test CPU, 2 threads"),
+        profile=ProfileRecord((1, 3, 256, 256), "float32", 2, 0.25),
+        limits=CostLimits(max_latency_ms=max_latency_ms),
+        device_latency=(),
+        devices_file=None,
+        early_stopping=EarlyStoppingRecord(True, (20, 60, 180), 3),
+        shares=SharesRecord(ablation=0.15, ablation_seeds="auto", baselines=None, baselines_share=0.1, fidelity=0.1,
+                            fidelity_configs=8, fidelity_factor=4.0),
+        sampler="tpe",
+        seed=0,
+        allow_repeats=False,
+        cache_dir=None,
+        train_settings_version=2,
+    )
+
+
+def study_attrs(objectives: tuple[str, ...], space_name: str = "tiny", max_latency_ms: float | None = None) -> dict:
+    """The user attributes of a study created by the search (its record, and the budget)."""
+    return {**study_record(objectives, space_name, max_latency_ms).to_attrs(), "budget": "trials=40"}
 
 
 def make_study(

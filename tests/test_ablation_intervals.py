@@ -284,10 +284,9 @@ def test_ablation_seeds_setting_reaches_the_ablation(tmp_path, monkeypatch):
 
     # run_ablation -> run_controlled_ablation
     monkeypatch.undo()
-    study = SimpleNamespace(user_attrs={"context": {}})
+    study = SimpleNamespace(user_attrs={})
     monkeypatch.setattr(pipeline, "load_study", lambda *a: (study, None, tmp_path))
-    monkeypatch.setattr(pipeline.ContextSpec, "from_dict", staticmethod(lambda d: None))
-    monkeypatch.setattr(pipeline, "build_context", lambda *a, **k: "ctx")
+    monkeypatch.setattr(pipeline, "_context_of", lambda *a: "ctx")
     monkeypatch.setattr(pipeline, "write_report", lambda *a, **k: None)
 
     def ablation_spy(study_arg, ctx, **kwargs):

@@ -36,7 +36,7 @@ def test_controlled_ablation_with_the_real_runner(tmp_path):
     spec = ContextSpec(
         task={"task": "sr", "scale": 4}, train_data=str(tmp_path / "train"), val_data=str(tmp_path / "val"),
         objectives=["psnr", "latency"], profile_shape=[1, 3, 16, 16], profile_dtype="float32", threads=1,
-        limits={}, patch_size=8, batch_size=2, loss="l1", crop_border=4, cache_dir=str(tmp_path / "cache"),
+        limits={}, crop_border=4, cache_dir=str(tmp_path / "cache"),
     )
     ctx = build_context(spec, torch.device("cpu"))
     ctx.profile_warmup, ctx.profile_repeats = 1, 3

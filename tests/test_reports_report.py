@@ -113,7 +113,7 @@ def test_report_md_ties_everything_together(full_report):
         "## Controlled ablation (what papers call an ablation)", "## Deployment picks", "## What to do next",
     ):
         assert heading in text
-    assert "PSNR on Y (BT.601), crop_border=4" in text and "fvcore MACs" in text
+    assert "PSNR on Y channel (ITU-R BT.601, MATLAB rgb2ycbcr), crop_border=4" in text and "fvcore MACs" in text
     assert "`tiny`" in text and "trials=40" in text and "Test CPU" in text
     assert "max_latency_ms=8.0" in text
     # every figure it links exists

@@ -21,10 +21,8 @@ from ehrsr.data import TaskConfig, TrainSet, ValSet
 from ehrsr.search.objectives import parse_objectives
 from ehrsr.search.runner import (
     TRAIN_SETTINGS_VERSION,
-    TRAIN_SETTINGS_VERSION_ATTR,
     RunContext,
     run_configuration,
-    stale_train_settings,
 )
 from ehrsr.search.space import SearchSpace
 from ehrsr.study_schema import PER_IMAGE_ATTR
@@ -226,36 +224,9 @@ def test_an_unknown_stored_setting_is_an_ablation_error(tmp_path) -> None:
         run_controlled_ablation(study, object(), progress=False, runner=lambda *a, **k: None)
 
 
-def _study_with(trial_train: dict[str, Any] | None, params: dict[str, float], version: int | None) -> optuna.Study:
-    study = optuna.create_study(study_name="old", directions=["maximize"])
-    if version is not None:
-        study.set_user_attr(TRAIN_SETTINGS_VERSION_ATTR, version)
-    distributions = {k: optuna.distributions.FloatDistribution(0.0, 0.1) for k in params}
-    user_attrs = {"train": trial_train} if trial_train is not None else {}
-    study.add_trial(optuna.trial.create_trial(
-        params=params, distributions=distributions, values=[1.0], user_attrs=user_attrs))
-    return study
-
-
-def test_a_study_from_before_the_weight_decay_fix_is_not_resumed() -> None:
-    recorded_zero = {"lr": 1e-3, "weight_decay": 0.0, "steps": 5}
-    message = stale_train_settings(_study_with(recorded_zero, {}, None))
-    assert message == (
-        "study 'old' was created before weight_decay reached the optimizer (training settings version "
-        f"< {TRAIN_SETTINGS_VERSION}): its stored weight_decay values were not used (training applied 1e-4); "
-        "start a new --study-name"
-    )
-    searched = {"lr": 1e-3, "weight_decay": 1e-4, "steps": 5}
-    assert stale_train_settings(_study_with(searched, {"weight_decay": 1e-4}, None)) is not None
-    # what it recorded is what it used, or it records nothing: nothing to refuse
-    assert stale_train_settings(_study_with({"lr": 1e-3, "weight_decay": 1e-4}, {}, None)) is None
-    assert stale_train_settings(_study_with(None, {}, None)) is None
-    # created with this version: its weight decay reached the optimizer
-    assert stale_train_settings(_study_with(recorded_zero, {"weight_decay": 0.0}, TRAIN_SETTINGS_VERSION)) is None
-
-
-def test_prepare_study_refuses_to_resume_a_stale_study_and_marks_new_ones(tmp_path, monkeypatch) -> None:
-    import ehrsr.search.study as study_module
+def test_a_study_without_a_record_is_not_resumed_and_new_ones_record_the_train_settings_version(tmp_path) -> None:
+    """A study made by an earlier ehrsr (attributes, no study record) is refused in one line: its
+    stored settings cannot be checked against what would run now."""
     from ehrsr.search.study import SearchError, SearchSettings, prepare_study
 
     space_file = tmp_path / "seams.yaml"
@@ -264,20 +235,19 @@ def test_prepare_study_refuses_to_resume_a_stale_study_and_marks_new_ones(tmp_pa
         space=str(space_file), budget="trials=1", device="cpu", study_name="s", out_dir=tmp_path / "out",
         objectives="psnr,latency", task={"scale": 2}, cache_dir=str(tmp_path / "cache"),
     )
-    fresh = prepare_study(settings, log=lambda *a, **k: None).study
-    assert fresh.user_attrs[TRAIN_SETTINGS_VERSION_ATTR] == TRAIN_SETTINGS_VERSION
+    fresh = prepare_study(settings, log=lambda *a, **k: None)
+    assert fresh.study.user_attrs["train_settings_version"] == TRAIN_SETTINGS_VERSION
+    assert fresh.record.train_settings_version == TRAIN_SETTINGS_VERSION
     assert prepare_study(settings, log=lambda *a, **k: None).study.study_name == "s"  # resumable
 
-    # a study as an older ehrsr created it (no version attribute), with one finished trial
-    monkeypatch.setattr(study_module, "TRAIN_SETTINGS_VERSION_ATTR", "not_the_version_attribute")
-    old_settings = dataclasses.replace(settings, study_name="old")
-    old = prepare_study(old_settings, log=lambda *a, **k: None).study
-    monkeypatch.undo()
-    assert TRAIN_SETTINGS_VERSION_ATTR not in old.user_attrs
+    storage = f"sqlite:///{tmp_path / 'out' / 'old' / 'study.db'}"
+    (tmp_path / "out" / "old").mkdir(parents=True)
+    old = optuna.create_study(study_name="old", storage=storage, directions=["maximize", "minimize"])
+    old.set_user_attr("context", {"objectives": ["psnr", "latency"]})  # what an earlier ehrsr stored
     old.add_trial(optuna.trial.create_trial(
         params={"fsb.enabled": False}, distributions={"fsb.enabled": optuna.distributions.CategoricalDistribution(
             [False, True])}, values=[30.0, 1.0],
         user_attrs={"train": {"lr": LR, "weight_decay": WEIGHT_DECAY, "steps": STEPS, "seed": 0}},
     ))
-    with pytest.raises(SearchError, match=r"^study 'old' was created before weight_decay reached the optimizer"):
-        prepare_study(old_settings, log=lambda *a, **k: None)
+    with pytest.raises(SearchError, match=r"^study 'old' was made by an earlier ehrsr \(it has no study record\)"):
+        prepare_study(dataclasses.replace(settings, study_name="old"), log=lambda *a, **k: None)

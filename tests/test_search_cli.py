@@ -13,6 +13,7 @@ import pytest
 from optuna.trial import TrialState
 
 from ehrsr.cli import main
+from ehrsr.study_schema import STUDY_ATTRS, StudyRecord
 
 REPO = Path(__file__).resolve().parents[1]
 MICRO = str(REPO / "tests" / "fixtures" / "micro.yaml")
@@ -73,8 +74,9 @@ def test_micro_search_records_everything_the_reports_need(tmp_path: Path) -> Non
     assert study.metric_names == ["psnr", "latency"]
     attrs = study.user_attrs
     for key in ("objectives", "space", "task", "data", "device", "profile", "budget", "limits", "conventions",
-                "early_stopping", "context"):
+                "early_stopping", "shares", "record_version"):
         assert key in attrs, key
+    assert set(attrs) <= set(STUDY_ATTRS), set(attrs) - set(STUDY_ATTRS)
     assert attrs["space"]["yaml"] == Path(MICRO).read_text()
     # the bicubic baseline, computed independently from the same cached data
     from ehrsr.data import TaskConfig, prepare_data
@@ -85,7 +87,8 @@ def test_micro_search_records_everything_the_reports_need(tmp_path: Path) -> Non
     assert attrs["baseline"]["name"] == "bicubic (MATLAB)"
     assert "crop_border=4" in attrs["conventions"]["psnr"]
     # --profile-seconds reaches the stored recipe, the stated convention and every latency plan
-    assert attrs["context"]["profile_seconds"] == 1e-6 and "about 1e-06 s" in attrs["conventions"]["latency"]
+    assert attrs["profile"]["seconds"] == 1e-6 and "about 1e-06 s" in attrs["conventions"]["latency"]
+    assert StudyRecord.from_attrs(attrs).profile.seconds == 1e-6
     measured = [t for t in study.trials if "latency_repeats" in t.user_attrs.get("metrics", {})]
     assert measured and all(t.user_attrs["metrics"]["latency_repeats"] == 5 for t in measured)
     for t in study.trials:

@@ -114,8 +114,8 @@ def test_a_study_without_finished_trials_is_recreated_with_new_settings(tmp_path
     assert code == 0, err
     assert "no finished trial: re-created with the new settings" in out
     study = optuna.load_study(study_name="s", storage=f"sqlite:///{tmp_path / 'r' / 's' / 'study.db'}")
-    assert study.user_attrs["context"]["train_data"] == str(second)
+    assert study.user_attrs["data"]["train"] == str(second)
     assert [t.state for t in study.trials if t.state != TrialState.WAITING] == [TrialState.COMPLETE]
     # now it holds a finished trial: asking another question is refused again
     code, _, err = _run(tmp_path, capsys, "--train-data", str(first), "--val-data", str(val))
-    assert code == 2 and "was created with --train-data" in _one_error_line(err)
+    assert code == 2 and "data.train (--train-data): stored" in _one_error_line(err)

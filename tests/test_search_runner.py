@@ -24,8 +24,7 @@ def settings(steps: int, lr: float = 2e-3) -> TrainSettings:
 def ctx(tmp_path_factory) -> RunContext:
     spec = ContextSpec(
         task={"task": "sr", "scale": 4}, train_data=None, val_data=None, objectives=["psnr", "latency"],
-        profile_shape=[1, 3, 32, 32], profile_dtype="float32", threads=None, limits={}, patch_size=16,
-        batch_size=4, loss="l1", crop_border=4, cache_dir=str(tmp_path_factory.mktemp("cache")),
+        profile_shape=[1, 3, 32, 32], profile_dtype="float32", threads=None, limits={}, crop_border=4, cache_dir=str(tmp_path_factory.mktemp("cache")),
     )
     return build_context(spec, torch.device("cpu"))
 

@@ -228,7 +228,7 @@ def test_fidelity_with_too_few_trials_is_a_clear_message(tmp_path: Path, capsys)
         run_fidelity(study, CTX, progress=False, runner=SpyRunner([]))
     with pytest.raises(FidelityError, match="--configs must be an integer >= 4"):
         run_fidelity(study, CTX, configs=3, progress=False, runner=SpyRunner([]))
-    study.set_user_attr("context", {})  # the CLI path: one line, exit 2
+    # the CLI path: one line, exit 2
     code = main(["fidelity", "--study-name", "demo", "--storage", f"sqlite:///{tmp_path / 'study.db'}",
                  "--out-dir", str(tmp_path / "r")])
     err = capsys.readouterr().err.strip()

@@ -223,8 +223,11 @@ def _budget_text(study: optuna.Study, info: StudyInfo) -> str:
     except BudgetError as exc:
         return f"`{text}` (cannot be parsed: {exc})"
     spent = budget.spent(study)
-    share = info.attrs.get("ablation_share")
-    extra = f"; {share:.0%} reserved for the controlled ablation" if isinstance(share, (int, float)) else ""
+    shares = info.attrs.get("shares") or {}
+    kept = {"controlled ablation": shares.get("ablation"), "baselines": shares.get("baselines_share"),
+            "proxy-fidelity check": shares.get("fidelity")}
+    kept_text = ", ".join(f"{v:.0%} for the {k}" for k, v in kept.items() if isinstance(v, (int, float)) and v > 0)
+    extra = f"; kept: {kept_text}" if kept_text else ""
     return f"`{budget.describe_short()}`: used {spent.describe()} ({budget.used_fraction(spent):.0%}){extra}"
 
 
@@ -240,10 +243,10 @@ def _summary(study: optuna.Study, info: StudyInfo, trials: pd.DataFrame) -> str:
         "Objectives": objectives,
         "Search space": f"`{space.get('name', '?')}`" + (f" ({space['path']})" if space.get("path") else ""),
         "Task": _plain(attrs.get("task") or {}),
-        "Data": _plain(attrs.get("data") or {}),
+        "Data": _data_text(attrs.get("data") or {}),
         "Limits": _plain({k: v for k, v in info.limits.items() if v is not None}) or "none",
         "Budget": _budget_text(study, info),
-        "Device": f"{info.device_name} ({device.get('kind', '?')}, {device.get('n_devices', 1)} device(s))",
+        "Device": f"{info.device_name} ({device.get('kind', '?')})",
         "Profiling": _plain(attrs.get("profile") or {}),
         "Baseline": _baseline_text(attrs.get("baseline")),
         "Early stopping": (
@@ -255,6 +258,12 @@ def _summary(study: optuna.Study, info: StudyInfo, trials: pd.DataFrame) -> str:
         "ehrsr version": attrs.get("ehrsr_version"),
     }
     return _bullets(items)
+
+
+def _data_text(data: dict) -> str:
+    """The study's image folders (None: the built-in sample images)."""
+    builtin = "built-in scikit-image sample images"
+    return f"train {data.get('train') or builtin}; validation {data.get('val') or builtin}"
 
 
 def _baseline_text(baseline: dict | None) -> str | None:

@@ -16,6 +16,7 @@ is ``ehrsr.pipeline``'s business: this package imports none of it.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import multiprocessing as mp
 import os
 import sys
@@ -46,7 +47,7 @@ from ehrsr.search.study import (
     prepare_study,
 )
 from ehrsr.search.trial import TrialJob, execute_isolated, execute_trial
-from ehrsr.study_schema import Objective, format_si, is_count
+from ehrsr.study_schema import BASELINE_ATTR, BUDGET_ATTR, Objective, format_si, is_count
 
 __all__ = [
     "AfterTrial",
@@ -106,9 +107,11 @@ class SearchLog:
             self.bar.close()
 
 
-def run_worker(prepared: PreparedStudy, settings: SearchSettings, *, log: SearchLog | None = None,
+def run_worker(prepared: PreparedStudy, settings: SearchSettings | None = None, *, log: SearchLog | None = None,
                worker_index: int = 0, after_trial: AfterTrial | None = None) -> WorkerSummary:
-    """The search loop of one worker (see the module docstring)."""
+    """The search loop of one worker (see the module docstring). It runs ``prepared.settings``
+    (the study record's values); ``settings`` is accepted for its verbosity only."""
+    settings = prepared.settings
     log = log or SearchLog(settings.verbosity)
     study, space, budget = prepared.study, prepared.space, prepared.budget
     device = prepared.device
@@ -152,6 +155,8 @@ def run_worker(prepared: PreparedStudy, settings: SearchSettings, *, log: Search
                 running_trial = None
                 summary.stopped_reason = why
                 break
+            if study.user_attrs.get(BUDGET_ATTR) != budget.text:  # the budget of the latest run that trains
+                retry("store the budget", study.set_user_attr, BUDGET_ATTR, budget.text)
             sampled, train = retry("start a trial", _start_trial, trial, prepared, settings)
             if sampled.refused is not None:
                 retry("record a trial", record_outcome, study, trial,
@@ -277,9 +282,8 @@ def worker_sampler(prepared: PreparedStudy, settings: SearchSettings, worker_ind
     and each extra worker continue the search with a new random stream instead of replaying the
     first proposals (a fresh single-worker study keeps ``--seed``: reproducible as before). A worker
     that opened a study another process created draws a stream of its own host and process."""
-    constrained = settings.limits.max_latency_ms is not None or settings.limits.max_memory_mb is not None
     seed = sampler_seed(settings.seed, prepared.study, worker_index, joined=not prepared.created)
-    return build_sampler(settings.sampler, seed, constrained)
+    return build_sampler(settings.sampler, seed)
 
 
 def _record_repeat(prepared: PreparedStudy, trial: optuna.Trial, earlier: Any, summary: str,
@@ -369,6 +373,7 @@ def run_search(settings: SearchSettings, *, log: SearchLog | None = None,
     runs what follows and prints it). ``after_trial`` runs after every recorded trial."""
     log = log or SearchLog(settings.verbosity)
     prepared = prepare_study(settings, log=log)
+    settings = prepared.settings  # the study record's values from here on
     study = prepared.study
     log(f"study {study.study_name} ({'new' if prepared.created else 'resumed'}) in {mask_url(prepared.storage_url)}")
     log(f"space {prepared.space.name}, task {_task_slug(_task(prepared.spec))}, device {prepared.device_name}, "
@@ -379,8 +384,8 @@ def run_search(settings: SearchSettings, *, log: SearchLog | None = None,
             "only demonstrate the suite; pass --train-data/--val-data for real results")
     # prepare the data cache once here, so workers and child processes only read it
     ctx = build_context(prepared.spec, torch.device("cpu"), progress=settings.verbosity >= 1, load_lpips=False)
-    if "baseline" not in study.user_attrs:
-        study.set_user_attr("baseline", baseline_quality(ctx, prepared.spec))
+    if BASELINE_ATTR not in study.user_attrs:
+        study.set_user_attr(BASELINE_ATTR, baseline_quality(ctx, prepared.spec))
     workers = _resolve_workers(settings.workers, prepared.device)
     summary = WorkerSummary()
     try:
@@ -406,12 +411,9 @@ def baseline_quality(ctx: Any, spec: ContextSpec) -> dict[str, Any]:
 def _run_worker_processes(settings: SearchSettings, prepared: PreparedStudy, workers: int, log: SearchLog,
                           after_trial: AfterTrial | None) -> WorkerSummary:
     ctx = mp.get_context("spawn")
-    worker_settings = SearchSettings(**{**asdict(settings), "study_name": prepared.study.study_name,
-                                        "storage": prepared.storage_url})
-    worker_settings.limits = settings.limits
-    if prepared.device.type == "cpu" and settings.threads is None:
-        # CPU workers share the cores: more threads than cores makes every process crawl
-        worker_settings.threads = max(1, (os.cpu_count() or 1) // workers)
+    # the workers join the study and run its stored record (threads included: recorded per study)
+    worker_settings = dataclasses.replace(settings, study_name=prepared.study.study_name, storage=prepared.storage_url,
+                                          given=frozenset())
     gpus = list(range(workers)) if prepared.device.type == "cuda" else [None] * workers
     procs = [ctx.Process(target=_worker_process, args=(worker_settings, i, gpus[i], after_trial)) for i in range(workers)]
     log(f"starting {workers} workers on {mask_url(prepared.storage_url)}")

@@ -25,12 +25,11 @@ from torch import nn
 
 from ehrsr.config import EHRSRConfig
 from ehrsr.model import build_model
-from ehrsr.study_schema import Objective, format_si
+from ehrsr.study_schema import CostLimits, Objective
 from ehrsr.training import TrainSettings
 
 __all__ = [
     "TRAIN_SETTINGS_VERSION",
-    "TRAIN_SETTINGS_VERSION_ATTR",
     "CostLimits",
     "RunContext",
     "RunResult",
@@ -39,51 +38,10 @@ __all__ = [
     "measure_cost_checked",
     "run_configuration",
     "run_model",
-    "stale_train_settings",
 ]
 
 # on_rung(rung_index, step, values, metrics) -> True to continue training, False to stop here
 RungCallback = Callable[[int, int, list[float], dict[str, Any]], bool]
-
-
-@dataclass(frozen=True)
-class CostLimits:
-    """Caps on a configuration's cost: params and MACs are checked before training, latency and
-    memory measured."""
-
-    max_params: float | None = None
-    max_macs: float | None = None
-    max_latency_ms: float | None = None
-    max_memory_mb: float | None = None
-
-    def to_dict(self) -> dict[str, float | None]:
-        return {
-            "max_params": self.max_params,
-            "max_macs": self.max_macs,
-            "max_latency_ms": self.max_latency_ms,
-            "max_memory_mb": self.max_memory_mb,
-        }
-
-    @classmethod
-    def from_dict(cls, data: dict[str, Any] | None) -> CostLimits:
-        return cls(**{k: v for k, v in (data or {}).items() if k in cls.__dataclass_fields__})
-
-    def refusal(self, params_deploy: int, macs: int) -> str | None:
-        """Why a configuration is refused before training, or None."""
-        if self.max_params is not None and params_deploy > self.max_params:
-            return f"params {format_si(params_deploy)} > --max-params {format_si(self.max_params)}"
-        if self.max_macs is not None and macs > self.max_macs:
-            return f"MACs {format_si(macs)} > --max-macs {format_si(self.max_macs)}"
-        return None
-
-    def constraints(self, metrics: dict[str, Any]) -> dict[str, float]:
-        """Optuna constraint values (measured - limit; feasible when <= 0) for the measured limits."""
-        out = {}
-        if self.max_latency_ms is not None:
-            out["latency_ms"] = float(metrics["latency_ms"]) - self.max_latency_ms
-        if self.max_memory_mb is not None:
-            out["peak_memory_mb"] = float(metrics["peak_memory_mb"]) - self.max_memory_mb
-        return out
 
 
 @dataclass
@@ -436,34 +394,6 @@ def jsonable_metrics(metrics: dict[str, Any]) -> dict[str, Any]:
 
 
 TRAIN_SETTINGS_VERSION = 2
-"""Version of how a study's training settings reach training. 2: the whole ``TrainSettings``
-(weight decay included) reaches the optimizer. Before it, ``weight_decay`` was recorded with each
-trial but training always used 1e-4, and a space's ``loss: mse`` crashed."""
-
-TRAIN_SETTINGS_VERSION_ATTR = "ehrsr_train_settings_version"
-"""Study user attribute holding ``TRAIN_SETTINGS_VERSION``, written when the study is created."""
-
-_WEIGHT_DECAY_USED_BEFORE_V2 = 1e-4  # what training applied, whatever a trial recorded
-
-
-def stale_train_settings(study: Any) -> str | None:
-    """Why ``study`` (an Optuna study being resumed) must not be continued, or None.
-
-    A study without ``TRAIN_SETTINGS_VERSION_ATTR`` was created before the weight decay reached
-    the optimizer; when any of its trials records (or searched) a weight decay other than the
-    1e-4 training actually used, its results do not mean what they say, and new trials would be
-    trained differently from the old ones. A study with no such trial can continue.
-    """
-    if study.user_attrs.get(TRAIN_SETTINGS_VERSION_ATTR, 0) >= TRAIN_SETTINGS_VERSION:
-        return None
-    for trial in study.get_trials(deepcopy=False):
-        recorded = (trial.user_attrs.get("train") or {}).get("weight_decay", trial.params.get("weight_decay"))
-        if "weight_decay" in trial.params or (
-            recorded is not None and not math.isclose(float(recorded), _WEIGHT_DECAY_USED_BEFORE_V2)
-        ):
-            return (
-                f"study {study.study_name!r} was created before weight_decay reached the optimizer "
-                f"(training settings version < {TRAIN_SETTINGS_VERSION}): its stored weight_decay values "
-                f"were not used (training applied 1e-4); start a new --study-name"
-            )
-    return None
+"""Version of how a study's training settings reach training (the study record's
+``train_settings_version``): 2 = the whole ``TrainSettings``, weight decay included, reaches the
+optimizer."""

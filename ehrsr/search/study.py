@@ -1,18 +1,23 @@
-"""Opening a study: validated settings, the stored recipe (``ContextSpec``), samplers, resume checks.
+"""Opening a study: validated settings, the study record, samplers, resume checks.
 
-``prepare_study`` turns the command line into an Optuna study whose user attributes say
-everything the reports and later runs need (docs/study_schema.md): the space, task, data,
-objectives, device, profile settings, limits, budget and the measuring conventions. Re-running
-the same command finds the study again; asking a different question of an existing study
-(other objectives, task, data or space) is refused, so its trials stay comparable.
+``prepare_study`` turns the command line into an Optuna study created with one typed
+``StudyRecord`` (``ehrsr.study_schema``, docs/study_schema.md): objectives, space, task, data,
+device, profiling, limits, device latency models, early stopping, shares, sampler and seed.
+Re-running the command finds the study again, and from then on the stored record is what runs:
+a setting the user does not give again is taken from it, and a setting given with another value
+is refused in one line naming each field (exit 2, nothing written), so every trial and every
+step after the search measures the same thing. Only ``RUN_SETTINGS`` (budget, workers,
+verbosity, output and locations) may change between runs.
 """
 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import hashlib
 import os
 import warnings
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -23,32 +28,38 @@ import torch
 import ehrsr
 from ehrsr.errors import UserError
 from ehrsr.search.objectives import parse_objectives
-from ehrsr.search.runner import (
-    TRAIN_SETTINGS_VERSION,
-    TRAIN_SETTINGS_VERSION_ATTR,
-    CostLimits,
-    RunContext,
-    stale_train_settings,
-)
+from ehrsr.search.runner import TRAIN_SETTINGS_VERSION, RunContext
 from ehrsr.search.storage import StorageError, default_storage_url, mask_url, open_storage
 from ehrsr.study_schema import (
     DEFAULT_OBJECTIVES,
-    LATENCY_MODELS_ATTR,
+    RECORD_VERSION_ATTR,
+    CostLimits,
+    DataRecord,
+    DeviceRecord,
+    EarlyStoppingRecord,
     Objective,
-    conventions,
+    ProfileRecord,
+    RecordError,
+    SharesRecord,
+    SpaceRecord,
+    StudyRecord,
     device_latency_profile,
     resolve_objective,
 )
 
 __all__ = [
+    "RUN_SETTINGS",
     "ContextSpec",
     "PreparedStudy",
     "SearchError",
     "SearchSettings",
     "build_context",
     "build_sampler",
+    "check_study_name",
+    "context_spec",
     "load_study",
     "prepare_study",
+    "stored_record",
 ]
 
 # Seconds of timed passes per latency measurement in a search. A CPU trial of the tiny space
@@ -104,11 +115,14 @@ class SearchSettings:
     write_reports: bool = True
     verbosity: int = 1  # 0 quiet, 1 normal, 2 verbose
     # per-device latency models (docs/latency_models.md): limits by profile name (--max-latency-ms
-    # NAME=MS), and the loaded device profiles the objectives / limits name (deploy sits above
-    # search, so the caller loads them: ehrsr.deploy.load_device_profiles)
+    # NAME=MS), the device profiles file, and how to load it (deploy sits above search, so the
+    # caller passes the loader: ehrsr.deploy.load_device_profiles)
     device_latency_limits: dict[str, float] = field(default_factory=dict)
-    device_profiles: dict[str, Any] = field(default_factory=dict)
-    devices_file: str | None = None  # named in messages only
+    devices_file: str | None = None  # None: the shipped devices.yaml
+    load_device_profiles: Callable[[str | None], dict[str, Any]] | None = None
+    # the settings the user gave (field names; "limits.max_params", "task.scale", ... for parts of
+    # limits and task); on a resume the others come from the stored record. None: all were given.
+    given: frozenset[str] | None = None
 
     def resolved_device(self) -> torch.device:
         if self.device is None:
@@ -127,16 +141,32 @@ class SearchSettings:
     def reserved_share(self) -> float:
         """Share of a time budget kept from the search for the steps after it (controlled
         ablation, baselines, proxy-fidelity check)."""
-        baselines = 0.0 if (self.baselines or "").strip().lower() == "none" else self.baselines_share
-        return self.ablation_share + baselines + self.fidelity_share
+        return self.shares().reserved
+
+    def shares(self) -> SharesRecord:
+        return SharesRecord(
+            ablation=self.ablation_share, ablation_seeds=self.ablation_seeds, baselines=self.baselines,
+            baselines_share=self.baselines_share, fidelity=self.fidelity_share,
+            fidelity_configs=self.fidelity_configs, fidelity_factor=self.fidelity_factor,
+        )
+
+    def is_given(self, name: str) -> bool:
+        """Whether the user gave setting ``name`` (or a part of it: ``limits`` for ``limits.max_macs``)."""
+        return self.given is None or name in self.given or any(g.startswith(name + ".") for g in self.given)
+
+
+RUN_SETTINGS: tuple[str, ...] = (
+    "budget", "workers", "verbosity", "out_dir", "write_reports", "storage", "study_name", "isolate",
+    "lpips_weights", "load_device_profiles", "given",
+)
+"""``SearchSettings`` fields a later run may change: how much to run, where and how visibly, and
+where local files are. Every other field is part of the study record (docs/study_schema.md)."""
 
 
 @dataclass
 class ContextSpec:
-    """What rebuilds a ``RunContext`` anywhere (child processes, workers, ``ablate``, ``deploy``).
-
-    Stored in the study (user attribute ``context``), so a study carries its own recipe.
-    """
+    """What rebuilds a ``RunContext`` anywhere (child processes, workers, ``ablate``, ``deploy``):
+    the part of the study record that the runs need, made by ``context_spec(record)``."""
 
     task: dict[str, Any]
     train_data: str | None
@@ -146,12 +176,9 @@ class ContextSpec:
     profile_dtype: str
     threads: int | None
     limits: dict[str, float | None]
-    patch_size: int
-    batch_size: int
-    loss: str
     crop_border: int
     cache_dir: str | None = None
-    profile_seconds: float | None = None  # None (older studies): the profiler's default plan
+    profile_seconds: float | None = None  # None: the profiler's default plan (1 s)
     device_latency: list[dict[str, Any]] = field(default_factory=list)  # DeviceLatency.to_dict() each
 
     def to_dict(self) -> dict[str, Any]:
@@ -159,7 +186,36 @@ class ContextSpec:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> ContextSpec:
-        return cls(**{k: data[k] for k in cls.__dataclass_fields__ if k in data})
+        unknown = sorted(set(data) - set(cls.__dataclass_fields__))
+        if unknown:
+            raise ValueError(f"unknown run-context keys {', '.join(unknown)}; valid: {', '.join(cls.__dataclass_fields__)}")
+        return cls(**data)
+
+
+def context_spec(record: StudyRecord) -> ContextSpec:
+    """The run context a study's record describes (the one every process of the study uses)."""
+    return ContextSpec(
+        task=dict(record.task),
+        train_data=record.data.train,
+        val_data=record.data.val,
+        objectives=list(record.objectives),
+        profile_shape=list(record.profile.input_shape),
+        profile_dtype=record.profile.dtype,
+        threads=record.profile.threads,
+        limits=record.limits.to_dict(),
+        crop_border=record.crop_border,
+        cache_dir=record.cache_dir,
+        profile_seconds=record.profile.seconds,
+        device_latency=[dict(d) for d in record.device_latency],
+    )
+
+
+def stored_record(study: optuna.Study) -> StudyRecord:
+    """The study's record; ``SearchError`` (one line) when it has none or cannot be read."""
+    try:
+        return StudyRecord.from_study(study)
+    except RecordError as exc:
+        raise SearchError(f"study {study.study_name!r}: {exc}") from None
 
 
 def build_context(
@@ -265,6 +321,9 @@ def _task_slug(task: Any) -> str:
 
 @dataclass
 class PreparedStudy:
+    """An opened study and what runs it: ``record`` (stored, or just written), ``settings`` (the
+    given settings with every recorded field taken from the record) and ``spec`` (the run context)."""
+
     study: optuna.Study
     storage_url: str
     study_dir: Path
@@ -275,46 +334,58 @@ class PreparedStudy:
     device: torch.device
     device_name: str
     created: bool
+    record: StudyRecord
+    settings: SearchSettings
 
 
-def build_sampler(name: str, seed: int, constrained: bool) -> optuna.samplers.BaseSampler:
-    """The ``--sampler`` by name; ``constrained``: it honours the trials' constraints (latency and
-    memory limits measured after training). The driver rebuilds it per worker with
-    ``revisits.sampler_seed`` so a resume or a second worker does not replay the first proposals."""
-    constraints_func = _constraints_of if constrained else None
+def build_sampler(name: str, seed: int) -> optuna.samplers.BaseSampler:
+    """The ``--sampler`` by name. Trials' latency and memory limits reach it as Optuna constraints
+    (``trial.set_constraint``, written by ``ehrsr.search.record``), which Optuna 5's samplers read
+    from the trials themselves. The driver rebuilds it per worker with ``revisits.sampler_seed``
+    so a resume or a second worker does not replay the first proposals."""
     name = name.lower()
     if name == "tpe":
         # multivariate + group: TPE models the conditional parameters of each module jointly
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
-            return optuna.samplers.TPESampler(
-                seed=seed, constraints_func=constraints_func, multivariate=True, group=True
-            )
+            return optuna.samplers.TPESampler(seed=seed, multivariate=True, group=True)
     if name == "nsga2":
-        return optuna.samplers.NSGAIISampler(seed=seed, constraints_func=constraints_func)
+        return optuna.samplers.NSGAIISampler(seed=seed)
     if name == "nsga3":
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
-            return optuna.samplers.NSGAIIISampler(seed=seed, constraints_func=constraints_func)
+            return optuna.samplers.NSGAIIISampler(seed=seed)
     if name == "gp":
-        return optuna.samplers.GPSampler(seed=seed, constraints_func=constraints_func)
+        return optuna.samplers.GPSampler(seed=seed)
     if name == "random":
         return optuna.samplers.RandomSampler(seed=seed)
-    raise SearchError(f"--sampler {name!r} is not one of tpe, nsga2, nsga3, gp, random")
+    raise SearchError(f"--sampler {name!r} is not one of {', '.join(SAMPLERS)}")
 
 
-def _constraints_of(trial: optuna.trial.FrozenTrial) -> list[float]:
-    constraints = trial.constraints
-    return [constraints[k] for k in sorted(constraints)]
+SAMPLERS: tuple[str, ...] = ("tpe", "nsga2", "nsga3", "gp", "random")
 
 
 def prepare_study(settings: SearchSettings, log: Any = print) -> PreparedStudy:
-    """Validate the settings, open or create the study, store its recipe, enqueue references."""
-    from ehrsr.data import TaskConfig
+    """Validate the settings, open or create the study (its record written once, at creation),
+    enqueue the reference configurations. On a resume the stored record runs: settings not
+    given are taken from it, and given ones that differ are refused in one line (nothing written)."""
     from ehrsr.search.budget import BudgetError, check_budget_device, parse_budget
-    from ehrsr.search.space import SearchSpaceError, load_space
 
+    check_study_name(settings.study_name)
     device = settings.resolved_device()
+    space = _space(settings.space or ("full" if device.type == "cuda" else "tiny"))
+    task = _task_config(settings.task)
+    study_name = settings.study_name or _default_study_name(space.name, task, settings.train_data, settings.val_data)
+    study_dir = Path(settings.out_dir) / study_name
+    workers = _resolve_workers(settings.workers, device)
+    storage_url = settings.storage or default_storage_url(study_dir, workers)
+    stored = find_record(storage_url, study_name)
+    if stored is not None:
+        settings = merged_settings(settings, stored)
+        device = _stored_device(settings, stored, study_name)
+        if not settings.is_given("space"):
+            space = _space_from_record(stored)
+        task = _task_config(settings.task)
     try:
         objectives = parse_objectives(settings.objectives)
     except ValueError as exc:
@@ -325,15 +396,82 @@ def prepare_study(settings: SearchSettings, log: Any = print) -> PreparedStudy:
         check_budget_device(budget, torch.cuda.is_available(), device.type)
     except BudgetError as exc:
         raise SearchError(f"--budget {budget_text}: {exc}") from None
+    _check_shares(settings)
+    # everything that can fail inside trial 0 is checked before the study exists: a study created
+    # by a run that could not work would keep a RUNNING trial and refuse the corrected rerun
+    check_threads(settings.threads)
+    check_data(task, settings.train_data, settings.val_data, patch_size=space.fidelity.patch_size)
+    if stored is not None and not (settings.is_given("objectives") or settings.is_given("device_latency_limits")
+                                   or settings.is_given("devices_file")):
+        device_latency = [_device_latency_of(d) for d in stored.device_latency]
+    else:
+        device_latency = _load_device_latency(settings, objectives, space)
+    threads = _resolved_threads(settings.threads, device, workers)
+    settings = dataclasses.replace(settings, threads=threads)
+    from ehrsr.profiling import device_name
+
+    dev_name = device_name(device, threads)
+    record = record_of(settings, device=device, device_name=dev_name, objectives=objectives, space=space, task=task,
+                       device_latency=device_latency)
+    new_folder = not study_dir.exists()
     try:
-        space = load_space(settings.space or ("full" if device.type == "cuda" else "tiny"))
+        return _open_study(settings, record, stored, device, objectives, budget, space, study_name, study_dir,
+                           storage_url, workers, log)
+    except BaseException:
+        # a run that failed before any trial leaves no empty reports/<name>/ behind
+        if new_folder and study_dir.is_dir() and not any(study_dir.iterdir()):
+            with contextlib.suppress(OSError):
+                study_dir.rmdir()
+        raise
+
+
+def check_study_name(name: str | None) -> None:
+    """A study name is also the folder of its reports: refuse one that is empty, names a path (a
+    separator, ``..``), or is too long for a file name, so no name can write outside ``--out-dir``."""
+    if name is None:
+        return
+    if not name.strip():
+        raise SearchError("--study-name is empty; give a name (or leave the flag out for the default)")
+    if "/" in name or "\\" in name or name in (".", "..") or "\0" in name:
+        raise SearchError(f"--study-name {name!r} must be a plain name, not a path (no '/', '\\' or '..')")
+    if len(name.encode()) > MAX_STUDY_NAME_BYTES:
+        raise SearchError(f"--study-name is {len(name.encode())} bytes long; at most {MAX_STUDY_NAME_BYTES} "
+                          "(it names a folder, and side studies add '-baselines')")
+
+
+MAX_STUDY_NAME_BYTES = 200  # a file name may have 255 bytes; "-baselines" and "-ablation" are added
+
+
+def _space(name: str) -> Any:
+    from ehrsr.search.space import SearchSpaceError, load_space
+
+    try:
+        return load_space(name)
     except SearchSpaceError as exc:
         raise SearchError(str(exc)) from None
+
+
+def _space_from_record(record: StudyRecord) -> Any:
+    """The space a study was created with, from its stored text (the file may have changed since)."""
+    from ehrsr.search.space import SearchSpace, SearchSpaceError
+
     try:
-        task = TaskConfig.from_dict(settings.task)
+        return SearchSpace.from_text(record.space.yaml, name=record.space.name,
+                                     path=Path(record.space.path) if record.space.path else None)
+    except SearchSpaceError as exc:
+        raise SearchError(f"the study's stored search space no longer loads: {exc}") from None
+
+
+def _task_config(task: dict[str, Any]) -> Any:
+    from ehrsr.data import TaskConfig
+
+    try:
+        return TaskConfig.from_dict(task)
     except ValueError as exc:
         raise SearchError(f"task: {exc}") from None
-    device_latency = _load_device_latency(settings, objectives, space)
+
+
+def _check_shares(settings: SearchSettings) -> None:
     if not 0 <= settings.ablation_share < 1:
         raise SearchError(f"--ablation-share must be in [0, 1), got {settings.ablation_share}")
     seeds = settings.ablation_seeds
@@ -347,23 +485,177 @@ def prepare_study(settings: SearchSettings, log: Any = print) -> PreparedStudy:
             f"--ablation-share + --baselines-share + --fidelity-share = {settings.reserved_share:.2f} leaves "
             "nothing for the search; their sum must be below 1"
         )
-    # everything that can fail inside trial 0 is checked before the study exists: a study created
-    # by a run that could not work would keep a RUNNING trial and refuse the corrected rerun
-    check_threads(settings.threads)
-    check_data(task, settings.train_data, settings.val_data, patch_size=space.fidelity.patch_size)
 
-    study_name = settings.study_name or _default_study_name(space.name, task, settings.train_data, settings.val_data)
-    study_dir = Path(settings.out_dir) / study_name
-    new_folder = not study_dir.exists()
+
+def _resolved_threads(threads: int | None, device: torch.device, workers: int) -> int | None:
+    """The CPU threads the study trains and times with: the given number, else (on the CPU) torch's
+    default shared among this machine's workers. Recorded, so a resume with another ``--workers``
+    still times every trial with the same threads."""
+    if threads is not None or device.type != "cpu":
+        return threads
+    return max(1, torch.get_num_threads() // workers)
+
+
+def _stored_device(settings: SearchSettings, stored: StudyRecord, study_name: str) -> torch.device:
+    if settings.is_given("device"):
+        return settings.resolved_device()
+    if stored.device.kind == "cuda" and not torch.cuda.is_available():
+        raise SearchError(f"study {study_name!r} runs on cuda (its record) but this machine has no CUDA")
+    return settings.resolved_device()
+
+
+def record_of(settings: SearchSettings, *, device: torch.device, device_name: str, objectives: list[Objective],
+              space: Any, task: Any, device_latency: list[Any]) -> StudyRecord:
+    """The study record these (validated) settings describe."""
+    fidelity = space.fidelity
+    return StudyRecord(
+        ehrsr_version=ehrsr.__version__,
+        objectives=tuple(o.name for o in objectives),
+        space=SpaceRecord(space.name, str(space.path) if space.path else None, space.source_text),
+        task=task.to_dict(),
+        data=DataRecord(settings.train_data, settings.val_data),
+        device=DeviceRecord(device.type, device_name),
+        profile=ProfileRecord((1, 3, *settings.profile_size), settings.profile_dtype, settings.threads,
+                              float(settings.profile_seconds)),
+        limits=settings.limits,
+        device_latency=tuple(d.to_dict() for d in device_latency),
+        devices_file=settings.devices_file,
+        early_stopping=EarlyStoppingRecord(settings.early_stopping, tuple(fidelity.rung_steps), fidelity.eta),
+        shares=settings.shares(),
+        sampler=settings.sampler.lower(),
+        seed=settings.seed,
+        allow_repeats=settings.allow_repeats,
+        cache_dir=settings.cache_dir,
+        train_settings_version=TRAIN_SETTINGS_VERSION,
+    )
+
+
+def merged_settings(settings: SearchSettings, stored: StudyRecord) -> SearchSettings:
+    """``settings`` with every recorded setting the user did not give taken from ``stored``."""
+    if settings.given is None:
+        return settings
+    keep = settings.is_given
+    changes: dict[str, Any] = {}
+
+    def take(name: str, value: Any) -> None:
+        if not keep(name):
+            changes[name] = value
+
+    take("objectives", ",".join(stored.objectives))
+    take("device", stored.device.kind)
+    take("profile_size", tuple(stored.profile.input_shape[2:]))
+    take("profile_dtype", stored.profile.dtype)
+    take("profile_seconds", stored.profile.seconds)
+    take("threads", stored.profile.threads)
+    changes["limits"] = CostLimits(**{
+        k: getattr(settings.limits, k) if keep(f"limits.{k}") else getattr(stored.limits, k)
+        for k in CostLimits.__dataclass_fields__
+    })
+    take("device_latency_limits", {d["name"]: d["max_latency_ms"] for d in stored.device_latency
+                                   if d.get("max_latency_ms") is not None})
+    take("devices_file", stored.devices_file)
+    take("train_data", stored.data.train)
+    take("val_data", stored.data.val)
+    changes["task"] = {**stored.task, **{k: v for k, v in settings.task.items() if keep(f"task.{k}")}}
+    take("cache_dir", stored.cache_dir)
+    take("early_stopping", stored.early_stopping.enabled)
+    take("allow_repeats", stored.allow_repeats)
+    take("sampler", stored.sampler)
+    take("seed", stored.seed)
+    shares = stored.shares
+    for name, value in (("ablation_share", shares.ablation), ("ablation_seeds", shares.ablation_seeds),
+                        ("baselines", shares.baselines), ("baselines_share", shares.baselines_share),
+                        ("fidelity_share", shares.fidelity), ("fidelity_configs", shares.fidelity_configs),
+                        ("fidelity_factor", shares.fidelity_factor)):
+        take(name, value)
+    return dataclasses.replace(settings, **changes)
+
+
+# record fields a run does not compare: who wrote it, where things are, and what follows from the rest
+_NOT_COMPARED = ("ehrsr_version", "record_version", "device.name", "space.name", "space.path")
+
+# the flag that sets each compared record field, for the refusal message
+_FLAG_OF: dict[str, str] = {
+    "objectives": "--objectives", "space.yaml": "--space", "task.task": "--task", "task.scale": "--scale",
+    "task.noise_sigma": "--noise-sigma", "task.blur_sigma": "--blur-sigma", "task.jpeg_quality": "--jpeg-quality",
+    "data.train": "--train-data", "data.val": "--val-data", "device.kind": "--device",
+    "profile.input_shape": "--profile-size", "profile.dtype": "--profile-dtype", "profile.threads": "--threads",
+    "profile.seconds": "--profile-seconds", "limits.max_params": "--max-params", "limits.max_macs": "--max-macs",
+    "limits.max_latency_ms": "--max-latency-ms", "limits.max_memory_mb": "--max-memory-mb",
+    "device_latency": "--objectives latency@/--max-latency-ms NAME=", "devices_file": "--devices-file",
+    "early_stopping.enabled": "--no-early-stopping", "shares.ablation": "--ablation-share",
+    "shares.ablation_seeds": "--ablation-seeds", "shares.baselines": "--baselines",
+    "shares.baselines_share": "--baselines-share", "shares.fidelity": "--fidelity-share",
+    "shares.fidelity_configs": "--fidelity-configs", "shares.fidelity_factor": "--fidelity-factor",
+    "sampler": "--sampler", "seed": "--seed", "allow_repeats": "--allow-repeats", "cache_dir": "--cache-dir",
+}
+
+
+def record_differences(stored: StudyRecord, given: StudyRecord) -> list[str]:
+    """One phrase per compared field where ``given`` differs from ``stored``."""
+    a, b = stored.flat(), given.flat()
+    out = []
+    for key in a:
+        if key in _NOT_COMPARED or a[key] == b.get(key):
+            continue
+        if key == "space.yaml":
+            out.append(f"the search space (--space): stored {stored.space.name!r}, given a different one")
+        elif key == "device_latency":
+            out.append(f"device latency models ({_FLAG_OF[key]}): stored {_latency_models_text(a[key])}, "
+                       f"given {_latency_models_text(b.get(key) or [])}")
+        else:
+            out.append(f"{key} ({_FLAG_OF.get(key, key)}): stored {_shown(a[key])}, given {_shown(b.get(key))}")
+    return out
+
+
+def _latency_models_text(items: list[dict[str, Any]]) -> str:
+    limit = lambda d: f" <= {d['max_latency_ms']:g} ms" if d.get("max_latency_ms") else ""  # noqa: E731
+    return ", ".join(f"{d['name']}{limit(d)}" for d in items) or "none"
+
+
+def _shown(value: Any) -> str:
+    if isinstance(value, list) and value and all(isinstance(v, int) for v in value):
+        return "x".join(map(str, value))
+    if isinstance(value, dict):
+        return ",".join(f"{k}={v}" for k, v in value.items())
+    return "none" if value is None else str(value)
+
+
+def find_record(storage_url: str, study_name: str) -> StudyRecord | None:
+    """The record of study ``study_name`` in ``storage_url``, or None when there is no such study
+    (or its creator died before writing the record). A file storage that does not exist yet is not
+    created. A study whose creator is still writing waits for it; a study made by an earlier ehrsr
+    (no record, trials stored) is refused in one line."""
+    if _missing_file_storage(storage_url):
+        return None
+    storage = open_storage(storage_url)
     try:
-        return _open_study(settings, device, objectives, budget, space, task, study_name, study_dir, log,
-                           device_latency)
-    except BaseException:
-        # a run that failed before any trial leaves no empty reports/<name>/ behind
-        if new_folder and study_dir.is_dir() and not any(study_dir.iterdir()):
-            with contextlib.suppress(OSError):
-                study_dir.rmdir()
-        raise
+        names = set(optuna.study.get_all_study_names(storage=storage))
+    except Exception as exc:
+        raise StorageError(f"cannot read storage {mask_url(storage_url)}: {str(exc).splitlines()[0]}") from None
+    if study_name not in names:
+        return None
+    study = optuna.load_study(study_name=study_name, storage=storage)
+    _wait_for_record(study)
+    attrs = dict(study.user_attrs)
+    if RECORD_VERSION_ATTR not in attrs:
+        if attrs or study.get_trials(deepcopy=False):
+            raise SearchError(
+                f"study {study_name!r} was made by an earlier ehrsr (it has no study record): `report` can still "
+                "read it; continue it with that version, or start a new --study-name"
+            )
+        return None
+    return stored_record(study)
+
+
+def _missing_file_storage(url: str) -> bool:
+    """Whether ``url`` is a SQLite or journal file that does not exist (so no study is in it)."""
+    if url.startswith("sqlite:///"):
+        path = url[len("sqlite:///"):]
+        return path not in ("", ":memory:") and not Path(path).exists()
+    if url.startswith("journal:"):
+        return not Path(url[len("journal:"):]).exists()
+    return False
 
 
 def check_threads(threads: int | None) -> None:
@@ -421,12 +713,15 @@ def check_data(task: Any, train_data: str | None, val_data: str | None, *, patch
                 )
 
 
-def _open_study(settings: SearchSettings, device: torch.device, objectives: list[Objective], budget: Any,
-                space: Any, task: Any, study_name: str, study_dir: Path, log: Any,
-                device_latency: list[Any]) -> PreparedStudy:
+def _open_study(settings: SearchSettings, record: StudyRecord, stored: StudyRecord | None, device: torch.device,
+                objectives: list[Objective], budget: Any, space: Any, study_name: str, study_dir: Path,
+                storage_url: str, workers: int, log: Any) -> PreparedStudy:
     """Open or create the study of ``prepare_study`` once its settings are checked."""
-    from ehrsr.profiling import device_name
-
+    if stored is not None:
+        differences = record_differences(stored, record)
+        if differences:
+            _refuse_or_replace(storage_url, study_name, differences, log)
+            stored = None
     try:
         study_dir.mkdir(parents=True, exist_ok=True)
         probe = study_dir / f".write-test-{os.getpid()}"  # per process: workers start together
@@ -434,8 +729,6 @@ def _open_study(settings: SearchSettings, device: torch.device, objectives: list
         probe.unlink()
     except OSError as exc:
         raise SearchError(f"output folder {study_dir} is not writable: {exc.strerror}") from None
-    workers = _resolve_workers(settings.workers, device)
-    storage_url = settings.storage or default_storage_url(study_dir, workers)
     if workers > 1 and storage_url.startswith("sqlite"):
         # Optuna's advice, and a race seen in this project's tests: two processes on one SQLite file
         # can both claim the same enqueued trial (SQLite has no row locks)
@@ -445,96 +738,53 @@ def _open_study(settings: SearchSettings, device: torch.device, objectives: list
             "or --workers 1 (a study begun in SQLite resumes with --workers 1)"
         )
     storage = open_storage(storage_url)
-
-    fidelity = space.fidelity
-    spec = ContextSpec(
-        task=task.to_dict(),
-        train_data=settings.train_data,
-        val_data=settings.val_data,
-        objectives=[o.name for o in objectives],
-        profile_shape=[1, 3, *settings.profile_size],
-        profile_dtype=settings.profile_dtype,
-        threads=settings.threads,
-        limits=settings.limits.to_dict(),
-        patch_size=fidelity.patch_size,
-        batch_size=fidelity.batch_size,
-        loss=fidelity.loss,
-        crop_border=task.scale if task.scale > 1 else 0,
-        cache_dir=settings.cache_dir,
-        profile_seconds=settings.profile_seconds,
-        device_latency=[d.to_dict() for d in device_latency],
-    )
-    constrained = settings.limits.max_latency_ms is not None or settings.limits.max_memory_mb is not None
-    sampler = build_sampler(settings.sampler, settings.seed, constrained)
-    try:
-        existing = {s.study_name for s in optuna.get_all_study_summaries(storage)}
-    except Exception as exc:
-        raise StorageError(f"cannot read storage {mask_url(storage_url)}: {str(exc).splitlines()[0]}") from None
     # workers started together all find the study missing: only the one whose creation succeeds
-    # writes its attributes and enqueues the reference trials (else they are enqueued twice)
-    if study_name in existing and _replace_unfinished(storage, study_name, spec, space, settings, log):
-        existing.discard(study_name)
-    created = study_name not in existing and _claim_new_study(storage, study_name, objectives)
+    # writes the record and enqueues the reference trials (else they are enqueued twice)
+    created = stored is None and _claim_new_study(storage, study_name, objectives)
     study = optuna.create_study(
         storage=storage,
         study_name=study_name,
         directions=[o.direction for o in objectives],
-        sampler=sampler,
         load_if_exists=True,
     )
     if not created:
-        _wait_for_context(study)
-    dev_name = device_name(device, settings.threads)
-    if created or "context" not in study.user_attrs:
+        _wait_for_record(study)
+    if RECORD_VERSION_ATTR not in study.user_attrs:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
             study.set_metric_names([o.name for o in objectives])
-        attrs = {
-            "ehrsr_version": ehrsr.__version__,
-            "objectives": [o.name for o in objectives],
-            "space": {"name": space.name, "path": str(space.path) if space.path else None, "yaml": space.source_text},
-            "task": task.to_dict(),
-            "data": {
-                "train": settings.train_data or "built-in scikit-image sample images",
-                "val": settings.val_data or "built-in scikit-image sample images",
-                "builtin": settings.train_data is None and settings.val_data is None,
-            },
-            "device": {"kind": device.type, "name": dev_name, "n_devices": workers if device.type == "cuda" else 1},
-            "profile": {"input_shape": spec.profile_shape, "dtype": settings.profile_dtype, "threads": settings.threads},
-            "budget": budget.text,
-            "limits": settings.limits.to_dict(),
-            "conventions": conventions(
-                profile_shape=spec.profile_shape, crop_border=spec.crop_border, profile_dtype=spec.profile_dtype,
-                device_name=dev_name, profile_seconds=spec.profile_seconds,
-            ),
-            "early_stopping": {
-                "enabled": settings.early_stopping,
-                "rung_steps": list(fidelity.rung_steps),
-                "eta": fidelity.eta,
-            },
-            "ablation_share": settings.ablation_share,
-            "ablation_seeds": settings.ablation_seeds,
-            "baselines_share": settings.baselines_share,
-            "fidelity_share": settings.fidelity_share,
-            "seed": settings.seed,
-            "sampler": settings.sampler,
-            LATENCY_MODELS_ATTR: {d.name: {"file": d.model_path, "target": d.target, "accuracy": d.accuracy,
-                                           "max_latency_ms": d.max_latency_ms} for d in device_latency},
-            "context": spec.to_dict(),
-            TRAIN_SETTINGS_VERSION_ATTR: TRAIN_SETTINGS_VERSION,
-        }
         for name, params in space.reference_params().items():
             study.enqueue_trial(params, user_attrs={"reference": name}, skip_if_exists=True)
-        for key, value in attrs.items():  # "context" last: other workers wait for it
+        for key, value in record.to_attrs().items():  # record_version last: other workers wait for it
             study.set_user_attr(key, value)
     else:
-        _check_compatible(study, spec, space, settings)
-        stale = stale_train_settings(study)
-        if stale is not None:
-            raise SearchError(stale)
-        study.set_user_attr(TRAIN_SETTINGS_VERSION_ATTR, TRAIN_SETTINGS_VERSION)
-        study.set_user_attr("budget", budget.text)  # a resume may extend the budget
-    return PreparedStudy(study, storage_url, study_dir, space, budget, spec, objectives, device, dev_name, created)
+        stored = stored_record(study)
+        differences = record_differences(stored, record)
+        if differences:  # a process that started with this one created the study with other settings
+            raise SearchError(_refusal(study_name, differences))
+        record = stored
+    return PreparedStudy(study, storage_url, study_dir, space, budget, context_spec(record), objectives, device,
+                         record.device.name, created, record, settings)
+
+
+def _refusal(study_name: str, differences: list[str]) -> str:
+    return (f"study {study_name!r} was created with other settings: {'; '.join(differences)}. Leave those flags "
+            "out to continue with the stored ones, or use another --study-name")
+
+
+def _refuse_or_replace(storage_url: str, study_name: str, differences: list[str], log: Any) -> None:
+    """A resume with other settings is refused, except for a study with no finished (complete or
+    pruned) trial: nothing would be lost, and a first run that failed must not lock its study to
+    the settings that failed, so it is deleted and created again with the new ones."""
+    from optuna.trial import TrialState
+
+    storage = open_storage(storage_url)
+    study = optuna.load_study(study_name=study_name, storage=storage)
+    if study.get_trials(deepcopy=False, states=(TrialState.COMPLETE, TrialState.PRUNED)):
+        raise SearchError(_refusal(study_name, differences))
+    optuna.delete_study(study_name=study_name, storage=storage)
+    log(f"note: study {study_name!r} was created with other settings ({'; '.join(differences)}), but it has no "
+        "finished trial: re-created with the new settings")
 
 
 def _load_device_latency(settings: SearchSettings, objectives: list[Objective], space: Any) -> list[Any]:
@@ -543,11 +793,22 @@ def _load_device_latency(settings: SearchSettings, objectives: list[Objective], 
     from ehrsr.search.device_latency import DeviceLatencyError, load_device_latencies
 
     names = [p for p in (device_latency_profile(o.name) for o in objectives) if p is not None]
+    if not names and not settings.device_latency_limits:
+        return []
+    if settings.load_device_profiles is None:
+        raise SearchError(f"{', '.join(names or settings.device_latency_limits)}: device profiles are not "
+                          "available here (the caller passes load_device_profiles)")
     try:
-        return load_device_latencies(names, settings.device_latency_limits, space, settings.device_profiles,
-                                     settings.devices_file)
+        profiles = settings.load_device_profiles(settings.devices_file)
+        return load_device_latencies(names, settings.device_latency_limits, space, profiles, settings.devices_file)
     except DeviceLatencyError as exc:
         raise SearchError(str(exc)) from None
+
+
+def _device_latency_of(data: dict[str, Any]) -> Any:
+    from ehrsr.search.device_latency import DeviceLatency
+
+    return DeviceLatency.from_dict(data)
 
 
 def _claim_new_study(storage: optuna.storages.BaseStorage, name: str, objectives: list[Objective]) -> bool:
@@ -562,21 +823,26 @@ def _claim_new_study(storage: optuna.storages.BaseStorage, name: str, objectives
         return False
 
 
-CONTEXT_WAIT_SECONDS = 60.0
+RECORD_WAIT_SECONDS = 60.0
 
 
-def _wait_for_context(study: optuna.Study) -> None:
-    """A worker that just created the study may still be writing its attributes ("context" is
-    written last); wait for them, then go on either way (an older run may have died before)."""
+def _wait_for_record(study: optuna.Study) -> None:
+    """A worker that just created the study may still be writing its record (``record_version`` is
+    written last); wait for it, then go on either way (the creator may have died before). A study
+    that already has attributes but no record (made by an earlier ehrsr) is not waited for."""
     import time
 
-    deadline = time.monotonic() + CONTEXT_WAIT_SECONDS
-    while "context" not in study.user_attrs and time.monotonic() < deadline:
+    deadline = time.monotonic() + RECORD_WAIT_SECONDS
+    while time.monotonic() < deadline:
+        attrs = study.user_attrs
+        if RECORD_VERSION_ATTR in attrs or "context" in attrs:
+            return
         time.sleep(0.5)
 
 
 def load_study(study_name: str, storage: str | None, out_dir: Path) -> tuple[optuna.Study, str, Path]:
     """Open an existing study for ``report`` / ``ablate`` / ``deploy``; clear error if missing."""
+    check_study_name(study_name)
     study_dir = Path(out_dir) / study_name
     url = storage or default_storage_url(study_dir)
     if storage is None and not (study_dir / "study.db").exists() and not (study_dir / "study.journal").exists():
@@ -590,52 +856,6 @@ def load_study(study_name: str, storage: str | None, out_dir: Path) -> tuple[opt
         known = ", ".join(sorted(names)) or "none"
         raise SearchError(f"no study {study_name!r} in storage {mask_url(url)} (studies there: {known})")
     return optuna.load_study(study_name=study_name, storage=backend), url, study_dir
-
-
-def _replace_unfinished(storage: optuna.storages.BaseStorage, name: str, spec: ContextSpec, space: Any,
-                        settings: SearchSettings, log: Any) -> bool:
-    """Delete the stored study ``name`` when it asks another question than these settings but has no
-    finished (complete or pruned) trial: nothing would be lost, and a first run that failed must
-    not lock its study to the settings that failed. Returns True when it was deleted."""
-    from optuna.trial import TrialState
-
-    study = optuna.load_study(study_name=name, storage=storage)
-    if "context" not in study.user_attrs:
-        return False
-    try:
-        _check_compatible(study, spec, space, settings)
-        return False
-    except SearchError as exc:
-        why = str(exc).split(";")[0]
-    finished = study.get_trials(deepcopy=False, states=(TrialState.COMPLETE, TrialState.PRUNED))
-    if finished:
-        return False
-    optuna.delete_study(study_name=name, storage=storage)
-    log(f"note: {why}, but it has no finished trial: re-created with the new settings")
-    return True
-
-
-def _check_compatible(study: optuna.Study, spec: ContextSpec, space: Any, settings: SearchSettings) -> None:
-    """A resume must ask the same question; otherwise the trials would not be comparable."""
-    stored = ContextSpec.from_dict(study.user_attrs["context"])
-    hint = "use another --study-name for a different search"
-    if stored.objectives != spec.objectives:
-        raise SearchError(
-            f"study {study.study_name!r} optimises {','.join(stored.objectives)}, not {','.join(spec.objectives)}; {hint}"
-        )
-    for key, label in (("task", "task"), ("train_data", "--train-data"), ("val_data", "--val-data"),
-                       ("profile_shape", "--profile-size"), ("profile_dtype", "--profile-dtype")):
-        if getattr(stored, key) != getattr(spec, key):
-            raise SearchError(
-                f"study {study.study_name!r} was created with {label} {getattr(stored, key)}, "
-                f"not {getattr(spec, key)}; {hint}"
-            )
-    stored_space = study.user_attrs.get("space", {})
-    if stored_space.get("yaml") != space.source_text:
-        raise SearchError(
-            f"study {study.study_name!r} was created with a different search space "
-            f"({stored_space.get('name')}); {hint}"
-        )
 
 
 def _resolve_workers(workers: int | str, device: torch.device) -> int:

@@ -1,0 +1,549 @@
+"""Proxy fidelity of the tiny space: which brief-training score ranks configurations as long training does?
+
+    python benchmarks/proxy_fidelity.py pool        # draw the pool, run today's trial protocol, choose configurations
+    python benchmarks/proxy_fidelity.py reference   # long training of the chosen ones, 2 seeds (hours; resumable)
+    python benchmarks/proxy_fidelity.py proxies     # the candidate brief protocols (resumable)
+    python benchmarks/proxy_fidelity.py score       # the table: tau, Spearman, regret, top-3 recall, compute
+    python benchmarks/proxy_fidelity.py --smoke     # every step at the smallest size, in a temporary folder
+
+Every run's result is written to its own JSON file under ``--data`` (default
+``benchmarks/data/proxy_fidelity/``) the moment it finishes, so a stop part-way loses at most the
+runs in progress, and rerunning a step skips what is stored. ``--shard I/N`` splits a step's runs
+over N processes (each takes every N-th run), e.g. one per core with ``--threads 1``. The rule
+that chooses the configurations, the reference protocol and the candidates are in
+docs/proxy_fidelity.md; the scoring is ``ehrsr.stats.ranking_quality`` over the stored curves, so
+re-scoring a new proxy costs seconds.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import tempfile
+import time
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import optuna
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from benchmarks._common import print_table
+from ehrsr.config import EHRSRConfig
+from ehrsr.data import TaskConfig, prepare_data
+from ehrsr.fulltrain import FullTrainSettings, Recipe, full_train
+from ehrsr.metrics import bicubic_baseline, evaluate
+from ehrsr.model import build_model
+from ehrsr.search.pareto import pareto_front
+from ehrsr.search.ranking import LearningCurve, extrapolated_psnr, final_psnr, loss_sum
+from ehrsr.search.runner import unit_mac_counter
+from ehrsr.search.space import load_space
+from ehrsr.stats import StatsError, ranking_quality
+from ehrsr.training import TrainSettings, train
+
+DATA_DIR = Path(__file__).resolve().parent / "data" / "proxy_fidelity"
+SCALE = 4
+PROFILE_SHAPE = (1, 3, 256, 256)  # MACs of the deploy form at the NTIRE size, the front's cost axis
+MODULES = ("wab", "ssm", "moe")  # each must appear in at least MODULE_QUOTA chosen configurations
+MODULE_QUOTA = 4
+FRONT_SHARE = 0.4  # of the chosen configurations, this share comes from the pool's Pareto front
+
+
+# ---------------------------------------------------------------------------------------------
+# protocols: what one brief run trains with
+
+
+@dataclass(frozen=True)
+class Protocol:
+    """A brief training protocol: the tiny space's batch and patch unless changed, a learning rate
+    (None: the one the pool drew for the configuration, as a search samples it), ``steps``, and
+    the steps at which the validation PSNR is recorded."""
+
+    name: str
+    steps: int
+    lr: float | None
+    batch_size: int = 8
+    patch_size: int = 32
+    eval_every: int = 12
+    description: str = ""
+
+    def settings(self, drawn_lr: float) -> TrainSettings:
+        return TrainSettings(steps=self.steps, lr=self.lr if self.lr is not None else drawn_lr,
+                             batch_size=self.batch_size, patch_size=self.patch_size)
+
+    def eval_steps(self) -> list[int]:
+        return sorted({*range(self.eval_every, self.steps + 1, self.eval_every), self.steps})
+
+
+TODAY = Protocol("today", 108, None, description="tiny.yaml's trial: 108 steps, the sampled lr (2e-4..2e-3, log)")
+PROTOCOLS: dict[str, Protocol] = {p.name: p for p in (
+    TODAY,
+    Protocol("lr5e-4", 108, 5e-4, description="108 steps, lr fixed at the recipe's 5e-4"),
+    Protocol("lr1e-3", 108, 1e-3, description="108 steps, lr fixed at 1e-3"),
+    Protocol("lr2e-3", 108, 2e-3, description="108 steps, lr fixed at 2e-3"),
+    Protocol("lr4e-3", 108, 4e-3, description="108 steps, lr fixed at 4e-3"),
+    Protocol("p48-lr2e-3", 48, 2e-3, patch_size=48, eval_every=6,
+             description="48 steps of 48 px patches (the same pixels as 108 of 32 px), lr 2e-3"),
+    Protocol("s324-lr2e-3", 324, 2e-3, eval_every=36, description="324 steps (3x), lr 2e-3"),
+    Protocol("s972-lr2e-3", 972, 2e-3, eval_every=108, description="972 steps (9x), lr 2e-3"),
+)}
+
+
+@dataclass(frozen=True)
+class ReferenceProtocol:
+    """Long training as ``run_search.py train`` trains a pick (the recipe's defaults: Adam 5e-4,
+    cosine to 0, EMA 0.999 with warm-up, clip 1.0), at the tiny space's batch and patch."""
+
+    steps: int = 2400
+    batch_size: int = 8
+    patch_size: int = 32
+    validations: int = 8  # curve points
+
+    def recipe(self, seed: int) -> Recipe:
+        every = max(1, self.steps // self.validations)
+        return Recipe(steps=self.steps, batch_size=self.batch_size, patch_size=self.patch_size, seed=seed,
+                      val_every=every, checkpoint_every=every)
+
+
+# ---------------------------------------------------------------------------------------------
+# storage: one JSON file per finished run
+
+
+def _write_json(path: Path, data: Any) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp.write_text(json.dumps(data, indent=1, sort_keys=True) + "\n")
+    os.replace(tmp, path)
+
+
+def _read_json(path: Path) -> Any:
+    return json.loads(path.read_text())
+
+
+def _machine() -> dict[str, Any]:
+    return {"threads": torch.get_num_threads(), "load_average": round(os.getloadavg()[0], 2),
+            "cores": os.cpu_count()}
+
+
+# ---------------------------------------------------------------------------------------------
+# data
+
+
+_DATA: dict[str, Any] = {}
+
+
+def builtin_sets() -> tuple[Any, Any]:
+    """The built-in x4 training and validation images (prepared once, then from the cache)."""
+    if not _DATA:
+        _DATA["train"], _DATA["val"] = prepare_data(TaskConfig(scale=SCALE), None, None)
+    return _DATA["train"], _DATA["val"]
+
+
+# ---------------------------------------------------------------------------------------------
+# one brief run
+
+
+def brief_run(config: EHRSRConfig, protocol: Protocol, drawn_lr: float, seed: int) -> dict[str, Any]:
+    """Train ``config`` with ``protocol`` from the trial's initialisation rule (``torch.manual_seed``
+    then build) and record its validation PSNR curve and training-loss history."""
+    train_set, val_set = builtin_sets()
+    settings = protocol.settings(drawn_lr)
+    torch.manual_seed(seed)
+    model = build_model(config)
+    curve: list[list[float]] = []
+    eval_seconds: list[float] = []
+
+    def on_eval(step: int, trained: torch.nn.Module) -> bool:
+        result = evaluate(trained, val_set, crop_border=SCALE)
+        curve.append([step, result.psnr, result.ssim])
+        eval_seconds.append(result.seconds)
+        return True
+
+    start = time.perf_counter()
+    result = train(model, train_set, settings, seed=seed, eval_steps=protocol.eval_steps(), on_eval=on_eval,
+                   log_every=max(1, protocol.steps // 36))
+    return {
+        "protocol": protocol.name, "settings": {k: getattr(settings, k) for k in ("steps", "lr", "batch_size", "patch_size")},
+        "seed": seed, "psnr_curve": curve, "loss_history": [[s, v] for s, v in result.history],
+        "train_seconds": result.train_seconds, "eval_seconds_each": float(np.median(eval_seconds)),
+        "wall_seconds": time.perf_counter() - start, "machine": _machine(),
+    }
+
+
+def curve_of(run: dict[str, Any]) -> LearningCurve:
+    return LearningCurve.from_lists([(s, p) for s, p, _ in run["psnr_curve"]], run["loss_history"],
+                                    run["settings"]["steps"])
+
+
+# ---------------------------------------------------------------------------------------------
+# the pool and the rule that chooses the configurations
+
+
+def draw_pool(size: int, seed: int) -> list[dict[str, Any]]:
+    """The tiny space's two reference configurations, then configurations drawn by Optuna's
+    RandomSampler(seed) through the space's own sampling (refused and repeated ones skipped)."""
+    space = load_space("tiny")
+    study = optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=seed))
+    pool: list[dict[str, Any]] = []
+    seen: set[str] = set()
+    for name, params in space.reference_params().items():
+        sampled = space.config_from_params(params, scale=SCALE)
+        pool.append({"name": name, "params": params, "config": sampled.config.to_dict(),
+                     "drawn_lr": float(np.sqrt(2e-4 * 2e-3)), "summary": sampled.summary()})
+        seen.add(sampled.config.to_json())
+    draws = 0
+    while len(pool) < size:
+        draws += 1
+        if draws > 50 * size:
+            raise RuntimeError(f"could not draw {size} distinct configurations")
+        trial = study.ask()
+        sampled = space.suggest(trial, scale=SCALE)
+        study.tell(trial, 0.0)
+        if sampled.config is None or sampled.config.to_json() in seen:
+            continue
+        seen.add(sampled.config.to_json())
+        pool.append({"name": f"random-{trial.number}", "params": sampled.params, "config": sampled.config.to_dict(),
+                     "drawn_lr": float(sampled.train.lr), "summary": sampled.summary()})
+    return pool
+
+
+def _spread(items: list[int], n: int, key: Callable[[int], float]) -> list[int]:
+    """``n`` of ``items`` at evenly spaced ranks of ``key`` (all when there are no more than ``n``)."""
+    ordered = sorted(items, key=key)
+    if n >= len(ordered):
+        return ordered
+    if n <= 0:
+        return []
+    return [ordered[int(i)] for i in np.unique(np.round(np.linspace(0, len(ordered) - 1, n)).astype(int))]
+
+
+def choose(pool: list[dict[str, Any]], k: int) -> dict[str, Any]:
+    """The documented rule (docs/proxy_fidelity.md): both references; then ``FRONT_SHARE`` of ``k``
+    from the pool's Pareto front on (brief PSNR up, MACs down) at evenly spaced MACs ranks, the rest
+    from the dominated cloud at evenly spaced brief-PSNR ranks; then, while a module of ``MODULES``
+    is in fewer than ``MODULE_QUOTA`` chosen configurations, the unchosen configuration with it
+    whose brief PSNR is nearest the pool's median."""
+    brief = [p["brief_psnr"] for p in pool]
+    macs = [p["macs"] for p in pool]
+    front = pareto_front(np.column_stack([brief, macs]), ["maximize", "minimize"])
+    chosen = [i for i, p in enumerate(pool) if p["name"] in ("conv-only", "all-modules")]
+    front_left = [i for i in front if i not in chosen]
+    cloud = [i for i in range(len(pool)) if i not in front and i not in chosen]
+    n_front = min(len(front_left), max(0, round(FRONT_SHARE * k) - sum(i in front for i in chosen)))
+    chosen += _spread(front_left, n_front, key=lambda i: macs[i])
+    chosen += _spread(cloud, max(0, k - len(chosen)), key=lambda i: brief[i])
+    median = float(np.median(brief))
+    for module in MODULES:
+        def uses(i: int, module: str = module) -> bool:
+            return bool(pool[i]["config"].get(module, {}).get("enabled"))
+
+        while sum(uses(i) for i in chosen) < MODULE_QUOTA:
+            candidates = [i for i in range(len(pool)) if i not in chosen and uses(i)]
+            if not candidates:
+                break
+            chosen.append(min(candidates, key=lambda i: abs(brief[i] - median)))
+    return {"chosen": sorted(chosen), "front": sorted(front)}
+
+
+def step_pool(data: Path, size: int, k: int, seed: int, shard: tuple[int, int]) -> None:
+    pool_file = data / "pool.json"
+    if pool_file.exists():
+        pool_doc = _read_json(pool_file)
+    else:
+        pool_doc = {"seed": seed, "size": size, "scale": SCALE, "space": "tiny", "pool": draw_pool(size, seed)}
+        _write_json(pool_file, pool_doc)
+    pool = pool_doc["pool"]
+    counter = unit_mac_counter()
+    for index in _shard(range(len(pool)), shard):
+        path = data / "brief" / TODAY.name / f"{index:03d}-s0.json"
+        if path.exists():
+            continue
+        config = EHRSRConfig.from_dict(pool[index]["config"])
+        run = brief_run(config, TODAY, pool[index]["drawn_lr"], seed=0)
+        count = counter.count(build_model(config), PROFILE_SHAPE)
+        run.update({"index": index, "macs": count.macs, "params_deploy": count.params_deploy})
+        _write_json(path, run)
+        print(f"[pool] #{index} {pool[index]['summary']}: brief {final_psnr(curve_of(run)):.3f} dB, "
+              f"{count.macs / 1e6:.1f}M MACs, {run['wall_seconds']:.1f} s", flush=True)
+    runs = [data / "brief" / TODAY.name / f"{i:03d}-s0.json" for i in range(len(pool))]
+    if not all(p.exists() for p in runs):
+        print("[pool] other shards are still running; rerun `pool` when they are done to choose")
+        return
+    for entry, path in zip(pool, runs):
+        run = _read_json(path)
+        entry["brief_psnr"], entry["macs"], entry["params_deploy"] = final_psnr(curve_of(run)), run["macs"], run["params_deploy"]
+    pool_doc.update(choose(pool, k), k=k, pool=pool)
+    _write_json(pool_file, pool_doc)
+    counts = {m: sum(bool(pool[i]["config"].get(m, {}).get("enabled")) for i in pool_doc["chosen"]) for m in MODULES}
+    print(f"[pool] chose {len(pool_doc['chosen'])} of {len(pool)} ({len(pool_doc['front'])} on the front); "
+          f"modules: {counts}")
+
+
+# ---------------------------------------------------------------------------------------------
+# reference and proxies
+
+
+def _shard(items: Iterable[Any], shard: tuple[int, int]) -> list[Any]:
+    i, n = shard
+    return [item for j, item in enumerate(items) if j % n == i]
+
+
+def _chosen(data: Path) -> tuple[list[dict[str, Any]], list[int]]:
+    doc = _read_json(data / "pool.json")
+    if "chosen" not in doc:
+        raise SystemExit("run `pool` first (pool.json has no chosen configurations yet)")
+    return doc["pool"], doc["chosen"]
+
+
+def reference_run(config: EHRSRConfig, protocol: ReferenceProtocol, seed: int, work: Path) -> dict[str, Any]:
+    """Long training through ``ehrsr.fulltrain.full_train`` (checkpoints in ``work``, so a killed
+    run resumes); returns the EMA weights' validation curve."""
+    start = time.perf_counter()
+    result = full_train(FullTrainSettings(config=config, recipe=protocol.recipe(seed), out_dir=work, progress=False,
+                                          finish=False, source="benchmarks/proxy_fidelity.py"))
+    rows = [r for r in _read_curve(work / "validation.csv")]
+    return {"seed": seed, "steps": protocol.steps, "recipe": protocol.recipe(seed).to_dict(),
+            "psnr_curve": [[r["step"], r["psnr"], r["ssim"], r["loss"]] for r in rows],
+            "final_psnr": rows[-1]["psnr"], "final_ssim": rows[-1]["ssim"],
+            "steps_per_second": result.steps_per_second, "wall_seconds": time.perf_counter() - start,
+            "machine": _machine()}
+
+
+def _read_curve(path: Path) -> list[dict[str, float]]:
+    import csv
+
+    with path.open() as f:
+        return [{"step": int(r["step"]), "psnr": float(r["psnr"]), "ssim": float(r["ssim"]), "loss": float(r["loss"])}
+                for r in csv.DictReader(f)]
+
+
+def step_reference(data: Path, protocol: ReferenceProtocol, seeds: list[int], shard: tuple[int, int],
+                   work_root: Path) -> None:
+    pool, chosen = _chosen(data)
+    jobs = [(index, seed) for seed in seeds for index in chosen]
+    for index, seed in _shard(jobs, shard):
+        path = data / "reference" / f"{index:03d}-s{seed}.json"
+        if path.exists():
+            continue
+        config = EHRSRConfig.from_dict(pool[index]["config"])
+        run = reference_run(config, protocol, seed, work_root / f"{index:03d}-s{seed}")
+        run["index"] = index
+        _write_json(path, run)
+        print(f"[reference] #{index} seed {seed} {pool[index]['summary']}: {run['final_psnr']:.3f} dB after "
+              f"{protocol.steps} steps, {run['wall_seconds'] / 60:.1f} min", flush=True)
+
+
+def step_proxies(data: Path, names: list[str], seeds: list[int], shard: tuple[int, int]) -> None:
+    pool, chosen = _chosen(data)
+    jobs = [(name, index, seed) for name in names for seed in seeds for index in chosen]
+    for name, index, seed in _shard(jobs, shard):
+        path = data / "brief" / name / f"{index:03d}-s{seed}.json"
+        if path.exists():
+            continue
+        config = EHRSRConfig.from_dict(pool[index]["config"])
+        run = brief_run(config, PROTOCOLS[name], pool[index]["drawn_lr"], seed=seed)
+        run["index"] = index
+        _write_json(path, run)
+        print(f"[{name}] #{index} seed {seed}: {final_psnr(curve_of(run)):.3f} dB, {run['wall_seconds']:.1f} s",
+              flush=True)
+
+
+# ---------------------------------------------------------------------------------------------
+# scoring
+
+
+@dataclass(frozen=True)
+class Candidate:
+    """A proxy: a protocol's runs (``seeds`` of them averaged) scored by ``score``; ``evals``: the
+    validation passes the score needs (None: all the run recorded)."""
+
+    name: str
+    protocol: str
+    score: Callable[[LearningCurve], float]
+    seeds: tuple[int, ...] = (0,)
+    evals: int | None = 2  # a trial evaluates at its rung(s) and at the end
+
+
+def candidates(reference_steps: int) -> list[Candidate]:
+    out: list[Candidate] = []
+    for name, protocol in PROTOCOLS.items():
+        out.append(Candidate(f"{name}: final PSNR", name, final_psnr))
+        out.append(Candidate(f"{name}: final PSNR, 2 seeds", name, final_psnr, seeds=(0, 1)))
+        out.append(Candidate(f"{name}: loss sum (last half)", name, lambda c: loss_sum(c, 0.5), evals=0))
+        out.append(Candidate(f"{name}: loss sum (last quarter)", name, lambda c: loss_sum(c, 0.25), evals=0))
+        for model in ("pow3", "exp3"):
+            out.append(Candidate(f"{name}: {model} extrapolation", name,
+                                 lambda c, m=model, skip=protocol.eval_every: extrapolated_psnr(
+                                     c, reference_steps, m, skip_before=skip),
+                                 evals=None))
+    out.append(Candidate("today: PSNR at the first rung (a third of the steps)", "today",
+                         lambda c: c.psnr_at(c.steps // 3), evals=1))
+    return out
+
+
+def _load_runs(data: Path, kind: str) -> dict[tuple[Any, ...], dict[str, Any]]:
+    runs = {}
+    folder = data / kind
+    for path in sorted(folder.rglob("*.json")) if folder.exists() else []:
+        run = _read_json(path)
+        key = (path.parent.name, run["index"], run["seed"]) if kind == "brief" else (run["index"], run["seed"])
+        runs[key] = run
+    return runs
+
+
+def score(data: Path, k: int = 3, rng: int = 0) -> list[dict[str, Any]]:
+    """One row per candidate proxy over the configurations whose reference (every seed stored) and
+    proxy runs are all present: compute, Kendall and Spearman with 95 % intervals, regret, recall."""
+    pool, chosen = _chosen(data)
+    reference = _load_runs(data, "reference")
+    brief = _load_runs(data, "brief")
+    ref_seeds = sorted({seed for _, seed in reference})
+    complete = [i for i in chosen if all((i, s) in reference for s in ref_seeds)]
+    if len(complete) < 4:
+        return []
+    truth = {i: float(np.mean([reference[(i, s)]["final_psnr"] for s in ref_seeds])) for i in complete}
+    trial_seconds = float(np.median([_compute(brief[("today", i, 0)], 2) for i in complete if ("today", i, 0) in brief]))
+    rows = []
+    for cand in candidates(int(reference[(complete[0], ref_seeds[0])]["steps"])):
+        keys = [(cand.protocol, i, s) for i in complete for s in cand.seeds]
+        if not all(key in brief for key in keys):
+            continue
+        try:
+            values = [float(np.mean([cand.score(curve_of(brief[(cand.protocol, i, s)])) for s in cand.seeds]))
+                      for i in complete]
+            quality = ranking_quality(values, [truth[i] for i in complete], k=k, rng=rng)
+        except (KeyError, ValueError, StatsError) as exc:
+            rows.append({"proxy": cand.name, "error": str(exc)})
+            continue
+        seconds = float(np.median([sum(_compute(brief[(cand.protocol, i, s)], cand.evals) for s in cand.seeds)
+                                   for i in complete]))
+        a = quality.agreement
+        rows.append({"proxy": cand.name, "seconds": seconds, "multiple": seconds / trial_seconds,
+                     "kendall": a.kendall, "kendall_low": a.kendall_low, "kendall_high": a.kendall_high,
+                     "spearman": a.spearman, "spearman_low": a.spearman_low, "spearman_high": a.spearman_high,
+                     "regret_db": quality.regret, "top_k_recall": quality.top_k_recall, "n": a.n})
+    return rows
+
+
+def _compute(run: dict[str, Any], evals: int | None) -> float:
+    """Seconds a proxy costs on one configuration: training plus the validation passes it uses."""
+    n = len(run["psnr_curve"]) if evals is None else evals
+    return float(run["train_seconds"]) + n * float(run["eval_seconds_each"])
+
+
+def print_score(data: Path) -> list[dict[str, Any]]:
+    rows = score(data)
+    if not rows:
+        print("no configuration has its reference and proxy runs stored yet")
+        return rows
+    reference = _load_runs(data, "reference")
+    pool, chosen = _chosen(data)
+    n = rows[0].get("n", 0)
+    print_table(
+        ["proxy", "s / config", "x trial", "Kendall tau [95 % CI]", "Spearman [95 % CI]", "regret (dB)", "top-3 recall"],
+        [(r["proxy"], f"{r['seconds']:.1f}", f"{r['multiple']:.2f}",
+          f"{r['kendall']:+.2f} [{r['kendall_low']:+.2f}, {r['kendall_high']:+.2f}]",
+          f"{r['spearman']:+.2f} [{r['spearman_low']:+.2f}, {r['spearman_high']:+.2f}]",
+          f"{r['regret_db']:.3f}", f"{r['top_k_recall']:.2f}") if "error" not in r else (r["proxy"], r["error"], "", "", "", "", "")
+         for r in sorted(rows, key=lambda r: -r.get("kendall", -2))],
+        title=f"proxies against long training ({n} configurations, reference = mean final PSNR of "
+              f"{len({s for _, s in reference})} seeds; Y channel, crop 4, built-in x4 images)",
+    )
+    _print_seed_spread(reference)
+    return rows
+
+
+def _print_seed_spread(reference: dict[tuple[Any, ...], dict[str, Any]]) -> None:
+    by_index: dict[int, dict[int, float]] = {}
+    for (index, seed), run in reference.items():
+        by_index.setdefault(index, {})[seed] = run["final_psnr"]
+    pairs = [v for v in by_index.values() if len(v) >= 2]
+    if not pairs:
+        return
+    diffs = [abs(v[0] - v[1]) for v in pairs if 0 in v and 1 in v]
+    if diffs:
+        print(f"\nreference seed-to-seed spread over {len(diffs)} configurations: |seed 0 - seed 1| median "
+              f"{np.median(diffs):.3f} dB, max {np.max(diffs):.3f} dB")
+
+
+# ---------------------------------------------------------------------------------------------
+
+
+def _parse_shard(text: str) -> tuple[int, int]:
+    i, _, n = text.partition("/")
+    shard = (int(i), int(n or 1))
+    if not 0 <= shard[0] < shard[1]:
+        raise argparse.ArgumentTypeError(f"--shard I/N needs 0 <= I < N, got {text!r}")
+    return shard
+
+
+def smoke() -> None:
+    """Every step at the smallest size in a temporary folder: a pool of 6, 5 chosen, 24-step
+    references, two short protocols, then the table."""
+    global PROTOCOLS, TODAY
+    saved = dict(PROTOCOLS), TODAY
+    try:
+        TODAY = Protocol("today", 12, None, eval_every=4)
+        PROTOCOLS = {"today": TODAY, "lr2e-3": Protocol("lr2e-3", 12, 2e-3, eval_every=4)}
+        with tempfile.TemporaryDirectory(prefix="proxy_fidelity_smoke_") as folder:
+            data = Path(folder)
+            step_pool(data, size=6, k=5, seed=0, shard=(0, 1))
+            step_reference(data, ReferenceProtocol(steps=24, validations=2), [0, 1], (0, 1), data / "work")
+            step_proxies(data, list(PROTOCOLS), [0, 1], (0, 1))
+            rows = print_score(data)
+            if not any("kendall" in r for r in rows):
+                raise SystemExit("smoke: no proxy was scored")
+    finally:
+        PROTOCOLS, TODAY = saved[0], saved[1]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("step", nargs="?", choices=("pool", "reference", "proxies", "score", "bicubic"))
+    parser.add_argument("--smoke", action="store_true", help="every step at the smallest size, in a temporary folder")
+    parser.add_argument("--data", type=Path, default=DATA_DIR, help=f"results folder (default {DATA_DIR})")
+    parser.add_argument("--pool-size", type=int, default=40)
+    parser.add_argument("--configs", type=int, default=18, help="configurations chosen before the module quotas")
+    parser.add_argument("--pool-seed", type=int, default=0)
+    parser.add_argument("--reference-steps", type=int, default=ReferenceProtocol.steps)
+    parser.add_argument("--seeds", default="0,1", help="training seeds (reference and proxies)")
+    parser.add_argument("--protocols", default=",".join(PROTOCOLS), help="proxies step: protocols to run")
+    parser.add_argument("--shard", type=_parse_shard, default=(0, 1), help="I/N: this process runs every N-th run")
+    parser.add_argument("--threads", type=int, help="torch threads (default: torch's)")
+    parser.add_argument("--work", type=Path, default=Path(os.environ.get("EHRSR_CACHE", Path.home() / ".cache" / "ehrsr"))
+                        / "proxy_fidelity_runs", help="checkpoints of the reference runs (resume after a kill)")
+    args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    if args.smoke:
+        smoke()
+        return
+    if args.step is None:
+        parser.error("give a step (pool, reference, proxies, score) or --smoke")
+    seeds = [int(s) for s in args.seeds.split(",")]
+    print(f"machine: {_machine()}")
+    if args.step == "pool":
+        step_pool(args.data, args.pool_size, args.configs, args.pool_seed, args.shard)
+    elif args.step == "reference":
+        step_reference(args.data, ReferenceProtocol(steps=args.reference_steps), seeds, args.shard, args.work)
+    elif args.step == "proxies":
+        unknown = [p for p in args.protocols.split(",") if p not in PROTOCOLS]
+        if unknown:
+            parser.error(f"unknown protocol(s) {unknown}; known: {', '.join(PROTOCOLS)}")
+        step_proxies(args.data, args.protocols.split(","), seeds, args.shard)
+    elif args.step == "bicubic":
+        _, val_set = builtin_sets()
+        print(f"MATLAB bicubic on the built-in validation images: {bicubic_baseline(val_set, crop_border=SCALE).psnr:.3f} dB")
+    else:
+        print_score(args.data)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,158 @@
+"""Ranking proxies: scores of a brief training run that stand in for quality after full training.
+
+Every front, ablation verdict and pick of a search is a ranking by what a trial's brief training
+measured. A proxy is judged by one thing: does it rank configurations as long training does
+(docs/proxy_fidelity.md)? This module holds what a proxy computes from a run's record:
+
+- the final validation PSNR (what a trial's objective has always been);
+- learning-curve extrapolation: a three-parameter fit of the validation PSNR over steps (a power
+  law ``a - b * t**-c`` or a saturating exponential ``a - b * exp(-c t)``, two of the parametric
+  families of Domhan et al., IJCAI 2015) read at a longer step count;
+- the training-loss sum over the last part of training ("TSE-E", Ru et al., "Speedy performance
+  estimation for neural architecture search", NeurIPS 2021), negated so that higher is better.
+
+Scores are plain functions of a ``LearningCurve`` so a benchmark can score stored curves again
+without training (``benchmarks/proxy_fidelity.py``).
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Literal
+
+import numpy as np
+
+__all__ = [
+    "CURVE_MODELS",
+    "CurveFit",
+    "LearningCurve",
+    "extrapolated_psnr",
+    "final_psnr",
+    "fit_learning_curve",
+    "loss_sum",
+]
+
+CurveModel = Literal["pow3", "exp3"]
+CURVE_MODELS: tuple[str, ...] = ("pow3", "exp3")
+
+
+@dataclass(frozen=True)
+class LearningCurve:
+    """What one training run recorded.
+
+    ``psnr``: ``(step, validation PSNR in dB)`` at the steps it was evaluated, increasing steps.
+    ``loss``: ``(step, mean training loss of the steps since the previous entry)``.
+    ``steps``: the run's length (its schedule spans them).
+    """
+
+    psnr: tuple[tuple[int, float], ...]
+    loss: tuple[tuple[int, float], ...]
+    steps: int
+
+    @classmethod
+    def from_lists(cls, psnr: Sequence[Sequence[float]], loss: Sequence[Sequence[float]], steps: int) -> LearningCurve:
+        return cls(tuple((int(s), float(v)) for s, v in psnr), tuple((int(s), float(v)) for s, v in loss), int(steps))
+
+    def psnr_at(self, step: int) -> float:
+        """The validation PSNR recorded at ``step`` (``KeyError`` when it was not evaluated there)."""
+        for s, value in self.psnr:
+            if s == step:
+                return value
+        raise KeyError(f"no validation PSNR recorded at step {step} (recorded: {[s for s, _ in self.psnr]})")
+
+
+def final_psnr(curve: LearningCurve) -> float:
+    """The validation PSNR at the end of the run."""
+    return curve.psnr_at(curve.steps)
+
+
+def loss_sum(curve: LearningCurve, fraction: float = 0.5) -> float:
+    """Minus the mean training loss over the last ``fraction`` of the run's steps (TSE-E: higher is
+    better). Each history entry is weighted by the steps it covers."""
+    if not 0 < fraction <= 1:
+        raise ValueError(f"fraction must be in (0, 1], got {fraction}")
+    start = curve.steps * (1 - fraction)
+    total, weight, previous = 0.0, 0.0, 0
+    for step, value in curve.loss:
+        covered = step - max(previous, start)
+        if covered > 0:
+            total += value * covered
+            weight += covered
+        previous = step
+    if weight == 0:
+        raise ValueError(f"the loss history has no entry in the last {fraction:.0%} of {curve.steps} steps")
+    return -total / weight
+
+
+@dataclass(frozen=True)
+class CurveFit:
+    """A fitted learning curve ``y(t)``: ``pow3`` is ``a - b * t**-c``, ``exp3`` is
+    ``a - b * exp(-c * t)`` (``a``: the asymptote; ``b`` >= 0, ``c`` > 0)."""
+
+    model: CurveModel
+    a: float
+    b: float
+    c: float
+    rmse: float  # root mean square residual on the fitted points
+
+    def __call__(self, step: float) -> float:
+        return float(_curve(self.model, np.asarray(float(step)), self.a, self.b, self.c))
+
+
+def _curve(model: str, t: np.ndarray, a: float, b: float, c: float) -> np.ndarray:
+    if model == "pow3":
+        return a - b * np.power(t, -c)
+    return a - b * np.exp(-c * t)
+
+
+def fit_learning_curve(steps: Sequence[float], values: Sequence[float], model: CurveModel = "pow3") -> CurveFit:
+    """Least-squares fit of ``model`` to ``(steps, values)`` (at least 3 points, steps > 0).
+
+    The exponential's rate is fitted on steps scaled to the last one, so ``c`` is returned per step.
+    Raises ``ValueError`` for too few points or a fit that does not converge."""
+    from scipy.optimize import curve_fit
+
+    if model not in CURVE_MODELS:
+        raise ValueError(f"curve model must be one of {', '.join(CURVE_MODELS)}, got {model!r}")
+    t = np.asarray(steps, dtype=np.float64)
+    y = np.asarray(values, dtype=np.float64)
+    if t.shape != y.shape or t.ndim != 1 or t.size < 3:
+        raise ValueError(f"a learning-curve fit needs at least 3 (step, value) points, got {t.size}")
+    if np.any(t <= 0) or not (np.all(np.isfinite(t)) and np.all(np.isfinite(y))):
+        raise ValueError("learning-curve steps must be > 0 and values finite")
+    scale = float(t.max())
+    u = t / scale
+    span = max(float(np.ptp(y)), 1e-6)
+    if model == "pow3":
+        # a - b * t^-c = a - (b * scale^-c) * u^-c: fit on u, convert b back
+        initial = (float(y.max()) + 0.1 * span, span, 0.5)
+        bounds = ([-np.inf, 0.0, 1e-4], [np.inf, np.inf, 5.0])
+    else:
+        initial = (float(y.max()) + 0.1 * span, span, 3.0)
+        bounds = ([-np.inf, 0.0, 1e-4], [np.inf, np.inf, 1e3])
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            (a, b_u, c_u), _ = curve_fit(lambda x, a, b, c: _curve(model, x, a, b, c), u, y, p0=initial,
+                                         bounds=bounds, maxfev=20000)
+    except (RuntimeError, ValueError) as exc:
+        raise ValueError(f"the {model} learning-curve fit did not converge: {exc}") from None
+    if model == "pow3":
+        b, c = b_u * scale**c_u, c_u
+    else:
+        b, c = b_u, c_u / scale
+    fit = CurveFit(model, float(a), float(b), float(c), 0.0)
+    residual = y - np.array([fit(s) for s in t])
+    return CurveFit(model, float(a), float(b), float(c), float(math.sqrt(float(np.mean(residual**2)))))
+
+
+def extrapolated_psnr(curve: LearningCurve, target_steps: int, model: CurveModel = "pow3",
+                      skip_before: int = 1) -> float:
+    """The validation PSNR that ``model`` fitted to the run's PSNR curve (points at steps >=
+    ``skip_before``) predicts at ``target_steps``."""
+    points = [(s, v) for s, v in curve.psnr if s >= skip_before]
+    fit = fit_learning_curve([s for s, _ in points], [v for _, v in points], model)
+    return fit(target_steps)
