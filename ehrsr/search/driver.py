@@ -38,12 +38,10 @@ from ehrsr.search.study import (
     ContextSpec,
     PreparedStudy,
     SearchSettings,
-    _resolve_workers,
-    _task,
-    _task_slug,
     build_context,
     build_sampler,
     prepare_study,
+    resolve_workers,
 )
 from ehrsr.search.trial import TrialJob, execute_isolated, execute_trial
 from ehrsr.study_schema import Objective, format_si, is_count
@@ -367,11 +365,13 @@ def run_search(settings: SearchSettings, *, log: SearchLog | None = None,
                after_trial: AfterTrial | None = None) -> SearchSummary:
     """Prepare data and the study, run the workers and return the summary (``ehrsr.pipeline``
     runs what follows and prints it). ``after_trial`` runs after every recorded trial."""
+    from ehrsr.data import TaskConfig
+
     log = log or SearchLog(settings.verbosity)
     prepared = prepare_study(settings, log=log)
     study = prepared.study
     log(f"study {study.study_name} ({'new' if prepared.created else 'resumed'}) in {mask_url(prepared.storage_url)}")
-    log(f"space {prepared.space.name}, task {_task_slug(_task(prepared.spec))}, device {prepared.device_name}, "
+    log(f"space {prepared.space.name}, task {TaskConfig.from_dict(prepared.spec.task).slug}, device {prepared.device_name}, "
         f"objectives {','.join(o.name for o in prepared.objectives)}, budget {prepared.budget.describe_short()}"
         f" ({settings.reserved_share:.0%} kept for the ablation, baselines and proxy-fidelity check)")
     if prepared.spec.train_data is None:
@@ -381,7 +381,7 @@ def run_search(settings: SearchSettings, *, log: SearchLog | None = None,
     ctx = build_context(prepared.spec, torch.device("cpu"), progress=settings.verbosity >= 1, load_lpips=False)
     if "baseline" not in study.user_attrs:
         study.set_user_attr("baseline", baseline_quality(ctx, prepared.spec))
-    workers = _resolve_workers(settings.workers, prepared.device)
+    workers = resolve_workers(settings.workers, prepared.device)
     summary = WorkerSummary()
     try:
         if workers == 1:

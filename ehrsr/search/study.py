@@ -49,6 +49,7 @@ __all__ = [
     "build_sampler",
     "load_study",
     "prepare_study",
+    "resolve_workers",
 ]
 
 # Seconds of timed passes per latency measurement in a search. A CPU trial of the tiny space
@@ -250,17 +251,11 @@ def _load_lpips(device: torch.device, weights: str | None, *, required: bool, lo
 
 
 def _default_study_name(space_name: str, task: Any, train_data: str | None, val_data: str | None) -> str:
-    name = f"ehrsr-{space_name}-{_task_slug(task)}"
+    name = f"ehrsr-{space_name}-{task.slug}"
     if train_data or val_data:
         digest = hashlib.sha1(f"{train_data}|{val_data}".encode()).hexdigest()[:6]
         name += f"-{digest}"
     return name
-
-
-def _task_slug(task: Any) -> str:
-    if task.task == "sr":
-        return f"sr-x{task.scale}"
-    return f"{task.task}-x{task.scale}" if task.scale > 1 else task.task
 
 
 @dataclass
@@ -434,7 +429,7 @@ def _open_study(settings: SearchSettings, device: torch.device, objectives: list
         probe.unlink()
     except OSError as exc:
         raise SearchError(f"output folder {study_dir} is not writable: {exc.strerror}") from None
-    workers = _resolve_workers(settings.workers, device)
+    workers = resolve_workers(settings.workers, device)
     storage_url = settings.storage or default_storage_url(study_dir, workers)
     if workers > 1 and storage_url.startswith("sqlite"):
         # Optuna's advice, and a race seen in this project's tests: two processes on one SQLite file
@@ -638,7 +633,8 @@ def _check_compatible(study: optuna.Study, spec: ContextSpec, space: Any, settin
         )
 
 
-def _resolve_workers(workers: int | str, device: torch.device) -> int:
+def resolve_workers(workers: int | str, device: torch.device) -> int:
+    """The number of worker processes ``--workers`` asks for (``auto``: one per GPU, one on the CPU)."""
     if workers == "auto":
         return max(1, torch.cuda.device_count()) if device.type == "cuda" else 1
     try:
@@ -650,9 +646,3 @@ def _resolve_workers(workers: int | str, device: torch.device) -> int:
     if device.type == "cuda" and n > max(1, torch.cuda.device_count()):
         raise SearchError(f"--workers {n}: only {torch.cuda.device_count()} GPU(s) visible; use --workers auto")
     return n
-
-
-def _task(spec: ContextSpec) -> Any:
-    from ehrsr.data import TaskConfig
-
-    return TaskConfig.from_dict(spec.task)
