@@ -53,7 +53,11 @@ def smoke_results(tmp_path_factory: pytest.TempPathFactory) -> dict[str, dict]:
         runs.append((process, out))
     results: dict[str, dict] = {}
     for process, out in runs:
-        log, _ = process.communicate(timeout=900)
+        try:
+            log, _ = process.communicate(timeout=900)
+        except subprocess.TimeoutExpired:  # the scripts it did not finish fail below as "did not run"
+            process.kill()
+            log, _ = process.communicate()
         if out.exists():
             results.update({r["script"]: r for r in json.loads(out.read_text())})
         print(log)
