@@ -1,10 +1,38 @@
-"""Shared helpers of the benchmark scripts: a median timer and a plain-text table printer."""
+"""Shared helpers of the benchmark scripts: argument parsing with ``--smoke``, median timers, the
+machine's load and a plain-text table printer."""
 
 from __future__ import annotations
 
+import argparse
+import os
 import statistics
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
+
+SMOKE_HELP = ("run the real code path at the smallest size, in seconds (CI runs every benchmark so); "
+              "its numbers mean nothing")
+
+
+def parse_args(parser: argparse.ArgumentParser, argv: Sequence[str] | None,
+               smoke: Mapping[str, object]) -> argparse.Namespace:
+    """Parse ``argv`` after adding ``--smoke``; with ``--smoke`` the defaults in ``smoke`` replace
+    the script's own (a flag given explicitly still wins)."""
+    dests = {action.dest for action in parser._actions}
+    unknown = sorted(set(smoke) - dests)
+    if unknown:
+        raise ValueError(f"smoke defaults for options the parser does not have: {', '.join(unknown)}")
+    parser.add_argument("--smoke", action="store_true", help=SMOKE_HELP)
+    args = parser.parse_args(argv)
+    if args.smoke:
+        parser.set_defaults(**smoke)
+        args = parser.parse_args(argv)
+    return args
+
+
+def machine_load() -> str:
+    """The 1-minute load average against the cores, flagged when other jobs compete for them."""
+    load, cores = os.getloadavg()[0], os.cpu_count() or 1
+    return f"load average {load:.1f} on {cores} cores" + (" (busy: timings are indicative)" if load > 0.75 * cores else "")
 
 
 def median_ms(fn: Callable[[], object], warmup: int = 2, repeats: int = 7) -> float:

@@ -7,22 +7,27 @@ print one table: each baseline's params, MACs, latency and PSNR (95 % bootstrap 
 validation units) next to the best searched EHR-SR configuration at no more latency, the paired
 PSNR difference with its 95 % interval, and whether EHR-SR wins (interval above 0), ties (interval
 contains 0) or loses (interval below 0); then the proxy-fidelity rank agreement (Kendall's tau,
-Spearman) of the same run. Conventions are the study's (docs/conventions.md): PSNR on Y with the
-crop border = scale; MACs of the deploy form (fvcore: one multiply-add = 1); latency as the study
-measured it (median of timed runs after warm-up, the study's profile input and threads).
+Spearman) of the same run. Conventions are the study's (docs/data_and_metrics.md,
+docs/profiling.md): PSNR on Y with the crop border = scale; MACs of the deploy form (fvcore: one
+multiply-add = 1); latency as the study measured it (median of timed runs after warm-up, the
+study's profile input and threads).
 
-    PYTHONPATH=. python benchmarks/baselines.py [--minutes 10] [--out-dir DIR] [--study-name NAME] [--reuse]
+    python benchmarks/baselines.py [--minutes 10] [--out-dir DIR] [--study-name NAME] [--reuse]
+        [--search-args "--space FILE --baselines SPAN,RLFN"]
 
-``--standalone``: the older table, each baseline trained alone with one fixed protocol and compared
-with bicubic (no search):
+``--standalone``: each baseline trained alone with one fixed protocol and compared with bicubic
+(no search):
 
-    PYTHONPATH=. python benchmarks/baselines.py --standalone [--size tiny] [--steps 108] [--names SPAN,RLFN]
+    python benchmarks/baselines.py --standalone [--size tiny] [--steps 108] [--names SPAN,RLFN]
+
+``--smoke``: a two-trial search on the test fixture space ``micro`` with the SPAN baseline, then the
+standalone table for SPAN after 2 steps.
 """
 
 from __future__ import annotations
 
 import argparse
-import os
+import shlex
 import sys
 import tempfile
 import time
@@ -31,26 +36,31 @@ from pathlib import Path
 import numpy as np
 import torch
 
-sys.path.insert(0, str(Path(__file__).parent))
-from _common import median_ms, print_table
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
 
+from benchmarks._common import machine_load, median_ms, parse_args, print_table
 from ehrsr.baselines import available_baselines, baseline_label, build_baseline, deploy_baseline
 from ehrsr.data import TaskConfig, prepare_data
 from ehrsr.metrics import bicubic_baseline, evaluate
 from ehrsr.profiling import count_macs
 from ehrsr.stats import paired_interval, verdict
-from ehrsr.training import train
+from ehrsr.training import TrainSettings, train
 
 DASH = "-"
+SMOKE_SEARCH = (f"--space {ROOT / 'tests' / 'fixtures' / 'micro.yaml'} --baselines SPAN --baselines-share 0.5 "
+                "--fidelity-share 0 --ablation-share 0 --quiet")
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--minutes", type=float, default=10.0, help="budget of the search run (README: 10)")
+    parser.add_argument("--budget", help="the search's --budget instead of --minutes (e.g. trials=20)")
+    parser.add_argument("--search-args", default="", help="more run_search.py options for the search run")
     parser.add_argument("--out-dir", type=Path, default=None, help="default: a new temporary folder")
     parser.add_argument("--study-name", default="bench-baselines")
     parser.add_argument("--reuse", action="store_true", help="read the existing study instead of running one")
-    parser.add_argument("--standalone", action="store_true", help="the older no-search table (see the docstring)")
+    parser.add_argument("--standalone", action="store_true", help="the no-search table (see the docstring)")
     parser.add_argument("--size", choices=("tiny", "full"), default="tiny")
     parser.add_argument("--names", help="comma list (default: every available baseline)")
     parser.add_argument("--steps", type=int, default=108, help="tiny space: 108 (top rung)")
@@ -59,17 +69,14 @@ def main() -> None:
     parser.add_argument("--lr", type=float, default=6e-4, help="tiny space samples 2e-4..2e-3 (log); 6e-4 is its middle")
     parser.add_argument("--loss", choices=("l1", "charbonnier"), default="l1")
     parser.add_argument("--seed", type=int, default=0)
-    args = parser.parse_args()
+    args = parse_args(parser, argv, smoke={"budget": "trials=2", "search_args": SMOKE_SEARCH, "names": "SPAN",
+                                           "steps": 2})
     if args.standalone:
         standalone(args)
-    else:
-        from_search(args)
-
-
-def _load_text() -> str:
-    load = os.getloadavg()[0]
-    cores = os.cpu_count() or 1
-    return f"load average {load:.1f} on {cores} cores" + (" (busy: other jobs ran)" if load > 0.75 * cores else "")
+        return
+    from_search(args)
+    if args.smoke:
+        standalone(args)
 
 
 def _mean_interval(values: list[float] | None) -> str:
@@ -86,9 +93,10 @@ def from_search(args: argparse.Namespace) -> None:
     from ehrsr.search.study import load_study
 
     out_dir = args.out_dir or Path(tempfile.mkdtemp(prefix="ehrsr-bench-baselines-"))
-    before = _load_text()
+    before = machine_load()
     if not args.reuse:
-        argv = ["--budget", f"minutes={args.minutes:g}", "--out-dir", str(out_dir), "--study-name", args.study_name]
+        argv = ["--budget", args.budget or f"minutes={args.minutes:g}", "--out-dir", str(out_dir),
+                "--study-name", args.study_name, *shlex.split(args.search_args)]
         print(f"[baselines] running: run_search.py {' '.join(argv)} ({before})", flush=True)
         start = time.perf_counter()
         code = cli_main(argv)
@@ -98,7 +106,8 @@ def from_search(args: argparse.Namespace) -> None:
     study, _, _ = load_study(args.study_name, None, out_dir)
     runs = {r.label: r for r in baseline_runs(study)}
     if not runs:
-        raise SystemExit(f"study {args.study_name!r} has no baseline runs (was it run with --no-baselines?)")
+        raise SystemExit(f"study {args.study_name!r} has no baseline runs (--baselines none, --no-report, "
+                         f"or a baselines share too small for one run)")
     trials = {t.number: t for t in study.get_trials(deepcopy=False)}
     trivial = study.user_attrs.get("baseline") or {}
     rows = [[trivial.get("name", "bicubic"), DASH, DASH, DASH, f"{trivial.get('psnr', float('nan')):.2f}", DASH,
@@ -138,8 +147,8 @@ def from_search(args: argparse.Namespace) -> None:
         [r[:9] + ([r[9]] if r[9] else [""]) for r in rows],
         title=(f"study {args.study_name} in {out_dir}: {len(trials)} trials; PSNR on Y, crop border = scale, over "
                f"{n_units} validation units; paired bootstrap 95 % intervals over units (one seed each side); "
-               f"latency and MACs as the study measured them (docs/conventions.md). Machine: {before} before, "
-               f"{_load_text()} after."),
+               f"latency and MACs as the study measured them (docs/data_and_metrics.md, docs/profiling.md). Machine: {before} before, "
+               f"{machine_load()} after."),
     )
     counts = {k: outcomes.count(k) for k in ("EHR-SR wins", "tie", "EHR-SR loses", "none", "no CI")}
     print("\nsummary: " + ", ".join(f"{k}: {v}" for k, v in counts.items() if v))
@@ -171,8 +180,9 @@ def standalone(args: argparse.Namespace) -> None:
             start = time.perf_counter()
             torch.manual_seed(args.seed)
             model = build_baseline(name, scale, args.size, bicubic_skip=skip)
-            train(model, train_set, steps=args.steps, lr=args.lr, batch_size=args.batch, patch_size=args.patch,
-                  loss=args.loss, seed=args.seed)
+            settings = TrainSettings(steps=args.steps, lr=args.lr, batch_size=args.batch, patch_size=args.patch,
+                                     loss=args.loss)
+            train(model, train_set, settings, seed=args.seed)
             deployed = deploy_baseline(model)
             result = evaluate(deployed, val_set, crop_border=scale)
             deltas = np.array(result.psnr_per_image) - np.array(bicubic.psnr_per_image)

@@ -8,7 +8,7 @@ scale), upsampled back by the same bicubic, PSNR / SSIM on the Y channel with cr
 (BasicSR's convention); printed beside the values SR papers publish for "Bicubic" (listed with
 their sources in ``docs/data_and_metrics.md``, "Published bicubic baselines"). Without ``--data``
 it runs on the built-in validation images, for which nothing is published: a demonstration that
-the pipeline runs. Asserts nothing.
+the pipeline runs. ``--smoke``: the built-in images at x4 only. Asserts nothing.
 """
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from benchmarks._common import print_table
+from benchmarks._common import parse_args, print_table
 from ehrsr.data import TaskConfig, prepare_data
 from ehrsr.metrics import bicubic_baseline
 
@@ -33,13 +33,13 @@ PUBLISHED_PSNR = {
 }
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--data", action="append", default=[], metavar="NAME=DIR",
                         help="an HR benchmark folder, e.g. Set5=/data/Set5/HR (repeatable)")
     parser.add_argument("--scales", type=int, nargs="+", default=[2, 3, 4])
     parser.add_argument("--cache-dir", default=None)
-    args = parser.parse_args()
+    args = parse_args(parser, argv, smoke={"scales": [4]})
     sets = []
     for item in args.data:
         name, sep, folder = item.partition("=")

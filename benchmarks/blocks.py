@@ -1,11 +1,12 @@
-"""Per-block CPU timings (issue 2): forward and forward+backward at 64x64 and 128x128, width 32;
-the chunked parallel scan vs the sequential loop; RepMix unfused vs fused; the SSMB before and
-after issue 15 (directions batched into one scan call; the scan compiled for the CPU, ehrsr/blocks/scan_kernel.c).
+"""Per-block CPU timings: forward and forward+backward at 64x64 and 128x128, width 32; the
+chunked parallel scan vs the sequential loop; RepMix unfused vs fused; the SSMB against its
+baseline form (one scan call per direction, autograd through the chunked scan) and as built
+(directions batched into one scan call; the scan compiled for the CPU, ehrsr/blocks/scan_kernel.c).
 
-    python benchmarks/blocks.py [--threads N] [--repeats N] [--only ssmb]
+    python benchmarks/blocks.py [--threads N] [--repeats N] [--only ssmb] [--smoke]
 
 Prints tables (medians in ms); targets: parallel scan >= 5x the loop at L = 4096, fused RepMix
->= 1.3x faster than unfused, SSMB forward+backward >= 3x faster than the issue-15 baseline with no
+>= 1.3x faster than unfused, SSMB forward+backward >= 3x faster than the baseline form with no
 slower forward. Nothing is asserted: timings on shared machines are noisy, so competing variants
 are timed interleaved in one run and compared by their ratio.
 """
@@ -21,7 +22,7 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from benchmarks._common import interleaved_median_ms, median_ms, paired_median_ms, print_table
+from benchmarks._common import interleaved_median_ms, median_ms, paired_median_ms, parse_args, print_table
 from ehrsr import reparameterize
 from ehrsr.blocks import (
     FrequencySeparationBlock,
@@ -36,7 +37,7 @@ from ehrsr.blocks import (
     selective_scan_sequential,
     ssm,
 )
-from ehrsr.blocks.ssm import _scan_orders
+from ehrsr.blocks.ssm import scan_orders
 
 WIDTH = 32
 
@@ -104,7 +105,7 @@ def scan_table(lengths: list[int], repeats: int) -> None:
 
 
 class _RecomputeScan(torch.autograd.Function):
-    """The baseline's autograd formula (before issue 15): the backward recomputes the chunked
+    """The baseline's autograd formula: the backward recomputes the chunked
     forward under autograd. Kept here, not in the package, so the benchmark can compare."""
 
     @staticmethod
@@ -121,13 +122,13 @@ class _RecomputeScan(torch.autograd.Function):
 
 
 def ssmb_baseline_forward(block: SSMBlock, x: torch.Tensor) -> torch.Tensor:
-    """``SSMBlock.forward`` as before issue 15: one scan call per direction in a Python loop."""
+    """``SSMBlock.forward`` in its baseline form: one scan call per direction in a Python loop."""
     bsz, _, height, width = x.shape
     xs, z = block.in_proj(block.norm(x)).chunk(2, dim=1)
     xs = block.act(block.dwconv(xs))
     tokens = xs.flatten(2)
     y = None
-    for k, order in enumerate(_scan_orders(height, width, block.directions, x.device)):
+    for k, order in enumerate(scan_orders(height, width, block.directions, x.device)):
         seq = tokens[:, :, order]
         proj = F.linear(seq.transpose(1, 2), block.x_proj[k].weight)
         dt, b_mat, c_mat = proj.split([block.dt_rank, block.d_state, block.d_state], dim=-1)
@@ -205,7 +206,7 @@ def ssmb_table(sizes: list[int], repeats: int) -> None:
          "fwd+bwd torch ms", "fwd+bwd kernel ms", "fwd+bwd speed-up", "NAF fwd+bwd ms", "old/NAF", "kernel/NAF"],
         rows,
         title=(
-            f"SSMB (width 32, N=8, batch 1) before issue 15 (old), now with the PyTorch scan (torch) and with the "
+            f"SSMB (width 32, N=8, batch 1) in its baseline form (old), as built with the PyTorch scan (torch) and with the "
             f"compiled CPU scan (kernel), CPU ({torch.get_num_threads()} threads), medians of {repeats} interleaved "
             "rounds; speed-up = old / kernel (target: fwd+bwd >= 3x at 64x64, fwd not slower)"
         ),
@@ -232,19 +233,20 @@ def repmix_table(sizes: list[int], repeats: int) -> None:
     )
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--threads", type=int, default=torch.get_num_threads())
     parser.add_argument("--repeats", type=int, default=7)
     parser.add_argument("--sizes", type=int, nargs="+", default=[64, 128])
+    parser.add_argument("--scan-lengths", type=int, nargs="+", default=[1024, 4096])
     parser.add_argument("--only", choices=["ssmb"], help="run only the SSMB before/after table")
-    args = parser.parse_args()
+    args = parse_args(parser, argv, smoke={"repeats": 1, "sizes": [16], "scan_lengths": [64]})
     torch.set_num_threads(args.threads)
     ssmb_table(args.sizes, args.repeats)
     if args.only:
         return
     block_table(args.sizes, args.repeats)
-    scan_table([1024, 4096], args.repeats)
+    scan_table(args.scan_lengths, args.repeats)
     repmix_table(args.sizes, args.repeats)
 
 

@@ -1,8 +1,8 @@
-"""Data pipeline speed (issue 3): patch sampling vs one training step of the smallest tiny model.
+"""Data pipeline speed: patch sampling vs one training step of the smallest tiny model.
 
-    python benchmarks/data_throughput.py [--threads N] [--repeats N] [--device cpu|cuda]
+    python benchmarks/data_throughput.py [--threads N] [--repeats N] [--device cpu|cuda] [--shapes 8x32 16x48]
 
-For several (batch, LR patch) sizes on the built-in x4 data, prints the median time of
+For several (batch, LR patch) sizes (``--shapes``, BATCHxPATCH) on the built-in x4 data, prints the median time of
 ``TrainSet.sample`` (patches/s) and of one full training step (forward, backward, AdamW) of the
 smallest tiny EHR-SR (width 16, one MSG level, one trunk block, conv-only), and their ratio.
 The target is sampling >= 10x faster than the step. Also times loading the prepared set from
@@ -21,19 +21,28 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from benchmarks._common import median_ms, print_table
+from benchmarks._common import median_ms, parse_args, print_table
 from ehrsr import build_model
 from ehrsr.data import TaskConfig, prepare_data
 
 SMALLEST_TINY = {"scale": 4, "width": 16, "msg": {"levels": 1, "depths": [1]}, "trunk_blocks": 1}
 
 
-def main() -> None:
+def _shape(text: str) -> tuple[int, int]:
+    batch, sep, patch = text.partition("x")
+    if not sep or not batch.isdigit() or not patch.isdigit():
+        raise argparse.ArgumentTypeError(f"expected BATCHxPATCH such as 16x48, got {text!r}")
+    return int(batch), int(patch)
+
+
+def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--threads", type=int, default=torch.get_num_threads())
     parser.add_argument("--repeats", type=int, default=7)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    args = parser.parse_args()
+    parser.add_argument("--shapes", type=_shape, nargs="+", default=[(8, 32), (16, 48), (32, 48), (16, 64)],
+                        help="batch x LR patch sizes to time")
+    args = parse_args(parser, argv, smoke={"repeats": 1, "shapes": [(4, 16)]})
     torch.set_num_threads(args.threads)
     device = torch.device(args.device)
 
@@ -60,7 +69,7 @@ def main() -> None:
             torch.cuda.synchronize(device)
 
     rows = []
-    for batch, patch in [(8, 32), (16, 48), (32, 48), (16, 64)]:
+    for batch, patch in args.shapes:
 
         def sample(b=batch, p=patch) -> None:
             train_set.sample(b, p, generator, device)

@@ -7,8 +7,9 @@ fair share of shared pages) are read with psutil. With the cache memory-mapped
 copy (the mapping threshold raised out of reach) every worker holds its own.
 
 Default: a synthetic set of 100 images of 1020x1020 (a scaled-down DIV2K: 800 images of about
-2040x1400 take ~6.9 GB prepared; pass --images 800 --size 2040 for that). Prints a table, asserts
-nothing. The machine may be busy: memory, not time, is measured.
+2040x1400 take ~6.9 GB prepared; pass --images 800 --size 2040 for that); ``--smoke``: 4 images of
+200x200 (a worker draws 48 px LR patches) and one worker. Prints a table, asserts nothing. The
+machine may be busy: memory, not time, is measured.
 """
 
 from __future__ import annotations
@@ -23,6 +24,8 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from benchmarks._common import parse_args, print_table
 
 
 def _make_images(folder: Path, count: int, size: int) -> None:
@@ -74,12 +77,12 @@ def measure(train: Path, val: Path, cache: Path, workers: int, mapped: bool) -> 
     return uss, pss
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--images", type=int, default=100)
     parser.add_argument("--size", type=int, default=1020)
     parser.add_argument("--workers", type=int, nargs="+", default=[1, 4])
-    args = parser.parse_args()
+    args = parse_args(parser, argv, smoke={"images": 4, "size": 200, "workers": [1]})
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
         start = time.perf_counter()
@@ -90,14 +93,17 @@ def main() -> None:
         prepare_data(TaskConfig.from_dict({"task": "sr", "scale": 4}), root / "train", root / "val",
                      cache_dir=root / "cache", progress=False)
         prepared_mb = sum(p.stat().st_size for p in (root / "cache").rglob("train-*.npz")) / 2**20
-        print(f"synthetic set: {args.images} images of {args.size}x{args.size}, prepared cache "
-              f"{prepared_mb:.0f} MiB ({time.perf_counter() - start:.0f} s to make); machine possibly busy")
-        print(f"{'workers':>7}  {'variant':<14} {'sum USS MiB':>12} {'sum PSS MiB':>12} {'PSS/worker':>11}")
+        made_s = time.perf_counter() - start
+        rows = []
         for n in args.workers:
             for mapped in (True, False):
                 uss, pss = measure(root / "train", root / "val", root / "cache", n, mapped)
                 name = "memory-mapped" if mapped else "private copy"
-                print(f"{n:>7}  {name:<14} {uss:>12.0f} {pss:>12.0f} {pss / n:>11.0f}", flush=True)
+                rows.append([n, name, f"{uss:.0f}", f"{pss:.0f}", f"{pss / n:.0f}"])
+                print(f"  {n} worker(s), {name}: {pss:.0f} MiB PSS", file=sys.stderr, flush=True)
+    print_table(["workers", "variant", "sum USS MiB", "sum PSS MiB", "PSS per worker MiB"], rows,
+                title=f"Resident memory of search workers (psutil USS / PSS): synthetic set of {args.images} images "
+                      f"of {args.size}x{args.size}, prepared cache {prepared_mb:.0f} MiB ({made_s:.0f} s to make)")
 
 
 if __name__ == "__main__":

@@ -15,7 +15,8 @@ profiling: what the budget counts) and, separately, the training steps. Hypervol
 the finished (full-fidelity) trials, over ``--objectives`` (default ``psnr,macs``: MACs are
 exact, so two runs are compared on quality alone; latency would add timing noise to the
 comparison), with one reference point per seed shared by both runs: 0.5 dB below the worst
-PSNR and 10 % above the worst cost seen in either run. Prints a table; asserts nothing.
+PSNR and 10 % above the worst cost seen in either run. ``--smoke``: one seed, two trials on the
+test fixture space ``micro`` (tests/fixtures/micro.yaml). Prints a table; asserts nothing.
 """
 
 from __future__ import annotations
@@ -30,9 +31,10 @@ import optuna
 import torch
 from optuna.trial import TrialState
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
 
-from benchmarks._common import print_table
+from benchmarks._common import parse_args, print_table
 from ehrsr.search.budget import trial_charge
 from ehrsr.search.driver import run_search
 from ehrsr.search.objectives import parse_objectives
@@ -56,7 +58,7 @@ def _measure(study: optuna.Study) -> dict:
     }
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--trials", type=int, default=20, help="trials of the full-fidelity run")
@@ -66,7 +68,8 @@ def main() -> None:
     parser.add_argument("--profile-size", type=int, default=64)
     parser.add_argument("--threads", type=int, default=None)
     parser.add_argument("--out-dir", type=Path, default=None, help="keep the studies here (default: a temp dir)")
-    args = parser.parse_args()
+    args = parse_args(parser, argv, smoke={"seeds": [0], "trials": 2, "profile_size": 16,
+                                           "space": str(ROOT / "tests" / "fixtures" / "micro.yaml")})
     if args.threads:
         torch.set_num_threads(args.threads)
     objectives = parse_objectives(args.objectives)

@@ -1,6 +1,6 @@
-"""Full training vs the search's brief training (issue 14): PSNR curve, gains, EMA cost.
+"""Full training vs the search's brief training: PSNR curve, gains, EMA cost.
 
-    python benchmarks/full_training.py [--pick FILE.json] [--factor 30] [--val-every N] [--out DIR]
+    python benchmarks/full_training.py [--pick FILE.json] [--factor 30] [--val-every N] [--out DIR] [--smoke]
 
 A configuration (by default the tiny space's middle: width 16, one MSG level, one trunk block,
 RepMix k7; or the configuration of a pick JSON) is trained on the built-in x4 images
@@ -9,14 +9,14 @@ RepMix k7; or the configuration of a pick JSON) is trained on the built-in x4 im
    recipe's cosine schedule and EMA 0.999 with its warm-up; ``--no-ema-warmup`` for plain 0.999),
 and validated on the built-in validation images (PSNR/SSIM on Y, crop = scale). Printed: the PSNR
 curve of the long run, the gain over the 108-step weights and over bicubic, and training steps/s
-with and without the EMA update (timed interleaved, medians). Nothing is asserted.
+with and without the EMA update (timed interleaved, medians). ``--smoke``: a 2-step brief run and a
+4-step long one, validated once. Nothing is asserted.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 import tempfile
 import time
@@ -26,7 +26,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from benchmarks._common import paired_median_ms, print_table
+from benchmarks._common import machine_load, paired_median_ms, parse_args, print_table
 from ehrsr import EHRSRConfig, build_model
 from ehrsr.data import TaskConfig
 from ehrsr.fulltrain import FullTrainSettings, ModelEMA, Recipe, full_train, prepare_sets
@@ -63,15 +63,17 @@ def ema_cost(config: EHRSRConfig, train_set, repeats: int, batch: int = BATCH, p
     return paired_median_ms(step, step_with_ema, warmup=2, repeats=repeats)
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--pick", type=Path, help="train this pick's configuration instead of the tiny middle")
     parser.add_argument("--factor", type=int, default=30, help="long run = factor x the trial's steps (default 30)")
-    parser.add_argument("--val-every", type=int, help="validation interval (default: factor x 108 / 10)")
+    parser.add_argument("--val-every", type=int, help="validation interval (default: a tenth of the long run)")
     parser.add_argument("--ema-repeats", type=int, default=15, help="timed steps per variant for the EMA cost")
     parser.add_argument("--no-ema-warmup", action="store_true", help="EMA at 0.999 from the first step (BasicSR)")
     parser.add_argument("--out", type=Path, help="run folder (default: a temporary one)")
-    args = parser.parse_args()
+    parser.add_argument("--trial-steps", type=int, default=TRIAL_STEPS,
+                        help=f"steps of the brief run without --pick (default {TRIAL_STEPS}, the tiny space's top rung)")
+    args = parse_args(parser, argv, smoke={"trial_steps": 2, "factor": 2, "val_every": 4, "ema_repeats": 2})
     torch.set_num_threads(max(1, torch.get_num_threads()))
     pick = json.loads(args.pick.read_text()) if args.pick else None
     config = EHRSRConfig.from_dict(pick["config"] if pick else TINY_MIDDLE)
@@ -79,15 +81,13 @@ def main() -> None:
     if pick and pick.get("train"):
         trial = TrainSettings.from_dict(pick["train"], ignore=("seed",))
     else:
-        trial = TrainSettings(steps=TRIAL_STEPS, lr=TRIAL_LR, batch_size=BATCH, patch_size=PATCH)
+        trial = TrainSettings(steps=args.trial_steps, lr=TRIAL_LR, batch_size=BATCH, patch_size=PATCH)
     task = TaskConfig(scale=config.scale)
     train_set, sets = prepare_sets(task, None, ())
     val_set = sets[0][1]
     crop = config.scale
 
-    load = os.getloadavg()[0]
-    print(f"machine: {torch.get_num_threads()} threads, load average {load:.1f} on {os.cpu_count()} cores"
-          + (" (busy: timings are indicative)" if load > 0.75 * (os.cpu_count() or 1) else ""))
+    print(f"machine: {torch.get_num_threads()} threads, {machine_load()}")
     start = time.perf_counter()
     torch.manual_seed(0)
     brief = build_model(config)

@@ -12,6 +12,9 @@ how much the two disagree (the "repeat" columns) is the noise floor no predictor
 machine. Prints one table; asserts nothing.
 
     python benchmarks/latency_model.py --n 100 --input 128
+
+``--smoke``: the torch 1-thread profile of the test fixture space ``micro`` at 16x16, two unseen
+configurations, the shortest calibration.
 """
 
 from __future__ import annotations
@@ -24,10 +27,11 @@ import tempfile
 import time
 from pathlib import Path
 
+ROOT = Path(__file__).resolve().parents[1]
 if __package__ in (None, ""):
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+    sys.path.insert(0, str(ROOT))
 
-from benchmarks._common import print_table
+from benchmarks._common import parse_args, print_table
 from ehrsr.profiling.canary import Canary, measure_with_canary
 from ehrsr.profiling.latency_model import (
     LatencyTarget,
@@ -45,7 +49,7 @@ PROFILES = {
 }
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--n", type=int, default=100, help="unseen configurations per profile")
     parser.add_argument("--input", type=int, default=128, help="LR input side (square)")
@@ -55,7 +59,9 @@ def main() -> None:
     parser.add_argument("--clock", choices=["wall", "cpu"], default="wall",
                         help="cpu: process CPU time (1-thread profiles only), immune to other jobs preempting this one")
     parser.add_argument("--out-dir", type=Path, default=None, help="keep the latency model files here")
-    args = parser.parse_args()
+    args = parse_args(parser, argv, smoke={"n": 2, "input": 16, "profiles": "torch-1t", "network_budget": 0.01,
+                                           "space": str(ROOT / "tests" / "fixtures" / "micro.yaml")})
+    shortest = dict(n_fit=3, n_holdout=3, unit_budget_s=0.002, network_budget_s=0.01) if args.smoke else {}
 
     space = load_space(args.space)
     out_dir = args.out_dir or Path(tempfile.mkdtemp(prefix="ehrsr-latmodel-"))
@@ -74,7 +80,7 @@ def main() -> None:
         target = LatencyTarget(name, "cpu", runtime, threads, "float32", (args.input, args.input))
         start = time.perf_counter()
         model = calibrate(space, target, out_dir / f"{name}.json", resume=False, progress=True, clock=args.clock,
-                          log=lambda m: print(m, file=sys.stderr))
+                          log=lambda m: print(m, file=sys.stderr), **shortest)
         calibration_s = time.perf_counter() - start
         used = model.extra["fit_networks"] + model.extra["holdout_networks"]
         seen = {json.dumps(p["config"], sort_keys=True) for p in used}

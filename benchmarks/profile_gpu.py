@@ -4,17 +4,22 @@ Latency: CUDA events around each pass, cudnn.benchmark, automatic warm-up / time
 ``ehrsr.profiling.latency``); memory: ``max_memory_allocated`` during one pass; float16 via autocast.
 MACs are counted at the same input (1x3x256x256 by default, the NTIRE ESR convention).
 
-    PYTHONPATH=. python benchmarks/profile_gpu.py [--size 256] [--channels-last]
-    PYTHONPATH=. python benchmarks/profile_gpu.py --device cpu --size 32   # smoke test without a GPU
+    python benchmarks/profile_gpu.py [--size 256] [--channels-last]
+    python benchmarks/profile_gpu.py --smoke     # conv-only and SPAN at 16x16, float32, short timing; CPU without a GPU
 """
 
 from __future__ import annotations
 
 import argparse
+import sys
 import time
+from pathlib import Path
 
 import torch
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from benchmarks._common import parse_args
 from ehrsr import EHRSRConfig, build_model
 from ehrsr.profiling import device_name, profile_model
 
@@ -43,22 +48,33 @@ def _span() -> torch.nn.Module | None:
     return SPAN(num_in_ch=3, num_out_ch=3, feature_channels=28, upscale=4)
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--device", default="cuda", help="cuda, cuda:N, or cpu for a smoke test")
+    parser.add_argument("--device", default="cuda", help="cuda, cuda:N, or cpu")
     parser.add_argument("--size", type=int, default=256, help="square LR input side")
     parser.add_argument("--dtypes", nargs="+", default=["float32", "float16"])
     parser.add_argument("--channels-last", action="store_true")
-    args = parser.parse_args()
+    parser.add_argument("--models", nargs="+", default=None, metavar="NAME",
+                        help=f"a subset of: {', '.join(CONFIGS)}, SPAN")
+    parser.add_argument("--latency-budget", type=float, default=None,
+                        help="seconds of timed passes per measurement (default: the profiler's, 1 s)")
+    args = parse_args(parser, argv, smoke={"size": 16, "dtypes": ["float32"], "latency_budget": 0.02,
+                                           "models": ["EHR-SR conv-only w32", "SPAN"],
+                                           "device": "cuda" if torch.cuda.is_available() else "cpu"})
     if args.device.startswith("cuda") and not torch.cuda.is_available():
         raise SystemExit("CUDA is not available: this benchmark needs a GPU (use --device cpu for a smoke test)")
     shape = (1, 3, args.size, args.size)
 
+    wanted = set(args.models or [*CONFIGS, "SPAN"])
+    unknown = wanted - {*CONFIGS, "SPAN"}
+    if unknown:
+        parser.error(f"unknown model(s) {', '.join(sorted(unknown))}; choose from {', '.join(CONFIGS)}, SPAN")
     models: dict[str, torch.nn.Module] = {}
     for name, data in CONFIGS.items():
-        torch.manual_seed(0)
-        models[name] = build_model(EHRSRConfig.from_dict(data))
-    span = _span()
+        if name in wanted:
+            torch.manual_seed(0)
+            models[name] = build_model(EHRSRConfig.from_dict(data))
+    span = _span() if "SPAN" in wanted else None
     if span is not None:
         models["SPAN (spandrel, 28 ch)"] = span
 
@@ -70,7 +86,8 @@ def main() -> None:
     for name, model in models.items():
         for dtype in args.dtypes:
             start = time.perf_counter()
-            p = profile_model(model, shape, device=args.device, dtype=dtype, channels_last=args.channels_last)
+            p = profile_model(model, shape, device=args.device, dtype=dtype, channels_last=args.channels_last,
+                              latency_budget_s=args.latency_budget)
             rows.append(
                 f"| {name} | {p.dtype} | {p.macs / 1e9:.3f} | {p.params_deploy / 1e6:.3f} | {p.latency_ms:.3f} "
                 f"| {p.latency_ms_p10:.3f}-{p.latency_ms_p90:.3f} | {p.warmup} + {p.repeats} "

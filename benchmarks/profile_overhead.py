@@ -13,7 +13,10 @@ share of the trial spent on profiling.
 Timings on a shared machine are noisy: the script prints the load average. It uses the threads
 the search would (torch's default) unless ``--threads`` says otherwise.
 
-    PYTHONPATH=. python benchmarks/profile_overhead.py [--size 256] [--threads N]
+    python benchmarks/profile_overhead.py [--size 256] [--threads N] [--smoke]
+
+``--smoke``: the cheapest configuration, the test fixture space ``micro``'s fidelity (8 steps) and a
+16x16 profile input.
 """
 
 from __future__ import annotations
@@ -26,9 +29,10 @@ from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
 
-from benchmarks._common import print_table
+from benchmarks._common import parse_args, print_table
 from ehrsr import EHRSRConfig, build_model
 from ehrsr.data import TaskConfig, prepare_data
 from ehrsr.metrics import evaluate
@@ -64,14 +68,18 @@ def _timed(fn):
     return result, time.perf_counter() - start
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--size", type=int, default=256, help="square LR profile input (default 256, NTIRE)")
     parser.add_argument("--threads", type=int, default=None, help="CPU threads (default: torch's, as the search)")
-    args = parser.parse_args()
+    parser.add_argument("--space", default="tiny", help="the space whose fidelity a trial trains with")
+    parser.add_argument("--configs", nargs="+", choices=list(CONFIGS), default=list(CONFIGS), metavar="NAME",
+                        help="a subset of the configurations, by name")
+    args = parse_args(parser, argv, smoke={"size": 16, "space": str(ROOT / "tests" / "fixtures" / "micro.yaml"),
+                                           "configs": ["conv-only w8 L1"]})
     if args.threads:
         torch.set_num_threads(args.threads)
-    fidelity = load_space("tiny").fidelity
+    fidelity = load_space(args.space).fidelity
     train_set, val_set = prepare_data(TaskConfig(task="sr", scale=4), progress=False)
     shape = (1, 3, args.size, args.size)
 
@@ -80,7 +88,8 @@ def main() -> None:
         build_model(EHRSRConfig.from_dict({"width": 8, **TINY_MODULES})).eval()(torch.rand(1, 3, 32, 32))
 
     rows, shares = [], []
-    for name, data in CONFIGS.items():
+    for name in args.configs:
+        data = CONFIGS[name]
         config = EHRSRConfig.from_dict({"scale": 4, **data})
         torch.manual_seed(0)
         model = build_model(config)
@@ -109,7 +118,7 @@ def main() -> None:
          "warm-up + timed", "latency ms", "profiling share", "full-plan profile s", "warm-up + timed (full)",
          "latency ms (full)", "share (full plan)"],
         rows,
-        title=f"Profiling share of a default CPU trial (tiny fidelity: {fidelity.max_steps} steps, batch "
+        title=f"Profiling share of a default CPU trial ({args.space} fidelity: {fidelity.max_steps} steps, batch "
               f"{fidelity.batch_size}, {fidelity.patch_size}x{fidelity.patch_size} patches; cost at "
               f"{args.size}x{args.size}; search latency plan {SEARCH_LATENCY_BUDGET_S} s, full plan 1 s)",
     )

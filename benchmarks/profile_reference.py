@@ -14,21 +14,28 @@ Columns:
 
 Models: spandrel 0.4.2 builds SPAN, PLKSR, RealPLKSR, SAFMN and OmniSR without weights (the
 ``baselines`` extra); RLFN is implemented in ``ehrsr.baselines.rlfn`` (spandrel has no RLFN);
-EFDN is listed with its published figure only (spandrel has no EFDN and it was not re-implemented).
+EFDN is listed with its published figure only (spandrel has no EFDN, and it is not implemented here).
 
-    PYTHONPATH=. python benchmarks/profile_reference.py [--size 256]
+    python benchmarks/profile_reference.py [--size 256] [--models SPAN RLFN] [--smoke]
+
+``--smoke``: SPAN, RLFN and EFDN's published row at 16x16.
 """
 
 from __future__ import annotations
 
 import argparse
+import sys
 import time
 import warnings
 from collections.abc import Callable
+from pathlib import Path
 
 import torch
 from torch import nn
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from benchmarks._common import parse_args
 from ehrsr.baselines.rlfn import RLFN
 from ehrsr.profiling import count_macs
 
@@ -95,10 +102,12 @@ def plain_fvcore(model: nn.Module, x: torch.Tensor) -> str:
             return f"fails ({type(exc).__name__} {exc})"
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--size", type=int, default=256, help="LR input side (NTIRE: 256)")
-    args = parser.parse_args()
+    names = [m[0] for m in MODELS]
+    parser.add_argument("--models", nargs="+", choices=names, default=names, help="a subset of the models")
+    args = parse_args(parser, argv, smoke={"size": 16, "models": ["SPAN", "RLFN", "EFDN"]})
     shape = (1, 3, args.size, args.size)
     torch.manual_seed(0)
 
@@ -108,6 +117,8 @@ def main() -> None:
     )
     rows = [header, "|" + "|".join("---" for _ in range(12)) + "|"]
     for name, note, build, published, source in MODELS:
+        if name not in args.models:
+            continue
         pub_p, pub_f = (f"{published[0]:.3f}", f"{published[1]:.2f}") if published else ("n/a", "n/a")
         if build is None:
             rows.append(f"| {name} | {note} | - | - | - | - | - | - | {pub_p} | {pub_f} | {source} | - |")

@@ -400,7 +400,7 @@ def _load_runs(data: Path, kind: str) -> dict[tuple[Any, ...], dict[str, Any]]:
 def score(data: Path, k: int = 3, rng: int = 0) -> list[dict[str, Any]]:
     """One row per candidate proxy over the configurations whose reference (every seed stored) and
     proxy runs are all present: compute, Kendall and Spearman with 95 % intervals, regret, recall."""
-    pool, chosen = _chosen(data)
+    _, chosen = _chosen(data)
     reference = _load_runs(data, "reference")
     brief = _load_runs(data, "brief")
     ref_seeds = sorted({seed for _, seed in reference})
@@ -443,7 +443,6 @@ def print_score(data: Path) -> list[dict[str, Any]]:
         print("no configuration has its reference and proxy runs stored yet")
         return rows
     reference = _load_runs(data, "reference")
-    pool, chosen = _chosen(data)
     n = rows[0].get("n", 0)
     print_table(
         ["proxy", "s / config", "x trial", "Kendall tau [95 % CI]", "Spearman [95 % CI]", "regret (dB)", "top-3 recall"],
@@ -484,18 +483,18 @@ def _parse_shard(text: str) -> tuple[int, int]:
 
 
 def smoke() -> None:
-    """Every step at the smallest size in a temporary folder: a pool of 6, 5 chosen, 24-step
-    references, two short protocols, then the table."""
+    """Every step at the smallest size in a temporary folder: a pool of 5 (4 chosen, then the
+    module quotas), 8-step references with two seeds, two 6-step protocols, then the table."""
     global PROTOCOLS, TODAY
     saved = dict(PROTOCOLS), TODAY
     try:
-        TODAY = Protocol("today", 12, None, eval_every=4)
-        PROTOCOLS = {"today": TODAY, "lr2e-3": Protocol("lr2e-3", 12, 2e-3, eval_every=4)}
+        TODAY = Protocol("today", 6, None, eval_every=2)
+        PROTOCOLS = {"today": TODAY, "lr2e-3": Protocol("lr2e-3", 6, 2e-3, eval_every=2)}
         with tempfile.TemporaryDirectory(prefix="proxy_fidelity_smoke_") as folder:
             data = Path(folder)
-            step_pool(data, size=6, k=5, seed=0, shard=(0, 1))
-            step_reference(data, ReferenceProtocol(steps=24, validations=2), [0, 1], (0, 1), data / "work")
-            step_proxies(data, list(PROTOCOLS), [0, 1], (0, 1))
+            step_pool(data, size=5, k=4, seed=0, shard=(0, 1))
+            step_reference(data, ReferenceProtocol(steps=8, validations=2), [0, 1], (0, 1), data / "work")
+            step_proxies(data, list(PROTOCOLS), [0], (0, 1))
             rows = print_score(data)
             if not any("kendall" in r for r in rows):
                 raise SystemExit("smoke: no proxy was scored")
@@ -503,7 +502,7 @@ def smoke() -> None:
         PROTOCOLS, TODAY = saved[0], saved[1]
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("step", nargs="?", choices=("pool", "reference", "proxies", "score", "bicubic"))
     parser.add_argument("--smoke", action="store_true", help="every step at the smallest size, in a temporary folder")
@@ -518,7 +517,7 @@ def main() -> None:
     parser.add_argument("--threads", type=int, help="torch threads (default: torch's)")
     parser.add_argument("--work", type=Path, default=Path(os.environ.get("EHRSR_CACHE", Path.home() / ".cache" / "ehrsr"))
                         / "proxy_fidelity_runs", help="checkpoints of the reference runs (resume after a kill)")
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
     optuna.logging.set_verbosity(optuna.logging.WARNING)

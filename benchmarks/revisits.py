@@ -1,13 +1,12 @@
-"""Repeated configurations (issue 15): recorded repeats vs ``--allow-repeats``, same budget.
+"""Repeated configurations: recorded repeats vs ``--allow-repeats``, same budget.
 
-    python benchmarks/revisits.py [--seeds 0 1] [--trials 16] [--minutes 3] [--space PATH]
+    python benchmarks/revisits.py [--seeds 0 1] [--trials 16] [--minutes 3] [--space PATH] [--smoke]
 
 For every seed the script runs two real searches back to back (order alternating by seed, so
 drift in the machine's speed hits both alike) on the built-in images, with the same budget
 ``trials=N,minutes=M`` (whichever is exhausted first):
 
-* **allow-repeats**: ``--allow-repeats``, every proposal trains, repeats included (the old
-  behaviour);
+* **allow-repeats**: ``--allow-repeats``, every proposal trains, repeats included;
 * **recorded**: the default policy (docs/search_spaces.md, "Repeated configurations"): a proposal
   that repeats a finished configuration is recorded with ``repeat_of``, not trained, costs 0 s
   and takes no ``trials`` slot.
@@ -17,8 +16,8 @@ configuration is one of 32 discrete points and a sampler can actually repeat one
 continuous ``lr``, as in ``tiny``, an exact repeat needs a replayed random stream, which
 ``sampler_seed`` already prevents on resumes and extra workers). Prints, per run and as medians
 over seeds: trials trained, distinct configurations trained, repeats trained (% of trained),
-repeats recorded, charged device-minutes and wall seconds. Asserts nothing; the machine is
-shared, so wall times are indicative only.
+repeats recorded, charged device-minutes and wall seconds. ``--smoke``: one seed, two trials per
+search. Asserts nothing; the machine is shared, so wall times are indicative only.
 """
 
 from __future__ import annotations
@@ -35,8 +34,8 @@ from optuna.trial import TrialState
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from benchmarks._common import print_table
-from ehrsr.cli import main
+from benchmarks._common import parse_args, print_table
+from ehrsr.cli import main as cli_main
 
 REPO = Path(__file__).resolve().parents[1]
 MICRO = REPO / "tests" / "fixtures" / "micro.yaml"
@@ -62,7 +61,7 @@ def run_one(space: Path, out: Path, cache: Path, seed: int, budget: str, allow: 
     if allow:
         args.append("--allow-repeats")
     start = time.perf_counter()
-    code = main(args)
+    code = cli_main(args)
     wall_s = time.perf_counter() - start
     if code != 0:
         raise SystemExit(f"search {name} exited {code}")
@@ -83,13 +82,13 @@ def run_one(space: Path, out: Path, cache: Path, seed: int, budget: str, allow: 
     }
 
 
-def main_cli() -> None:
+def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
     parser.add_argument("--trials", type=int, default=16)
     parser.add_argument("--minutes", type=float, default=3.0)
     parser.add_argument("--space", type=Path, help="space YAML (default: micro with lr fixed)")
-    args = parser.parse_args()
+    args = parse_args(parser, argv, smoke={"seeds": [0], "trials": 2, "minutes": 1.0})
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     budget = f"trials={args.trials},minutes={args.minutes:g}"
     columns = ["trained", "distinct", "repeats_trained", "repeats_trained_pct", "repeats_recorded",
@@ -117,4 +116,4 @@ def main_cli() -> None:
 
 
 if __name__ == "__main__":
-    main_cli()
+    main()

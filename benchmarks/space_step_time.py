@@ -4,9 +4,10 @@ For the two reference anchors and N random configurations (Optuna's RandomSample
 build the network and time forward + backward + Adam steps on a batch of the space's LR patch
 size; print the median step time and what training to the top rung (max_steps) would cost.
 
-    python benchmarks/space_step_time.py [--space tiny] [--configs 20] [--threads 2] [--device cuda]
+    python benchmarks/space_step_time.py [--space tiny] [--configs 20] [--threads 2] [--device cuda] [--smoke]
 
-Prints tables; asserts nothing (timings on shared machines are noisy).
+``--smoke``: the anchors and one random configuration of the test fixture space ``micro``, one
+timed step each. Prints tables; asserts nothing (timings on shared machines are noisy).
 """
 
 from __future__ import annotations
@@ -19,9 +20,10 @@ from pathlib import Path
 import optuna
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
 
-from benchmarks._common import median_ms, print_table
+from benchmarks._common import median_ms, parse_args, print_table
 from ehrsr import build_model
 from ehrsr.search.space import load_space
 
@@ -45,7 +47,7 @@ def train_step_ms(
     return median_ms(step, warmup=1, repeats=repeats)
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--space", default="tiny")
     parser.add_argument("--configs", type=int, default=20, help="random configurations besides the anchors")
@@ -54,7 +56,8 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--device", default="cpu", help="cpu or cuda[:N]")
-    args = parser.parse_args()
+    args = parse_args(parser, argv, smoke={"configs": 1, "repeats": 1, "threads": 1,
+                                           "space": str(ROOT / "tests" / "fixtures" / "micro.yaml")})
     device = torch.device(args.device)
 
     torch.set_num_threads(args.threads)

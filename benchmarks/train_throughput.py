@@ -1,13 +1,14 @@
-"""Training throughput (issue 3): patches/s of brief training, conv-only and with each module on.
+"""Training throughput: patches/s of brief training, conv-only and with each module on.
 
     python benchmarks/train_throughput.py [--threads N] [--steps N] [--batch N] [--patch N]
-                                          [--device cpu|cuda]
+                                          [--device cpu|cuda] [--smoke]
 
 Runs :func:`ehrsr.training.train` (the loop the search uses: sampling, forward, loss + MoE aux,
 backward, clipping, AdamW) on the built-in x4 data for a small EHR-SR (width 16, one MSG level,
 two trunk blocks), first conv-only and then with each module of ``MODULE_TOGGLES`` switched on
 alone. Each model gets 2 warm-up steps, then the median of several timed runs is shown. CPU by default, CUDA
-too when present (bf16 autocast and channels_last there, as in the search).
+too when present (bf16 autocast and channels_last there, as in the search). ``--smoke``: one
+timed step of batch 2, 16 px patches.
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from benchmarks._common import print_table
+from benchmarks._common import parse_args, print_table
 from ehrsr import MODULE_TOGGLES, build_model
 from ehrsr.blocks import scan_kernel, ssm
 from ehrsr.data import TaskConfig, prepare_data
@@ -48,7 +49,7 @@ def throughput(
     return params, statistics.median(rates)
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--threads", type=int, default=torch.get_num_threads())
     parser.add_argument("--steps", type=int, default=10)
@@ -56,7 +57,7 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--patch", type=int, default=32, help="LR patch size")
     parser.add_argument("--device", nargs="+", default=["cpu", *(["cuda"] if torch.cuda.is_available() else [])])
-    args = parser.parse_args()
+    args = parse_args(parser, argv, smoke={"steps": 1, "repeats": 1, "batch": 2, "patch": 16})
     torch.set_num_threads(args.threads)
 
     with tempfile.TemporaryDirectory() as cache:

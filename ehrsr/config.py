@@ -31,6 +31,8 @@ __all__ = [
     "RepMixConfig",
     "SSMConfig",
     "WABConfig",
+    "dataclass_from_dict",
+    "to_plain",
 ]
 
 
@@ -154,11 +156,11 @@ class EHRSRConfig:
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> EHRSRConfig:
         """Build from plain data; unknown keys, wrong types and impossible values raise ``ValueError``."""
-        return _from_dict(cls, data, path="")
+        return dataclass_from_dict(cls, data, path="")
 
     def to_dict(self) -> dict[str, Any]:
         """Plain nested dict (tuples as lists) such that ``from_dict(to_dict())`` equals ``self``."""
-        return _to_plain(self)
+        return to_plain(self)
 
     def replace(self, **changes: Any) -> EHRSRConfig:
         """Copy with changes; nested sections may be given as dicts of their own changes."""
@@ -167,7 +169,7 @@ class EHRSRConfig:
             if isinstance(value, dict) and isinstance(data.get(key), dict):
                 data[key] = {**data[key], **value}
             else:
-                data[key] = _to_plain(value)
+                data[key] = to_plain(value)
         return EHRSRConfig.from_dict(data)
 
     def to_json(self, **kwargs: Any) -> str:
@@ -220,11 +222,12 @@ def _expect_mapping(data: Any, what: str) -> dict[str, Any]:
     return data
 
 
-def _to_plain(value: Any) -> Any:
+def to_plain(value: Any) -> Any:
+    """A dataclass tree as plain data (dicts, lists, scalars): the inverse of ``dataclass_from_dict``."""
     if dataclasses.is_dataclass(value) and not isinstance(value, type):
-        return {f.name: _to_plain(getattr(value, f.name)) for f in dataclasses.fields(value)}
+        return {f.name: to_plain(getattr(value, f.name)) for f in dataclasses.fields(value)}
     if isinstance(value, (tuple, list)):
-        return [_to_plain(v) for v in value]
+        return [to_plain(v) for v in value]
     return value
 
 
@@ -234,7 +237,10 @@ def _type_hints(cls: type) -> dict[str, Any]:
     return typing.get_type_hints(cls)
 
 
-def _from_dict(cls: type, data: Any, path: str) -> Any:
+def dataclass_from_dict(cls: type, data: Any, path: str = "") -> Any:
+    """Build the frozen dataclass ``cls`` from plain data, nested dataclasses included: unknown keys
+    (listing the valid ones), wrong types and bad values raise ``ConfigError`` naming the field
+    (``path`` prefixes the names, e.g. ``"wab."``)."""
     data = _expect_mapping(data, path or cls.__name__)
     hints = _type_hints(cls)
     names = [f.name for f in dataclasses.fields(cls)]
@@ -257,7 +263,7 @@ def _coerce(hint: Any, value: Any, name: str) -> Any:
     origin = typing.get_origin(hint)
     args = typing.get_args(hint)
     if dataclasses.is_dataclass(hint):
-        return _from_dict(hint, value, path=f"{name}.")
+        return dataclass_from_dict(hint, value, path=f"{name}.")
     if origin in (typing.Union, types.UnionType):
         if value is None and type(None) in args:
             return None

@@ -79,7 +79,7 @@ def test_automatic_plan_stops_at_its_deadline_but_explicit_counts_do_not(monkeyp
     def run() -> None:
         clock["now"] += next(durations)
 
-    samples, warmup, repeats = latency_module._run_timed(run, latency_module._PerfCounterClock(), "cpu", None, None)
+    samples, warmup, repeats = latency_module.run_timed(run, latency_module.PerfCounterClock(), "cpu", None, None)
     # plan: 100 / 100 from a 1 ms estimate; reality 500 ms per pass. Warm-up stops at its
     # deadline (2 x 0.25 s: one 0.5 s pass), timing at 2 x 1.0 s, here after the 5 passes it must do
     assert latency_module.BUDGET_S["cpu"] == 1.0 and latency_module.OVERRUN == 2.0
@@ -88,7 +88,7 @@ def test_automatic_plan_stops_at_its_deadline_but_explicit_counts_do_not(monkeyp
     assert samples[-1] == pytest.approx(500.0)
 
     durations = iter([0.5] * 1000)
-    samples, warmup, repeats = latency_module._run_timed(run, latency_module._PerfCounterClock(), "cpu", 3, 12)
+    samples, warmup, repeats = latency_module.run_timed(run, latency_module.PerfCounterClock(), "cpu", 3, 12)
     assert (warmup, repeats, len(samples)) == (3, 12, 12)
 
 
@@ -166,11 +166,11 @@ class _FakeEvent:
 def test_cuda_event_clock_records_around_each_pass_and_synchronises() -> None:
     _FakeEvent.log = []
     syncs = []
-    clock = latency_module._CudaEventClock(
+    clock = latency_module.CudaEventClock(
         torch.device("cpu"), event_factory=_FakeEvent, synchronize=lambda device: syncs.append(device)
     )
     ran = []
-    samples, warmup, repeats = latency_module._run_timed(lambda: ran.append(1), clock, "cuda", 2, 3)
+    samples, warmup, repeats = latency_module.run_timed(lambda: ran.append(1), clock, "cuda", 2, 3)
     assert (warmup, repeats) == (2, 3) and len(ran) == 5
     # per pass: device synchronize, start.record, run, end.record, end.synchronize
     assert _FakeEvent.log == ["record", "record", "event.synchronize"] * 5
@@ -233,7 +233,7 @@ def test_automatic_timing_stops_at_twice_the_budget_after_the_minimum(monkeypatc
     def run() -> None:
         clock["now"] += next(durations)
 
-    samples, warmup, repeats = latency_module._run_timed(run, latency_module._PerfCounterClock(), "cpu", 2, None)
+    samples, warmup, repeats = latency_module.run_timed(run, latency_module.PerfCounterClock(), "cpu", 2, None)
     assert warmup == 2  # explicit: honoured (the calibration passes count towards it)
     assert 20 <= repeats == len(samples) <= 21
 
@@ -261,9 +261,9 @@ def test_budget_reaches_the_timing_loop_and_its_deadline(monkeypatch) -> None:
 
         return run
 
-    _, warmup, repeats = latency_module._run_timed(
-        run_with([0.05] * 1000), latency_module._PerfCounterClock(), "cpu", None, None, 0.25)
+    _, warmup, repeats = latency_module.run_timed(
+        run_with([0.05] * 1000), latency_module.PerfCounterClock(), "cpu", None, None, 0.25)
     assert (warmup, repeats) == (2, 5)
-    _, _, repeats = latency_module._run_timed(
-        run_with([0.05, 0.001] + [0.05] * 1000), latency_module._PerfCounterClock(), "cpu", None, None, 0.25)
+    _, _, repeats = latency_module.run_timed(
+        run_with([0.05, 0.001] + [0.05] * 1000), latency_module.PerfCounterClock(), "cpu", None, None, 0.25)
     assert 10 <= repeats <= 11

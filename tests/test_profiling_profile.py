@@ -113,17 +113,17 @@ def test_an_earlier_count_is_reused_and_must_match() -> None:
     model = build_model(EHRSRConfig(width=8))
     count = count_macs(model, (1, 3, 16, 16))
     calls = []
-    original = counting._count_fvcore
+    original = counting.count_fvcore
 
     def spy(*args, **kwargs):
         calls.append(1)
         return original(*args, **kwargs)
 
-    counting._count_fvcore = spy
+    counting.count_fvcore = spy
     try:
         p = profile_model(model, (1, 3, 16, 16), warmup=0, repeats=5, measure_memory=False, mac_count=count)
     finally:
-        counting._count_fvcore = original
+        counting.count_fvcore = original
     assert calls == []  # not counted again
     assert (p.macs, p.params_deploy) == (count.macs, count.params_deploy)
     with pytest.raises(ValueError, match="mac_count"):

@@ -53,8 +53,8 @@ def test_each_unit_is_traced_once(monkeypatch: pytest.MonkeyPatch) -> None:
     config = _configs("tiny", 1, moe=False)[0]
     first = counter.count(build_model(config), SHAPE)
     traced = []
-    real = unit_counts_module._count_fvcore
-    monkeypatch.setattr(unit_counts_module, "_count_fvcore", lambda *a: traced.append(1) or real(*a))
+    real = unit_counts_module.count_fvcore
+    monkeypatch.setattr(unit_counts_module, "count_fvcore", lambda *a: traced.append(1) or real(*a))
     again = counter.count(build_model(config), SHAPE)
     assert traced == [] and again == first
     bigger = (1, 3, 64, 64)  # other resolutions are other units

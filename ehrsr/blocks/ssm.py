@@ -44,6 +44,8 @@ from ehrsr.blocks.layers import DropPath, LayerNorm2d
 
 __all__ = [
     "SSMBlock",
+    "mamba_kernel",
+    "scan_orders",
     "selective_scan",
     "selective_scan_macs",
     "selective_scan_parallel",
@@ -386,7 +388,7 @@ _selective_scan_op.register_autograd(_selective_scan_backward, setup_context=_se
 _MAMBA_KERNEL: object | None = None
 
 
-def _mamba_kernel():
+def mamba_kernel():
     """``mamba_ssm``'s ``selective_scan_fn`` or None; imported on first use only."""
     global _MAMBA_KERNEL
     if _MAMBA_KERNEL is None:
@@ -406,7 +408,7 @@ def selective_scan(u, delta, A, B, C, D, impl: ScanImpl = "auto") -> torch.Tenso
         # exporters do not know the custom op: give them the same scan as plain tensor ops
         return selective_scan_parallel(u, delta, A, B, C, D)
     if impl == "auto" and u.is_cuda:
-        kernel = _mamba_kernel()
+        kernel = mamba_kernel()
         if kernel is not None:
             return kernel(u.contiguous(), delta.contiguous(), A, B.contiguous(), C.contiguous(), D)
     if impl not in ("auto", "parallel"):
@@ -414,7 +416,7 @@ def selective_scan(u, delta, A, B, C, D, impl: ScanImpl = "auto") -> torch.Tenso
     return torch.ops.ehrsr.selective_scan(u, delta, A, B, C, D)
 
 
-def _scan_orders(height: int, width: int, directions: int, device: torch.device) -> list[torch.Tensor]:
+def scan_orders(height: int, width: int, directions: int, device: torch.device) -> list[torch.Tensor]:
     """Token orders of the cross-scan: row-major, reversed, column-major, reversed (first k of them)."""
     row = torch.arange(height * width, device=device)
     col = row.view(height, width).t().reshape(-1)
@@ -475,7 +477,7 @@ class SSMBlock(nn.Module):
         xs = self.act(self.dwconv(xs))
         compute_dtype = torch.promote_types(x.dtype, torch.float32)
         k_dirs, inner, n = self.directions, self.inner, self.d_state
-        orders = torch.stack(_scan_orders(height, width, k_dirs, x.device))  # (K, L)
+        orders = torch.stack(scan_orders(height, width, k_dirs, x.device))  # (K, L)
         with torch.autocast(device_type=x.device.type, enabled=False):
             # all directions in one scan call (VMamba's layout): the K sequences are stacked along
             # the channels, each direction's B and C form one channel group of the scan

@@ -23,7 +23,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, Literal
 
-from ehrsr.config import _from_dict, _to_plain
+from ehrsr.config import dataclass_from_dict, to_plain
 from ehrsr.errors import ConfigError
 
 __all__ = ["TASKS", "TaskConfig"]
@@ -63,11 +63,18 @@ class TaskConfig:
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> TaskConfig:
         """Build from plain data; unknown keys, wrong types and impossible values raise ``ValueError``."""
-        return _from_dict(cls, data, path="")
+        return dataclass_from_dict(cls, data, path="")
 
     def to_dict(self) -> dict[str, Any]:
         """Plain dict with every default resolved; ``from_dict(to_dict())`` equals ``self``."""
-        return _to_plain(self)
+        return to_plain(self)
+
+    @property
+    def slug(self) -> str:
+        """Short name for study names and logs: ``sr-x4``, ``denoise``, ``deblur-x2``."""
+        if self.task == "sr" or self.scale > 1:
+            return f"{self.task}-x{self.scale}"
+        return self.task
 
     @property
     def is_restoration(self) -> bool:

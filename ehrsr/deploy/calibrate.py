@@ -12,7 +12,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from ehrsr.deploy.profiles import DeviceProfileError, _resolve_profile
+from ehrsr.deploy.profiles import DeviceProfileError, resolve_profile
 from ehrsr.errors import UserError
 
 __all__ = ["CalibrationError", "CalibrationResult", "calibrate_profile", "default_model_path"]
@@ -56,7 +56,7 @@ def calibrate_profile(
     from ehrsr.profiling.latency_model import LatencyModelError, calibrate
     from ehrsr.search.space import load_space
 
-    profile = _resolve_profile(profile_name, devices_path)
+    profile = resolve_profile(profile_name, devices_path)
     space = load_space(space_name)
     if clock not in ("wall", "cpu"):
         raise CalibrationError(f"--clock must be wall or cpu, got {clock!r}")

@@ -35,7 +35,7 @@ from torch import nn
 import ehrsr
 from ehrsr.deploy.export import export_onnx_dynamic, fused_state, load_trained_model
 from ehrsr.deploy.predicted import LatencyPlan, plan_latency
-from ehrsr.deploy.profiles import LIMIT_METRICS, DeviceProfile, _resolve_profile, check_device_available
+from ehrsr.deploy.profiles import LIMIT_METRICS, DeviceProfile, check_device_available, resolve_profile
 from ehrsr.errors import UserError
 from ehrsr.reparam import reparameterize
 from ehrsr.study_schema import PICK_MEASURED_KEYS, QUALITY_METRICS, Objective, StudyInfo
@@ -252,7 +252,7 @@ def pick_deployment(
     Raises ``DeviceProfileError`` (unknown or invalid profile, a cuda profile without CUDA) and
     ``DeploymentError`` (no trial meets the limits: names the limit excluding the closest one).
     """
-    profile = _resolve_profile(profile, devices_path)
+    profile = resolve_profile(profile, devices_path)
     plan = plan_latency(profile, dict(study.user_attrs))
     if plan.mode == "measured":
         check_device_available(profile)

@@ -40,6 +40,7 @@ __all__ = [
     "check_device_available",
     "load_device_profiles",
     "profiles_for_device",
+    "resolve_profile",
 ]
 
 DEVICES_PATH = devices_file()
@@ -244,7 +245,8 @@ def _yaml_problem(exc: yaml.YAMLError) -> str:
     return f"line {mark.line + 1}, column {mark.column + 1}: {problem}"
 
 
-def _resolve_profile(profile: DeviceProfile | str, devices_path: str | Path | None) -> DeviceProfile:
+def resolve_profile(profile: DeviceProfile | str, devices_path: str | Path | None) -> DeviceProfile:
+    """``profile`` itself, or the profile of that name in ``devices_path`` (default: the shipped file)."""
     if isinstance(profile, DeviceProfile):
         return profile
     profiles = load_device_profiles(devices_path)

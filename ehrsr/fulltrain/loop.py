@@ -50,7 +50,7 @@ from ehrsr.fulltrain.recipe import FullTrainError, Recipe
 from ehrsr.model import build_model
 from ehrsr.training import TrainingDiverged, TrainingOutOfMemory, is_out_of_memory, loss_function
 
-__all__ = ["FullTrainResult", "FullTrainSettings", "full_train", "fused_state", "save_weights"]
+__all__ = ["FullTrainResult", "FullTrainSettings", "full_train", "fused_state", "save_weights", "write_text_atomically"]
 
 CHECKPOINT_NAME = "checkpoints/last.pt"
 
@@ -102,7 +102,8 @@ def save_weights(model: nn.Module, path: Path, config: EHRSRConfig, form: str) -
     save_atomically(fused_state(model), path, save=lambda state, p: save_file(state, str(p), metadata=metadata))
 
 
-def _write_text(path: Path, text: str) -> None:
+def write_text_atomically(path: Path, text: str) -> None:
+    """Write ``text`` to ``path`` so that a reader sees the old file or the new one, never a part."""
     save_atomically(text, path, save=lambda t, p: Path(p).write_text(t))
 
 
@@ -149,7 +150,7 @@ def _write_curve(out_dir: Path, rows: list[dict[str, Any]], set_names: list[str]
         writer.writeheader()
         for row in rows:
             writer.writerow({k: row[k] for k in writer.fieldnames})
-        _write_text(out_dir / "validation.csv", buffer.getvalue())
+        write_text_atomically(out_dir / "validation.csv", buffer.getvalue())
     import matplotlib
 
     matplotlib.use("Agg")
@@ -196,8 +197,8 @@ def full_train(settings: FullTrainSettings) -> FullTrainResult:
         raise FullTrainError(f"patch_size {recipe.patch_size} exceeds the largest LR patch the training images "
                              f"allow ({train_set.max_patch_size}); set a smaller patch_size")
     if checkpoint is None:
-        _write_text(out_dir / "recipe.yaml", recipe.to_yaml())
-        _write_text(out_dir / "config.json", config.to_json(indent=2) + "\n")
+        write_text_atomically(out_dir / "recipe.yaml", recipe.to_yaml())
+        write_text_atomically(out_dir / "config.json", config.to_json(indent=2) + "\n")
 
     is_cuda = device.type == "cuda"
     amp = recipe.amp == "bf16" or (recipe.amp == "auto" and is_cuda)
@@ -298,7 +299,7 @@ def full_train(settings: FullTrainSettings) -> FullTrainResult:
             if best["psnr"] is None or first > best["psnr"]:
                 best = {"step": step, "psnr": first, "set": set_names[0]}
                 save_weights(evaluated, out_dir / "best.safetensors", config, "train")
-                _write_text(out_dir / "best.json", json.dumps(best, indent=2) + "\n")
+                write_text_atomically(out_dir / "best.json", json.dumps(best, indent=2) + "\n")
             if bar is not None:
                 bar.write(f"step {step}: " + ", ".join(f"{n} {r.psnr:.3f} dB" for n, r in results.items()))
             model.train()

@@ -18,7 +18,7 @@ from typing import Any, Literal
 
 import yaml
 
-from ehrsr.config import _from_dict, _to_plain
+from ehrsr.config import dataclass_from_dict, to_plain
 
 __all__ = ["FullTrainError", "Recipe", "load_recipe_file", "parse_overrides"]
 
@@ -77,14 +77,14 @@ class Recipe:
     def from_dict(cls, data: Mapping[str, Any]) -> Recipe:
         """Build from plain data; unknown keys and wrong types raise ``FullTrainError`` naming them."""
         try:
-            return _from_dict(cls, dict(data), path="")
+            return dataclass_from_dict(cls, dict(data), path="")
         except FullTrainError:
             raise
         except ValueError as exc:
             raise FullTrainError(f"recipe: {str(exc).replace('configuration key', 'recipe key')}") from None
 
     def to_dict(self) -> dict[str, Any]:
-        return _to_plain(self)
+        return to_plain(self)
 
     def replace(self, **changes: Any) -> Recipe:
         """A copy with ``changes`` (validated like ``from_dict``)."""

@@ -46,7 +46,17 @@ from torch.utils.weak import WeakIdKeyDictionary
 
 from ehrsr.profiling.rules import OP_RULES, ZERO_COST_OPS, OpRule, TensorShape
 
-__all__ = ["CountingError", "MacCount", "count_macs", "count_parameters", "deploy_form", "is_ehrsr_model"]
+__all__ = [
+    "CountingError",
+    "MacCount",
+    "count_fvcore",
+    "count_macs",
+    "count_parameters",
+    "count_prepared",
+    "deploy_form",
+    "eval_mode",
+    "is_ehrsr_model",
+]
 
 # fvcore handlers replaced by ours (everything else fvcore prices keeps fvcore's own handler):
 # matmul/mm and einsum (see rules.matmul_macs / rules.einsum_macs), and the norms, whose fvcore
@@ -120,7 +130,7 @@ def is_ehrsr_model(model: nn.Module) -> bool:
 def deploy_form(model: nn.Module) -> tuple[nn.Module, str]:
     """The module to profile and a description: the fused copy for EHR-SR, else ``model`` itself.
 
-    The generic module is returned as is (not put in eval mode here; see ``_eval_mode``).
+    The generic module is returned as is (not put in eval mode here; see ``eval_mode``).
     """
     if is_ehrsr_model(model):
         from ehrsr.reparam import reparameterize
@@ -166,15 +176,15 @@ def count_macs(model: nn.Module, input_shape: Sequence[int] = (1, 3, 256, 256)) 
     """
     shape = validate_input_shape(input_shape, model)
     deploy, description = deploy_form(model)
-    return _count_prepared(model, deploy, description, shape)
+    return count_prepared(model, deploy, description, shape)
 
 
-def _count_prepared(model: nn.Module, deploy: nn.Module, description: str, shape: tuple[int, ...]) -> MacCount:
+def count_prepared(model: nn.Module, deploy: nn.Module, description: str, shape: tuple[int, ...]) -> MacCount:
     """``count_macs`` for a deploy form already built (``profile_model`` reuses its copy)."""
     counted = _cpu_float32(deploy, copied=deploy is not model)
-    with _eval_mode(counted):
+    with eval_mode(counted):
         x = torch.rand(shape, generator=torch.Generator().manual_seed(0))
-        fv = _count_fvcore(counted, x)
+        fv = count_fvcore(counted, x)
         pt = _count_ptflops(counted, x)
     if description == DEPLOY_EHRSR:
         params_deploy = count_parameters(deploy)
@@ -219,7 +229,7 @@ def _cpu_float32(module: nn.Module, copied: bool) -> nn.Module:
 
 
 @contextlib.contextmanager
-def _eval_mode(module: nn.Module) -> Iterator[nn.Module]:
+def eval_mode(module: nn.Module) -> Iterator[nn.Module]:
     """Eval mode for the duration; every sub-module's ``training`` flag is restored afterwards."""
     flags = [(m, m.training) for m in module.modules()]
     module.eval()
@@ -317,7 +327,7 @@ def _fvcore_handles(tally: _Tally, data_path: _JitDataPath) -> dict[str, Any]:
     return handles
 
 
-def _count_fvcore(model: nn.Module, x: torch.Tensor | tuple[torch.Tensor, ...]) -> _Tally:
+def count_fvcore(model: nn.Module, x: torch.Tensor | tuple[torch.Tensor, ...]) -> _Tally:
     """fvcore's count of ``model(x)`` (``x``: one input, or a tuple of inputs, all on the data path)."""
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", FutureWarning)  # fvcore's import touches deprecated torch.jit

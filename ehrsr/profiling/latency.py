@@ -32,8 +32,10 @@ import torch
 from torch import nn
 
 __all__ = [
+    "CudaEventClock",
     "LatencyStats",
     "PassPlan",
+    "PerfCounterClock",
     "cpu_name",
     "cpu_threads",
     "cudnn_benchmark",
@@ -43,6 +45,7 @@ __all__ = [
     "parse_dtype",
     "plan_passes",
     "resolve_budget",
+    "run_timed",
 ]
 
 MAX_WARMUP = 100  # PLKSR's harness
@@ -159,10 +162,6 @@ def plan_passes(
 
 def cpu_name() -> str:
     """This machine's CPU model (as latency model files record the hardware)."""
-    return _cpu_name()
-
-
-def _cpu_name() -> str:
     try:
         with open("/proc/cpuinfo") as f:
             for line in f:
@@ -179,7 +178,7 @@ def device_name(device: str | torch.device, threads: int | None = None) -> str:
     if dev.type == "cuda":
         return f"{torch.cuda.get_device_name(dev)} (cuda:{dev.index})"
     n = threads if threads is not None else torch.get_num_threads()
-    return f"{_cpu_name()} ({n} thread{'s' if n != 1 else ''})"
+    return f"{cpu_name()} ({n} thread{'s' if n != 1 else ''})"
 
 
 @contextlib.contextmanager
@@ -213,7 +212,7 @@ def autocast_context(device_type: str, dtype: torch.dtype) -> contextlib.Abstrac
     return torch.autocast(device_type=device_type, dtype=dtype)
 
 
-class _PerfCounterClock:
+class PerfCounterClock:
     """Wall-clock time of a CPU pass."""
 
     def time_ms(self, run: Callable[[], object]) -> float:
@@ -222,7 +221,7 @@ class _PerfCounterClock:
         return 1000.0 * (time.perf_counter() - start)
 
 
-class _CudaEventClock:
+class CudaEventClock:
     """GPU time of a pass between two CUDA events; the end event is synchronised before reading.
 
     ``event_factory`` / ``synchronize`` default to ``torch.cuda.Event`` / ``torch.cuda.synchronize``
@@ -250,9 +249,9 @@ class _CudaEventClock:
         return float(start.elapsed_time(end))
 
 
-def _run_timed(
+def run_timed(
     run: Callable[[], object],
-    clock: _PerfCounterClock | _CudaEventClock,
+    clock: PerfCounterClock | CudaEventClock,
     device_type: str,
     warmup: int | None,
     repeats: int | None,
@@ -320,11 +319,11 @@ def measure_latency(
     with torch.inference_mode():
         if device.type == "cuda":
             with cudnn_benchmark():
-                samples, warmup_done, repeats_done = _run_timed(run, _CudaEventClock(device), "cuda", warmup, repeats, budget_s)
+                samples, warmup_done, repeats_done = run_timed(run, CudaEventClock(device), "cuda", warmup, repeats, budget_s)
             name = device_name(device)
         else:
             with cpu_threads(threads) as n_threads:
-                samples, warmup_done, repeats_done = _run_timed(run, _PerfCounterClock(), "cpu", warmup, repeats, budget_s)
+                samples, warmup_done, repeats_done = run_timed(run, PerfCounterClock(), "cpu", warmup, repeats, budget_s)
             name = device_name(device, n_threads)
     return stats_from_samples(samples, warmup_done, repeats_done, dtype_name, name)
 

@@ -40,7 +40,7 @@ from torch import nn
 from ehrsr.blocks import pad_to_multiple, scan_kernel
 from ehrsr.config import EHRSRConfig
 from ehrsr.profiling.canary import Canary
-from ehrsr.profiling.latency import _cpu_name, measure_latency
+from ehrsr.profiling.latency import cpu_name, measure_latency
 from ehrsr.profiling.onnx_runtime import RUNTIMES, runtime_versions, time_model
 
 
@@ -773,7 +773,7 @@ def calibrate(
     quiet_ms = canary.calibrate()
     canary_ratios: list[float] = []
     device_info = {
-        "hardware": torch.cuda.get_device_name() if target.kind == "cuda" else _cpu_name(),
+        "hardware": torch.cuda.get_device_name() if target.kind == "cuda" else cpu_name(),
         "host": platform.node(),
         "cores": os.cpu_count(),
         "runtime_versions": runtime_versions(target.runtime),

@@ -32,12 +32,12 @@ from torch import nn
 
 from ehrsr.profiling.latency import (
     LatencyStats,
-    _PerfCounterClock,
-    _run_timed,
+    PerfCounterClock,
     cpu_threads,
     device_name,
     parse_dtype,
     resolve_budget,
+    run_timed,
     stats_from_samples,
 )
 
@@ -200,7 +200,7 @@ def time_model(
     shapes = _shapes(input_shapes)
     inputs = _example_inputs(shapes)
     model = model.to("cpu").eval()
-    timer = _PerfCounterClock() if clock == "wall" else _ProcessTimeClock()
+    timer = PerfCounterClock() if clock == "wall" else _ProcessTimeClock()
     if runtime == "torch":
         autocast = (
             torch.autocast("cpu", dtype=torch_dtype) if torch_dtype != torch.float32 else contextlib.nullcontext()
@@ -211,7 +211,7 @@ def time_model(
                 return model(*inputs)
 
         with torch.inference_mode(), cpu_threads(threads) as n_threads:
-            samples, warmup_done, repeats_done = _run_timed(run_torch, timer, "cpu", warmup, repeats, budget_s)
+            samples, warmup_done, repeats_done = run_timed(run_torch, timer, "cpu", warmup, repeats, budget_s)
     else:
         if dtype_name != "float32":
             raise ValueError(f"runtime 'onnxruntime' times float32 models only, got dtype {dtype_name!r}")
@@ -224,7 +224,7 @@ def time_model(
         def run_onnx() -> object:
             return session.run(None, feeds)
 
-        samples, warmup_done, repeats_done = _run_timed(run_onnx, timer, "cpu", warmup, repeats, budget_s)
+        samples, warmup_done, repeats_done = run_timed(run_onnx, timer, "cpu", warmup, repeats, budget_s)
         n_threads = threads if threads is not None else torch.get_num_threads()
     return stats_from_samples(samples, warmup_done, repeats_done, dtype_name,
                               f"{device_name('cpu', n_threads)} [{runtime}{', cpu clock' if clock == 'cpu' else ''}]")

@@ -25,9 +25,9 @@ from ehrsr.profiling.counting import (
     DEPLOY_EHRSR,
     DEPLOY_GENERIC,
     MacCount,
-    _count_prepared,
-    _eval_mode,
+    count_prepared,
     deploy_form,
+    eval_mode,
     is_ehrsr_model,
     validate_input_shape,
 )
@@ -128,7 +128,7 @@ def profile_model(
         deploy, description = deploy_form(model)
         copied = deploy is not model
         log.info("profiling %s (%s) on %s", type(model).__name__, description, dev)
-        count = mac_count if mac_count is not None else _count_prepared(model, deploy, description, macs_shape)
+        count = mac_count if mac_count is not None else count_prepared(model, deploy, description, macs_shape)
 
         runtime = deploy
         if _needs_copy(deploy, dev, channels_last) and not copied:
@@ -136,7 +136,7 @@ def profile_model(
         runtime = runtime.to(dev)
         if channels_last:
             runtime = runtime.to(memory_format=torch.channels_last)
-        with _eval_mode(runtime):
+        with eval_mode(runtime):
             x = torch.rand(shape, generator=torch.Generator().manual_seed(0)).to(dev)
             if channels_last:
                 x = x.contiguous(memory_format=torch.channels_last)

@@ -34,11 +34,11 @@ from torch import nn
 from ehrsr.profiling.counting import (
     DEPLOY_EHRSR,
     MacCount,
-    _count_fvcore,
-    _eval_mode,
+    count_fvcore,
     count_macs,
     count_parameters,
     deploy_form,
+    eval_mode,
     is_ehrsr_model,
     validate_input_shape,
 )
@@ -85,7 +85,7 @@ class UnitMacCounter:
         total = constant = 0
         by_operator: Counter[str] = Counter()
         unsupported: Counter[str] = Counter()
-        with _eval_mode(deploy):
+        with eval_mode(deploy):
             for unit in units_of(model.config, shape[-2:]):
                 counted = self._unit(deploy, unit)
                 total += counted.macs
@@ -113,7 +113,7 @@ class UnitMacCounter:
                 return cached
         generator = torch.Generator().manual_seed(0)
         inputs = tuple(torch.rand(s, generator=generator) for s in unit.input_shapes)
-        tally = _count_fvcore(unit_module(deploy, unit), inputs)
+        tally = count_fvcore(unit_module(deploy, unit), inputs)
         counted = _UnitCount(tally.total, tally.constant, dict(tally.by_family), dict(tally.unsupported))
         with self._lock:
             self._cache[unit.key] = counted

@@ -39,12 +39,10 @@ from ehrsr.search.study import (
     ContextSpec,
     PreparedStudy,
     SearchSettings,
-    _resolve_workers,
-    _task,
-    _task_slug,
     build_context,
     build_sampler,
     prepare_study,
+    resolve_workers,
 )
 from ehrsr.search.trial import TrialJob, execute_isolated, execute_trial
 from ehrsr.study_schema import BASELINE_ATTR, BUDGET_ATTR, Objective, format_si, is_count
@@ -371,12 +369,14 @@ def run_search(settings: SearchSettings, *, log: SearchLog | None = None,
                after_trial: AfterTrial | None = None) -> SearchSummary:
     """Prepare data and the study, run the workers and return the summary (``ehrsr.pipeline``
     runs what follows and prints it). ``after_trial`` runs after every recorded trial."""
+    from ehrsr.data import TaskConfig
+
     log = log or SearchLog(settings.verbosity)
     prepared = prepare_study(settings, log=log)
     settings = prepared.settings  # the study record's values from here on
     study = prepared.study
     log(f"study {study.study_name} ({'new' if prepared.created else 'resumed'}) in {mask_url(prepared.storage_url)}")
-    log(f"space {prepared.space.name}, task {_task_slug(_task(prepared.spec))}, device {prepared.device_name}, "
+    log(f"space {prepared.space.name}, task {TaskConfig.from_dict(prepared.spec.task).slug}, device {prepared.device_name}, "
         f"objectives {','.join(o.name for o in prepared.objectives)}, budget {prepared.budget.describe_short()}"
         f" ({settings.reserved_share:.0%} kept for the ablation, baselines and proxy-fidelity check)")
     if prepared.spec.train_data is None:
@@ -386,7 +386,7 @@ def run_search(settings: SearchSettings, *, log: SearchLog | None = None,
     ctx = build_context(prepared.spec, torch.device("cpu"), progress=settings.verbosity >= 1, load_lpips=False)
     if BASELINE_ATTR not in study.user_attrs:
         study.set_user_attr(BASELINE_ATTR, baseline_quality(ctx, prepared.spec))
-    workers = _resolve_workers(settings.workers, prepared.device)
+    workers = resolve_workers(settings.workers, prepared.device)
     summary = WorkerSummary()
     try:
         if workers == 1:

@@ -59,6 +59,7 @@ __all__ = [
     "context_spec",
     "load_study",
     "prepare_study",
+    "resolve_workers",
     "stored_record",
 ]
 
@@ -306,17 +307,11 @@ def _load_lpips(device: torch.device, weights: str | None, *, required: bool, lo
 
 
 def _default_study_name(space_name: str, task: Any, train_data: str | None, val_data: str | None) -> str:
-    name = f"ehrsr-{space_name}-{_task_slug(task)}"
+    name = f"ehrsr-{space_name}-{task.slug}"
     if train_data or val_data:
         digest = hashlib.sha1(f"{train_data}|{val_data}".encode()).hexdigest()[:6]
         name += f"-{digest}"
     return name
-
-
-def _task_slug(task: Any) -> str:
-    if task.task == "sr":
-        return f"sr-x{task.scale}"
-    return f"{task.task}-x{task.scale}" if task.scale > 1 else task.task
 
 
 @dataclass
@@ -377,7 +372,7 @@ def prepare_study(settings: SearchSettings, log: Any = print) -> PreparedStudy:
     task = _task_config(settings.task)
     study_name = settings.study_name or _default_study_name(space.name, task, settings.train_data, settings.val_data)
     study_dir = Path(settings.out_dir) / study_name
-    workers = _resolve_workers(settings.workers, device)
+    workers = resolve_workers(settings.workers, device)
     storage_url = settings.storage or default_storage_url(study_dir, workers)
     stored = find_record(storage_url, study_name)
     if stored is not None:
@@ -858,7 +853,8 @@ def load_study(study_name: str, storage: str | None, out_dir: Path) -> tuple[opt
     return optuna.load_study(study_name=study_name, storage=backend), url, study_dir
 
 
-def _resolve_workers(workers: int | str, device: torch.device) -> int:
+def resolve_workers(workers: int | str, device: torch.device) -> int:
+    """The number of worker processes ``--workers`` asks for (``auto``: one per GPU, one on the CPU)."""
     if workers == "auto":
         return max(1, torch.cuda.device_count()) if device.type == "cuda" else 1
     try:
@@ -870,9 +866,3 @@ def _resolve_workers(workers: int | str, device: torch.device) -> int:
     if device.type == "cuda" and n > max(1, torch.cuda.device_count()):
         raise SearchError(f"--workers {n}: only {torch.cuda.device_count()} GPU(s) visible; use --workers auto")
     return n
-
-
-def _task(spec: ContextSpec) -> Any:
-    from ehrsr.data import TaskConfig
-
-    return TaskConfig.from_dict(spec.task)
