@@ -26,6 +26,7 @@ from ehrsr.data.io import (
 )
 from ehrsr.data.task import TaskConfig
 from ehrsr.data.trainset import TrainSet
+from ehrsr.data.val_tiles import tile_val_set
 from ehrsr.data.valset import ValSet
 
 __all__ = ["prepare_data"]
@@ -146,7 +147,5 @@ def prepare_data(
     val = _prepare_split("val", task, as_path(val_dir), as_path(val_lr_dir), cache_root, progress)
     assert isinstance(train, TrainSet) and isinstance(val, ValSet)
     if val.is_builtin:  # two photographs give no statistical power: evaluate fixed tiles of them
-        from ehrsr.data.val_tiles import tile_val_set
-
         val = tile_val_set(val)
     return train, val

@@ -20,6 +20,8 @@ from torch import nn
 
 import ehrsr
 from ehrsr.data import TaskConfig, ValSet
+from ehrsr.files import write_text_atomically
+from ehrsr.fulltrain.checkpoint import save_weights
 
 if TYPE_CHECKING:
     from ehrsr.fulltrain.loop import FullTrainSettings
@@ -52,7 +54,6 @@ def finish_run(
 ) -> tuple[dict[str, Any], Path]:
     """Write the final weights (training and deploy form), ONNX (``settings.onnx``), the final
     evaluation of the deploy form on every set next to bicubic, ``evaluation.json`` and MODEL.md."""
-    from ehrsr.fulltrain.loop import _write_text, save_weights
     from ehrsr.profiling import profile_model
     from ehrsr.reparam import reparameterize
 
@@ -99,9 +100,9 @@ def finish_run(
                   "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
                   "ehrsr_version": ehrsr.__version__, "torch_version": torch.__version__},
     }
-    _write_text(out_dir / "evaluation.json", json.dumps(evaluation, indent=2, default=str) + "\n")
+    write_text_atomically(out_dir / "evaluation.json", json.dumps(evaluation, indent=2, default=str) + "\n")
     card = out_dir / "MODEL.md"
-    _write_text(card, render_card(evaluation))
+    write_text_atomically(card, render_card(evaluation))
     return evaluation, card
 
 

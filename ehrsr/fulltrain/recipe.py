@@ -19,11 +19,12 @@ from typing import Any, Literal
 import yaml
 
 from ehrsr.config import _from_dict, _to_plain
+from ehrsr.errors import UserError
 
 __all__ = ["FullTrainError", "Recipe", "load_recipe_file", "parse_overrides"]
 
 
-class FullTrainError(ValueError):
+class FullTrainError(UserError, ValueError):
     """Bad input to full training or evaluation (a file, a setting, a resume that cannot work).
     The message is one line naming the problem; the CLI prints it and exits with status 2."""
 

@@ -425,15 +425,10 @@ def _open_study(settings: SearchSettings, device: torch.device, objectives: list
                 space: Any, task: Any, study_name: str, study_dir: Path, log: Any,
                 device_latency: list[Any]) -> PreparedStudy:
     """Open or create the study of ``prepare_study`` once its settings are checked."""
+    from ehrsr.files import check_writable
     from ehrsr.profiling import device_name
 
-    try:
-        study_dir.mkdir(parents=True, exist_ok=True)
-        probe = study_dir / f".write-test-{os.getpid()}"  # per process: workers start together
-        probe.write_text("ok")
-        probe.unlink()
-    except OSError as exc:
-        raise SearchError(f"output folder {study_dir} is not writable: {exc.strerror}") from None
+    check_writable(study_dir)
     workers = _resolve_workers(settings.workers, device)
     storage_url = settings.storage or default_storage_url(study_dir, workers)
     if workers > 1 and storage_url.startswith("sqlite"):
