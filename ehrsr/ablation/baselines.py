@@ -28,6 +28,7 @@ from ehrsr.baselines import (
     available_baselines,
     baseline_label,
     baseline_names,
+    baselines_off,
     build_baseline,
     deploy_baseline,
 )
@@ -93,7 +94,7 @@ def parse_baselines(text: str | None, size_class: str = "tiny") -> list[Baseline
     raise ``BaselineError`` listing the valid ones."""
     if text is None or text.strip().lower() in ("", "default", "all"):
         return default_baselines(size_class)
-    if text.strip().lower() == "none":
+    if baselines_off(text):
         return []
     specs = []
     valid = baseline_names()

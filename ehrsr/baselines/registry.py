@@ -32,12 +32,19 @@ __all__ = [
     "available_baselines",
     "baseline_label",
     "baseline_names",
+    "baselines_off",
     "build_baseline",
     "deploy_baseline",
 ]
 
 SizeClass = Literal["tiny", "full"]
 SIZE_CLASSES: tuple[str, ...] = ("tiny", "full")
+
+
+def baselines_off(text: str | None) -> bool:
+    """Whether ``--baselines`` text turns the baselines off (``none``, any case): the one place that
+    reads that word; ``ehrsr.ablation.baselines.parse_baselines`` reads the rest of the option."""
+    return text is not None and text.strip().lower() == "none"
 
 
 class UnknownBaseline(ValueError):

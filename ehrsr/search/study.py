@@ -127,7 +127,9 @@ class SearchSettings:
     def reserved_share(self) -> float:
         """Share of a time budget kept from the search for the steps after it (controlled
         ablation, baselines, proxy-fidelity check)."""
-        baselines = 0.0 if (self.baselines or "").strip().lower() == "none" else self.baselines_share
+        from ehrsr.baselines import baselines_off
+
+        baselines = 0.0 if baselines_off(self.baselines) else self.baselines_share
         return self.ablation_share + baselines + self.fidelity_share
 
 
