@@ -154,9 +154,8 @@ def test_the_lock_refuses_a_second_process_and_is_gone_afterwards(tmp_path) -> N
         message = queue.get(timeout=5)
         assert message == (f"{lock.parent} is in use by another process (pid {os.getpid()}, lock file .lock); "
                            "choose another --out")
-        with pytest.raises(FolderInUse):  # the same process, another descriptor: also refused
-            with hold_lock(lock):
-                pass
+        with pytest.raises(FolderInUse), hold_lock(lock):  # the same process, another descriptor: refused too
+            pass
     assert not lock.exists()
     other = context.Process(target=_try_lock, args=(str(lock), queue))
     other.start()
