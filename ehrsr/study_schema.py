@@ -328,7 +328,7 @@ def macs_convention(shape_text: str) -> str:
 
 
 PSNR_CONVENTION_FALLBACK = "PSNR on the Y channel (BT.601), crop_border = scale, uint8-rounded images"
-"""What a report says of PSNR for a study that stored no conventions (written before they were)."""
+"""What a report says of PSNR for a study that stored no conventions."""
 
 
 # ---------------------------------------------------------------------------------------------

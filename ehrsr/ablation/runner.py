@@ -405,7 +405,7 @@ def _run_one(
     start = _clock()
     try:
         with Heartbeat(ablation, trial._trial_id):
-            # the deadline only with a budget: runners without one keep run_configuration's old contract
+            # train_seconds only with a budget: a runner without a deadline need not take the keyword
             extra = {} if train_seconds is None else {"train_seconds": train_seconds}
             result = run(variant.config, train, ctx, seed=seed, **extra)
     except KeyboardInterrupt:
@@ -423,7 +423,7 @@ def _run_one(
         metrics=dict(result.metrics or {}),
         seconds=dict(result.seconds or {}),
         steps_done=int(result.steps_done),
-        # RunResult.per_image; getattr: runner stand-ins written before it existed leave it out
+        # RunResult.per_image; getattr: a runner stand-in (tests) may return a result without it
         per_image=getattr(result, "per_image", None) if result.status == "complete" else None,
     )
     outcome = record_outcome(ablation, trial, outcome, wall_seconds=_clock() - start)

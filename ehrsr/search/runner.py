@@ -449,10 +449,10 @@ _WEIGHT_DECAY_USED_BEFORE_V2 = 1e-4  # what training applied, whatever a trial r
 def stale_train_settings(study: Any) -> str | None:
     """Why ``study`` (an Optuna study being resumed) must not be continued, or None.
 
-    A study without ``TRAIN_SETTINGS_VERSION_ATTR`` was created before the weight decay reached
-    the optimizer; when any of its trials records (or searched) a weight decay other than the
-    1e-4 training actually used, its results do not mean what they say, and new trials would be
-    trained differently from the old ones. A study with no such trial can continue.
+    A study without ``TRAIN_SETTINGS_VERSION_ATTR`` (training settings version 1) trained every
+    trial with weight decay 1e-4, whatever the trial recorded; when any of its trials records (or
+    searched) another weight decay, its results do not mean what they say, and new trials would
+    be trained differently. A study with no such trial can continue.
     """
     if study.user_attrs.get(TRAIN_SETTINGS_VERSION_ATTR, 0) >= TRAIN_SETTINGS_VERSION:
         return None
