@@ -227,3 +227,26 @@ def test_ablation_runs_wait_out_a_storage_restart(tmp_path, monkeypatch, capsys)
     assert "storage unreachable, retrying in 1 s (record a run)" in capsys.readouterr().err
     ablation = optuna.load_study(study_name="abl-ablation", storage=study._storage)
     assert len(ablation.trials) == 5 and all(t.state == TrialState.COMPLETE for t in ablation.trials)
+
+
+def test_a_full_disk_inside_a_trial_stops_the_search_too(tmp_path, monkeypatch) -> None:
+    # safetensors says ENOSPC only in its text; any later trial would fail the same way
+    from safetensors import SafetensorError
+
+    from ehrsr.search import driver
+
+    full = SafetensorError("Error while serializing: I/O error: No space left on device (os error 28)")
+    assert storage_full(full) and not storage_unreachable(full)
+    other = SafetensorError("Error while serializing: I/O error: Permission denied (os error 13)")
+    assert not storage_full(other)
+
+    def execute_trial(job, ctx, study):
+        raise full
+
+    monkeypatch.setattr(driver, "execute_trial", execute_trial)
+    job = SimpleNamespace(weights_path=str(tmp_path / "weights" / "trial_00004.safetensors"), trial_number=4)
+    with pytest.raises(StorageFull, match=rf"^no space left on the device holding {re.escape(str(tmp_path / 'weights'))} "
+                                          r"while trying to run trial #4: free some space"):
+        driver._execute_guarded(job, None, None)
+    monkeypatch.setattr(driver, "execute_trial", lambda job, ctx, study: (_ for _ in ()).throw(RuntimeError("bug")))
+    assert driver._execute_guarded(job, None, None).status == "error"  # anything else ends only this trial

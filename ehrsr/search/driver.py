@@ -40,6 +40,7 @@ from ehrsr.search.storage import (
     open_storage,
     retry_storage,
     retrying,
+    storage_full,
     storage_unreachable,
 )
 from ehrsr.search.study import (
@@ -292,12 +293,16 @@ def _start_trial(trial: optuna.Trial, prepared: PreparedStudy, settings: SearchS
 
 def _execute_guarded(job: TrialJob, ctx: Any, study: optuna.Study) -> TrialOutcome:
     """``execute_trial`` in this process; an unexpected exception ends this trial only ("error",
-    with its traceback), as it does in a child process. User errors pass (the caller stops)."""
+    with its traceback), as it does in a child process. User errors pass (the caller stops), and so
+    does a full disk, as ``StorageFull``."""
     try:
         return execute_trial(job, ctx=ctx, study=study)
     except UserError:
         raise
     except Exception as exc:
+        if storage_full(exc):  # every later trial would fail the same way: stop, as on a full storage
+            where = str(Path(job.weights_path).parent) if job.weights_path else "the study folder"
+            raise StorageFull.on(where, f"run trial #{job.trial_number}") from exc
         return TrialOutcome.failed("error", f"{type(exc).__name__}: {exc}", traceback=traceback.format_exc(),
                                    started=True)
 

@@ -237,13 +237,16 @@ _PG_DISK_FULL = "53100"  # PostgreSQL's SQLSTATE disk_full ("could not extend fi
 def storage_full(exc: BaseException) -> bool:
     """Whether ``exc`` (or an error it was raised from) says the storage has no room left: SQLite's
     SQLITE_FULL ("database or disk is full"), PostgreSQL's disk_full, or a file write failing
-    with ENOSPC / EDQUOT (a journal file, a study folder). Waiting does not help these."""
+    with ENOSPC / EDQUOT (a journal file, a study folder; safetensors reports the OS error only in
+    its text, "(os error 28)"). Waiting does not help these."""
     for error in _chain(exc):
         sqlite_full = isinstance(error, sqlite3.Error) and (
             getattr(error, "sqlite_errorcode", None) == sqlite3.SQLITE_FULL or "database or disk is full" in str(error)
         )
         file_full = isinstance(error, OSError) and error.errno in _DISK_FULL_ERRNOS
         server_full = _PG_DISK_FULL in (getattr(error, "sqlstate", None), getattr(error, "pgcode", None))
+        file_full = file_full or (type(error).__name__ == "SafetensorError"
+                                  and any(f"(os error {code})" in str(error) for code in _DISK_FULL_ERRNOS))
         if sqlite_full or file_full or server_full:
             return True
     return False
@@ -271,6 +274,11 @@ def storage_unreachable(exc: BaseException) -> bool:
 
 class StorageFull(StorageError):
     """The storage has no space left: one line, and the search stops (no waiting for space)."""
+
+    @classmethod
+    def on(cls, where: str, what: str) -> StorageFull:
+        return cls(f"no space left on the device holding {where} while trying to {what}: free some space, "
+                   "then run the same command again to resume")
 
 
 def storage_place(url: str) -> str:
@@ -310,9 +318,7 @@ def retry_storage(operation: Callable[[], T], *, what: str, log: Callable[[str],
             return operation()
         except Exception as exc:
             if storage_full(exc):
-                where = storage_place(storage_url) if storage_url else "the storage's disk"
-                raise StorageFull(f"no space left on the device holding {where} while trying to {what}: "
-                                  "free some space, then run the same command again to resume") from exc
+                raise StorageFull.on(storage_place(storage_url) if storage_url else "the storage's disk", what) from exc
             if not retryable(exc):
                 raise
             if waited >= give_up_s:
