@@ -14,7 +14,6 @@ import argparse
 import contextlib
 import errno
 import math
-import os
 import re
 import sys
 from collections.abc import Iterator
@@ -348,7 +347,7 @@ class UsageError(UserError):
 
 
 class OutputError(UserError):
-    """The output folder cannot be written (read-only, full, under a file)."""
+    """Writing into the output folder failed on the way (read-only, full)."""
 
 
 @contextlib.contextmanager
@@ -358,15 +357,9 @@ def _writing_to(folder: Path) -> Iterator[None]:
     the OS error) into one line naming the folder."""
     from safetensors import SafetensorError
 
-    if folder.is_dir():  # a missing folder is the storage's business ("no study ...")
-        probe = folder / f".write-test-{os.getpid()}"
-        try:
-            probe.write_text("ok")
-            probe.unlink()
-        except OSError as exc:
-            raise OutputError(f"output folder {folder} is not writable: {exc.strerror or exc}") from None
-    elif folder.exists() or any(p.is_file() for p in folder.parents):
-        raise OutputError(f"output folder {folder} is not writable: a file is in its path")
+    from ehrsr.files import check_writable
+
+    check_writable(folder, create=False)  # a missing folder is the storage's business ("no study ...")
     try:
         yield
     except OSError as exc:

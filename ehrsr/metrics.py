@@ -39,21 +39,26 @@ import torch.nn.functional as F
 from torch import nn
 
 from ehrsr.data.imresize import imresize
+from ehrsr.errors import UserError
 
 __all__ = [
     "ALEXNET_WEIGHTS_FILE",
     "LPIPS",
     "LPIPS_WEIGHTS_FILE",
     "PER_IMAGE_DECIMALS",
+    "SSIM_WINDOW",
     "BicubicUpsampler",
     "EvalResult",
+    "ImageTooSmall",
     "LPIPSUnavailable",
     "bicubic_baseline",
+    "check_measurable",
     "decode_per_image",
     "encode_per_image",
     "evaluate",
     "psnr",
     "rgb_to_y",
+    "smallest_measurable_side",
     "ssim",
     "to_uint8_image",
 ]
@@ -151,7 +156,10 @@ def psnr(
     return float(np.mean(values))
 
 
-def _gaussian_window(size: int = 11, sigma: float = 1.5) -> np.ndarray:
+SSIM_WINDOW = 11  # side of SSIM's Gaussian window (sigma 1.5), as in BasicSR and the SSIM paper
+
+
+def _gaussian_window(size: int = SSIM_WINDOW, sigma: float = 1.5) -> np.ndarray:
     t = np.arange(size, dtype=np.float64) - (size - 1) / 2.0
     g = np.exp(-(t**2) / (2.0 * sigma**2))
     g /= g.sum()
@@ -182,10 +190,36 @@ def ssim(
     as :func:`psnr`. Images must be at least 11x11 after the crop."""
     values = []
     for p, g in _prepare_pair(pred, gt, crop_border, y_channel):
-        if min(p.shape[:2]) < 11:
+        if min(p.shape[:2]) < SSIM_WINDOW:
             raise ValueError(f"SSIM needs images of at least 11x11 after cropping, got {p.shape[1]}x{p.shape[0]}")
         values.append(float(np.mean([_ssim_plane(p[:, :, c], g[:, :, c]) for c in range(p.shape[2])])))
     return float(np.mean(values))
+
+
+class ImageTooSmall(UserError, ValueError):
+    """A validation image too small to measure at its scale; the message names it and its size."""
+
+
+def smallest_measurable_side(scale: int) -> int:
+    """The smallest HR side (px) PSNR and SSIM can be measured on at ``scale``, with the
+    conventions above: the image is cropped to a multiple of the scale, ``crop_border = scale``
+    pixels go on each side (none at scale 1), and SSIM's 11x11 window must still fit."""
+    crop = scale if scale > 1 else 0
+    need = SSIM_WINDOW + 2 * crop
+    return -(-need // scale) * scale  # the next multiple of the scale
+
+
+def check_measurable(sizes: Sequence[tuple[Path, int, int]], scale: int) -> None:
+    """Raise ``ImageTooSmall`` for the first ``(path, width, height)`` whose image cannot be
+    measured at ``scale`` (``smallest_measurable_side``): one line naming the file and its size."""
+    need = smallest_measurable_side(scale)
+    crop = scale if scale > 1 else 0
+    for path, width, height in sizes:
+        if min(width, height) < need:
+            raise ImageTooSmall(
+                f"image {Path(path).name} ({width}x{height}) is too small for the crop border {crop} of x{scale} "
+                f"and SSIM's {SSIM_WINDOW}x{SSIM_WINDOW} window: it needs at least {need}x{need} px"
+            )
 
 
 # ---------------------------------------------------------------------------------------------

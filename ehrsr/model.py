@@ -21,6 +21,8 @@ and its convolution starts at zero, so an untrained network returns that base im
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -40,7 +42,7 @@ from ehrsr.blocks import (
 )
 from ehrsr.config import EHRSRConfig
 
-__all__ = ["EHRSR", "build_model"]
+__all__ = ["EHRSR", "build_model", "state_mismatch"]
 
 
 def _conv_block(block_type: str, channels: int, expansion: float, dropout: float) -> nn.Module:
@@ -287,3 +289,22 @@ def build_model(config: EHRSRConfig | dict) -> EHRSR:
     if not isinstance(config, EHRSRConfig):
         raise TypeError(f"build_model expects an EHRSRConfig or a dict, got {type(config).__name__}")
     return EHRSR(config)
+
+
+def state_mismatch(model: nn.Module, state: Mapping[str, torch.Tensor], limit: int = 3) -> str | None:
+    """Why ``state`` does not load into ``model`` with ``strict=True``, in one line naming the first
+    ``limit`` tensors of each kind (those whose shapes differ, with both shapes; those missing
+    from ``state``; those the model lacks); None when it loads. PyTorch's own message starts
+    with a line that names none of them."""
+    expected = model.state_dict()
+    reshaped = [f"{name} (file {tuple(tensor.shape)}, model {tuple(expected[name].shape)})"
+                for name, tensor in state.items() if name in expected and tensor.shape != expected[name].shape]
+    missing = [name for name in expected if name not in state]
+    unexpected = [name for name in state if name not in expected]
+    parts = []
+    for what, names in (("of another shape", reshaped), ("missing from the file", missing),
+                        ("unknown to the model", unexpected)):
+        if names:
+            more = f", and {len(names) - limit} more" if len(names) > limit else ""
+            parts.append(f"{len(names)} tensor{'s' if len(names) != 1 else ''} {what}: {', '.join(names[:limit])}{more}")
+    return "; ".join(parts) or None

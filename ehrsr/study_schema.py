@@ -40,6 +40,7 @@ __all__ = [
     "Objective",
     "StudyInfo",
     "ablation_study_name",
+    "baselines_off",
     "baselines_study_name",
     "conventions",
     "device_latency_profile",
@@ -211,12 +212,18 @@ class SharesRecord:
 
     @property
     def baselines_off(self) -> bool:
-        return (self.baselines or "").strip().lower() == "none"
+        return baselines_off(self.baselines)
 
     @property
     def reserved(self) -> float:
         """Share of a time budget kept from the search for the steps after it."""
         return self.ablation + (0.0 if self.baselines_off else self.baselines_share) + self.fidelity
+
+
+def baselines_off(text: str | None) -> bool:
+    """Whether ``--baselines`` text turns the baselines off (``none``, any case): the one place that
+    reads that word; ``ehrsr.ablation.baselines.parse_baselines`` reads the rest of the option."""
+    return text is not None and text.strip().lower() == "none"
 
 
 _NESTED: dict[str, type] = {
@@ -598,7 +605,7 @@ def macs_convention(shape_text: str) -> str:
 
 
 PSNR_CONVENTION_FALLBACK = "PSNR on the Y channel (BT.601), crop_border = scale, uint8-rounded images"
-"""What a report says of PSNR for a study that stored no conventions (written before they were)."""
+"""What a report says of PSNR for a study that stored no conventions."""
 
 
 # ---------------------------------------------------------------------------------------------

@@ -107,7 +107,7 @@ def test_second_preparation_loads_the_cache_without_decoding_or_resizing(builtin
     def forbidden(*args, **kwargs):
         raise AssertionError("the cache should have been used")
 
-    monkeypatch.setattr(prepare_module, "read_image", forbidden)
+    monkeypatch.setattr(prepare_module, "read_image_noted", forbidden)
     monkeypatch.setattr(trainset_module, "degrade_base", forbidden)
     train2, val2 = prepare_data(TaskConfig(scale=4), cache_dir=cache, progress=False)
     assert torch.equal(train2.hr.buffer, train.hr.buffer) and torch.equal(train2.lr.buffer, train.lr.buffer)
@@ -150,8 +150,8 @@ def test_cache_key_follows_file_contents(hr_folder, tmp_path, monkeypatch):
     _, val = prepare_data(TaskConfig(scale=2), hr_folder, hr_folder, cache_dir=cache, progress=False)
     write_image(hr_folder / "a.png", synthetic_image(50, 61, 99))  # new content, size and mtime
     reads = []
-    original = prepare_module.read_image
-    monkeypatch.setattr(prepare_module, "read_image", lambda p: reads.append(p.name) or original(p))
+    original = prepare_module.read_image_noted
+    monkeypatch.setattr(prepare_module, "read_image_noted", lambda p: reads.append(p.name) or original(p))
     _, val2 = prepare_data(TaskConfig(scale=2), hr_folder, hr_folder, cache_dir=cache, progress=False)
     assert "a.png" in reads
     assert not np.array_equal(val2[0].hr, val[0].hr)
@@ -343,3 +343,56 @@ def test_patch_larger_than_every_image_is_explained(builtin):
     with pytest.raises(ValueError, match=r"patch_size 500 \(LR pixels\) is larger than every training image"):
         train.sample(2, 500, torch.Generator())
     assert train.to("cpu") is train
+
+
+def _png16(path, array: np.ndarray) -> None:
+    """A 16-bit PNG (grey, or RGB): Pillow writes no 16-bit RGB, so the file is built by hand."""
+    import struct
+    import zlib
+
+    height, width, channels = array.shape
+    rows = b"".join(b"\x00" + array[y].astype(">u2").tobytes() for y in range(height))
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data) & 0xFFFFFFFF)
+
+    header = struct.pack(">IIBBBBB", width, height, 16, {1: 0, 3: 2}[channels], 0, 0, 0)
+    path.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(rows))
+                     + chunk(b"IEND", b""))
+
+
+def test_converted_images_are_said_once_per_folder_and_kept_in_the_description(tmp_path, caplog):
+    from PIL import Image
+
+    from ehrsr.data.io import read_image, read_image_noted
+
+    folder = tmp_path / "mixed"
+    folder.mkdir()
+    rgb = synthetic_image(32, 32, seed=1)
+    Image.fromarray(rgb).save(folder / "a_rgb.png")
+    Image.fromarray(rgb[:, :, 0]).save(folder / "b_gray.png")
+    Image.fromarray(np.dstack([rgb, np.full((32, 32), 7, np.uint8)])).save(folder / "c_rgba.png")
+    Image.fromarray(rgb).convert("CMYK").save(folder / "d_cmyk.tif")
+    _png16(folder / "e_gray16.png", rgb[:, :, :1].astype(np.uint16) * 257)
+    _png16(folder / "f_rgb16.png", rgb.astype(np.uint16) * 256 + 100)
+    Image.fromarray(rgb).convert("P").save(folder / "g_palette.png")  # lossless expansion: no note
+    # converted exactly as before: the notes are the only change
+    assert np.array_equal(read_image(folder / "e_gray16.png"), np.repeat(rgb[:, :, :1], 3, axis=2))
+    assert np.array_equal(read_image(folder / "f_rgb16.png"), rgb)  # the high byte of v * 256 + 100
+    assert np.array_equal(read_image(folder / "c_rgba.png"), rgb)
+    assert [read_image_noted(p)[1] for p in sorted(folder.iterdir())] == [
+        (), ("grayscale replicated to 3 channels",), ("alpha dropped",), ("CMYK converted to RGB",),
+        ("16-bit reduced to 8 bits", "grayscale replicated to 3 channels"), ("16-bit reduced to 8 bits",), (),
+    ]
+    expected = (f"{folder}: converted to 8-bit RGB: grayscale replicated to 3 channels: 2 images (b_gray.png, "
+                "e_gray16.png); alpha dropped: 1 image (c_rgba.png); CMYK converted to RGB: 1 image (d_cmyk.tif); "
+                "16-bit reduced to 8 bits: 2 images (e_gray16.png, f_rgb16.png)")
+    with caplog.at_level("WARNING", logger="ehrsr.data"):
+        _, val = prepare_data(TaskConfig(scale=2), None, folder, cache_dir=tmp_path / "c", progress=False)
+    assert [r.getMessage() for r in caplog.records if r.name.startswith("ehrsr.data")] == [expected]
+    assert val.description.endswith(f"; {expected}")
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="ehrsr.data"):  # from the cache: said in the description only
+        _, again = prepare_data(TaskConfig(scale=2), None, folder, cache_dir=tmp_path / "c", progress=False)
+    assert not [r for r in caplog.records if r.name.startswith("ehrsr.data")]
+    assert again.description == val.description

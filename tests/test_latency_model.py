@@ -22,7 +22,7 @@ from ehrsr.profiling.latency_model import (
     unit_module,
     units_of,
 )
-from ehrsr.search.space import SearchSpace, load_space
+from ehrsr.search.space import SearchSpace, load_space, space_from_text
 
 SMALL = EHRSRConfig.from_dict({"width": 8, "msg": {"levels": 0, "depths": []}, "trunk_blocks": 1})
 TWO_WIDTHS = """
@@ -175,7 +175,7 @@ def test_profile_settings_reach_the_timing(tmp_path: Path, monkeypatch):
 
     monkeypatch.setattr(lm, "time_model", spy)
     monkeypatch.setattr(lm, "Canary", _QuietCanary)  # a busy machine would time a batch twice
-    space = SearchSpace.from_text(TWO_WIDTHS, name="two-widths")  # 6 units: enumeration is instant
+    space = space_from_text(TWO_WIDTHS, name="two-widths")  # 6 units: enumeration is instant
     model = calibrate(space, Profile(), tmp_path / "m.json", max_units=3, progress=False,
                       enumeration_patience=200)
     assert not model.complete and len(model.units) == 3
@@ -193,7 +193,7 @@ def test_profile_settings_reach_the_timing(tmp_path: Path, monkeypatch):
 def test_small_real_calibration_ranks_clearly_different_sizes(tmp_path: Path):
     """A real calibration of a one-point space (a handful of units, seconds) predicts a small, a
     medium and a large configuration in the right order, each within a factor of two."""
-    space = SearchSpace.from_text(TWO_WIDTHS, name="two-widths")
+    space = space_from_text(TWO_WIDTHS, name="two-widths")
     target = LatencyTarget("here", "cpu", "torch", 1, "float32", (48, 48))
     model = calibrate(space, target, tmp_path / "m.json", n_fit=3, n_holdout=3, progress=False, enumeration_patience=200,
                       unit_budget_s=0.02, network_budget_s=0.05)

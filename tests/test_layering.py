@@ -28,7 +28,8 @@ BENCHMARKS = ROOT / "benchmarks"
 
 # lowest first; a module may import its own layer and the layers below
 LAYERS: tuple[tuple[str, ...], ...] = (
-    ("ehrsr.errors", "ehrsr.faults", "ehrsr.study_schema", "ehrsr.config", "ehrsr.resources", "ehrsr.stats"),
+    ("ehrsr.errors", "ehrsr.faults", "ehrsr.files", "ehrsr.study_schema", "ehrsr.config", "ehrsr.resources",
+     "ehrsr.stats"),
     ("ehrsr.blocks",),
     ("ehrsr", "ehrsr.model", "ehrsr.reparam"),  # "ehrsr": the package itself (build_model, __version__)
     ("ehrsr.data", "ehrsr.metrics", "ehrsr.profiling", "ehrsr.training", "ehrsr.baselines"),

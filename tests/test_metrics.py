@@ -234,3 +234,22 @@ def test_restoration_baseline_is_the_input_quality_without_crop():
     result = bicubic_baseline(val)
     assert result.convention.startswith("PSNR/SSIM on Y (BT.601), crop_border=0")
     assert result.psnr == pytest.approx(psnr(val[0].lr, val[0].hr, crop_border=0), abs=1e-12)
+
+
+@pytest.mark.parametrize("scale", [1, 2, 3, 4])
+def test_the_smallest_measurable_side_is_where_psnr_and_ssim_stop_working(scale: int) -> None:
+    from ehrsr.data import mod_crop
+    from ehrsr.metrics import smallest_measurable_side
+
+    def measurable(side: int) -> bool:
+        hr = mod_crop(np.random.default_rng(side).integers(0, 256, (side, side, 3), dtype=np.uint8), scale)
+        crop = scale if scale > 1 else 0
+        try:
+            psnr(hr, hr, crop), ssim(hr, hr, crop)
+        except ValueError:
+            return False
+        return True
+
+    least = smallest_measurable_side(scale)
+    assert least % scale == 0 and measurable(least)
+    assert not any(measurable(side) for side in range(1, least))

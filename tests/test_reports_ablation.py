@@ -20,7 +20,7 @@ from ehrsr import EHRSRConfig
 from ehrsr.ablation import AblationError, build_variants, load_controlled_ablation, run_controlled_ablation
 from ehrsr.ablation import runner as ablation_module
 from ehrsr.reports import param_importances
-from ehrsr.search.space import SearchSpace
+from ehrsr.search.space import space_from_text
 from ehrsr.training import TrainSettings
 from tests.reports_study import make_study, study_attrs
 
@@ -151,7 +151,7 @@ CTX = SimpleNamespace(device="cpu", objectives=("psnr", "latency"))
 
 
 def test_build_variants_leave_one_out_and_add_one_in():
-    space = SearchSpace.from_text(SPACE_YAML, name="ablate-test")
+    space = space_from_text(SPACE_YAML, name="ablate-test")
     middle = space.config_from_params(space.reference_params()["all-modules"], scale=4).config
     settings = {m: middle.to_dict()[m] for m in ("wab", "fsb", "moe")}
     variants = build_variants(REFERENCE, ["wab", "fsb", "moe"], settings)

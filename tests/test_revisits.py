@@ -1,4 +1,4 @@
-"""Revisits (issue 15): a resumed study continues its random stream, repeats are recorded, not trained."""
+"""Revisits: a resumed study continues its random stream, repeats are recorded, not trained."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""The selective-scan op's backwards (issue 15) against the reference loop's autograd: the compiled
+"""The selective-scan op's backwards against the reference loop's autograd: the compiled
 CPU kernel (``ssm.SCAN_KERNEL = "auto"``, the default where it builds; ``tests/test_scan_kernel.py``
 tests its building and fallback), and the PyTorch forms used without it: the recompute under
 autograd and the hand-written adjoint scan (``ssm.SCAN_BACKWARD``)."""

@@ -24,7 +24,7 @@ from ehrsr.search.runner import (
     RunContext,
     run_configuration,
 )
-from ehrsr.search.space import SearchSpace
+from ehrsr.search.space import space_from_text
 from ehrsr.study_schema import PER_IMAGE_ATTR
 from ehrsr.training import LOSSES, TrainSettings
 from tests.data_helpers import synthetic_image
@@ -133,7 +133,7 @@ class Spies:
 
 @pytest.mark.parametrize("loss", LOSSES)
 def test_space_settings_reach_the_optimizer_loss_and_batches_of_a_trial(ctx, monkeypatch, loss) -> None:
-    space = SearchSpace.from_text(seam_yaml(loss), name="seams")
+    space = space_from_text(seam_yaml(loss), name="seams")
     study = optuna.create_study(directions=["maximize", "minimize"])
     sampled = space.suggest(study.ask(), scale=2)
     assert sampled.train == TrainSettings(
@@ -149,7 +149,7 @@ def test_a_reference_trials_stored_settings_reach_every_ablation_run(ctx, monkey
     from ehrsr.ablation import run_controlled_ablation
 
     yaml_text = seam_yaml("mse")
-    space = SearchSpace.from_text(yaml_text, name="seams")
+    space = space_from_text(yaml_text, name="seams")
     sampled = space.config_from_params({"fsb.enabled": True}, scale=2)
     # the reference trial as the search stores it
     study = optuna.create_study(
@@ -199,7 +199,7 @@ def test_a_training_deadline_reaches_training_and_cuts_the_run_short(ctx, monkey
         return original(*args, seconds=seconds, **kwargs)
 
     monkeypatch.setattr(ehrsr.training, "train", spy)
-    space = SearchSpace.from_text(seam_yaml("l1"), name="seams")
+    space = space_from_text(seam_yaml("l1"), name="seams")
     sampled = space.config_from_params({"fsb.enabled": False}, scale=2)
     result = run_configuration(sampled.config, sampled.train, ctx, seed=0, train_seconds=0.0)
     assert seen == [0.0]

@@ -62,13 +62,16 @@ def test_training_images_smaller_than_the_patch_are_refused_before_the_study(tmp
     assert not (tmp_path / "r" / "s").exists()
 
 
-def test_a_validation_image_too_small_for_the_crop_border_is_named(tmp_path: Path, capsys) -> None:
+@pytest.mark.parametrize("side", [6, 12])
+def test_a_validation_image_too_small_to_measure_is_named(side: int, tmp_path: Path, capsys) -> None:
+    # 12 px: cropped to 12 and by 4 px on each side, 4x4 px are left, too few for SSIM's 11x11 window
     train = _images(tmp_path / "train", 72)
     val = _images(tmp_path / "val", 32)
-    _images(val, 6, n=1, prefix="tiny")
+    _images(val, side, n=1, prefix="tiny")
     code, _, err = _run(tmp_path, capsys, "--train-data", str(train), "--val-data", str(val))
     line = _one_error_line(err)
-    assert code == 2 and "tiny0.png (6x6) is too small for the crop border 4" in line
+    assert code == 2 and line == (f"error: --val-data: image tiny0.png ({side}x{side}) is too small for the crop "
+                                  "border 4 of x4 and SSIM's 11x11 window: it needs at least 20x20 px")
     assert not (tmp_path / "r" / "s").exists()
 
 

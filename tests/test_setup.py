@@ -66,3 +66,30 @@ def test_the_test_extra_holds_what_the_tests_import():
     test = re.search(r"^test = \[(.*)\]$", (REPO / "pyproject.toml").read_text(), flags=re.MULTILINE).group(1)
     for extra in ("iqa", "onnx", "baselines"):
         assert extra in re.search(r"ehrsr\[([^\]]*)\]", test).group(1).split(","), (extra, test)
+
+
+def test_in_ci_a_test_needing_a_missing_optional_package_fails_instead_of_skipping(tmp_path):
+    # tests/conftest.py's hook, run by a pytest of its own on two probes: one calls
+    # pytest.importorskip inside a test, the other at module level (during collection)
+    import os
+    import subprocess
+    import sys
+
+    (tmp_path / "test_inside.py").write_text(
+        "import pytest\n\n\ndef test_it():\n    pytest.importorskip('ehrsr_no_such_package')\n")
+    (tmp_path / "test_module.py").write_text(
+        "import pytest\n\npytest.importorskip('ehrsr_no_such_package_2')\n\n\ndef test_it():\n    pass\n")
+
+    def run(ci: str) -> subprocess.CompletedProcess:
+        env = {**os.environ, "CI": ci, "PYTHONPATH": str(REPO)}
+        return subprocess.run([sys.executable, "-m", "pytest", "-q", "-rs", "-p", "tests.conftest", "-p",
+                               "no:cacheprovider", "--continue-on-collection-errors", str(tmp_path)], cwd=tmp_path, env=env, capture_output=True,
+                              text=True, timeout=300)
+
+    outside = run("")
+    assert outside.returncode == 0 and "2 skipped" in outside.stdout, outside.stdout[-2000:]
+    inside = run("true")
+    assert inside.returncode != 0, inside.stdout[-2000:]
+    for module in ("ehrsr_no_such_package", "ehrsr_no_such_package_2"):
+        assert f"{module} is missing, but CI installs every optional package" in inside.stdout, inside.stdout[-2000:]
+    assert "skipped" not in inside.stdout

@@ -127,3 +127,21 @@ def test_worker_gone_only_when_provably_dead_on_this_host() -> None:
     assert worker_gone({**me.to_dict(), "started": me.started - 100})  # the pid now belongs to another process
     assert not worker_gone({**recorded, "host": "other-node|boot|pid:[1]"})  # another machine: heartbeat only
     assert not worker_gone(None) and not worker_gone({"pid": "x"})
+
+
+def test_a_storage_proxy_on_a_taken_port_is_one_line_and_leaves_nothing(tmp_path, capsys) -> None:
+    import socket
+
+    db = tmp_path / "proxy" / "study.db"
+    db.parent.mkdir()
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        code = main(["storage-proxy", "--storage", f"sqlite:///{db}", "--host", "127.0.0.1", "--port", str(port)])
+    out, err = capsys.readouterr()
+    assert code == 2
+    assert err.strip() == (f"error: storage-proxy cannot listen on 127.0.0.1:{port}: the port is taken or the "
+                           "address is not this machine's")
+    assert "listening" not in out
+    assert list(db.parent.iterdir()) == []  # no empty SQLite file left behind

@@ -64,7 +64,11 @@ class SpyRunner:
         return RunResult("complete", None, metrics, [psnr, self.latency_ms], {"total": 1.0}, train.steps)
 
 
-def test_baselines_get_exactly_the_reference_trials_protocol(tmp_path: Path) -> None:
+def test_baselines_get_exactly_the_reference_trials_protocol(tmp_path: Path, monkeypatch) -> None:
+    import ehrsr.ablation.side
+
+    clock = iter(range(0, 1000, 7))  # each run's wall time: 7 s by this clock
+    monkeypatch.setattr(ehrsr.ablation.side, "_clock", lambda: float(next(clock)))
     study = _study(tmp_path)
     runner = SpyRunner([27.0, 26.0])
     specs = [BaselineSpec("RLFN", "tiny", True), BaselineSpec("SPAN", "tiny", False)]
@@ -85,7 +89,8 @@ def test_baselines_get_exactly_the_reference_trials_protocol(tmp_path: Path) -> 
     for t in side.trials:
         assert t.state == TrialState.COMPLETE and t.user_attrs["steps_done"] == 180
         assert t.user_attrs["train"]["batch_size"] == 8 and t.user_attrs["train"]["patch_size"] == 32
-        assert t.user_attrs["rung_0"]["step"] == 20 and t.user_attrs["charged_seconds"] >= 0
+        assert t.user_attrs["rung_0"]["step"] == 20
+        assert t.user_attrs["charged_seconds"] == 7.0  # its wall time times its one device
     # resumed: nothing to do
     again = run_baselines(study, CTX, specs, progress=False, runner=SpyRunner([]))
     assert again.runs_run == 0 and again.runs_skipped == 2
@@ -105,6 +110,19 @@ def test_parse_baselines() -> None:
     assert all(s.bicubic_skip for s in parse_baselines(None))
     with pytest.raises(BaselineError, match="unknown baseline 'FOO'; valid: SPAN"):
         parse_baselines("RLFN,FOO")
+
+
+@pytest.mark.parametrize(("text", "off"), [("none", True), (" NONE ", True), ("None", True), (None, False),
+                                         ("default", False), ("RLFN", False)])
+def test_baselines_none_is_read_in_one_place(text: str | None, off: bool) -> None:
+    # the budget kept for the baselines and the baselines trained agree on every spelling
+    from ehrsr.baselines import baselines_off
+    from ehrsr.search.study import SearchSettings
+
+    settings = SearchSettings(baselines=text, ablation_share=0.15, baselines_share=0.1, fidelity_share=0.05)
+    assert baselines_off(text) is off
+    assert settings.reserved_share == pytest.approx(0.2 if off else 0.3)
+    assert (parse_baselines(text) == []) is off
 
 
 def test_unknown_baseline_is_one_line_exit_2_before_any_search(tmp_path: Path, capsys) -> None:

@@ -20,7 +20,14 @@ from typing import Any
 import optuna
 from optuna.trial import FrozenTrial, TrialState
 
-from ehrsr.ablation.side import SideBudget, median_charge, open_side_study, run_recorded
+from ehrsr.ablation.side import (
+    SideBudget,
+    finished_runs,
+    median_charge,
+    open_side_study,
+    run_recorded,
+    storage_retry,
+)
 from ehrsr.ablation.variants import AblationError
 from ehrsr.baselines import (
     BaselineUnavailable,
@@ -28,6 +35,7 @@ from ehrsr.baselines import (
     available_baselines,
     baseline_label,
     baseline_names,
+    baselines_off,
     build_baseline,
     deploy_baseline,
 )
@@ -93,7 +101,7 @@ def parse_baselines(text: str | None, size_class: str = "tiny") -> list[Baseline
     raise ``BaselineError`` listing the valid ones."""
     if text is None or text.strip().lower() in ("", "default", "all"):
         return default_baselines(size_class)
-    if text.strip().lower() == "none":
+    if baselines_off(text):
         return []
     specs = []
     valid = baseline_names()
@@ -163,12 +171,13 @@ def run_baselines(
     train, seed, rungs = trial_protocol(study, reference)
     scale = int((study.user_attrs.get("task") or {}).get("scale", 4))
     side = open_side_study(study, baselines_study_name(study.study_name))
-    side.set_user_attr("plan", {"reference_trial": reference.number, "train": dataclasses.asdict(train),
-                                "seed": seed, "rung_steps": rungs, "labels": [s.label for s in specs]})
+    plan = {"reference_trial": reference.number, "train": dataclasses.asdict(train), "seed": seed,
+            "rung_steps": rungs, "labels": [s.label for s in specs]}
+    storage_retry("write the plan", side.set_user_attr, "plan", plan)
     run_train = {**dataclasses.asdict(train), "seed": seed}
     done = {
         t.user_attrs.get("label")
-        for t in side.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
+        for t in storage_retry("read the runs", side.get_trials, deepcopy=False, states=(TrialState.COMPLETE,))
         if t.user_attrs.get("train") == run_train and t.user_attrs.get("size_class") in {s.size_class for s in specs}
     }
     todo = [s for s in specs if s.label not in done]
@@ -180,7 +189,7 @@ def run_baselines(
     statuses: dict[str, str] = {}
     stopped = None
     for index, spec in enumerate(todo):
-        finished = [t for t in side.get_trials(deepcopy=False) if t.state.is_finished()]
+        finished = finished_runs(side)
         stopped = budget.refusal(side, median_charge(finished, fallback), len(todo) - index)
         if stopped:
             break

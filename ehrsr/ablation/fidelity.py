@@ -22,7 +22,14 @@ import numpy as np
 import optuna
 from optuna.trial import FrozenTrial, TrialState
 
-from ehrsr.ablation.side import SideBudget, median_charge, open_side_study, run_recorded
+from ehrsr.ablation.side import (
+    SideBudget,
+    finished_runs,
+    median_charge,
+    open_side_study,
+    run_recorded,
+    storage_retry,
+)
 from ehrsr.ablation.variants import AblationError
 from ehrsr.config import EHRSRConfig
 from ehrsr.stats import MIN_RANK_POINTS
@@ -116,10 +123,11 @@ def run_fidelity(
     chosen = fidelity_sources(study, configs, factor)
     info = StudyInfo.from_study(study)
     side = open_side_study(study, fidelity_study_name(study.study_name))
-    side.set_user_attr("plan", {"sources": [t.number for t in chosen], "factor": float(factor), "configs": configs})
+    plan = {"sources": [t.number for t in chosen], "factor": float(factor), "configs": configs}
+    storage_retry("write the plan", side.set_user_attr, "plan", plan)
     done = {
         (t.user_attrs.get("source_trial"), t.user_attrs.get("factor"))
-        for t in side.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
+        for t in storage_retry("read the runs", side.get_trials, deepcopy=False, states=(TrialState.COMPLETE,))
     }
     todo = [t for t in chosen if (t.number, float(factor)) not in done]
     if runner is None:
@@ -130,7 +138,7 @@ def run_fidelity(
     stopped = None
     ran = 0
     for index, source in enumerate(todo):
-        finished = [t for t in side.get_trials(deepcopy=False) if t.state.is_finished()]
+        finished = finished_runs(side)
         fallback = factor * float(source.user_attrs.get("charged_seconds") or 0.0)
         stopped = budget.refusal(side, median_charge(finished, fallback), len(todo) - index)
         if stopped:

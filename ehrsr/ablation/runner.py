@@ -30,9 +30,9 @@ from optuna.trial import FrozenTrial, TrialState
 from ehrsr.ablation.table import CUT_SHORT, ablation_runs, controlled_table, delta_table, stored_runs
 from ehrsr.ablation.variants import AblationError, Variant, build_variants, module_settings_from_space
 from ehrsr.config import EHRSRConfig
-from ehrsr.search.budget import record_start, trial_charge
+from ehrsr.search.budget import trial_charge
 from ehrsr.search.pareto import knee_trial
-from ehrsr.search.record import Heartbeat, TrialOutcome, fail_stale_trials, record_outcome
+from ehrsr.search.record import Heartbeat, TrialOutcome, record_outcome
 from ehrsr.stats import SeedPlan, auto_seed_plan
 from ehrsr.study_schema import StudyInfo, ablation_study_name
 from ehrsr.training import TrainSettings
@@ -195,9 +195,13 @@ def run_controlled_ablation(
     variants = build_variants(ref_config, switchable, settings)
     seed_list = list(range(AUTO_MIN_SEEDS if auto else int(seeds)))
 
-    ablation = _open_ablation_study(study)
-    fail_stale_trials(ablation)
-    ablation.set_user_attr("reference_trial", ref_trial.number)
+    from ehrsr.ablation.side import (  # the search's run path: imported when running
+        finished_runs,
+        storage_retry,
+    )
+
+    ablation = _open_ablation_study(study)  # closes runs of dead processes (fail_stale_trials)
+    storage_retry("write the plan", ablation.set_user_attr, "reference_trial", ref_trial.number)
     plan_attr: dict[str, Any] = {
         "reference_trial": ref_trial.number,
         "seeds": seed_list,
@@ -206,7 +210,7 @@ def run_controlled_ablation(
         "steps": steps,
         "variants": [v.to_dict() for v in variants],
     }
-    ablation.set_user_attr("plan", plan_attr)
+    storage_retry("write the plan", ablation.set_user_attr, "plan", plan_attr)
     planned = [(v, s) for s in seed_list for v in variants if v.runnable]
 
     run = runner or _runner()
@@ -215,14 +219,14 @@ def run_controlled_ablation(
     attempted: set[tuple[str, int]] = set()
 
     def is_stored(variant: Variant, seed: int) -> bool:
-        previous = stored_runs(ablation, ref_trial.number, steps).get((variant.name, seed))
+        previous = storage_retry("read the runs", stored_runs, ablation, ref_trial.number, steps).get((variant.name, seed))
         return previous is not None and previous.user_attrs.get("config") == variant.config.to_dict()
 
     def run_all(pairs: Sequence[tuple[Variant, int]]) -> bool:
         """Run the pairs not stored yet, within the budget; False once the budget stops them."""
         todo = [(v, s) for v, s in pairs if (v.name, s) not in attempted and not is_stored(v, s)]
         for index, (variant, seed) in enumerate(todo):
-            finished = [t for t in ablation.get_trials(deepcopy=False) if t.state.is_finished()]
+            finished = finished_runs(ablation)
             spent = sum(trial_charge(t).seconds for t in finished)
             mine = [t for t in finished if t.user_attrs.get("reference_trial") == ref_trial.number]
             estimate = _charge_estimate(mine, ref_trial)
@@ -269,14 +273,14 @@ def run_controlled_ablation(
     if state.stopped and progress:
         print(state.stopped, file=sys.stderr)
 
-    used = stored_runs(ablation, ref_trial.number, steps)
+    used = storage_retry("read the runs", stored_runs, ablation, ref_trial.number, steps)
     highest = max([s for _, s in used] + [len(seed_list) - 1]) if auto else len(seed_list) - 1
     seed_list = list(range(highest + 1))
     if plan_attr["seeds"] != seed_list:
-        ablation.set_user_attr("plan", {**plan_attr, "seeds": seed_list})
-    runs = ablation_runs(ablation, ref_trial.number, seeds=seed_list, steps=steps)
+        storage_retry("write the plan", ablation.set_user_attr, "plan", {**plan_attr, "seeds": seed_list})
+    runs = storage_retry("read the runs", ablation_runs, ablation, ref_trial.number, seeds=seed_list, steps=steps)
     table = controlled_table(runs, variants)
-    finished = [t for t in ablation.get_trials(deepcopy=False) if t.state.is_finished()]
+    finished = finished_runs(ablation)
     return AblationResult(
         study_name=ablation.study_name,
         reference_trial=ref_trial.number,
@@ -314,16 +318,18 @@ def _next_auto_round(
     variants (PSNR interval over (seed, image) containing zero) one more seed, as
     ``stats.auto_seed_plan`` picks them within the remaining budget. Variants without per-image
     values (runs stored before they existed) stay at their seeds."""
+    from ehrsr.ablation.side import finished_runs, storage_retry
+
     by_name = {v.name: v for v in variants}
 
     def source(name: str) -> Variant:
         variant = by_name[name]
         return by_name[variant.same_as] if variant.same_as else variant
 
-    done = stored_runs(ablation, ref_trial.number, steps)
-    runs = ablation_runs(ablation, ref_trial.number, steps=steps)
+    done = storage_retry("read the runs", stored_runs, ablation, ref_trial.number, steps)
+    runs = storage_retry("read the runs", ablation_runs, ablation, ref_trial.number, steps=steps)
     complete = runs[runs["status"] == "complete"]
-    finished = [t for t in ablation.get_trials(deepcopy=False) if t.state.is_finished()]
+    finished = finished_runs(ablation)
     mine = [t for t in finished if t.user_attrs.get("reference_trial") == ref_trial.number]
     estimate = _charge_estimate(mine, ref_trial)
     remaining = math.inf if budget_seconds is None else budget_seconds - sum(trial_charge(t).seconds for t in finished)
@@ -388,33 +394,31 @@ def _run_one(
 ) -> tuple[str, str | None]:
     """Train and measure one (variant, seed) (training stopped after ``train_seconds``), store it
     as a trial of the ablation study, and return its (status, reason)."""
+    from ehrsr.ablation.side import start_run, storage_retry
+
     assert variant.config is not None
-    trial = ablation.ask()
-    run_train = {**dataclasses.asdict(train), "seed": seed}
-    for key, value in (
-        ("variant", variant.name),
-        ("kind", variant.kind),
-        ("module", variant.module),
-        ("seed", seed),
-        ("reference_trial", reference_trial),
-        ("config", variant.config.to_dict()),
-        ("train", run_train),
-    ):
-        trial.set_user_attr(key, value)
-    record_start(trial, device_kind, 1)
+    trial = storage_retry("ask for a run", ablation.ask)
+    attrs = {"variant": variant.name, "kind": variant.kind, "module": variant.module, "seed": seed,
+             "reference_trial": reference_trial, "config": variant.config.to_dict(),
+             "train": {**dataclasses.asdict(train), "seed": seed}}
+    storage_retry("start a run", start_run, trial, attrs, device_kind)
     start = _clock()
+    heartbeat = Heartbeat(ablation, trial._trial_id)
+    storage_retry("start the heartbeat", heartbeat.__enter__)
     try:
-        with Heartbeat(ablation, trial._trial_id):
-            # the deadline only with a budget: runners without one keep run_configuration's old contract
+        try:
+            # train_seconds only with a budget: a runner without a deadline need not take the keyword
             extra = {} if train_seconds is None else {"train_seconds": train_seconds}
             result = run(variant.config, train, ctx, seed=seed, **extra)
+        finally:
+            heartbeat.__exit__(None, None, None)
     except KeyboardInterrupt:
-        record_outcome(ablation, trial, TrialOutcome.failed("interrupted", "interrupted by the user"),
-                       wall_seconds=_clock() - start)
+        storage_retry("record a run", record_outcome, ablation, trial,
+                      TrialOutcome.failed("interrupted", "interrupted by the user"), wall_seconds=_clock() - start)
         raise
     except Exception as exc:  # a crash of one run must not lose the others: record it, go on
         failed = TrialOutcome.failed("error", f"{type(exc).__name__}: {exc}"[:500])
-        outcome = record_outcome(ablation, trial, failed, wall_seconds=_clock() - start)
+        outcome = storage_retry("record a run", record_outcome, ablation, trial, failed, wall_seconds=_clock() - start)
         return outcome.status, outcome.reason
     outcome = TrialOutcome(
         status=result.status,
@@ -423,8 +427,8 @@ def _run_one(
         metrics=dict(result.metrics or {}),
         seconds=dict(result.seconds or {}),
         steps_done=int(result.steps_done),
-        # RunResult.per_image; getattr: runner stand-ins written before it existed leave it out
+        # RunResult.per_image; getattr: a runner stand-in (tests) may return a result without it
         per_image=getattr(result, "per_image", None) if result.status == "complete" else None,
     )
-    outcome = record_outcome(ablation, trial, outcome, wall_seconds=_clock() - start)
+    outcome = storage_retry("record a run", record_outcome, ablation, trial, outcome, wall_seconds=_clock() - start)
     return outcome.status, (None if outcome.status == "complete" else outcome.reason)

@@ -3,13 +3,16 @@
 Each run is one trial of the side study, recorded through the search's one recording path
 (``ehrsr.search.record``): heartbeat while it runs, charged its wall time, told COMPLETE / PRUNED /
 FAIL, so a side study resumes where it stopped and a dead process's run is closed by the same
-stale-trial rule as a dead search worker's. ``SideBudget`` stops starting runs once the estimate of
-the next one would overrun the device-seconds granted to the side study.
+stale-trial rule as a dead search worker's. Every storage operation goes through the search's
+storage retry (``storage_retry``): a database restart costs a wait, not the runs. ``SideBudget``
+stops starting runs once the estimate of the next one would overrun the device-seconds granted to
+the side study.
 """
 
 from __future__ import annotations
 
 import statistics
+import sys
 import time
 import warnings
 from collections.abc import Callable, Sequence
@@ -22,17 +25,27 @@ from optuna.trial import FrozenTrial
 from ehrsr.search.budget import record_start, trial_charge
 from ehrsr.search.record import Heartbeat, TrialOutcome, fail_stale_trials, record_outcome
 from ehrsr.search.runner import RunResult, jsonable_metrics
+from ehrsr.search.storage import retrying
 from ehrsr.study_schema import study_storage
 
-__all__ = ["SideBudget", "open_side_study", "run_recorded"]
+__all__ = ["SideBudget", "finished_runs", "open_side_study", "run_recorded", "storage_retry"]
 
 _clock = time.perf_counter  # wall clock of a run's charge (module attribute: tests can drive it)
+
+# the worker loop's storage retry, for the ablation, baselines and fidelity runs: retry(what, f, *args)
+storage_retry = retrying(log=lambda text: print(text, file=sys.stderr, flush=True))
+
+
+def finished_runs(study: optuna.Study) -> list[FrozenTrial]:
+    """The finished trials of ``study``, read under the storage retry."""
+    return storage_retry("read the runs", lambda: [t for t in study.get_trials(deepcopy=False) if t.state.is_finished()])
 
 
 def open_side_study(study: optuna.Study, name: str) -> optuna.Study:
     """Create or load the study ``name`` in ``study``'s storage, with its directions and metric
     names, and close runs of dead processes (``fail_stale_trials``)."""
-    side = optuna.create_study(
+    side = storage_retry(
+        "open the study", optuna.create_study,
         study_name=name,
         storage=study_storage(study),
         directions=list(study.directions),
@@ -49,8 +62,8 @@ def open_side_study(study: optuna.Study, name: str) -> optuna.Study:
     if study.metric_names and not side.metric_names:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
-            side.set_metric_names(list(study.metric_names))
-    fail_stale_trials(side)
+            storage_retry("name the metrics", side.set_metric_names, list(study.metric_names))
+    storage_retry("fail orphaned runs", fail_stale_trials, side)
     return side
 
 
@@ -62,7 +75,7 @@ class SideBudget:
     seconds: float | None
 
     def spent(self, side: optuna.Study) -> float:
-        return sum(trial_charge(t).seconds for t in side.get_trials(deepcopy=False) if t.state.is_finished())
+        return sum(trial_charge(t).seconds for t in finished_runs(side))
 
     def refusal(self, side: optuna.Study, estimate_seconds: float, left: int) -> str | None:
         """Why the next run (estimated ``estimate_seconds``) must not start, or None."""
@@ -95,25 +108,28 @@ def run_recorded(
     record its outcome (``record_outcome``); returns the outcome as stored. ``on_rung(i, rung)``
     stores ``rung_<i>`` like a search trial. An exception inside ``run`` is recorded as ``error``
     (a crash of one run must not lose the others); Ctrl-C is recorded and re-raised."""
-    trial = side.ask()
-    for key, value in attrs.items():
-        trial.set_user_attr(key, value)
-    record_start(trial, device_kind, 1)
+    retry = storage_retry
+    trial = retry("ask for a run", side.ask)
+    retry("start a run", start_run, trial, attrs, device_kind)
 
     def on_rung(index: int, rung: dict[str, Any]) -> None:
-        trial.set_user_attr(f"rung_{index}", rung)
+        retry("record a rung", trial.set_user_attr, f"rung_{index}", rung)
 
     start = _clock()
+    heartbeat = Heartbeat(side, trial._trial_id)
+    retry("start the heartbeat", heartbeat.__enter__)
     try:
-        with Heartbeat(side, trial._trial_id):
+        try:
             result = run(on_rung)
+        finally:
+            heartbeat.__exit__(None, None, None)
     except KeyboardInterrupt:
-        record_outcome(side, trial, TrialOutcome.failed("interrupted", "interrupted by the user"),
-                       wall_seconds=_clock() - start)
+        retry("record a run", record_outcome, side, trial, TrialOutcome.failed("interrupted", "interrupted by the user"),
+              wall_seconds=_clock() - start)
         raise
     except Exception as exc:
         failed = TrialOutcome.failed("error", f"{type(exc).__name__}: {exc}"[:500])
-        return record_outcome(side, trial, failed, wall_seconds=_clock() - start)
+        return retry("record a run", record_outcome, side, trial, failed, wall_seconds=_clock() - start)
     metrics = jsonable_metrics(dict(result.metrics or {}))
     outcome = TrialOutcome(
         status=result.status,
@@ -126,4 +142,11 @@ def run_recorded(
     )
     if constraints is not None and "latency_ms" in metrics:
         outcome.constraints = constraints(metrics)
-    return record_outcome(side, trial, outcome, wall_seconds=_clock() - start)
+    return retry("record a run", record_outcome, side, trial, outcome, wall_seconds=_clock() - start)
+
+
+def start_run(trial: optuna.Trial, attrs: dict[str, Any], device_kind: str) -> None:
+    """Write a run's attributes and its device (repeatable: the storage may be retried)."""
+    for key, value in attrs.items():
+        trial.set_user_attr(key, value)
+    record_start(trial, device_kind, 1)

@@ -131,7 +131,7 @@ def module_settings_from_space(study: optuna.Study) -> tuple[list[str], dict[str
     """Modules the study's search space can switch on, and the settings each gets in the space's
     ``all-modules`` reference configuration (its middle values), read from the space text stored
     in ``study.user_attrs["space"]``."""
-    from ehrsr.search.space import SearchSpace  # the search package, imported when needed
+    from ehrsr.search.space import space_from_text  # the search package, imported when needed
 
     space_attr = study.user_attrs.get("space") or {}
     text = space_attr.get("yaml")
@@ -140,7 +140,7 @@ def module_settings_from_space(study: optuna.Study) -> tuple[list[str], dict[str
             f"study {study.study_name!r} stores no search space (user_attrs['space']['yaml']); "
             "cannot tell which modules the add-one-in rows should add"
         )
-    space = SearchSpace.from_text(text, name=str(space_attr.get("name", "<study space>")))
+    space = space_from_text(text, name=str(space_attr.get("name", "<study space>")))
     switchable = [m for m, state in space.toggles().items() if state in ("searched", "on")]
     settings: dict[str, dict[str, Any]] = {}
     all_on = space.reference_params().get("all-modules")

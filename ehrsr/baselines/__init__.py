@@ -14,6 +14,7 @@ from ehrsr.baselines.registry import (
     available_baselines,
     baseline_label,
     baseline_names,
+    baselines_off,
     build_baseline,
     deploy_baseline,
 )
@@ -30,6 +31,7 @@ __all__ = [
     "available_baselines",
     "baseline_label",
     "baseline_names",
+    "baselines_off",
     "bicubic_upsample",
     "build_baseline",
     "deploy_baseline",

@@ -23,6 +23,7 @@ from torch import nn
 
 from ehrsr.baselines.rlfn import RLFN
 from ehrsr.baselines.skip import BicubicSkip
+from ehrsr.study_schema import baselines_off
 
 __all__ = [
     "SIZE_CLASSES",
@@ -32,6 +33,7 @@ __all__ = [
     "available_baselines",
     "baseline_label",
     "baseline_names",
+    "baselines_off",
     "build_baseline",
     "deploy_baseline",
 ]

@@ -272,7 +272,7 @@ def _slabs(shapes: _ScanShapes) -> list[slice]:
 # op alone, interleaved), the adjoint was 1.1-2.0x *slower* than the recompute (for example
 # fwd+bwd 1222 vs 613 ms at 64x64, batch 8, 4 directions): it streams (b, d, l, n) tensors through
 # memory several times, while the recompute's autograd graph is a few large element-wise kernels
-# per step. An earlier comparison on a machine loaded 10-20x over had shown the reverse.
+# per step. On a machine loaded 10-20x over the order can come out reversed; the quiet run decides.
 SCAN_BACKWARD: Literal["recompute", "adjoint"] = "recompute"
 
 # On the CPU (float32 / float64) the op runs the compiled kernel of ``scan_kernel`` when it can be

@@ -4,9 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import struct
-import uuid
 import warnings
 import zipfile
 from collections.abc import Sequence
@@ -16,6 +14,7 @@ import numpy as np
 
 from ehrsr.data.task import TaskConfig
 from ehrsr.data.trainset import NOISE_VARIANTS_BEFORE_JPEG
+from ehrsr.files import write_atomically
 from ehrsr.resources import default_cache_dir
 
 __all__ = ["DATA_FORMAT_VERSION", "cache_key", "default_cache_dir", "load_npz", "save_npz_atomically"]
@@ -50,17 +49,14 @@ def cache_key(kind: str, task: TaskConfig, hr_files: Sequence[Path], lr_files: S
 
 
 def save_npz_atomically(path: Path, arrays: dict[str, np.ndarray]) -> None:
-    """Write to a unique temporary file next to ``path``, then ``os.replace``: readers and a second
-    writer never see a partial file (two workers preparing the same data both succeed)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    temporary = path.with_name(f".{path.name}.{os.getpid()}.{uuid.uuid4().hex}.tmp")
-    try:
+    """``np.savez`` through ``ehrsr.files.write_atomically``: readers and a second writer never
+    see a partial file (two workers preparing the same data both succeed)."""
+
+    def write(temporary: Path) -> None:
         with open(temporary, "wb") as handle:
             np.savez(handle, **arrays)
-        os.replace(temporary, path)
-    finally:
-        if temporary.exists():
-            temporary.unlink()
+
+    write_atomically(path, write)
 
 
 MMAP_MIN_BYTES = 1 << 20  # arrays this large are memory-mapped, not read

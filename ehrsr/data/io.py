@@ -16,15 +16,22 @@ import numpy as np
 from PIL import Image, UnidentifiedImageError
 
 __all__ = [
+    "ALPHA",
     "BUILTIN_TRAIN",
     "BUILTIN_VAL",
+    "CMYK",
+    "GRAY",
     "IMAGE_EXTENSIONS",
+    "SIXTEEN_BIT",
     "ImageReadError",
     "builtin_files",
+    "conversion_summary",
+    "image_size",
     "list_images",
     "match_lr_files",
     "parallel_map",
     "read_image",
+    "read_image_noted",
 ]
 
 IMAGE_EXTENSIONS: tuple[str, ...] = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff")
@@ -51,20 +58,41 @@ class ImageReadError(ValueError):
 # reading images
 
 
+# what decoding to 8-bit RGB changed, one note each (``read_image_noted``; a folder's notes are
+# logged once by ``conversion_summary``)
+SIXTEEN_BIT = "16-bit reduced to 8 bits"
+GRAY = "grayscale replicated to 3 channels"
+ALPHA = "alpha dropped"
+CMYK = "CMYK converted to RGB"
+
+_GRAY_MODES = {"1", "L", "LA", "La", "I;16", "I;16B", "I;16L", "I;16N", "I"}
+_ALPHA_MODES = {"LA", "La", "RGBA", "RGBa", "PA"}
+_LOSSLESS_MODES = {"RGB", "RGBX", "P"}  # palette expansion and padding removal change no colour
+
+
 def read_image(path: str | Path) -> np.ndarray:
     """Decode an image file to uint8 RGB ``(H, W, 3)``.
 
     Grayscale becomes three equal channels, palette images are expanded, alpha is dropped,
-    16-bit images are scaled to 8 bits (``round(v / 257)``).
+    16-bit grayscale is scaled to 8 bits (``round(v / 257)``), 16-bit RGB keeps its high byte
+    (Pillow's decoding), CMYK is converted by Pillow. ``read_image_noted`` also says which.
     """
+    return read_image_noted(path)[0]
+
+
+def read_image_noted(path: str | Path) -> tuple[np.ndarray, tuple[str, ...]]:
+    """``read_image`` and the notes (``SIXTEEN_BIT``, ``GRAY``, ``ALPHA``, ``CMYK``, or
+    ``"<mode> converted to RGB"``) of what its conversion changed; none for 8-bit RGB."""
     path = Path(path)
     try:
         with Image.open(path) as image:
+            rawmode = image.tile[0][3] if image.tile and isinstance(image.tile[0][3], str) else ""
             image.load()
-            if image.mode in ("I;16", "I;16B", "I;16L", "I"):
+            notes = _conversion_notes(image.mode, rawmode, "transparency" in image.info)
+            if image.mode in ("I;16", "I;16B", "I;16L", "I;16N", "I"):
                 array = np.asarray(image, dtype=np.float64)
                 array = np.clip(np.round(array / 257.0), 0, 255).astype(np.uint8)
-                return np.repeat(array[:, :, None], 3, axis=2)
+                return np.repeat(array[:, :, None], 3, axis=2), notes
             if image.mode != "RGB":
                 image = image.convert("RGB")
             array = np.asarray(image)
@@ -74,7 +102,49 @@ def read_image(path: str | Path) -> np.ndarray:
         raise ImageReadError(f"cannot read image {path}: {exc}") from None
     if array.ndim != 3 or array.shape[2] != 3 or array.dtype != np.uint8 or min(array.shape[:2]) < 1:
         raise ImageReadError(f"cannot read image {path}: unsupported layout {array.shape} {array.dtype}")
-    return np.ascontiguousarray(array)
+    return np.ascontiguousarray(array), notes
+
+
+def _conversion_notes(mode: str, rawmode: str, palette_transparency: bool) -> tuple[str, ...]:
+    notes = []
+    if mode.startswith("I") or ";16" in rawmode:
+        notes.append(SIXTEEN_BIT)
+    if mode in _GRAY_MODES:
+        notes.append(GRAY)
+    if mode in _ALPHA_MODES or (mode == "P" and palette_transparency):
+        notes.append(ALPHA)
+    if mode == "CMYK":
+        notes.append(CMYK)
+    if not notes and mode not in _LOSSLESS_MODES:
+        notes.append(f"{mode} converted to RGB")
+    return tuple(notes)
+
+
+def conversion_summary(names: Sequence[str], notes: Sequence[tuple[str, ...]], limit: int = 3) -> str | None:
+    """One line on what decoding changed in a folder's images (``read_image_noted``'s notes), each
+    kind with its count and the first ``limit`` names; None when nothing changed."""
+    by_note: dict[str, list[str]] = {}
+    for name, image_notes in zip(names, notes):
+        for note in image_notes:
+            by_note.setdefault(note, []).append(name)
+    if not by_note:
+        return None
+    parts = []
+    for note, files in by_note.items():
+        shown = ", ".join(files[:limit]) + (f", and {len(files) - limit} more" if len(files) > limit else "")
+        parts.append(f"{note}: {len(files)} image{'s' if len(files) != 1 else ''} ({shown})")
+    return "converted to 8-bit RGB: " + "; ".join(parts)
+
+
+def image_size(path: str | Path) -> tuple[int, int]:
+    """``(width, height)`` of an image file from its header alone (nothing is decoded)."""
+    try:
+        with Image.open(path) as image:
+            return image.size
+    except FileNotFoundError:
+        raise ImageReadError(f"image file not found: {path}") from None
+    except (UnidentifiedImageError, OSError, SyntaxError) as exc:
+        raise ImageReadError(f"cannot read image {path}: {exc}") from None
 
 
 def list_images(folder: str | Path) -> list[Path]:

@@ -9,6 +9,7 @@ and never decodes a PNG or runs ``imresize``.
 from __future__ import annotations
 
 import json
+import logging
 from pathlib import Path
 
 import numpy as np
@@ -19,16 +20,20 @@ from ehrsr.data.io import (
     BUILTIN_TRAIN,
     BUILTIN_VAL,
     builtin_files,
+    conversion_summary,
     list_images,
     match_lr_files,
     parallel_map,
-    read_image,
+    read_image_noted,
 )
 from ehrsr.data.task import TaskConfig
 from ehrsr.data.trainset import TrainSet
+from ehrsr.data.val_tiles import tile_val_set
 from ehrsr.data.valset import ValSet
 
 __all__ = ["prepare_data"]
+
+log = logging.getLogger(__name__)
 
 
 def _slug(folder: Path | None) -> str:
@@ -74,6 +79,7 @@ def _prepare_split(
     arrays = load_npz(path)
     if arrays is not None:
         meta = json.loads(str(arrays["meta"]))
+        description += "".join(f"; {note}" for note in meta.get("converted", []))
         hr_bank = ImageBank.from_arrays(arrays, "hr")
         lr_bank = hr_bank if meta.get("lr_is_hr") else ImageBank.from_arrays(arrays, "lr")
         if kind == "train":
@@ -88,8 +94,10 @@ def _prepare_split(
             )
         return ValSet(hr_bank, lr_bank, task, description=description, is_builtin=is_builtin)
 
-    hr_images = parallel_map(read_image, hr_files, progress, f"reading {kind} images")
-    lr_images = parallel_map(read_image, lr_files, progress, f"reading {kind} LR images") if lr_files else None
+    converted = []  # what decoding changed, said once per folder (cache hits repeat it in the description)
+    hr_images = _read_folder(hr_files, hr_dir, f"reading {kind} images", progress, converted)
+    lr_images = _read_folder(lr_files, lr_dir, f"reading {kind} LR images", progress, converted) if lr_files else None
+    description += "".join(f"; {note}" for note in converted)
     dataset = cls.from_images(
         hr_images, task, names=names, lr_images=lr_images, description=description, is_builtin=is_builtin, progress=progress
     )
@@ -99,12 +107,25 @@ def _prepare_split(
         "variants": getattr(dataset, "variants", 1),
         "online_noise_sigma": getattr(dataset, "online_noise_sigma", 0.0),
         "lr_is_hr": lr_bank is hr_bank,
+        "converted": converted,
     }
     arrays = {"meta": np.array(json.dumps(meta)), **hr_bank.to_arrays("hr")}
     if lr_bank is not hr_bank:
         arrays.update(lr_bank.to_arrays("lr"))
     save_npz_atomically(path, arrays)
     return dataset
+
+
+def _read_folder(files: list[Path], folder: Path | None, desc: str, progress: bool, converted: list[str]) -> list[np.ndarray]:
+    """Decode ``files`` to uint8 RGB; log once what the conversion changed in ``folder`` (16-bit,
+    grayscale, alpha, CMYK: ``io.read_image_noted``) and add that line to ``converted``."""
+    decoded = parallel_map(read_image_noted, files, progress, desc)
+    summary = conversion_summary([p.name for p in files], [notes for _, notes in decoded])
+    if summary is not None:
+        line = f"{folder if folder is not None else 'built-in images'}: {summary}"
+        log.warning("%s", line)
+        converted.append(line)
+    return [image for image, _ in decoded]
 
 
 def prepare_data(
@@ -146,7 +167,5 @@ def prepare_data(
     val = _prepare_split("val", task, as_path(val_dir), as_path(val_lr_dir), cache_root, progress)
     assert isinstance(train, TrainSet) and isinstance(val, ValSet)
     if val.is_builtin:  # two photographs give no statistical power: evaluate fixed tiles of them
-        from ehrsr.data.val_tiles import tile_val_set
-
         val = tile_val_set(val)
     return train, val

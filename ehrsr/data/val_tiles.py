@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from ehrsr.data.datasets import ValSet
+from ehrsr.data.valset import ValSet
 
 __all__ = ["BUILTIN_VAL_TILE_HR", "tile_val_set"]
 

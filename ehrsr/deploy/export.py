@@ -29,7 +29,8 @@ from safetensors.torch import load_file
 from torch import nn
 
 from ehrsr.config import EHRSRConfig
-from ehrsr.model import build_model
+from ehrsr.files import path_inside
+from ehrsr.model import build_model, state_mismatch
 from ehrsr.reparam import reparameterize
 
 __all__ = [
@@ -63,20 +64,21 @@ def load_trained_model(config: EHRSRConfig | Mapping[str, Any], weights_path: st
         raise ValueError(f"cannot read weights {path}: {exc}") from None
     except Exception as exc:
         raise ValueError(f"cannot read weights {path}: {type(exc).__name__}: {exc}") from None
-    try:
-        model.load_state_dict(state, strict=True)
-    except RuntimeError as exc:
-        raise ValueError(f"weights {path} do not fit the trial's configuration: {exc}") from None
+    mismatch = state_mismatch(model, state)
+    if mismatch is not None:
+        raise ValueError(f"weights {path} do not fit the trial's configuration: {mismatch}")
+    model.load_state_dict(state, strict=True)
     return model.eval()
 
 
 def load_deployed_model(pick_json: str | Path) -> nn.Module:
     """The fused network of a deployment pick: ``reparameterize(build_model(config))`` with the
-    pick's safetensors weights loaded (strict), in eval mode."""
+    pick's safetensors weights (a file in the pick's folder, else ``PathOutsideFolder``) loaded
+    (strict), in eval mode."""
     pick_json = Path(pick_json)
     data = json.loads(pick_json.read_text())
     deploy = reparameterize(build_model(EHRSRConfig.from_dict(data["config"])))
-    state = load_file(str(pick_json.parent / data["weights"]))
+    state = load_file(str(path_inside(pick_json.parent, data["weights"], f"{pick_json}: weights")))
     deploy.load_state_dict(state, strict=True)
     return deploy.eval()
 

@@ -37,6 +37,7 @@ from ehrsr.deploy.export import export_onnx_dynamic, fused_state, load_trained_m
 from ehrsr.deploy.predicted import LatencyPlan, plan_latency
 from ehrsr.deploy.profiles import LIMIT_METRICS, DeviceProfile, check_device_available, resolve_profile
 from ehrsr.errors import UserError
+from ehrsr.files import PathOutsideFolder, path_inside
 from ehrsr.reparam import reparameterize
 from ehrsr.study_schema import PICK_MEASURED_KEYS, QUALITY_METRICS, Objective, StudyInfo
 
@@ -279,7 +280,11 @@ def pick_deployment(
         if not config or not weights:
             skipped[trial.number] = "the trial records no configuration or weights file"
             continue
-        path = weights_root / weights
+        try:  # a stored path leading out of the study folder is refused before anything is opened
+            path = path_inside(weights_root, weights, f"trial {trial.number}'s weights")
+        except PathOutsideFolder as exc:
+            skipped[trial.number] = str(exc)
+            continue
         if not path.is_file():
             skipped[trial.number] = f"weights file {path} is missing"
             continue
@@ -342,7 +347,8 @@ def pick_deployment(
 
     deploy_dir = Path(out_dir) / "deploy"
     deploy_dir.mkdir(parents=True, exist_ok=True)
-    model = load_trained_model(chosen.config, weights_root / front_weights(front, chosen.trial))
+    model = load_trained_model(chosen.config, path_inside(weights_root, front_weights(front, chosen.trial),
+                                                          f"trial {chosen.trial}'s weights"))
     deploy = reparameterize(model)
     weights_path = deploy_dir / f"{profile.name}.safetensors"
     save_file(

@@ -20,6 +20,8 @@ from torch import nn
 
 import ehrsr
 from ehrsr.data import TaskConfig, ValSet
+from ehrsr.files import write_text_atomically
+from ehrsr.fulltrain.checkpoint import save_weights
 
 if TYPE_CHECKING:
     from ehrsr.fulltrain.loop import FullTrainSettings
@@ -52,7 +54,6 @@ def finish_run(
 ) -> tuple[dict[str, Any], Path]:
     """Write the final weights (training and deploy form), ONNX (``settings.onnx``), the final
     evaluation of the deploy form on every set next to bicubic, ``evaluation.json`` and MODEL.md."""
-    from ehrsr.fulltrain.loop import save_weights, write_text_atomically
     from ehrsr.profiling import profile_model
     from ehrsr.reparam import reparameterize
 

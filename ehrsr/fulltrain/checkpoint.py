@@ -1,4 +1,5 @@
-"""Checkpoints of a full-training run: written atomically, read with ``torch.load(weights_only=True)``.
+"""Checkpoints and weight files of a full-training run: written atomically (``ehrsr.files``),
+checkpoints read with ``torch.load(weights_only=True)``.
 
 A checkpoint holds everything the next step depends on, so a run resumed from it continues
 bit for bit like one that was never stopped (on the CPU; CUDA kernels are not all deterministic):
@@ -10,18 +11,21 @@ and the validation history. Random states are stored as tensors and plain Python
 
 from __future__ import annotations
 
-import os
 import random
-import uuid
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
+from safetensors.torch import save_file
+from torch import nn
 
+from ehrsr.config import EHRSRConfig
+from ehrsr.deploy.export import fused_state
+from ehrsr.files import write_atomically
 from ehrsr.fulltrain.recipe import FullTrainError
 
-__all__ = ["CHECKPOINT_FORMAT", "capture_rng", "load_checkpoint", "restore_rng", "save_atomically"]
+__all__ = ["CHECKPOINT_FORMAT", "capture_rng", "load_checkpoint", "restore_rng", "save_atomically", "save_weights"]
 
 CHECKPOINT_FORMAT = 1  # bump when the layout changes; older files are refused with a clear message
 _REQUIRED = ("format", "step", "model", "ema", "ema_updates", "optimizer", "scheduler", "rng", "recipe", "config")
@@ -54,17 +58,16 @@ def restore_rng(state: dict[str, Any], sampler: torch.Generator) -> None:
 
 
 def save_atomically(payload: Any, path: Path, *, save=torch.save) -> None:
-    """Write to a temporary file beside ``path``, flush it to disk, then ``os.replace``: a kill at
-    any moment leaves either the previous file or the new one, never half of one."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    temporary = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")
-    try:
-        save(payload, temporary)
-        with open(temporary, "rb+") as handle:
-            os.fsync(handle.fileno())
-        os.replace(temporary, path)
-    finally:
-        temporary.unlink(missing_ok=True)
+    """``save(payload, file)`` through ``ehrsr.files.write_atomically``: a kill at any moment
+    leaves either the previous file or the new one, never half of one."""
+    write_atomically(path, lambda temporary: save(payload, temporary))
+
+
+def save_weights(model: nn.Module, path: Path, config: EHRSRConfig, form: str) -> None:
+    """Safetensors with the configuration and the form (``train`` or ``deploy``) in the metadata,
+    so ``run_search.py evaluate --weights`` can rebuild the network from the file alone."""
+    metadata = {"format": "pt", "form": form, "config": config.to_json()}
+    save_atomically(fused_state(model), path, save=lambda state, p: save_file(state, str(p), metadata=metadata))
 
 
 def load_checkpoint(path: Path) -> dict[str, Any]:

@@ -2,7 +2,7 @@
 
 ``add_train_parser`` / ``add_evaluate_parser`` add the subcommands to an ``argparse`` subparsers
 object; ``run_train`` / ``run_evaluate`` run them and return the exit status. Bad input
-(``FullTrainError``, unreadable images) is printed as one ``error:`` line with status 2;
+(``FullTrainError`` and every other ``UserError``, unreadable images) is printed as one ``error:`` line with status 2;
 programming errors keep their traceback.
 """
 
@@ -12,6 +12,7 @@ import argparse
 import sys
 from pathlib import Path
 
+from ehrsr.errors import UserError
 from ehrsr.fulltrain.recipe import RECIPE_KEYS, FullTrainError, Recipe, load_recipe_file, parse_overrides
 
 __all__ = ["EXIT_USAGE", "add_evaluate_parser", "add_train_parser", "run_evaluate", "run_train"]
@@ -113,7 +114,7 @@ def run_train(args: argparse.Namespace) -> int:
             lpips_weights=args.lpips_weights, progress=not args.quiet,
         )
         result = full_train(settings)
-    except (FullTrainError, ImageReadError) as exc:
+    except (UserError, ImageReadError) as exc:
         return _fail(exc)
     except TrainingError as exc:  # diverged or out of memory: the last checkpoint stays in --out
         print(f"error: {exc}; the last checkpoint is kept in {settings.out_dir}", file=sys.stderr)
@@ -140,7 +141,7 @@ def run_evaluate(args: argparse.Namespace) -> int:
             raise FullTrainError(f"{args.weights} is a x1 model; evaluate handles SR models (scale 2-4)")
         _, val_sets = prepare_sets(task, None, parse_val_data(args.val_data), cache_dir=args.cache_dir)
         table = evaluate_model(loaded, val_sets, device=args.device)
-    except (FullTrainError, ImageReadError) as exc:
+    except (UserError, ImageReadError) as exc:
         return _fail(exc)
     print(f"{loaded.description}")
     print(format_table(table))

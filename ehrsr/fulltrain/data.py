@@ -12,7 +12,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ehrsr.data import ImageReadError, TaskConfig, TrainSet, ValSet, list_images, prepare_data, read_image
+from ehrsr.data.io import image_size
 from ehrsr.fulltrain.recipe import FullTrainError
+from ehrsr.metrics import check_measurable
 
 __all__ = ["BUILTIN_VAL_NAME", "ValData", "check_lr_scale", "parse_val_data", "prepare_sets"]
 
@@ -70,12 +72,18 @@ def prepare_sets(
     progress: bool = False,
 ) -> tuple[TrainSet, list[tuple[str, ValSet]]]:
     """The training set and every named validation set (from ``ehrsr.data.prepare_data``'s cache).
-    Data problems (missing folder, unreadable image, LR of another scale) raise ``FullTrainError``."""
+    Data problems (missing folder, unreadable image, LR of another scale, an image too small to
+    measure at the scale) raise ``FullTrainError``."""
     for val in val_data:
         for folder in (val.hr_dir, val.lr_dir):
             if folder is not None and not folder.is_dir():
                 raise FullTrainError(f"--val-data {val.name}: {folder} is not a folder")
         check_lr_scale(val, task.scale)
+        if val.hr_dir is not None:
+            try:
+                check_measurable([(path, *image_size(path)) for path in list_images(val.hr_dir)], task.scale)
+            except ValueError as exc:  # ImageTooSmall, an empty folder, an unreadable image
+                raise FullTrainError(f"--val-data {val.name}: {exc}") from None
     if train_dir is not None and not Path(train_dir).is_dir():
         raise FullTrainError(f"--train-data {train_dir} is not a folder")
     sets: list[tuple[str, ValSet]] = []

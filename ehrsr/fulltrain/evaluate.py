@@ -21,6 +21,7 @@ from safetensors.torch import load_file
 from torch import nn
 
 from ehrsr.config import EHRSRConfig
+from ehrsr.files import path_inside
 from ehrsr.fulltrain.recipe import FullTrainError
 
 __all__ = ["EvalTable", "LoadedModel", "evaluate_model", "format_table", "load_model"]
@@ -57,7 +58,7 @@ class _SpandrelModel(nn.Module):
 
 
 def _ehrsr_from_state(state: dict[str, torch.Tensor], config: EHRSRConfig, form: str | None, where: str) -> nn.Module:
-    from ehrsr.model import build_model
+    from ehrsr.model import build_model, state_mismatch
     from ehrsr.reparam import reparameterize
 
     forms = [form] if form in ("train", "deploy") else ["train", "deploy"]
@@ -66,11 +67,11 @@ def _ehrsr_from_state(state: dict[str, torch.Tensor], config: EHRSRConfig, form:
         model = build_model(config)
         if candidate == "deploy":
             model = reparameterize(model)
-        try:
+        mismatch = state_mismatch(model, state)
+        if mismatch is None:
             model.load_state_dict(state, strict=True)
             return model.eval()
-        except RuntimeError as exc:
-            errors.append(f"{candidate} form: {str(exc).splitlines()[0]}")
+        errors.append(f"{candidate} form: {mismatch}")
     raise FullTrainError(f"{where}: the weights do not fit the configuration ({'; '.join(errors)})")
 
 
@@ -99,8 +100,9 @@ def load_model(weights: Path, config: Path | None = None) -> LoadedModel:
         data = json.loads(weights.read_text())
         if "weights" not in data:
             raise FullTrainError(f"{weights} names no weights file")
-        # a pick's weights are the fused deploy form
-        return _load_ehrsr(weights.parent / data["weights"], pick.config, f"EHR-SR from {weights}", "deploy")
+        # a pick's weights are the fused deploy form, a file beside it: a path leading elsewhere is refused
+        path = path_inside(weights.parent, data["weights"], f"{weights}: weights")
+        return _load_ehrsr(path, pick.config, f"EHR-SR from {weights}", "deploy")
     if weights.suffix == ".safetensors":
         try:
             with safe_open(str(weights), framework="pt") as handle:

@@ -32,17 +32,18 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import save_file
 from torch import nn
 
 from ehrsr.config import EHRSRConfig
 from ehrsr.data import TaskConfig, ValSet
+from ehrsr.files import check_writable, hold_lock, write_text_atomically
 from ehrsr.fulltrain.checkpoint import (
     CHECKPOINT_FORMAT,
     capture_rng,
     load_checkpoint,
     restore_rng,
     save_atomically,
+    save_weights,
 )
 from ehrsr.fulltrain.data import ValData, prepare_sets
 from ehrsr.fulltrain.ema import ModelEMA
@@ -50,9 +51,10 @@ from ehrsr.fulltrain.recipe import FullTrainError, Recipe
 from ehrsr.model import build_model
 from ehrsr.training import TrainingDiverged, TrainingOutOfMemory, is_out_of_memory, loss_function
 
-__all__ = ["FullTrainResult", "FullTrainSettings", "full_train", "fused_state", "save_weights", "write_text_atomically"]
+__all__ = ["FullTrainResult", "FullTrainSettings", "full_train"]
 
 CHECKPOINT_NAME = "checkpoints/last.pt"
+LOCK_NAME = ".lock"  # held by the process training into the folder (ehrsr.files.hold_lock)
 
 
 @dataclass(frozen=True)
@@ -88,33 +90,6 @@ class FullTrainResult:
     evaluation: dict[str, Any] = field(default_factory=dict)  # evaluation.json's content once finished
     steps_per_second: float = math.nan
     card_path: Path | None = None
-
-
-def fused_state(model: nn.Module) -> dict[str, torch.Tensor]:
-    # safetensors refuses shared or non-contiguous storage: store an independent copy of each
-    return {k: v.detach().to("cpu").contiguous().clone() for k, v in model.state_dict().items()}
-
-
-def save_weights(model: nn.Module, path: Path, config: EHRSRConfig, form: str) -> None:
-    """Safetensors with the configuration and the form (``train`` or ``deploy``) in the metadata,
-    so ``run_search.py evaluate --weights`` can rebuild the network from the file alone."""
-    metadata = {"format": "pt", "form": form, "config": config.to_json()}
-    save_atomically(fused_state(model), path, save=lambda state, p: save_file(state, str(p), metadata=metadata))
-
-
-def write_text_atomically(path: Path, text: str) -> None:
-    """Write ``text`` to ``path`` so that a reader sees the old file or the new one, never a part."""
-    save_atomically(text, path, save=lambda t, p: Path(p).write_text(t))
-
-
-def _check_writable(out_dir: Path) -> None:
-    try:
-        out_dir.mkdir(parents=True, exist_ok=True)
-        probe = out_dir / ".write-test"
-        probe.write_text("")
-        probe.unlink()
-    except OSError as exc:
-        raise FullTrainError(f"cannot write to the output folder {out_dir}: {exc.strerror or exc}") from None
 
 
 def _optimizer(model: nn.Module, recipe: Recipe) -> torch.optim.Optimizer:
@@ -171,13 +146,21 @@ def _write_curve(out_dir: Path, rows: list[dict[str, Any]], set_names: list[str]
 
 def full_train(settings: FullTrainSettings) -> FullTrainResult:
     """Train ``settings.config`` with ``settings.recipe`` into ``settings.out_dir`` (resuming the
-    run already there), then export and write the model card. Bad input raises ``FullTrainError``;
-    nothing already in the folder is overwritten before the run is known to be the same one."""
+    run already there), then export and write the model card. Bad input raises ``FullTrainError``
+    (or another ``UserError``); nothing already in the folder is overwritten before the run is
+    known to be the same one. The run holds the folder's lock (``LOCK_NAME``) throughout: a second
+    run into the same folder stops at once with one line."""
+    out_dir = Path(settings.out_dir)
+    check_writable(out_dir)
+    with hold_lock(out_dir / LOCK_NAME, hint="; wait for that run to end or choose another --out"):
+        return _train_locked(settings)
+
+
+def _train_locked(settings: FullTrainSettings) -> FullTrainResult:
     recipe, config, out_dir = settings.recipe, settings.config, Path(settings.out_dir)
     task = settings.task or TaskConfig(task="sr" if config.scale > 1 else "denoise", scale=config.scale)
     if task.scale != config.scale:
         raise FullTrainError(f"the configuration is x{config.scale} but the data task is x{task.scale}")
-    _check_writable(out_dir)
     checkpoint_path = out_dir / CHECKPOINT_NAME
     checkpoint = None
     if checkpoint_path.exists() or settings.resume:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import math
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -19,11 +20,12 @@ from typing import Any, Literal
 import yaml
 
 from ehrsr.config import dataclass_from_dict, to_plain
+from ehrsr.errors import UserError
 
 __all__ = ["FullTrainError", "Recipe", "load_recipe_file", "parse_overrides"]
 
 
-class FullTrainError(ValueError):
+class FullTrainError(UserError, ValueError):
     """Bad input to full training or evaluation (a file, a setting, a resume that cannot work).
     The message is one line naming the problem; the CLI prints it and exits with status 2."""
 
@@ -59,6 +61,11 @@ class Recipe:
             if not condition:
                 raise FullTrainError(f"recipe: {message}")
 
+        for item in dataclasses.fields(self):  # inf and nan pass comparisons like "lr > 0": refuse them first
+            value = getattr(self, item.name)
+            numbers = value if isinstance(value, tuple) else (value,)
+            check(all(math.isfinite(v) for v in numbers if isinstance(v, float)),
+                  f"{item.name} must be finite, got {value}")
         for name in ("steps", "batch_size", "patch_size", "val_every", "checkpoint_every"):
             check(getattr(self, name) >= 1, f"{name} must be >= 1, got {getattr(self, name)}")
         check(self.lr > 0, f"lr must be > 0, got {self.lr}")

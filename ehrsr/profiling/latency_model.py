@@ -39,6 +39,7 @@ from torch import nn
 
 from ehrsr.blocks import pad_to_multiple, scan_kernel
 from ehrsr.config import EHRSRConfig
+from ehrsr.files import write_text_atomically
 from ehrsr.profiling.canary import Canary
 from ehrsr.profiling.latency import cpu_name, measure_latency
 from ehrsr.profiling.onnx_runtime import RUNTIMES, runtime_versions, time_model
@@ -475,12 +476,8 @@ class LatencyModel:
         }
 
     def save(self, path: str | Path) -> None:
-        """Write atomically (a temporary file renamed over ``path``): a crash never leaves half a file."""
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-        tmp.write_text(json.dumps(self.to_dict(), indent=1, sort_keys=False))
-        os.replace(tmp, path)
+        """Write atomically (``ehrsr.files.write_text_atomically``): a crash never leaves half a file."""
+        write_text_atomically(path, json.dumps(self.to_dict(), indent=1, sort_keys=False))
 
     @classmethod
     def from_dict(cls, data: Any, source: str = "<data>") -> LatencyModel:

@@ -47,8 +47,7 @@ COMPARED_COSTS: tuple[str, ...] = ("latency_ms", "macs")
 
 
 def per_image_psnr(trial: FrozenTrial) -> list[float] | None:
-    """The PSNR of each validation image a run stored, or None when it stored none (studies
-    written before per-image values were recorded)."""
+    """The PSNR of each validation image a run stored, or None when it stored none."""
     stored = trial.user_attrs.get(PER_IMAGE_PSNR_KEY)
     if not isinstance(stored, dict) or not stored:
         return None

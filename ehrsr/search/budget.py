@@ -24,8 +24,9 @@ How each trial is counted:
   ``trials`` slot, so ``trials=N`` means N configurations actually trained; a converged sampler
   that only repeats is stopped by ``RepeatPolicy.max_consecutive``, not by the budget.
 * ``RUNNING``: its elapsed wall time so far (``now - datetime_start``) times its devices; it
-  counts as one trial. An orphan (its worker provably gone from this host, or silent for
-  ``record.STALE_SECONDS``) is charged only up to its last heartbeat: a dead trial's clock stops. When deciding whether a new trial may start (``allows_new_trial``) a
+  counts as one trial. An orphan (``liveness.orphan_of``: its worker provably gone from this
+  host, or silent for ``liveness.STALE_SECONDS``) is charged only up to its last heartbeat: a dead
+  trial's clock stops. When deciding whether a new trial may start (``allows_new_trial``) a
   running trial is counted as ``max(elapsed, estimate)``: it will most likely use the estimate.
 * ``COMPLETE``/``PRUNED``/``FAIL``: ``charged_seconds`` if recorded, else
   ``datetime_complete - datetime_start`` times its devices (a worker killed mid-trial leaves no
@@ -45,6 +46,8 @@ from datetime import datetime
 from typing import Any
 
 from optuna.trial import TrialState
+
+from ehrsr.search.liveness import orphan_of
 
 __all__ = [
     "ATTR_CHARGED_SECONDS",
@@ -264,11 +267,10 @@ def trial_charge(trial: Any, now: datetime | None = None) -> TrialCharge:
         seconds = float(attrs.get(ATTR_CHARGED_SECONDS, 0.0))
         return TrialCharge(seconds, kind, counted=False, running=False, refused=False, repeat=True)
     if trial.state == TrialState.RUNNING:
-        last_sign = _orphan_last_sign(trial, now)
-        if last_sign is not None:
-            # a dead worker's clock stops at its last sign of life, as ``fail_stale_trials`` will charge it
-            seconds = max(0.0, last_sign - trial.datetime_start.timestamp()) * n_devices
-            return TrialCharge(seconds, kind, counted=True, running=True, refused=False, orphaned=True)
+        orphan = orphan_of(trial, (now or datetime.now()).timestamp())
+        if orphan is not None:  # charged as ``fail_stale_trials`` will charge it
+            return TrialCharge(orphan.seconds * n_devices, kind, counted=True, running=True, refused=False,
+                               orphaned=True)
         seconds = _elapsed_seconds(trial.datetime_start, now) * n_devices if trial.datetime_start else 0.0
         return TrialCharge(seconds, kind, counted=True, running=True, refused=False)
     if ATTR_CHARGED_SECONDS in attrs:
@@ -278,23 +280,6 @@ def trial_charge(trial: Any, now: datetime | None = None) -> TrialCharge:
     else:
         seconds = 0.0
     return TrialCharge(seconds, kind, counted=True, running=False, refused=False)
-
-
-def _orphan_last_sign(trial: Any, now: datetime | None) -> float | None:
-    """For a RUNNING trial whose worker is provably gone from this host (``liveness.worker_gone``)
-    or silent for ``record.STALE_SECONDS``: the time (s since the epoch) of its last heartbeat, or
-    its start when it never beat. None for a live trial."""
-    from ehrsr.search.liveness import worker_gone
-    from ehrsr.search.record import STALE_SECONDS
-
-    if trial.datetime_start is None:
-        return None
-    start = trial.datetime_start.timestamp()
-    beat = float(trial.user_attrs.get("heartbeat", start))
-    clock = now.timestamp() if now is not None else datetime.now().timestamp()
-    if clock - beat >= STALE_SECONDS or worker_gone(trial.user_attrs.get("worker")):
-        return beat
-    return None
 
 
 def _sum(charges: list[TrialCharge]) -> Spent:

@@ -34,7 +34,16 @@ from optuna.trial import TrialState
 from ehrsr.errors import UserError
 from ehrsr.search.record import Heartbeat, TrialOutcome, fail_stale_trials, record_outcome
 from ehrsr.search.revisits import RepeatPolicy, record_repeat, sampler_seed
-from ehrsr.search.storage import mask_url, open_storage, retry_storage
+from ehrsr.search.storage import (
+    StorageError,
+    StorageFull,
+    mask_url,
+    open_storage,
+    retry_storage,
+    retrying,
+    storage_full,
+    storage_unreachable,
+)
 from ehrsr.search.study import (
     ContextSpec,
     PreparedStudy,
@@ -45,7 +54,7 @@ from ehrsr.search.study import (
     resolve_workers,
 )
 from ehrsr.search.trial import TrialJob, execute_isolated, execute_trial
-from ehrsr.study_schema import BASELINE_ATTR, BUDGET_ATTR, Objective, format_si, is_count
+from ehrsr.study_schema import BASELINE_ATTR, BUDGET_ATTR, Objective, format_si, is_count, study_storage
 
 __all__ = [
     "AfterTrial",
@@ -128,9 +137,7 @@ def run_worker(prepared: PreparedStudy, settings: SearchSettings | None = None, 
     refusals = 0
     repeats = 0  # proposals in a row that repeated a finished configuration
     running_trial: optuna.Trial | None = None
-
-    def retry(what: str, function: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
-        return retry_storage(lambda: function(*args, **kwargs), what=what, log=log)
+    retry = retrying(log, prepared.storage_url)
 
     try:
         while True:
@@ -197,7 +204,7 @@ def run_worker(prepared: PreparedStudy, settings: SearchSettings | None = None, 
                 spec=prepared.spec.to_dict(),
                 device=str(device),
                 lpips_weights=settings.lpips_weights,
-                weights_path=str(prepared.study_dir / "weights" / f"trial_{trial.number:05d}.safetensors"),
+                weights_path=str(_weights_path(prepared, trial.number)),
                 threads=settings.threads,
                 device_name=prepared.device_name,
             )
@@ -238,7 +245,31 @@ def run_worker(prepared: PreparedStudy, settings: SearchSettings | None = None, 
             with contextlib.suppress(Exception):
                 record_outcome(study, running_trial,
                                TrialOutcome.failed("interrupted", "interrupted by the user (Ctrl-C)"))
+    except StorageFull as exc:
+        if running_trial is not None:
+            _fail_on_full_storage(prepared, running_trial, str(exc))
+        raise
     return summary
+
+
+def _weights_path(prepared: PreparedStudy, number: int) -> Path:
+    return prepared.study_dir / "weights" / f"trial_{number:05d}.safetensors"
+
+
+def _fail_on_full_storage(prepared: PreparedStudy, trial: optuna.Trial, reason: str) -> None:
+    """With no space left: delete the running trial's own weights file (never referenced once the
+    trial fails, and the room it frees lets the storage take the last write), then mark the trial
+    failed. When even that write is refused, the next process on this host fails the trial at once
+    (its worker is gone: ``liveness.orphan_of``)."""
+    _weights_path(prepared, trial.number).unlink(missing_ok=True)
+    storage = study_storage(prepared.study)
+    # why, if it still fits (a finished trial takes no attributes), then the state on its own:
+    # an update in place, the write most likely to fit
+    with contextlib.suppress(Exception):
+        storage.set_trial_user_attr(trial._trial_id, "status", "error")
+        storage.set_trial_user_attr(trial._trial_id, "reason", reason)
+    with contextlib.suppress(Exception):
+        storage.set_trial_state_values(trial._trial_id, state=TrialState.FAIL)
 
 
 def _budget_check(study: optuna.Study, budget: Any, fidelity: Any, device: torch.device) -> tuple[float, tuple[bool, str]]:
@@ -265,12 +296,16 @@ def _start_trial(trial: optuna.Trial, prepared: PreparedStudy, settings: SearchS
 
 def _execute_guarded(job: TrialJob, ctx: Any, study: optuna.Study) -> TrialOutcome:
     """``execute_trial`` in this process; an unexpected exception ends this trial only ("error",
-    with its traceback), as it does in a child process. User errors pass (the caller stops)."""
+    with its traceback), as it does in a child process. User errors pass (the caller stops), and so
+    does a full disk, as ``StorageFull``."""
     try:
         return execute_trial(job, ctx=ctx, study=study)
     except UserError:
         raise
     except Exception as exc:
+        if storage_full(exc):  # every later trial would fail the same way: stop, as on a full storage
+            where = str(Path(job.weights_path).parent) if job.weights_path else "the study folder"
+            raise StorageFull.on(where, f"run trial #{job.trial_number}") from exc
         return TrialOutcome.failed("error", f"{type(exc).__name__}: {exc}", traceback=traceback.format_exc(),
                                    started=True)
 
@@ -351,6 +386,23 @@ class SearchSummary:
     prepared: PreparedStudy | None = field(default=None, repr=False)  # the study as the search opened it
 
 
+def open_prepared(settings: SearchSettings, log: Callable[..., None],
+                  retry_log: Callable[[str], None] | None = None) -> PreparedStudy:
+    """``prepare_study`` under the worker loop's storage retry once the storage has answered: a
+    restart while a study is being created or joined (workers of a job array start together) is
+    waited for; a storage that cannot be reached at all is reported at once, as it is most often
+    a wrong URL or a server not started. ``retry_log`` (default ``log``) hears of the retries."""
+    answered = [False]
+
+    def retryable(exc: BaseException) -> bool:
+        first_contact = isinstance(exc, StorageError)  # open_storage failed: it never answered here
+        answered[0] = answered[0] or not first_contact
+        return answered[0] and storage_unreachable(exc)
+
+    return retry_storage(lambda: prepare_study(settings, log=log), what="open the study", log=retry_log or log,
+                         storage_url=settings.storage, retryable=retryable)
+
+
 def _worker_process(settings: SearchSettings, worker_index: int, gpu: int | None,
                     after_trial: AfterTrial | None = None) -> None:
     # a spawned process starts with Optuna's default INFO logging ("Using an existing study ...")
@@ -360,8 +412,8 @@ def _worker_process(settings: SearchSettings, worker_index: int, gpu: int | None
     if gpu is not None:
         os.environ["CUDA_VISIBLE_DEVICES"] = str(gpu)
         settings.device = "cuda:0"
-    prepared = prepare_study(settings, log=lambda *_: None)
     log = SearchLog(settings.verbosity, prefix=f"[w{worker_index}] ", show_bar=False)
+    prepared = open_prepared(settings, log=lambda *_: None, retry_log=log)
     run_worker(prepared, settings, log=log, worker_index=worker_index, after_trial=after_trial)
 
 
@@ -372,7 +424,7 @@ def run_search(settings: SearchSettings, *, log: SearchLog | None = None,
     from ehrsr.data import TaskConfig
 
     log = log or SearchLog(settings.verbosity)
-    prepared = prepare_study(settings, log=log)
+    prepared = open_prepared(settings, log=log)
     settings = prepared.settings  # the study record's values from here on
     study = prepared.study
     log(f"study {study.study_name} ({'new' if prepared.created else 'resumed'}) in {mask_url(prepared.storage_url)}")

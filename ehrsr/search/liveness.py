@@ -1,7 +1,8 @@
-"""Is the worker that runs a trial still alive? Who it is, and a check that cannot be fooled.
+"""Is the worker that runs a trial still alive? Who it is, a check that cannot be fooled, and the
+one rule that declares a running trial orphaned (``orphan_of``).
 
 A heartbeat only says a worker is late; after a SIGKILL, an out-of-memory kill or a node reboot,
-its trial would stay RUNNING for the whole grace period (``trial.STALE_SECONDS``). A worker on the
+its trial would stay RUNNING for the whole grace period (``STALE_SECONDS``). A worker on the
 same host can do better: if the recorded process no longer exists there, the trial is orphaned
 now. "Same host" must be provable, not guessed from a host name: containers on one machine can
 share a name but not their process tables, and a rebooted node keeps its name. So a worker is
@@ -20,7 +21,9 @@ from typing import Any
 
 import psutil
 
-__all__ = ["WorkerIdentity", "current_worker", "worker_gone"]
+__all__ = ["STALE_SECONDS", "Orphan", "WorkerIdentity", "current_worker", "orphan_of", "worker_gone"]
+
+STALE_SECONDS = 300.0  # a running trial silent this long belongs to a dead process
 
 
 @dataclass(frozen=True)
@@ -77,3 +80,28 @@ def worker_gone(recorded: Any) -> bool:
         return True
     except psutil.Error:  # no permission to look: it exists, so assume it is alive
         return False
+
+
+@dataclass(frozen=True)
+class Orphan:
+    """A RUNNING trial whose process is dead: when it last showed life and what that makes its charge."""
+
+    last_sign: float  # s since the epoch: its last heartbeat, or its start when it never beat
+    seconds: float  # from its start to its last sign of life: its charge per device (a dead trial's clock stops)
+    worker_gone: bool  # its worker provably ended on this host (else it was silent for STALE_SECONDS)
+
+
+def orphan_of(trial: Any, now: float) -> Orphan | None:
+    """The rule for a dead run, shared by the budget (which charges an orphan only up to its last
+    sign of life) and ``record.fail_stale_trials`` (which fails it): a RUNNING trial (a frozen
+    trial with ``user_attrs``) is orphaned when its worker is provably gone from this host
+    (``worker_gone``) or its last heartbeat (its start, when it never beat) is ``STALE_SECONDS``
+    older than ``now`` (s since the epoch). None for a live trial, or one not started."""
+    if trial.datetime_start is None:
+        return None
+    start = trial.datetime_start.timestamp()
+    beat = float(trial.user_attrs.get("heartbeat", start))
+    gone = worker_gone(trial.user_attrs.get("worker"))
+    if now - beat < STALE_SECONDS and not gone:
+        return None
+    return Orphan(last_sign=beat, seconds=max(0.0, beat - start), worker_gone=gone)

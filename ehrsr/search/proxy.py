@@ -11,9 +11,11 @@ from __future__ import annotations
 
 import argparse
 import signal
+import socket
 import sys
 import warnings
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 from typing import Any
 
 import optuna
@@ -70,6 +72,8 @@ def run_storage_proxy(args: argparse.Namespace) -> int:
         raise StorageError(f"storage-proxy serves a database (postgresql://, mysql://, sqlite:///), not {masked}")
     if not 0 < args.port < 65536:
         raise StorageError(f"storage-proxy --port {args.port}: give a port between 1 and 65535")
+    _check_address(args.host, args.port)  # before the storage exists: a refusal leaves nothing behind
+    new_file = _new_sqlite_file(url)
     # Optuna's advice: the proxy caches finished trials in process (get_storage wraps RDBStorage)
     storage = optuna.storages.get_storage(open_storage(url))
     if sys.platform != "win32":
@@ -85,8 +89,35 @@ def run_storage_proxy(args: argparse.Namespace) -> int:
         print("storage proxy stopped", flush=True)
         return 0
     except RuntimeError as exc:
-        if "bind" in str(exc).lower():  # grpc: "Failed to bind to address ..."
-            raise StorageError(f"storage-proxy cannot listen on {args.host}:{args.port}: the port is taken "
-                               "or the address is not this machine's") from None
+        if "bind" in str(exc).lower():  # grpc: "Failed to bind to address ..." (taken since the check)
+            if new_file is not None:
+                new_file.unlink(missing_ok=True)
+            raise _cannot_listen(args.host, args.port) from None
         raise
     return 0
+
+
+def _cannot_listen(host: str, port: int) -> StorageError:
+    return StorageError(f"storage-proxy cannot listen on {host}:{port}: the port is taken or the address is "
+                        "not this machine's")
+
+
+def _check_address(host: str, port: int) -> None:
+    """Bind ``host:port`` once and let it go: a taken port or a foreign address is refused before
+    the storage is opened (which would create a SQLite file)."""
+    try:
+        family, kind, protocol, _, address = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM,
+                                                                flags=socket.AI_PASSIVE)[0]
+        with socket.socket(family, kind, protocol) as probe:
+            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # a port in TIME_WAIT is free
+            probe.bind(address)
+    except OSError:
+        raise _cannot_listen(host, port) from None
+
+
+def _new_sqlite_file(url: str) -> Path | None:
+    """The file of a ``sqlite:///`` URL that does not exist yet (opening the storage creates it)."""
+    if not url.startswith("sqlite:///"):
+        return None
+    path = Path(url[len("sqlite:///"):])
+    return None if path.exists() else path

@@ -6,9 +6,10 @@ run costs nothing; any other is charged its wall time times its devices) and tel
 (COMPLETE with its values, PRUNED, or FAIL with ``status`` / ``reason``).
 
 A running trial refreshes a ``heartbeat`` user attribute every ``HEARTBEAT_SECONDS``
-(``Heartbeat``); ``fail_stale_trials`` marks a RUNNING trial whose heartbeat (or start, when it
-never beat) is older than ``STALE_SECONDS`` failed ("crashed"), charged from its start to its last
-sign of life: the one rule for a worker or an ablation process that died.
+(``Heartbeat``); ``fail_stale_trials`` marks a RUNNING trial that ``liveness.orphan_of`` calls
+orphaned (heartbeat, or start when it never beat, older than ``STALE_SECONDS``, or its worker
+provably dead on this host) failed ("crashed"), charged from its start to its last sign of life:
+the one rule for a worker or an ablation process that died.
 """
 
 from __future__ import annotations
@@ -25,7 +26,8 @@ from typing import Any
 import optuna
 from optuna.trial import TrialState
 
-from ehrsr.search.budget import ATTR_N_DEVICES, record_charge, record_refused
+from ehrsr.search.budget import ATTR_CHARGED_SECONDS, ATTR_N_DEVICES, record_charge, record_refused
+from ehrsr.search.liveness import STALE_SECONDS, current_worker, orphan_of
 from ehrsr.study_schema import PER_IMAGE_ATTR, study_storage
 
 __all__ = [
@@ -37,10 +39,9 @@ __all__ = [
     "record_outcome",
 ]
 
-STALE_SECONDS = 300.0  # a running trial silent this long belongs to a dead process
-HEARTBEAT_SECONDS = 30.0
+HEARTBEAT_SECONDS = 30.0  # well inside STALE_SECONDS (``ehrsr.search.liveness``), which marks a silent trial dead
 
-# runner statuses as the study stores them (the runner once called a pruned run "stopped")
+# runner statuses as the study stores them: the runner's "stopped" (stopped early) is Optuna's "pruned"
 _STORED_STATUS = {"stopped": "pruned"}
 
 
@@ -144,8 +145,6 @@ class Heartbeat:
                 study_storage(self.study).set_trial_user_attr(self.trial_id, "heartbeat", time.time())
 
     def __enter__(self) -> Heartbeat:
-        from ehrsr.search.liveness import current_worker
-
         # who runs it: a worker on the same host fails the trial at once if this process dies
         study_storage(self.study).set_trial_user_attr(self.trial_id, "worker", current_worker().to_dict())
         study_storage(self.study).set_trial_user_attr(self.trial_id, "heartbeat", time.time())
@@ -158,33 +157,25 @@ class Heartbeat:
 
 
 def fail_stale_trials(study: optuna.Study, now: float | None = None) -> list[int]:
-    """Mark RUNNING trials failed ("crashed") whose heartbeat is older than ``STALE_SECONDS``, or at
-    once when their worker is provably dead on this host (``liveness.worker_gone``), charged from
+    """Mark the orphaned RUNNING trials (``liveness.orphan_of``: heartbeat older than
+    ``STALE_SECONDS``, or worker provably dead on this host) failed ("crashed"), charged from
     their start to their last sign of life; return their numbers."""
-    from ehrsr.search.liveness import worker_gone
-
     now = time.time() if now is None else now
     failed = []
     storage = study_storage(study)
     for frozen in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
-        beat = frozen.user_attrs.get("heartbeat")
-        if beat is None:
-            # killed between ask() and its first heartbeat: its start is its last sign of life
-            if frozen.datetime_start is None:
-                continue
-            beat = frozen.datetime_start.timestamp()
-        gone = worker_gone(frozen.user_attrs.get("worker"))
-        if now - float(beat) < STALE_SECONDS and not gone:
+        orphan = orphan_of(frozen, now)
+        if orphan is None:
             continue
-        start = frozen.datetime_start.timestamp() if frozen.datetime_start else float(beat)
         with contextlib.suppress(Exception):
             storage.set_trial_user_attr(frozen._trial_id, "status", "crashed")
             storage.set_trial_user_attr(
                 frozen._trial_id, "reason",
-                "its worker process ended (gone from this host)" if gone else "its process stopped (no heartbeat)",
+                "its worker process ended (gone from this host)" if orphan.worker_gone
+                else "its process stopped (no heartbeat)",
             )
             n_dev = int(frozen.user_attrs.get(ATTR_N_DEVICES, 1))
-            storage.set_trial_user_attr(frozen._trial_id, "charged_seconds", max(0.0, float(beat) - start) * n_dev)
+            storage.set_trial_user_attr(frozen._trial_id, ATTR_CHARGED_SECONDS, orphan.seconds * n_dev)
             storage.set_trial_state_values(frozen._trial_id, state=TrialState.FAIL)
             failed.append(frozen.number)
     return failed

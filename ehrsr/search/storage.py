@@ -8,11 +8,13 @@ machines. Every URL that reaches a log or a report goes through ``mask_url``.
 
 from __future__ import annotations
 
+import errno
 import re
+import sqlite3
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import TypeVar
+from typing import Any, TypeVar
 
 import optuna
 
@@ -20,10 +22,14 @@ from ehrsr.errors import UserError
 
 __all__ = [
     "StorageError",
+    "StorageFull",
     "default_storage_url",
     "mask_url",
     "open_storage",
     "retry_storage",
+    "retrying",
+    "storage_full",
+    "storage_place",
     "storage_unreachable",
 ]
 
@@ -215,24 +221,73 @@ def _open_rdb(url: str) -> optuna.storages.RDBStorage:
     raise AssertionError("unreachable")
 
 
+def _chain(exc: BaseException | None) -> Iterator[BaseException]:
+    """``exc`` and the errors it was raised from or while handling (Optuna and SQLAlchemy wrap)."""
+    seen: set[int] = set()
+    while exc is not None and id(exc) not in seen:
+        seen.add(id(exc))
+        yield exc
+        exc = exc.__cause__ or exc.__context__
+
+
+_DISK_FULL_ERRNOS = {errno.ENOSPC, errno.EDQUOT}
+_PG_DISK_FULL = "53100"  # PostgreSQL's SQLSTATE disk_full ("could not extend file ...")
+
+
+def storage_full(exc: BaseException) -> bool:
+    """Whether ``exc`` (or an error it was raised from) says the storage has no room left: SQLite's
+    SQLITE_FULL ("database or disk is full"), PostgreSQL's disk_full, or a file write failing
+    with ENOSPC / EDQUOT (a journal file, a study folder; safetensors reports the OS error only in
+    its text, "(os error 28)"). Waiting does not help these."""
+    for error in _chain(exc):
+        sqlite_full = isinstance(error, sqlite3.Error) and (
+            getattr(error, "sqlite_errorcode", None) == sqlite3.SQLITE_FULL or "database or disk is full" in str(error)
+        )
+        file_full = isinstance(error, OSError) and error.errno in _DISK_FULL_ERRNOS
+        server_full = _PG_DISK_FULL in (getattr(error, "sqlstate", None), getattr(error, "pgcode", None))
+        file_full = file_full or (type(error).__name__ == "SafetensorError"
+                                  and any(f"(os error {code})" in str(error) for code in _DISK_FULL_ERRNOS))
+        if sqlite_full or file_full or server_full:
+            return True
+    return False
+
+
 def storage_unreachable(exc: BaseException) -> bool:
     """Whether ``exc`` (or an error it was raised from) says the storage could not be reached: a
     database server that is down or restarting (SQLAlchemy ``OperationalError`` /
     ``InterfaceError`` / ``DisconnectionError``, which Optuna may wrap in
-    ``StorageInternalError``), an unavailable gRPC proxy, a refused connection."""
-    seen: set[int] = set()
-    while exc is not None and id(exc) not in seen:
-        seen.add(id(exc))
-        if isinstance(exc, ConnectionError):
+    ``StorageInternalError``), an unavailable gRPC proxy, a refused connection. A full storage
+    (``storage_full``) is not unreachable, although SQLite reports it as an ``OperationalError``."""
+    if storage_full(exc):
+        return False
+    for error in _chain(exc):
+        if isinstance(error, ConnectionError):
             return True
-        names = {cls.__name__ for cls in type(exc).__mro__}
-        module = type(exc).__module__
+        names = {cls.__name__ for cls in type(error).__mro__}
+        module = type(error).__module__
         if module.startswith("sqlalchemy") and names & {"OperationalError", "InterfaceError", "DisconnectionError"}:
             return True
-        if module.startswith("grpc") and "UNAVAILABLE" in str(getattr(exc, "code", lambda: "")()):
+        if module.startswith("grpc") and "UNAVAILABLE" in str(getattr(error, "code", lambda: "")()):
             return True
-        exc = exc.__cause__ or exc.__context__
     return False
+
+
+class StorageFull(StorageError):
+    """The storage has no space left: one line, and the search stops (no waiting for space)."""
+
+    @classmethod
+    def on(cls, where: str, what: str) -> StorageFull:
+        return cls(f"no space left on the device holding {where} while trying to {what}: free some space, "
+                   "then run the same command again to resume")
+
+
+def storage_place(url: str) -> str:
+    """Where a storage keeps its data, for a message: the file of ``sqlite:///`` and ``journal:``
+    URLs, else the masked URL (the database server's disk)."""
+    for prefix in ("sqlite:///", "journal:"):
+        if url.startswith(prefix):
+            return str(Path(url[len(prefix):]).expanduser())
+    return f"the database server of {mask_url(url)}"
 
 
 RETRY_FIRST_DELAY_S = 1.0
@@ -241,21 +296,30 @@ RETRY_GIVE_UP_S = 600.0  # a storage down this long is not a restart: stop with 
 
 
 def retry_storage(operation: Callable[[], T], *, what: str, log: Callable[[str], None] | None = None,
-                  give_up_s: float = RETRY_GIVE_UP_S, first_delay_s: float = RETRY_FIRST_DELAY_S,
-                  sleep: Callable[[float], None] = time.sleep) -> T:
-    """Run ``operation``; while the storage is unreachable (``storage_unreachable``), wait and retry
-    with exponential backoff (1, 2, 4, ... s, at most 30 s between tries), saying so in ``log``.
+                  give_up_s: float | None = None, first_delay_s: float = RETRY_FIRST_DELAY_S,
+                  sleep: Callable[[float], None] | None = None, storage_url: str | None = None,
+                  retryable: Callable[[BaseException], bool] = storage_unreachable) -> T:
+    """Run ``operation``; while the storage is unreachable (``retryable``, by default
+    ``storage_unreachable``), wait and retry with exponential backoff (1, 2, 4, ... s, at most 30 s
+    between tries), saying so in ``log``.
 
     A database restart or a network blip then costs a worker some seconds, not its life. After
-    ``give_up_s`` of failures a ``StorageError`` (one line) ends the worker. Other errors pass at once.
+    ``give_up_s`` (default ``RETRY_GIVE_UP_S``) of failures a ``StorageError`` (one line) ends the
+    worker. A full storage (``storage_full``) raises ``StorageFull`` at once, naming where
+    (``storage_url``) and what was being written. Other errors pass at once. ``give_up_s`` and
+    ``sleep`` default to ``RETRY_GIVE_UP_S`` and ``time.sleep`` as they are when called.
     """
+    give_up_s = RETRY_GIVE_UP_S if give_up_s is None else give_up_s
+    sleep = sleep or time.sleep
     delay = first_delay_s
     waited = 0.0
     while True:
         try:
             return operation()
         except Exception as exc:
-            if not storage_unreachable(exc):
+            if storage_full(exc):
+                raise StorageFull.on(storage_place(storage_url) if storage_url else "the storage's disk", what) from exc
+            if not retryable(exc):
                 raise
             if waited >= give_up_s:
                 first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
@@ -266,3 +330,13 @@ def retry_storage(operation: Callable[[], T], *, what: str, log: Callable[[str],
             sleep(delay)
             waited += delay
             delay = min(RETRY_MAX_DELAY_S, delay * 2)
+
+
+def retrying(log: Callable[[str], None] | None = None, storage_url: str | None = None) -> Callable[..., Any]:
+    """``retry(what, function, *args, **kwargs)``: ``function(*args, **kwargs)`` under
+    ``retry_storage`` (one closure for the many storage calls of a loop)."""
+
+    def retry(what: str, function: Callable[..., T], *args: Any, **kwargs: Any) -> T:
+        return retry_storage(lambda: function(*args, **kwargs), what=what, log=log, storage_url=storage_url)
+
+    return retry

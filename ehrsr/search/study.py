@@ -448,10 +448,10 @@ def _space(name: str) -> Any:
 
 def _space_from_record(record: StudyRecord) -> Any:
     """The space a study was created with, from its stored text (the file may have changed since)."""
-    from ehrsr.search.space import SearchSpace, SearchSpaceError
+    from ehrsr.search.space import SearchSpaceError, space_from_text
 
     try:
-        return SearchSpace.from_text(record.space.yaml, name=record.space.name,
+        return space_from_text(record.space.yaml, name=record.space.name,
                                      path=Path(record.space.path) if record.space.path else None)
     except SearchSpaceError as exc:
         raise SearchError(f"the study's stored search space no longer loads: {exc}") from None
@@ -664,30 +664,19 @@ def check_threads(threads: int | None) -> None:
 
 def check_data(task: Any, train_data: str | None, val_data: str | None, *, patch_size: int) -> None:
     """The data folders are readable and their images large enough: every training image is
-    sampled at ``patch_size`` LR pixels (``patch_size * scale`` HR), and a validation image must
-    be larger than twice the crop border (``scale`` pixels on each side). Only image headers are
+    sampled at ``patch_size`` LR pixels (``patch_size * scale`` HR), and every validation image
+    must be measurable at the scale (``ehrsr.metrics.check_measurable``). Only image headers are
     read; the built-in images (None) are known to fit."""
-    from PIL import Image, UnidentifiedImageError
-
-    from ehrsr.data.io import list_images
+    from ehrsr.data.io import image_size, list_images
+    from ehrsr.metrics import ImageTooSmall, check_measurable
 
     scale = task.scale
-    crop_border = scale if scale > 1 else 0
 
     def sizes(folder: str, option: str) -> list[tuple[Path, int, int]]:
         try:
-            files = list_images(folder)
-        except ValueError as exc:
+            return [(path, *image_size(path)) for path in list_images(folder)]
+        except ValueError as exc:  # a missing or empty folder, an unreadable image (ImageReadError)
             raise SearchError(f"{option}: {exc}") from None
-        out = []
-        for path in files:
-            try:
-                with Image.open(path) as image:
-                    width, height = image.size
-            except (OSError, UnidentifiedImageError, SyntaxError) as exc:
-                raise SearchError(f"{option}: cannot read image {path}: {exc}") from None
-            out.append((path, width, height))
-        return out
 
     if train_data is not None:
         hr_patch = patch_size * scale
@@ -699,13 +688,10 @@ def check_data(task: Any, train_data: str | None, val_data: str | None, *, patch
                 f"(x{scale} = {hr_patch} px HR); the largest is {largest[0].name} ({largest[1]}x{largest[2]})"
             )
     if val_data is not None:
-        need = max(2 * crop_border + 1, scale)
-        for path, width, height in sizes(val_data, "--val-data"):
-            if width < need or height < need:
-                raise SearchError(
-                    f"--val-data: image {path.name} ({width}x{height}) is too small for the crop border "
-                    f"{crop_border} of x{scale}: it needs at least {need}x{need} px"
-                )
+        try:
+            check_measurable(sizes(val_data, "--val-data"), scale)
+        except ImageTooSmall as exc:
+            raise SearchError(f"--val-data: {exc}") from None
 
 
 def _open_study(settings: SearchSettings, record: StudyRecord, stored: StudyRecord | None, device: torch.device,
@@ -717,13 +703,9 @@ def _open_study(settings: SearchSettings, record: StudyRecord, stored: StudyReco
         if differences:
             _refuse_or_replace(storage_url, study_name, differences, log)
             stored = None
-    try:
-        study_dir.mkdir(parents=True, exist_ok=True)
-        probe = study_dir / f".write-test-{os.getpid()}"  # per process: workers start together
-        probe.write_text("ok")
-        probe.unlink()
-    except OSError as exc:
-        raise SearchError(f"output folder {study_dir} is not writable: {exc.strerror}") from None
+    from ehrsr.files import check_writable
+
+    check_writable(study_dir)
     if workers > 1 and storage_url.startswith("sqlite"):
         # Optuna's advice, and a race seen in this project's tests: two processes on one SQLite file
         # can both claim the same enqueued trial (SQLite has no row locks)

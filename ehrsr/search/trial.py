@@ -14,7 +14,6 @@ import multiprocessing as mp
 import queue
 import traceback
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import optuna
@@ -126,8 +125,10 @@ def execute_trial(job: TrialJob, ctx: RunContext | None = None, study: optuna.St
     if result.status == "complete" and result.model is not None and job.weights_path:
         from safetensors.torch import save_model
 
-        Path(job.weights_path).parent.mkdir(parents=True, exist_ok=True)
-        save_model(result.model.cpu(), job.weights_path)
+        from ehrsr.files import write_atomically
+
+        model = result.model.cpu()
+        write_atomically(job.weights_path, lambda temporary: save_model(model, str(temporary)))
         outcome.weights = job.weights_path
     return outcome
 

@@ -46,7 +46,7 @@ from __future__ import annotations
 
 from ehrsr.search.space.errors import SearchSpaceError
 from ehrsr.search.space.fidelity import Fidelity
-from ehrsr.search.space.loading import SPACES_DIR, load_space, shipped_spaces
+from ehrsr.search.space.loading import SPACES_DIR, load_space, shipped_spaces, space_from_text
 from ehrsr.search.space.sampling import SampledConfig, SearchSpace
 
 __all__ = [
@@ -57,4 +57,5 @@ __all__ = [
     "SearchSpaceError",
     "load_space",
     "shipped_spaces",
+    "space_from_text",
 ]

@@ -1,4 +1,5 @@
-"""Finding and reading a space: a shipped one by name (``ehrsr/search_spaces/<name>.yaml``) or a file."""
+"""Finding and reading a space: a shipped one by name (``ehrsr/search_spaces/<name>.yaml``), a file,
+or YAML text."""
 
 from __future__ import annotations
 
@@ -6,9 +7,10 @@ from pathlib import Path
 
 from ehrsr.resources import shipped_space_names, space_file, spaces_dir
 from ehrsr.search.space.errors import SearchSpaceError
+from ehrsr.search.space.parser import SpaceParser
 from ehrsr.search.space.sampling import SearchSpace
 
-__all__ = ["SPACES_DIR", "load_space", "shipped_spaces"]
+__all__ = ["SPACES_DIR", "load_space", "shipped_spaces", "space_from_text"]
 
 SPACES_DIR = spaces_dir()
 """Where the shipped spaces live: ``ehrsr/search_spaces/``, package data (see :mod:`ehrsr.resources`)."""
@@ -35,4 +37,9 @@ def load_space(name_or_path: str | Path) -> SearchSpace:
         text = path.read_text()
     except OSError as exc:
         raise SearchSpaceError(f"{path}: cannot read: {exc.strerror}") from None
-    return SearchSpace.from_text(text, name=path.stem, path=path)
+    return space_from_text(text, name=path.stem, path=path)
+
+
+def space_from_text(text: str, name: str = "<text>", path: Path | None = None) -> SearchSpace:
+    """Parse and validate YAML text (``load_space`` reads a file and calls this)."""
+    return SpaceParser(text, name, path).parse()

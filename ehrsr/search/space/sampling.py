@@ -56,7 +56,7 @@ class SampledConfig:
 
 
 class SearchSpace:
-    """A validated search space. Build it with ``load_space`` (or ``SearchSpace.from_text``)."""
+    """A validated search space. Build it with ``load_space`` (or ``space_from_text``)."""
 
     def __init__(
         self,
@@ -77,14 +77,6 @@ class SearchSpace:
 
     def __repr__(self) -> str:
         return f"SearchSpace({self.name!r}, {len(self.distributions)} searched parameters)"
-
-    # -- construction ---------------------------------------------------------------------------
-    @classmethod
-    def from_text(cls, text: str, name: str = "<text>", path: Path | None = None) -> SearchSpace:
-        """Parse and validate YAML text (``load_space`` reads a file and calls this)."""
-        from ehrsr.search.space.parser import SpaceParser  # the parser builds SearchSpace objects
-
-        return SpaceParser(text, name, path).parse()
 
     # -- introspection --------------------------------------------------------------------------
     @property
