@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from ehrsr.errors import UserError
+from ehrsr.interrupts import exit_status, interrupt_name, sigterm_as_interrupt
 
 __all__ = ["main", "user_errors"]
 
@@ -287,7 +288,7 @@ def _search(args: argparse.Namespace) -> int:
         verbosity=_verbosity(args),
     )
     summary = run_pipeline(settings)
-    return 130 if summary.interrupted else 0
+    return exit_status(summary.interrupted_by) if summary.interrupted_by else 0
 
 
 def _device_profiles(objectives: str, limits: dict[str, float], devices_file: str | None) -> dict[str, Any]:
@@ -478,10 +479,12 @@ def main(argv: list[str] | None = None) -> int:
                "fidelity": _fidelity, "deploy": _deploy, "calibrate": _calibrate,
                "train": run_train, "evaluate": run_evaluate, "storage-proxy": run_storage_proxy}[command]
     try:
-        return handler(args)
-    except KeyboardInterrupt:
-        print("interrupted", file=sys.stderr)
-        return 130
+        with sigterm_as_interrupt():  # a scheduler's stop ends every subcommand as Ctrl-C does
+            return handler(args)
+    except KeyboardInterrupt as exc:
+        name = interrupt_name(exc)
+        print(f"interrupted ({name})", file=sys.stderr)
+        return exit_status(name)
     except user_errors() as exc:
         from ehrsr.search.storage import mask_url
 

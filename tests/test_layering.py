@@ -13,7 +13,8 @@ PACKAGE = Path(__file__).resolve().parents[1] / "ehrsr"
 
 # lowest first; a module may import its own layer and the layers below
 LAYERS: tuple[tuple[str, ...], ...] = (
-    ("ehrsr.errors", "ehrsr.faults", "ehrsr.study_schema", "ehrsr.config", "ehrsr.resources", "ehrsr.stats"),
+    ("ehrsr.errors", "ehrsr.faults", "ehrsr.interrupts", "ehrsr.study_schema", "ehrsr.config", "ehrsr.resources",
+     "ehrsr.stats"),
     ("ehrsr.blocks",),
     ("ehrsr", "ehrsr.model", "ehrsr.reparam"),  # "ehrsr": the package itself (build_model, __version__)
     ("ehrsr.data", "ehrsr.metrics", "ehrsr.profiling", "ehrsr.training", "ehrsr.baselines"),

@@ -30,6 +30,7 @@ from optuna.trial import FrozenTrial, TrialState
 from ehrsr.ablation.table import CUT_SHORT, ablation_runs, controlled_table, delta_table, stored_runs
 from ehrsr.ablation.variants import AblationError, Variant, build_variants, module_settings_from_space
 from ehrsr.config import EHRSRConfig
+from ehrsr.interrupts import interrupt_name
 from ehrsr.search.budget import record_start, trial_charge
 from ehrsr.search.pareto import knee_trial
 from ehrsr.search.record import Heartbeat, TrialOutcome, fail_stale_trials, record_outcome
@@ -408,8 +409,8 @@ def _run_one(
             # the deadline only with a budget: runners without one keep run_configuration's old contract
             extra = {} if train_seconds is None else {"train_seconds": train_seconds}
             result = run(variant.config, train, ctx, seed=seed, **extra)
-    except KeyboardInterrupt:
-        record_outcome(ablation, trial, TrialOutcome.failed("interrupted", "interrupted by the user"),
+    except KeyboardInterrupt as exc:  # Ctrl-C or SIGTERM (ehrsr.interrupts)
+        record_outcome(ablation, trial, TrialOutcome.failed("interrupted", f"interrupted ({interrupt_name(exc)})"),
                        wall_seconds=_clock() - start)
         raise
     except Exception as exc:  # a crash of one run must not lose the others: record it, go on

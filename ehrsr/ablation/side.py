@@ -19,6 +19,7 @@ from typing import Any
 import optuna
 from optuna.trial import FrozenTrial
 
+from ehrsr.interrupts import interrupt_name
 from ehrsr.search.budget import record_start, trial_charge
 from ehrsr.search.record import Heartbeat, TrialOutcome, fail_stale_trials, record_outcome
 from ehrsr.search.runner import RunResult, jsonable_metrics
@@ -107,8 +108,8 @@ def run_recorded(
     try:
         with Heartbeat(side, trial._trial_id):
             result = run(on_rung)
-    except KeyboardInterrupt:
-        record_outcome(side, trial, TrialOutcome.failed("interrupted", "interrupted by the user"),
+    except KeyboardInterrupt as exc:  # Ctrl-C or SIGTERM (ehrsr.interrupts)
+        record_outcome(side, trial, TrialOutcome.failed("interrupted", f"interrupted ({interrupt_name(exc)})"),
                        wall_seconds=_clock() - start)
         raise
     except Exception as exc:
