@@ -152,7 +152,7 @@ def test_sigterm_to_a_parent_of_workers_reaches_their_isolated_trials(tmp_path: 
 def test_sigterm_fails_the_running_run_of_a_side_study(tmp_path: Path) -> None:
     out = tmp_path / "reports"
     settings = SearchSettings(space=MICRO, budget="trials=4", study_name="side", out_dir=out,
-                              cache_dir=str(tmp_path / "cache"), profile_size=(32, 32), threads=1,
+                              cache_dir=str(tmp_path / "cache"), profile_size=(32, 32),
                               early_stopping=False, write_reports=False, verbosity=0)
     assert run_search(settings).n_complete == 4
     # the proxy-fidelity retrains, far longer than the trials (8 steps x 20000)
