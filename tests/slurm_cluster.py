@@ -33,9 +33,14 @@ __all__ = ["SlurmTestCluster", "start_slurm", "unavailable_reason"]
 PROGRAMS = ("munged", "mungekey", "slurmctld", "slurmd", "sbatch", "scancel", "scontrol", "squeue", "sinfo")
 
 
+def _program(name: str) -> str | None:
+    """The program's path; the daemons live in /usr/sbin, which a user's PATH may lack."""
+    return shutil.which(name) or shutil.which(name, path="/usr/sbin:/sbin")
+
+
 def unavailable_reason() -> str | None:
     """Why no cluster can be started here, or None."""
-    missing = [name for name in PROGRAMS if shutil.which(name) is None]
+    missing = [name for name in PROGRAMS if _program(name) is None]
     if missing:
         return f"{', '.join(missing)} not found (apt-get install slurm-wlm munge, as root)"
     if os.geteuid() != 0:
@@ -157,19 +162,19 @@ def start_slurm(cpus: int = 4, gpus: int = 2, timeout_s: float = 60.0) -> SlurmT
             (root / folder).mkdir()
         root.chmod(0o755)
         (root / "munge").chmod(0o755)  # munged wants its socket's folder reachable by all
-        subprocess.run(["mungekey", "--create", f"--keyfile={root / 'munge/munge.key'}"], check=True,
+        subprocess.run([_program("mungekey") or "mungekey", "--create", f"--keyfile={root / 'munge/munge.key'}"], check=True,
                        capture_output=True, timeout=30)
         (root / "slurm.conf").write_text(_config(root, node, cpus, gpus))
         (root / "gres.conf").write_text("".join(f"NodeName={node} Name=gpu File={device}\n"
                                                 for device in ("/dev/null", "/dev/zero")[:gpus]))
         munge = root / "munge"
         cluster.daemons.append(_daemon(root, "munged", [
-            "munged", "--foreground", "--force", f"--key-file={munge / 'munge.key'}",
+            _program("munged") or "munged", "--foreground", "--force", f"--key-file={munge / 'munge.key'}",
             f"--socket={munge / 'munge.socket'}", f"--pid-file={munge / 'munged.pid'}",
             f"--log-file={root / 'log' / 'munged.log'}", f"--seed-file={munge / 'munged.seed'}"]))
         _wait(lambda: (munge / "munge.socket").exists(), timeout_s, "munged did not create its socket", cluster)
-        cluster.daemons.append(_daemon(root, "slurmctld", ["slurmctld", "-D", "-f", str(cluster.conf)]))
-        cluster.daemons.append(_daemon(root, "slurmd", ["slurmd", "-D", "-f", str(cluster.conf)]))
+        cluster.daemons.append(_daemon(root, "slurmctld", [_program("slurmctld") or "slurmctld", "-D", "-f", str(cluster.conf)]))
+        cluster.daemons.append(_daemon(root, "slurmd", [_program("slurmd") or "slurmd", "-D", "-f", str(cluster.conf)]))
 
         def idle() -> bool:
             try:
