@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from ehrsr.errors import UserError
+from ehrsr.interrupts import exit_status, interrupt_name, sigterm_as_interrupt
 
 __all__ = ["main", "user_errors"]
 
@@ -324,7 +325,7 @@ def _search(args: argparse.Namespace, given: set[str] | None = None) -> int:
         given=None if given is None else frozenset(s for dest in given for s in SEARCH_FLAG_SETTINGS[dest]),
     )
     summary = run_pipeline(settings)
-    return 130 if summary.interrupted else 0
+    return exit_status(summary.interrupted_by) if summary.interrupted_by else 0
 
 
 def _calibrate(args: argparse.Namespace) -> int:
@@ -503,12 +504,14 @@ def main(argv: list[str] | None = None) -> int:
                "fidelity": _fidelity, "deploy": _deploy, "calibrate": _calibrate,
                "train": run_train, "evaluate": run_evaluate, "storage-proxy": run_storage_proxy}[command]
     try:
-        if command == "search":
-            return _search(args, given_flags(parser, argv))
-        return handler(args)
-    except KeyboardInterrupt:
-        print("interrupted", file=sys.stderr)
-        return 130
+        with sigterm_as_interrupt():  # a scheduler's stop ends every subcommand as Ctrl-C does
+            if command == "search":
+                return _search(args, given_flags(parser, argv))
+            return handler(args)
+    except KeyboardInterrupt as exc:
+        name = interrupt_name(exc)
+        print(f"interrupted ({name})", file=sys.stderr)
+        return exit_status(name)
     except user_errors() as exc:
         from ehrsr.search.storage import mask_url
 

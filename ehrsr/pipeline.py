@@ -26,6 +26,7 @@ from ehrsr.deploy import (
     pick_deployment,
     profiles_for_device,
 )
+from ehrsr.interrupts import SIGTERM, interrupt_name
 from ehrsr.reports import write_report, write_trials_csv
 from ehrsr.search.driver import SearchLog, SearchSummary, print_summary, run_search
 from ehrsr.search.storage import open_storage
@@ -59,9 +60,13 @@ def write_trials_table(study: optuna.Study, study_dir: Path) -> None:
 
 
 def run_pipeline(settings: SearchSettings) -> SearchSummary:
-    """``run_search.py``: the search, then (unless ``--no-report`` or Ctrl-C) the controlled
-    ablation on its share of the budget and the deployment picks for the device profiles
-    matching this machine, then the report; prints the summary and returns it."""
+    """``run_search.py``: the search, then (unless ``--no-report``, Ctrl-C or SIGTERM) the
+    controlled ablation on its share of the budget and the deployment picks for the device
+    profiles matching this machine, then the report; prints the summary and returns it.
+
+    Stopped by SIGTERM, it writes no report: a scheduler kills the job a grace period after the
+    signal (Slurm's ``KillWait``, Kubernetes' ``terminationGracePeriodSeconds``, 30 s by default),
+    and the summary must come first. ``run_search.py report`` writes the report from the storage."""
     log = SearchLog(settings.verbosity)
     summary = run_search(settings, log=log, after_trial=write_trials_table)
     prepared = summary.prepared
@@ -71,11 +76,18 @@ def run_pipeline(settings: SearchSettings) -> SearchSummary:
     write_trials_table(study, prepared.study_dir)
     if settings.write_reports and not summary.interrupted:
         try:
-            summary.ablation = _after_search(study, prepared, settings, log)
-        except Exception as exc:  # the search results are safe in the storage; say what went wrong
-            log(f"warning: ablation / deployment step failed: {type(exc).__name__}: {exc}")
-        _trust_steps(study, prepared, settings, log)
-    if settings.write_reports:
+            try:
+                summary.ablation = _after_search(study, prepared, settings, log)
+            except Exception as exc:  # the search results are safe in the storage; say what went wrong
+                log(f"warning: ablation / deployment step failed: {type(exc).__name__}: {exc}")
+            _trust_steps(study, prepared, settings, log)
+        except KeyboardInterrupt as exc:  # the running side run is already recorded as interrupted
+            summary.interrupted_by = interrupt_name(exc)
+            summary.stopped_reason = f"interrupted ({summary.interrupted_by}) after the search"
+    if settings.write_reports and summary.interrupted_by == SIGTERM:
+        log(f"report not written (stopped by SIGTERM): run_search.py report --study-name {summary.study_name} "
+            "writes it (with the same --storage and --out-dir)")
+    elif settings.write_reports:
         try:
             summary.report = write_report(study, prepared.study_dir, quiet=settings.verbosity == 0)
         except Exception as exc:  # a report problem must not hide the search results

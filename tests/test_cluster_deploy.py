@@ -87,3 +87,23 @@ def test_the_kubernetes_manifest_is_an_indexed_job_running_the_worker_command() 
     assert container["resources"]["limits"]["nvidia.com/gpu"] == 1
     mounts = {m["mountPath"] for m in container["volumeMounts"]}
     assert env["EHRSR_OUT"]["value"] in mounts  # every pod writes weights to the shared volume
+
+
+def test_the_kubernetes_manifest_validates_against_the_kubernetes_schema() -> None:
+    # kubernetes-validate ships the API's JSON schemas (1.25 to 1.37 in 1.37.0) and runs offline
+    try:
+        import kubernetes_validate
+    except ImportError:
+        if IN_CI:
+            pytest.fail("kubernetes-validate is missing in CI (the test extra installs it)")
+        pytest.skip("kubernetes-validate is not installed (pip install -e '.[test]')")
+    manifest = yaml.safe_load(K8S.read_text())
+    # strict: an unknown field is an error too; backoffLimitPerIndex is on by default from 1.29
+    for version in ("1.29", kubernetes_validate.latest_version()):
+        kubernetes_validate.validate(manifest, version, strict=True)
+    with pytest.raises(kubernetes_validate.ValidationError, match="backoffLimitPerIndex"):
+        kubernetes_validate.validate(manifest, "1.27", strict=True)  # the field came in 1.28
+    (container,) = manifest["spec"]["template"]["spec"]["containers"]
+    container["resource"] = container.pop("resources")  # a typo the YAML-level test above would not see
+    with pytest.raises(kubernetes_validate.ValidationError, match="'resource' was unexpected"):
+        kubernetes_validate.validate(manifest, kubernetes_validate.latest_version(), strict=True)

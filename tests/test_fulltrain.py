@@ -5,7 +5,12 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
 import re
+import signal
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -29,6 +34,8 @@ from ehrsr.fulltrain import (
 from ehrsr.fulltrain.recipe import parse_overrides
 from ehrsr.metrics import evaluate
 from tests.data_helpers import synthetic_image, write_image
+
+REPO = Path(__file__).resolve().parents[1]
 
 TINY = {"width": 8, "msg": {"levels": 1, "depths": [1]}, "trunk_blocks": 1, "scale": 2}
 # small, fast, and an EMA that moves visibly in a few steps (the default 0.999 would barely move)
@@ -332,3 +339,124 @@ def test_configuration_sources_pick_file_and_exactly_one(tmp_path):
     (tmp_path / "broken.json").write_text("{not json")
     with pytest.raises(FullTrainError, match="is not valid JSON"):
         resolve_config(pick=tmp_path / "broken.json")
+
+
+# ---------------------------------------------------------------------------------------------
+# TensorBoard curves, and Ctrl-C / SIGTERM
+
+
+def scalars(run_dir: Path) -> dict[str, list[tuple[int, float]]]:
+    """Every scalar in the run folder's event files, read by TensorBoard's own reader, with its
+    purging of out-of-order steps off: a duplicate step left in the files shows here."""
+    from tensorboard.backend.event_processing.event_accumulator import SCALARS, EventAccumulator
+
+    accumulator = EventAccumulator(str(run_dir), size_guidance={SCALARS: 0}, purge_orphaned_data=False)
+    accumulator.Reload()
+    return {tag: [(e.step, e.value) for e in accumulator.Scalars(tag)] for tag in accumulator.Tags()["scalars"]}
+
+
+def steps_of(curves: dict[str, list[tuple[int, float]]], tag: str) -> list[int]:
+    return [step for step, _ in curves[tag]]
+
+
+def test_curves_of_a_killed_and_resumed_run_equal_the_uninterrupted_ones(data, tmp_path):
+    # points close every 3 steps and at every checkpoint (checkpoint_every=2): 2, 3, 4, 6
+    full_train(settings(data, tmp_path / "a", 6, log_every=3))
+    killed = full_train(settings(data, tmp_path / "b", 6, log_every=3, stop_after=3))  # killed after step 3
+    assert load_checkpoint(tmp_path / "b/checkpoints/last.pt")["step"] == 2 and killed.steps_done == 3
+    assert steps_of(scalars(tmp_path / "b"), "train/loss") == [2, 3]  # the point of step 3 is past the checkpoint
+    full_train(settings(data, tmp_path / "b", 6, log_every=3, resume=True))
+    straight, resumed = scalars(tmp_path / "a"), scalars(tmp_path / "b")
+    expected_tags = {"train/loss", "train/grad_norm", "train/lr", "train/steps_per_second",
+                     "val/S/psnr", "val/S/ssim"}  # no CUDA here: no memory curve
+    assert set(straight) == set(resumed) == expected_tags
+    for tag in expected_tags:
+        steps = steps_of(resumed, tag)
+        # unique, in order, and covering the run: step 3 was written by both calls, kept once
+        assert steps == ([2, 4, 6] if tag.startswith("val/") else [2, 3, 4, 6]), tag
+        if tag != "train/steps_per_second":  # a clock; everything else repeats exactly on the CPU
+            assert resumed[tag] == straight[tag], tag
+    assert len(list((tmp_path / "b").glob("events.out.tfevents.*"))) == 2  # one file per call
+    # the curves say what validation.csv says: its PSNR, and its loss column (the mean since the
+    # previous validation) is the mean over the points' own steps (points 3 and 4 cover steps 3..4)
+    rows = [line.split(",") for line in (tmp_path / "b/validation.csv").read_text().splitlines()[1:]]
+    assert resumed["val/S/psnr"] == [(int(r[0]), pytest.approx(float(r[2]), abs=1e-5)) for r in rows if r[1] == "S"]
+    csv_loss = {int(r[0]): float(r[5]) for r in rows if r[1] == "S"}
+    loss = dict(resumed["train/loss"])
+    assert csv_loss == pytest.approx({2: loss[2], 4: (loss[3] + loss[4]) / 2, 6: loss[6]}, rel=1e-6)
+    recipe = Recipe.from_dict({**parse_overrides(FAST), "steps": 6})
+    assert dict(resumed["train/lr"]) == pytest.approx({s: recipe.learning_rate(s - 1) for s in (2, 3, 4, 6)}, rel=1e-6)
+
+
+def test_a_fresh_run_drops_curves_of_an_earlier_run_killed_before_its_first_checkpoint(data, tmp_path):
+    out = tmp_path / "run"
+    full_train(settings(data, out, 6, log_every=1, stop_after=1))  # killed after step 1, no checkpoint yet
+    assert not (out / "checkpoints/last.pt").exists() and steps_of(scalars(out), "train/loss") == [1]
+    full_train(settings(data, out, 6, log_every=1))
+    assert steps_of(scalars(out), "train/loss") == [1, 2, 3, 4, 5, 6]
+
+
+def test_drop_events_after_keeps_every_event_up_to_the_step(tmp_path):
+    from torch.utils.tensorboard import SummaryWriter
+
+    from ehrsr.fulltrain.curves import drop_events_after
+
+    writer = SummaryWriter(str(tmp_path))
+    for step in range(1, 8):
+        writer.add_scalar("x", step * 10.0, step)
+    writer.close()
+    assert drop_events_after(tmp_path, 7) == 0  # nothing above: the file is left as it is
+    assert drop_events_after(tmp_path, 4) == 3
+    assert scalars(tmp_path) == {"x": [(s, s * 10.0) for s in range(1, 5)]}
+    assert not list(tmp_path.glob(".*.tmp"))  # the rewrite left no temporary file
+
+
+STOP_STEPS = 12
+
+
+def stop_recipe() -> Recipe:
+    # checkpoints only at the end: without a handler, a stop would keep nothing
+    return Recipe.from_dict({**parse_overrides(FAST), "steps": STOP_STEPS, "checkpoint_every": 1000})
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(data, tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("uninterrupted") / "run"
+    full_train(settings(data, out, STOP_STEPS, recipe=stop_recipe(), log_every=1))
+    return out
+
+
+@pytest.mark.parametrize(("signal_number", "name", "status"),
+                         [(signal.SIGTERM, "SIGTERM", 143), (signal.SIGINT, "Ctrl-C", 130)])
+def test_sigterm_or_ctrl_c_writes_a_checkpoint_and_the_resumed_run_is_the_uninterrupted_one(
+        data, tmp_path, uninterrupted, signal_number, name, status):
+    out = tmp_path / "stopped"
+    argv = train_argv(data, out, "--steps", str(STOP_STEPS), "--set", "checkpoint_every=1000", "--log-every", "1")
+    argv[argv.index(f"T={data / 'val2'}") - 1: argv.index(f"T={data / 'val2'}") + 1] = []  # the settings() run's sets
+    # the same thread count as this process, so the steps run here after the resume add up the same
+    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": str(torch.get_num_threads())}
+    proc = subprocess.Popen([sys.executable, str(REPO / "run_search.py"), *argv], cwd=tmp_path, env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 120
+    while not (out / "validation.csv").exists() and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.02)  # the first validation (step 2) is written: training is under way
+    proc.send_signal(signal_number)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == status, err[-2000:]
+    step = load_checkpoint(out / "checkpoints/last.pt")["step"]
+    assert 2 <= step < STOP_STEPS
+    assert err.strip().splitlines()[-1] == (f"interrupted ({name}): checkpoint at step {step} in "
+                                            f"{out / 'checkpoints/last.pt'}; run the same command again to resume")
+    assert steps_of(scalars(out), "train/loss") == list(range(1, step + 1))  # a point closed at the stop
+    resumed = full_train(settings(data, out, STOP_STEPS, recipe=stop_recipe(), log_every=1))
+    assert resumed.resumed_from == step and resumed.finished
+    a = load_checkpoint(uninterrupted / "checkpoints/last.pt")
+    b = load_checkpoint(out / "checkpoints/last.pt")
+    # the checkpoint held whole steps: the resumed run is the uninterrupted one, bit for bit
+    for part in ("model", "ema"):
+        for key in a[part]:
+            assert torch.equal(a[part][key], b[part][key]), (part, key)
+    curves = scalars(out)
+    assert steps_of(curves, "train/loss") == list(range(1, STOP_STEPS + 1))
+    assert steps_of(curves, "val/S/psnr") == list(range(2, STOP_STEPS + 1, 2))
+    assert curves["train/loss"] == scalars(uninterrupted)["train/loss"]

@@ -28,7 +28,7 @@ BENCHMARKS = ROOT / "benchmarks"
 
 # lowest first; a module may import its own layer and the layers below
 LAYERS: tuple[tuple[str, ...], ...] = (
-    ("ehrsr.errors", "ehrsr.faults", "ehrsr.files", "ehrsr.study_schema", "ehrsr.config", "ehrsr.resources",
+    ("ehrsr.errors", "ehrsr.faults", "ehrsr.files", "ehrsr.interrupts", "ehrsr.study_schema", "ehrsr.config", "ehrsr.resources",
      "ehrsr.stats"),
     ("ehrsr.blocks",),
     ("ehrsr", "ehrsr.model", "ehrsr.reparam"),  # "ehrsr": the package itself (build_model, __version__)

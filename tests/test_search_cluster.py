@@ -17,7 +17,7 @@ from optuna.trial import TrialState
 
 from ehrsr.search.budget import parse_budget
 from ehrsr.search.storage import open_storage
-from tests.cluster_helpers import MICRO, micro_extra, start_worker, worker_argv
+from tests.cluster_helpers import MICRO, counted_trials, micro_extra, start_worker, worker_argv
 
 TRIAL_LINE = re.compile(r"^(?:\[w\d+\] )?#(\d+)\s", re.MULTILINE)
 
@@ -39,16 +39,9 @@ def _wait_all(procs: list[subprocess.Popen], timeout: float = 600) -> list[str]:
     return outs
 
 
-def _counted(study: optuna.Study) -> list[optuna.trial.FrozenTrial]:
-    """Trials that count toward trials=N: they trained (not waiting, not refused, not a recorded
-    repeat of an earlier trial: see ehrsr.search.budget)."""
-    return [t for t in study.trials if t.state != TrialState.WAITING and "refused" not in t.user_attrs
-            and "repeat_of" not in t.user_attrs]
-
-
 def _check_study(storage_url: str, name: str, n: int, outs: list[str]) -> optuna.Study:
     study = optuna.load_study(study_name=name, storage=open_storage(storage_url))
-    counted = _counted(study)
+    counted = counted_trials(study)
     assert len(counted) == n
     numbers = [t.number for t in study.trials]
     assert len(numbers) == len(set(numbers)) == len(study.trials)

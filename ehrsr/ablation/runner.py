@@ -30,6 +30,7 @@ from optuna.trial import FrozenTrial, TrialState
 from ehrsr.ablation.table import CUT_SHORT, ablation_runs, controlled_table, delta_table, stored_runs
 from ehrsr.ablation.variants import AblationError, Variant, build_variants, module_settings_from_space
 from ehrsr.config import EHRSRConfig
+from ehrsr.interrupts import interrupt_name
 from ehrsr.search.budget import trial_charge
 from ehrsr.search.pareto import knee_trial
 from ehrsr.search.record import Heartbeat, TrialOutcome, record_outcome
@@ -412,9 +413,10 @@ def _run_one(
             result = run(variant.config, train, ctx, seed=seed, **extra)
         finally:
             heartbeat.__exit__(None, None, None)
-    except KeyboardInterrupt:
+    except KeyboardInterrupt as exc:  # Ctrl-C or SIGTERM (ehrsr.interrupts)
         storage_retry("record a run", record_outcome, ablation, trial,
-                      TrialOutcome.failed("interrupted", "interrupted by the user"), wall_seconds=_clock() - start)
+                      TrialOutcome.failed("interrupted", f"interrupted ({interrupt_name(exc)})"),
+                      wall_seconds=_clock() - start)
         raise
     except Exception as exc:  # a crash of one run must not lose the others: record it, go on
         failed = TrialOutcome.failed("error", f"{type(exc).__name__}: {exc}"[:500])

@@ -22,6 +22,7 @@ from typing import Any
 import optuna
 from optuna.trial import FrozenTrial
 
+from ehrsr.interrupts import interrupt_name
 from ehrsr.search.budget import record_start, trial_charge
 from ehrsr.search.record import Heartbeat, TrialOutcome, fail_stale_trials, record_outcome
 from ehrsr.search.runner import RunResult, jsonable_metrics
@@ -123,9 +124,9 @@ def run_recorded(
             result = run(on_rung)
         finally:
             heartbeat.__exit__(None, None, None)
-    except KeyboardInterrupt:
-        retry("record a run", record_outcome, side, trial, TrialOutcome.failed("interrupted", "interrupted by the user"),
-              wall_seconds=_clock() - start)
+    except KeyboardInterrupt as exc:  # Ctrl-C or SIGTERM (ehrsr.interrupts)
+        retry("record a run", record_outcome, side, trial,
+              TrialOutcome.failed("interrupted", f"interrupted ({interrupt_name(exc)})"), wall_seconds=_clock() - start)
         raise
     except Exception as exc:
         failed = TrialOutcome.failed("error", f"{type(exc).__name__}: {exc}"[:500])

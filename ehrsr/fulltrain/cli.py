@@ -3,7 +3,8 @@
 ``add_train_parser`` / ``add_evaluate_parser`` add the subcommands to an ``argparse`` subparsers
 object; ``run_train`` / ``run_evaluate`` run them and return the exit status. Bad input
 (``FullTrainError`` and every other ``UserError``, unreadable images) is printed as one ``error:`` line with status 2;
-programming errors keep their traceback.
+programming errors keep their traceback. ``train`` stopped by Ctrl-C or SIGTERM writes a
+checkpoint, says so in one line and exits with 130 or 143 (``ehrsr.interrupts``).
 """
 
 from __future__ import annotations
@@ -11,9 +12,13 @@ from __future__ import annotations
 import argparse
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from ehrsr.errors import UserError
 from ehrsr.fulltrain.recipe import RECIPE_KEYS, FullTrainError, Recipe, load_recipe_file, parse_overrides
+
+if TYPE_CHECKING:
+    from ehrsr.fulltrain.loop import FullTrainResult
 
 __all__ = ["EXIT_USAGE", "add_evaluate_parser", "add_train_parser", "run_evaluate", "run_train"]
 
@@ -47,6 +52,8 @@ def add_train_parser(subparsers: argparse._SubParsersAction) -> argparse.Argumen
     parser.add_argument("--onnx", action="store_true", help="also export ONNX (dynamic sizes where possible)")
     parser.add_argument("--cache-dir", type=Path, help="data cache folder")
     parser.add_argument("--lpips-weights", type=Path, help="LPIPS weight files (with --set lpips=true)")
+    parser.add_argument("--log-every", type=int, default=100, metavar="N",
+                        help="steps between TensorBoard points (default 100; every checkpoint adds one)")
     parser.add_argument("--quiet", "-q", action="store_true", help="no progress bar")
     parser.set_defaults(handler=run_train)
     return parser
@@ -111,7 +118,7 @@ def run_train(args: argparse.Namespace) -> int:
             config=source.config, recipe=recipe, out_dir=args.out or Path("runs") / default_name,
             train_data=args.train_data, val_data=parse_val_data(args.val_data), task=task, device=args.device,
             resume=args.resume, onnx=args.onnx, source=mask_url(source.description), cache_dir=args.cache_dir,
-            lpips_weights=args.lpips_weights, progress=not args.quiet,
+            lpips_weights=args.lpips_weights, progress=not args.quiet, log_every=args.log_every,
         )
         result = full_train(settings)
     except (UserError, ImageReadError) as exc:
@@ -119,12 +126,30 @@ def run_train(args: argparse.Namespace) -> int:
     except TrainingError as exc:  # diverged or out of memory: the last checkpoint stays in --out
         print(f"error: {exc}; the last checkpoint is kept in {settings.out_dir}", file=sys.stderr)
         return 1
+    if result.interrupted_by is not None:
+        return _say_interrupted(result)
     numbers = ", ".join(f"{name} {s['psnr']:.2f} dB / {s['ssim']:.4f} (bicubic {s['bicubic']['psnr']:.2f})"
                         for name, s in result.evaluation.get("sets", {}).items())
     resumed = f", resumed at step {result.resumed_from}" if result.resumed_from else ""
     print(f"trained {result.steps_done} steps ({result.steps_per_second:.2f} steps/s{resumed}); {numbers}; "
           f"best {result.best_psnr:.2f} dB at step {result.best_step}; card: {result.card_path}")
     return 0
+
+
+def _say_interrupted(result: FullTrainResult) -> int:
+    """One line on where a run stopped by Ctrl-C or SIGTERM stands; its exit status."""
+    from ehrsr.fulltrain.loop import CHECKPOINT_NAME
+    from ehrsr.interrupts import exit_status
+
+    name = result.interrupted_by
+    assert name is not None
+    checkpoint = result.out_dir / CHECKPOINT_NAME
+    if checkpoint.exists():
+        print(f"interrupted ({name}): checkpoint at step {result.steps_done} in {checkpoint}; "
+              "run the same command again to resume", file=sys.stderr)
+    else:
+        print(f"interrupted ({name}) before the first step: nothing trained", file=sys.stderr)
+    return exit_status(name)
 
 
 def run_evaluate(args: argparse.Namespace) -> int:

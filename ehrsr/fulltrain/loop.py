@@ -4,14 +4,17 @@ The loop is the brief-training loop of ``ehrsr.training`` grown into a long run:
 sampler, losses and divergence checks, plus an exponential moving average of the weights (which
 is what gets validated and exported, as in BasicSR / neosr), atomic checkpoints holding every
 random state (a run killed at any moment resumes bit for bit on the CPU), validation on every
-named set with a CSV and a curve, the best weights kept, and at the end the fused deploy form,
-an optional ONNX file and a model card (``docs/full_training.md``).
+named set with a CSV and a curve, TensorBoard curves (``ehrsr.fulltrain.curves``), the best
+weights kept, and at the end the fused deploy form, an optional ONNX file and a model card
+(``docs/full_training.md``). Ctrl-C or SIGTERM stops the run after the step in progress and writes a
+checkpoint there (``ehrsr.interrupts.deferred_stop``).
 
 Run folder (``--out``)::
 
     recipe.yaml  config.json              what is trained, how
     checkpoints/last.pt                   the latest checkpoint (torch.load(weights_only=True))
     validation.csv  validation.png        PSNR/SSIM of the EMA weights per set, every val_every steps
+    events.out.tfevents.*                 TensorBoard curves (loss, learning rate, validation, speed)
     best.safetensors  best.json           EMA weights with the best PSNR on the first set
     model.safetensors                     final EMA weights (training form; build_model(config))
     model_deploy.safetensors              the same fused by ehrsr.reparameterize (what to deploy)
@@ -21,6 +24,7 @@ Run folder (``--out``)::
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import io
 import json
@@ -45,9 +49,11 @@ from ehrsr.fulltrain.checkpoint import (
     save_atomically,
     save_weights,
 )
+from ehrsr.fulltrain.curves import TrainingCurves
 from ehrsr.fulltrain.data import ValData, prepare_sets
 from ehrsr.fulltrain.ema import ModelEMA
 from ehrsr.fulltrain.recipe import FullTrainError, Recipe
+from ehrsr.interrupts import deferred_stop
 from ehrsr.model import build_model
 from ehrsr.training import TrainingDiverged, TrainingOutOfMemory, is_out_of_memory, loss_function
 
@@ -75,6 +81,7 @@ class FullTrainSettings:
     lpips_weights: Path | None = None
     latency_budget_s: float | None = None  # seconds of timed passes for the card's latency (None: 1 s)
     progress: bool = True
+    log_every: int = 100  # steps between TensorBoard points (BasicSR's print_freq); checkpoints close one too
     stop_after: int | None = None  # stop (as if killed) after this many steps of this call; tests use it
     finish: bool = True  # False: end at the last checkpoint, without exports and card (benchmarks, tests)
 
@@ -90,6 +97,7 @@ class FullTrainResult:
     evaluation: dict[str, Any] = field(default_factory=dict)  # evaluation.json's content once finished
     steps_per_second: float = math.nan
     card_path: Path | None = None
+    interrupted_by: str | None = None  # "Ctrl-C" or "SIGTERM": stopped there, checkpoint written at steps_done
 
 
 def _optimizer(model: nn.Module, recipe: Recipe) -> torch.optim.Optimizer:
@@ -161,6 +169,8 @@ def _train_locked(settings: FullTrainSettings) -> FullTrainResult:
     task = settings.task or TaskConfig(task="sr" if config.scale > 1 else "denoise", scale=config.scale)
     if task.scale != config.scale:
         raise FullTrainError(f"the configuration is x{config.scale} but the data task is x{task.scale}")
+    if settings.log_every < 1:
+        raise FullTrainError(f"log_every must be at least 1 step, got {settings.log_every}")
     checkpoint_path = out_dir / CHECKPOINT_NAME
     checkpoint = None
     if checkpoint_path.exists() or settings.resume:
@@ -228,74 +238,96 @@ def _train_locked(settings: FullTrainSettings) -> FullTrainResult:
         from tqdm.auto import tqdm
 
         bar = tqdm(total=recipe.steps, initial=step, desc="full training", unit="step", file=sys.stderr)
+    curves = TrainingCurves(out_dir, start_step=step, cuda_device=device if is_cuda else None)
     model.train()
     interval_loss, interval_count = 0.0, 0
     steps_this_call, start = 0, time.perf_counter()
-    while step < recipe.steps:
-        if settings.stop_after is not None and steps_this_call >= settings.stop_after:
-            break
-        current_lr = recipe.learning_rate(step)
-        for group in optimizer.param_groups:
-            group["lr"] = current_lr
-        try:
-            lr_patch, hr_patch = train_set.sample(recipe.batch_size, recipe.patch_size, sampler, device)
-            if channels_last:
-                lr_patch = lr_patch.contiguous(memory_format=torch.channels_last)
-            with torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=amp):
-                total = criterion(model(lr_patch).float(), hr_patch)
-                if has_aux:
-                    total = total + model.aux_loss().float()
-            optimizer.zero_grad(set_to_none=True)
-            total.backward()
-            if recipe.grad_clip is not None:
-                grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), recipe.grad_clip)
-            else:
-                grad_norm = torch.nn.utils.get_total_norm([p.grad for p in model.parameters() if p.grad is not None])
-        except Exception as exc:
-            if is_out_of_memory(exc):
-                raise TrainingOutOfMemory(recipe.batch_size, recipe.patch_size, device, step + 1) from None
-            raise
-        loss_value, norm_value = float(total.detach()), float(grad_norm)
-        if not math.isfinite(loss_value):
-            raise TrainingDiverged(step + 1, f"loss is {loss_value}")
-        if not math.isfinite(norm_value):
-            raise TrainingDiverged(step + 1, f"gradient norm is {norm_value}")
-        optimizer.step()
-        if ema is not None:
-            ema.update(model)
-        step += 1
-        steps_this_call += 1
-        interval_loss += loss_value
-        interval_count += 1
-        if bar is not None:
-            bar.update(1)
-            bar.set_postfix(loss=f"{loss_value:.4f}", lr=f"{current_lr:.2e}", refresh=False)
-        if step % recipe.val_every == 0 or step == recipe.steps:
-            results = _validate(evaluated, val_sets, device)
-            mean_loss = interval_loss / max(1, interval_count)
-            interval_loss, interval_count = 0.0, 0
-            for name, result in results.items():
-                rows.append({"step": step, "set": name, "psnr": result.psnr, "ssim": result.ssim,
-                             "lr": current_lr, "loss": mean_loss})
-            _write_curve(out_dir, rows, set_names)
-            first = results[set_names[0]].psnr
-            if best["psnr"] is None or first > best["psnr"]:
-                best = {"step": step, "psnr": first, "set": set_names[0]}
-                save_weights(evaluated, out_dir / "best.safetensors", config, "train")
-                write_text_atomically(out_dir / "best.json", json.dumps(best, indent=2) + "\n")
+    checkpointed, current_lr = step, recipe.learning_rate(max(0, step - 1))
+    with contextlib.ExitStack() as cleanup:
+        cleanup.callback(curves.close)
+        # Ctrl-C / SIGTERM only set `stop`: the checkpoint written below holds whole steps
+        stop = cleanup.enter_context(deferred_stop())
+        while step < recipe.steps:
+            if stop.requested:
+                curves.close_point(step, current_lr)
+                if checkpointed != step:
+                    curves.flush()
+                    save_checkpoint()
+                break
+            if settings.stop_after is not None and steps_this_call >= settings.stop_after:
+                break
+            step_start = time.perf_counter()
+            current_lr = recipe.learning_rate(step)
+            for group in optimizer.param_groups:
+                group["lr"] = current_lr
+            try:
+                lr_patch, hr_patch = train_set.sample(recipe.batch_size, recipe.patch_size, sampler, device)
+                if channels_last:
+                    lr_patch = lr_patch.contiguous(memory_format=torch.channels_last)
+                with torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=amp):
+                    total = criterion(model(lr_patch).float(), hr_patch)
+                    if has_aux:
+                        total = total + model.aux_loss().float()
+                optimizer.zero_grad(set_to_none=True)
+                total.backward()
+                if recipe.grad_clip is not None:
+                    grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), recipe.grad_clip)
+                else:
+                    grad_norm = torch.nn.utils.get_total_norm([p.grad for p in model.parameters() if p.grad is not None])
+            except Exception as exc:
+                if is_out_of_memory(exc):
+                    raise TrainingOutOfMemory(recipe.batch_size, recipe.patch_size, device, step + 1) from None
+                raise
+            loss_value, norm_value = float(total.detach()), float(grad_norm)
+            if not math.isfinite(loss_value):
+                raise TrainingDiverged(step + 1, f"loss is {loss_value}")
+            if not math.isfinite(norm_value):
+                raise TrainingDiverged(step + 1, f"gradient norm is {norm_value}")
+            optimizer.step()
+            if ema is not None:
+                ema.update(model)
+            step += 1
+            steps_this_call += 1
+            curves.add_step(loss_value, norm_value, time.perf_counter() - step_start)
+            interval_loss += loss_value
+            interval_count += 1
             if bar is not None:
-                bar.write(f"step {step}: " + ", ".join(f"{n} {r.psnr:.3f} dB" for n, r in results.items()))
-            model.train()
-        if step % recipe.checkpoint_every == 0 or step == recipe.steps:
-            save_checkpoint()
+                bar.update(1)
+                bar.set_postfix(loss=f"{loss_value:.4f}", lr=f"{current_lr:.2e}", refresh=False)
+            if step % recipe.val_every == 0 or step == recipe.steps:
+                results = _validate(evaluated, val_sets, device)
+                mean_loss = interval_loss / max(1, interval_count)
+                interval_loss, interval_count = 0.0, 0
+                for name, result in results.items():
+                    rows.append({"step": step, "set": name, "psnr": result.psnr, "ssim": result.ssim,
+                                 "lr": current_lr, "loss": mean_loss})
+                _write_curve(out_dir, rows, set_names)
+                curves.validation(step, results)
+                first = results[set_names[0]].psnr
+                if best["psnr"] is None or first > best["psnr"]:
+                    best = {"step": step, "psnr": first, "set": set_names[0]}
+                    save_weights(evaluated, out_dir / "best.safetensors", config, "train")
+                    write_text_atomically(out_dir / "best.json", json.dumps(best, indent=2) + "\n")
+                if bar is not None:
+                    bar.write(f"step {step}: " + ", ".join(f"{n} {r.psnr:.3f} dB" for n, r in results.items()))
+                model.train()
+            checkpoint_due = step % recipe.checkpoint_every == 0 or step == recipe.steps
+            if checkpoint_due or step % settings.log_every == 0:
+                curves.close_point(step, current_lr)
+            if checkpoint_due:
+                curves.flush()  # the curves up to the checkpoint are on disk before it is
+                save_checkpoint()
+                checkpointed = step
     elapsed = time.perf_counter() - start
     if bar is not None:
         bar.close()
     steps_per_second = steps_this_call / elapsed if elapsed > 0 and steps_this_call else math.nan
     result = FullTrainResult(out_dir, step, step >= recipe.steps, resumed_from, best["step"], best["psnr"],
-                             steps_per_second=steps_per_second)
-    if step < recipe.steps or not settings.finish:
-        return result  # stopped before the end (stop_after): the checkpoint written last resumes it
+                             steps_per_second=steps_per_second, interrupted_by=stop.name)
+    if step < recipe.steps or not settings.finish or stop.requested:
+        # stopped before the end (signal, stop_after), or a signal during the last step: the
+        # checkpoint written last resumes it (a finished run's rerun writes the exports and card)
+        return result
     from ehrsr.fulltrain.card import finish_run
 
     result.evaluation, result.card_path = finish_run(settings, task, evaluated, val_sets, best, steps_per_second)

@@ -7,8 +7,8 @@ everything the reports need (docs/study_schema.md) and tell Optuna the outcome. 
 values and the trials are shared through it, so any number of machines can join.
 
 Every trial's outcome is written to the storage before the next one starts (a killed worker
-loses at most its running trial, which another worker later marks failed); Ctrl-C marks the
-running trial failed ("interrupted"). Every outcome goes through ``ehrsr.search.record``, the one
+loses at most its running trial, which another worker later marks failed); Ctrl-C or SIGTERM
+marks the running trial failed ("interrupted", ``ehrsr.interrupts``). Every outcome goes through ``ehrsr.search.record``, the one
 recording path. What follows a search (the controlled ablation, deployment picks, the report)
 is ``ehrsr.pipeline``'s business: this package imports none of it.
 """
@@ -19,6 +19,7 @@ import contextlib
 import dataclasses
 import multiprocessing as mp
 import os
+import signal
 import sys
 import time
 import traceback
@@ -32,6 +33,7 @@ import torch
 from optuna.trial import TrialState
 
 from ehrsr.errors import UserError
+from ehrsr.interrupts import SIGTERM, interrupt_name, sigterm_as_interrupt
 from ehrsr.search.record import Heartbeat, TrialOutcome, fail_stale_trials, record_outcome
 from ehrsr.search.revisits import RepeatPolicy, record_repeat, sampler_seed
 from ehrsr.search.storage import (
@@ -80,7 +82,11 @@ class WorkerSummary:
     finished: int = 0
     repeats: int = 0  # proposals recorded as repeats of finished trials, not trained
     stopped_reason: str = ""
-    interrupted: bool = False
+    interrupted_by: str | None = None  # "Ctrl-C" or "SIGTERM" (ehrsr.interrupts) when stopped by one
+
+    @property
+    def interrupted(self) -> bool:
+        return self.interrupted_by is not None
 
 
 class SearchLog:
@@ -238,13 +244,13 @@ def run_worker(prepared: PreparedStudy, settings: SearchSettings | None = None, 
             if refusals >= MAX_CONSECUTIVE_REFUSALS:
                 summary.stopped_reason = f"{refusals} configurations in a row were refused; relax the limits"
                 break
-    except KeyboardInterrupt:
-        summary.interrupted = True
-        summary.stopped_reason = "interrupted (Ctrl-C)"
+    except KeyboardInterrupt as exc:  # Ctrl-C, or SIGTERM (ehrsr.interrupts.Terminated)
+        summary.interrupted_by = interrupt_name(exc)
+        summary.stopped_reason = f"interrupted ({summary.interrupted_by})"
         if running_trial is not None:
             with contextlib.suppress(Exception):
                 record_outcome(study, running_trial,
-                               TrialOutcome.failed("interrupted", "interrupted by the user (Ctrl-C)"))
+                               TrialOutcome.failed("interrupted", f"interrupted ({summary.interrupted_by})"))
     except StorageFull as exc:
         if running_trial is not None:
             _fail_on_full_storage(prepared, running_trial, str(exc))
@@ -379,11 +385,15 @@ class SearchSummary:
     best: dict[str, tuple[int, float]]
     spent: str
     stopped_reason: str
-    interrupted: bool
+    interrupted_by: str | None  # "Ctrl-C" or "SIGTERM" when the search was stopped by one
     n_orphaned: int = 0  # trials whose worker died (failed as "crashed", or still RUNNING and dead)
     report: Path | None = None  # set by ehrsr.pipeline
     ablation: str | None = None  # what the controlled ablation at the end did (ehrsr.pipeline)
     prepared: PreparedStudy | None = field(default=None, repr=False)  # the study as the search opened it
+
+    @property
+    def interrupted(self) -> bool:
+        return self.interrupted_by is not None
 
 
 def open_prepared(settings: SearchSettings, log: Callable[..., None],
@@ -412,9 +422,10 @@ def _worker_process(settings: SearchSettings, worker_index: int, gpu: int | None
     if gpu is not None:
         os.environ["CUDA_VISIBLE_DEVICES"] = str(gpu)
         settings.device = "cuda:0"
-    log = SearchLog(settings.verbosity, prefix=f"[w{worker_index}] ", show_bar=False)
-    prepared = open_prepared(settings, log=lambda *_: None, retry_log=log)
-    run_worker(prepared, settings, log=log, worker_index=worker_index, after_trial=after_trial)
+    with sigterm_as_interrupt():  # a scheduler's SIGTERM reaches every process: end like Ctrl-C
+        log = SearchLog(settings.verbosity, prefix=f"[w{worker_index}] ", show_bar=False)
+        prepared = open_prepared(settings, log=lambda *_: None, retry_log=log)
+        run_worker(prepared, settings, log=log, worker_index=worker_index, after_trial=after_trial)
 
 
 def run_search(settings: SearchSettings, *, log: SearchLog | None = None,
@@ -475,11 +486,19 @@ def _run_worker_processes(settings: SearchSettings, prepared: PreparedStudy, wor
     try:
         for proc in procs:
             proc.join()
-    except KeyboardInterrupt:
-        summary.interrupted = True
+    except KeyboardInterrupt as exc:
+        summary.interrupted_by = interrupt_name(exc)
+        if summary.interrupted_by == SIGTERM:
+            # Ctrl-C in a terminal reaches every process of the group; a SIGTERM sent to this
+            # process alone (kill PID) is passed on, so each worker records its running trial
+            for proc in procs:
+                if proc.is_alive() and proc.pid is not None:
+                    with contextlib.suppress(ProcessLookupError):
+                        os.kill(proc.pid, signal.SIGTERM)
         for proc in procs:
             proc.join(timeout=60)
-    summary.stopped_reason = "workers finished" if not summary.interrupted else "interrupted (Ctrl-C)"
+    summary.stopped_reason = (f"interrupted ({summary.interrupted_by})" if summary.interrupted
+                              else "workers finished")
     return summary
 
 
@@ -508,7 +527,7 @@ def _summarise(prepared: PreparedStudy, worker: WorkerSummary) -> SearchSummary:
         best=best,
         spent=spent,
         stopped_reason=worker.stopped_reason,
-        interrupted=worker.interrupted,
+        interrupted_by=worker.interrupted_by,
         n_orphaned=orphaned + spent_now.orphaned,
         prepared=prepared,
     )

@@ -10,9 +10,7 @@ pool and a cache of finished trials in one process; workers then connect with
 from __future__ import annotations
 
 import argparse
-import signal
 import socket
-import sys
 import warnings
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -20,6 +18,7 @@ from typing import Any
 
 import optuna
 
+from ehrsr.interrupts import sigterm_as_interrupt
 from ehrsr.search.storage import StorageError, mask_url, open_storage
 
 __all__ = ["DEFAULT_PORT", "add_storage_proxy_parser", "run_storage_proxy", "storage_proxy_parser"]
@@ -56,10 +55,6 @@ def add_storage_proxy_parser(subparsers: Any) -> argparse.ArgumentParser:
                                        description=DESCRIPTION))
 
 
-def _stop_on_sigterm(*_: Any) -> None:
-    raise KeyboardInterrupt  # a scheduler's SIGTERM ends the proxy like Ctrl-C
-
-
 def run_storage_proxy(args: argparse.Namespace) -> int:
     """Open ``args.storage`` and serve it on ``args.host:args.port`` until interrupted.
 
@@ -76,12 +71,10 @@ def run_storage_proxy(args: argparse.Namespace) -> int:
     new_file = _new_sqlite_file(url)
     # Optuna's advice: the proxy caches finished trials in process (get_storage wraps RDBStorage)
     storage = optuna.storages.get_storage(open_storage(url))
-    if sys.platform != "win32":
-        signal.signal(signal.SIGTERM, _stop_on_sigterm)
     print(f"storage proxy for {masked} listening on {args.host}:{args.port} "
           f"(workers: --storage grpc://{args.host}:{args.port})", flush=True)
     try:
-        with warnings.catch_warnings():
+        with sigterm_as_interrupt(), warnings.catch_warnings():  # a scheduler's SIGTERM ends it like Ctrl-C
             warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
             optuna.storages.run_grpc_proxy_server(storage, host=args.host, port=args.port,
                                                   thread_pool=ThreadPoolExecutor(max_workers=args.server_threads))

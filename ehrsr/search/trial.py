@@ -22,6 +22,7 @@ from optuna.trial import TrialState
 
 from ehrsr import faults
 from ehrsr.config import EHRSRConfig
+from ehrsr.interrupts import interrupt_name, sigterm_as_interrupt
 from ehrsr.search.record import HEARTBEAT_SECONDS, STALE_SECONDS, Heartbeat, TrialOutcome, fail_stale_trials
 from ehrsr.search.runner import RunContext, RunResult, jsonable_metrics, run_configuration
 from ehrsr.search.storage import open_storage
@@ -165,7 +166,11 @@ def cached_cost(study: optuna.Study, config: dict[str, Any], device_name: str | 
 
 def _child_main(job: TrialJob, results: Any) -> None:
     try:
-        results.put(("ok", execute_trial(job)))
+        with sigterm_as_interrupt():
+            results.put(("ok", execute_trial(job)))
+    except KeyboardInterrupt as exc:  # Ctrl-C or SIGTERM reached this process (a scheduler signals all)
+        results.put(("interrupted", interrupt_name(exc)))
+        raise SystemExit(1) from None
     except BaseException as exc:  # report every failure to the parent, then exit non-zero
         results.put(("error", f"{type(exc).__name__}: {exc}", traceback.format_exc()))
         raise SystemExit(1) from None
@@ -202,4 +207,6 @@ def execute_isolated(job: TrialJob, poll_seconds: float = 1.0, target: Any = Non
         return TrialOutcome.failed("crashed", f"trial process died ({what})", started=True)
     if message[0] == "error":
         return TrialOutcome.failed("error", message[1], traceback=message[2], started=True)
+    if message[0] == "interrupted":
+        return TrialOutcome.failed("interrupted", f"interrupted ({message[1]})", started=True)
     return message[1]
