@@ -162,9 +162,11 @@ def build_parser() -> dict[str, argparse.ArgumentParser]:
     search.add_argument("--fidelity-factor", type=float, default=4.0,
                         help="long retrain = this many times a trial's steps (default 4)")
     search.add_argument("--no-report", action="store_true", help="do not write reports at the end")
+    _no_html(search)
     _common(search)
 
     report = _Parser(prog="run_search.py report", description="Regenerate reports/<study>/ from the storage alone.")
+    _no_html(report)
     _common(report)
 
     ablate = _Parser(prog="run_search.py ablate", description="Run the controlled ablation of a finished search.")
@@ -213,6 +215,11 @@ def build_parser() -> dict[str, argparse.ArgumentParser]:
             "deploy": deploy, "calibrate": calibrate,
             "train": add_train_parser(holder), "evaluate": add_evaluate_parser(holder),
             "storage-proxy": storage_proxy_parser(_Parser)}
+
+
+def _no_html(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--no-html", action="store_true",
+                        help="write report.md without report.html (the interactive page; an older one is removed)")
 
 
 def _side_options(parser: argparse.ArgumentParser) -> None:
@@ -284,6 +291,7 @@ def _search(args: argparse.Namespace) -> int:
         fidelity_configs=args.fidelity_configs,
         fidelity_factor=args.fidelity_factor,
         write_reports=not args.no_report,
+        write_html=not args.no_html,
         verbosity=_verbosity(args),
     )
     summary = run_pipeline(settings)
@@ -363,8 +371,8 @@ def _report(args: argparse.Namespace) -> int:
 
     _need_study(args, "report")
     with _writing_to(args.out_dir / args.study_name):
-        path = report_study(args.study_name, args.storage, args.out_dir, quiet=args.quiet)
-    print(f"report written: {path}")
+        path = report_study(args.study_name, args.storage, args.out_dir, quiet=args.quiet, html=not args.no_html)
+    print(f"report written: {path}" + ("" if args.no_html else f" and {path.with_suffix('.html')}"))
     return 0
 
 

@@ -102,6 +102,7 @@ class SearchSettings:
     fidelity_configs: int = 8
     fidelity_factor: float = 4.0
     write_reports: bool = True
+    write_html: bool = True  # report.html beside report.md (docs/reports.md)
     verbosity: int = 1  # 0 quiet, 1 normal, 2 verbose
     # per-device latency models (docs/latency_models.md): limits by profile name (--max-latency-ms
     # NAME=MS), and the loaded device profiles the objectives / limits name (deploy sits above
