@@ -55,6 +55,7 @@ class Page:
     session: str
     errors: list[str] = field(default_factory=list)  # console.error, uncaught exceptions, error log entries
     messages: list[str] = field(default_factory=list)  # every console message, for failure reports
+    loads: int = 0  # load events seen
 
     def call(self, method: str, params: dict[str, Any] | None = None, timeout: float = 30.0) -> dict[str, Any]:
         return self.browser.call(method, params, session=self.session, timeout=timeout)
@@ -184,7 +185,9 @@ class Browser:
         if page is None:
             return
         method, params = message.get("method"), message.get("params", {})
-        if method == "Runtime.consoleAPICalled":
+        if method == "Page.loadEventFired":
+            page.loads += 1
+        elif method == "Runtime.consoleAPICalled":
             text = " ".join(str(a.get("value", a.get("description", ""))) for a in params.get("args", []))
             page.messages.append(f"console.{params.get('type')}: {text}")
             if params.get("type") in ("error", "assert"):
@@ -215,14 +218,6 @@ class Browser:
                 return answer.get("result", {})
             self._event(answer)
 
-    def wait_event(self, session: str, method: str, timeout: float) -> dict[str, Any]:
-        end = time.monotonic() + timeout
-        while True:
-            message = self._receive(max(end - time.monotonic(), 0.01))
-            if message.get("method") == method and message.get("sessionId") == session:
-                return message
-            self._event(message)
-
     def open(self, path: Path, timeout: float = 60.0) -> Page:
         """A new tab showing ``path`` (a file), once its load event has fired."""
         target = self.call("Target.createTarget", {"url": "about:blank"})["targetId"]
@@ -232,10 +227,14 @@ class Browser:
         for domain in ("Runtime.enable", "Log.enable", "Page.enable"):
             page.call(domain)
         url = Path(path).resolve().as_uri()
+        loads = page.loads
         page.call("Page.navigate", {"url": url})
         end = time.monotonic() + timeout
-        # the load event of about:blank may still be on its way: wait for the one of ``url``
+        # a load event (it may have come with the answer to navigate); about:blank's may still be
+        # on its way, so also check that the page is ``url`` and loaded
         while True:
-            self.wait_event(session, "Page.loadEventFired", max(end - time.monotonic(), 0.01))
+            while page.loads == loads:
+                self._event(self._receive(max(end - time.monotonic(), 0.01)))
+            loads = page.loads
             if page.evaluate("location.href") == url and page.evaluate("document.readyState") == "complete":
                 return page

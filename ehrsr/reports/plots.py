@@ -279,7 +279,7 @@ def _annotate_without_overlap(fig: Figure, ax, labels: Sequence[tuple[float, flo
     points_per_px = 72.0 / fig.dpi
     sizes = []
     for _, _, text, style in labels:
-        probe = ax.text(0, 0, text, **style)
+        probe = fig.text(0, 0, text, **style)  # figure coordinates: a log axis has no 0
         extent = probe.get_window_extent(renderer)
         sizes.append((extent.width, extent.height))
         probe.remove()

@@ -164,11 +164,11 @@ def write_report(study: optuna.Study, out_dir: Path, *, quiet: bool = False, htm
     _log(f"wrote {report}", quiet)
     page = out_dir / "report.html"
     if html:
-        interactive = _interactive_figures(
+        page_figures = _interactive_figures(
             trials, info, out_dir, pareto_data, (importance_data, importance_png), fidelity_figure_data,
             controlled[0] if controlled is not None else None,
         )
-        write_html_report(text, interactive, page, note=_measured_note(info))
+        write_html_report(text, page_figures, page, note=_measured_note(info))
         _log(f"wrote {page}", quiet)
     elif page.exists():
         page.unlink()
