@@ -12,7 +12,7 @@ is in it, whatever a section says. Three things change on the way:
 * every table can be sorted by clicking a column header (numbers with K/M/G suffixes, ``#12``
   trial references and ``27.1 ± 0.1`` cells sort by their value, dashes last).
 
-plotly's JavaScript is embedded once (about 4.7 MB), so the page needs no network access and no
+plotly's JavaScript is embedded once (about 4.8 MB), so the page needs no network access and no
 file beside it; it works from a file:// URL. Nothing here reads the storage.
 """
 
