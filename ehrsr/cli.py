@@ -162,9 +162,11 @@ def build_parser() -> dict[str, argparse.ArgumentParser]:
     search.add_argument("--fidelity-factor", type=float, default=4.0,
                         help="long retrain = this many times a trial's steps (default 4)")
     search.add_argument("--no-report", action="store_true", help="do not write reports at the end")
+    _no_html(search)
     _common(search)
 
     report = _Parser(prog="run_search.py report", description="Regenerate reports/<study>/ from the storage alone.")
+    _no_html(report)
     _common(report)
 
     ablate = _Parser(prog="run_search.py ablate", description="Run the controlled ablation of a finished search.")
@@ -217,6 +219,11 @@ def build_parser() -> dict[str, argparse.ArgumentParser]:
             "storage-proxy": storage_proxy_parser(_Parser)}
 
 
+def _no_html(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--no-html", action="store_true",
+                        help="write report.md without report.html (the interactive page; an older one is removed)")
+
+
 def _side_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--budget", help="time for these runs (hours=, minutes=); default: unlimited")
     parser.add_argument("--device", help="cpu, cuda or cuda:N (default: cuda when present)")
@@ -253,7 +260,7 @@ SEARCH_FLAG_SETTINGS: dict[str, tuple[str, ...]] = {
     "allow_repeats": ("allow_repeats",), "isolate": ("isolate",), "ablation_share": ("ablation_share",),
     "ablation_seeds": ("ablation_seeds",), "baselines": ("baselines",), "baselines_share": ("baselines_share",),
     "fidelity_share": ("fidelity_share",), "fidelity_configs": ("fidelity_configs",),
-    "fidelity_factor": ("fidelity_factor",), "no_report": ("write_reports",), "study_name": ("study_name",),
+    "fidelity_factor": ("fidelity_factor",), "no_report": ("write_reports",), "no_html": ("write_html",), "study_name": ("study_name",),
     "storage": ("storage",), "out_dir": ("out_dir",), "quiet": ("verbosity",), "verbose": ("verbosity",),
 }
 
@@ -321,6 +328,7 @@ def _search(args: argparse.Namespace, given: set[str] | None = None) -> int:
         fidelity_configs=args.fidelity_configs,
         fidelity_factor=args.fidelity_factor,
         write_reports=not args.no_report,
+        write_html=not args.no_html,
         verbosity=_verbosity(args),
         given=None if given is None else frozenset(s for dest in given for s in SEARCH_FLAG_SETTINGS[dest]),
     )
@@ -389,8 +397,8 @@ def _report(args: argparse.Namespace) -> int:
 
     _need_study(args, "report")
     with _writing_to(args.out_dir / args.study_name):
-        path = report_study(args.study_name, args.storage, args.out_dir, quiet=args.quiet)
-    print(f"report written: {path}")
+        path = report_study(args.study_name, args.storage, args.out_dir, quiet=args.quiet, html=not args.no_html)
+    print(f"report written: {path}" + ("" if args.no_html else f" and {path.with_suffix('.html')}"))
     return 0
 
 

@@ -42,6 +42,7 @@ from ehrsr.search.study import (
 __all__ = [
     "ablation_budget_seconds",
     "deploy_study",
+    "refresh_report",
     "report_study",
     "run_ablation",
     "run_baselines_for_study",
@@ -89,7 +90,8 @@ def run_pipeline(settings: SearchSettings) -> SearchSummary:
             "writes it (with the same --storage and --out-dir)")
     elif settings.write_reports:
         try:
-            summary.report = write_report(study, prepared.study_dir, quiet=settings.verbosity == 0)
+            summary.report = write_report(study, prepared.study_dir, quiet=settings.verbosity == 0,
+                                          html=settings.write_html)
         except Exception as exc:  # a report problem must not hide the search results
             log(f"warning: could not write the report: {type(exc).__name__}: {exc}")
     print_summary(summary, prepared.objectives, log)
@@ -161,7 +163,7 @@ def run_ablation(
         seeds = stored_record(study).shares.ablation_seeds
     result = run_controlled_ablation(study, ctx, reference=reference, seeds=seeds, budget_seconds=budget_seconds,
                                      progress=verbosity >= 1)
-    write_report(study, study_dir, quiet=True)
+    refresh_report(study, study_dir)
     return result
 
 
@@ -186,14 +188,23 @@ def deploy_study(
         picks.append(pick)
         if on_pick is not None:
             on_pick(name, pick)
-    write_report(study, study_dir, quiet=True)
+    refresh_report(study, study_dir)
     return picks
 
 
-def report_study(study_name: str, storage: str | None, out_dir: Path, *, quiet: bool = False) -> Path:
-    """``run_search.py report``: regenerate ``<out_dir>/<study>/`` from the storage alone."""
+def report_study(study_name: str, storage: str | None, out_dir: Path, *, quiet: bool = False,
+                 html: bool = True) -> Path:
+    """``run_search.py report``: regenerate ``<out_dir>/<study>/`` from the storage alone (``html``:
+    with report.html)."""
     study, _, study_dir = load_study(study_name, storage, out_dir)
-    return write_report(study, study_dir, quiet=quiet)
+    return write_report(study, study_dir, quiet=quiet, html=html)
+
+
+def refresh_report(study: optuna.Study, study_dir: Path) -> Path:
+    """Rewrite the report after ``ablate``, ``deploy``, ``baselines`` or ``fidelity`` added to the
+    study: report.md always, report.html when the folder has one (a report written with
+    ``--no-html`` stays without)."""
+    return write_report(study, study_dir, quiet=True, html=(study_dir / "report.html").exists())
 
 
 # ---------------------------------------------------------------------------------------------
@@ -273,7 +284,7 @@ def run_baselines_for_study(
     specs = parse_baselines(baselines, space_size_class(study))
     ctx = _context_of(study, device, lpips_weights, verbosity)
     result = run_baselines(study, ctx, specs, budget_seconds=budget_seconds, progress=verbosity >= 1)
-    write_report(study, study_dir, quiet=True)
+    refresh_report(study, study_dir)
     return result
 
 
@@ -291,5 +302,5 @@ def run_fidelity_for_study(
     ctx = _context_of(study, device, lpips_weights, verbosity)
     result = run_fidelity(study, ctx, configs=configs, factor=factor, budget_seconds=budget_seconds,
                           progress=verbosity >= 1)
-    write_report(study, study_dir, quiet=True)
+    refresh_report(study, study_dir)
     return result

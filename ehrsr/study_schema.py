@@ -15,6 +15,7 @@ import math
 import re
 from collections.abc import Sequence
 from dataclasses import MISSING, dataclass, field, fields, is_dataclass, replace
+from pathlib import Path
 from typing import Any, Literal
 
 import optuna
@@ -59,6 +60,7 @@ __all__ = [
     "parse_si",
     "resolve_objective",
     "study_storage",
+    "train_command",
     "trial_status",
 ]
 
@@ -770,6 +772,13 @@ class StudyInfo:
 
 # ---------------------------------------------------------------------------------------------
 # per-trial helpers
+
+
+def train_command(study_name: str, trial: int, reports_dir: str | Path = "reports") -> str:
+    """The command that trains trial ``trial`` of ``study_name`` fully (docs/full_training.md);
+    ``--reports-dir`` only when the study's folder is not under the default ``reports``."""
+    where = "" if Path(reports_dir) == Path("reports") else f" --reports-dir {reports_dir}"
+    return f"python run_search.py train --study-name {study_name} --trial {trial}{where}"
 
 
 def trial_status(trial: FrozenTrial) -> str:

@@ -39,7 +39,7 @@ from ehrsr.deploy.profiles import LIMIT_METRICS, DeviceProfile, check_device_ava
 from ehrsr.errors import UserError
 from ehrsr.files import PathOutsideFolder, path_inside
 from ehrsr.reparam import reparameterize
-from ehrsr.study_schema import PICK_MEASURED_KEYS, QUALITY_METRICS, Objective, StudyInfo
+from ehrsr.study_schema import PICK_MEASURED_KEYS, QUALITY_METRICS, Objective, StudyInfo, train_command
 
 __all__ = [
     "DeploymentError",
@@ -336,11 +336,9 @@ def pick_deployment(
     except DeploymentError as exc:
         if exc.trial is None:
             raise
-        reports_dir = Path(out_dir).parent
-        where = "" if reports_dir == Path("reports") else f" --reports-dir {reports_dir}"
         raise DeploymentError(
-            f"{exc}; to train that closest trial anyway: run_search.py train --study-name {study.study_name} "
-            f"--trial {exc.trial}{where}",
+            f"{exc}; to train that closest trial anyway: "
+            f"{train_command(study.study_name, exc.trial, Path(out_dir).parent)}",
             profile=exc.profile, limit=exc.limit, trial=exc.trial,
         ) from None
     latency_record = _latency_record(plan, candidates, chosen, profile, quality, limits)

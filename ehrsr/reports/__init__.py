@@ -1,5 +1,6 @@
 """Reports of a search: Pareto fronts, ablation tables, parameter importance, the listing of
-deployment picks, and ``report.md`` (docs/reports.md).
+deployment picks, ``report.md`` and ``report.html``, the same as one interactive page
+(docs/reports.md).
 
 Everything is read from the Optuna storage alone (``docs/study_schema.md``): this package trains
 nothing, profiles nothing and charges nothing. The controlled ablation that retrains is

@@ -20,8 +20,8 @@ from optuna.trial import FrozenTrial, TrialState
 
 from ehrsr.stats import PairedInterval, StatsError, paired_interval
 from ehrsr.study_schema import (
-    PER_IMAGE_ATTR,
     DASH,
+    PER_IMAGE_ATTR,
     StudyInfo,
     baselines_study_name,
     finite,

@@ -9,6 +9,7 @@ Optuna can never disagree about it.
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 from typing import Any
 
@@ -17,8 +18,10 @@ import optuna
 import pandas as pd
 from optuna.trial import FrozenTrial
 
+from ehrsr.config import MODULE_TOGGLES
 from ehrsr.search.pareto import knee_point, knee_trial
 from ehrsr.study_schema import (
+    DASH,
     METRIC_KEYS,
     Objective,
     StudyInfo,
@@ -27,7 +30,16 @@ from ehrsr.study_schema import (
     trial_status,
 )
 
-__all__ = ["knee_point", "knee_trial", "pareto_table", "trial_row", "trials_table", "write_trials_csv"]
+__all__ = [
+    "config_summary",
+    "knee_point",
+    "knee_trial",
+    "module_settings",
+    "pareto_table",
+    "trial_row",
+    "trials_table",
+    "write_trials_csv",
+]
 
 SECONDS_KEYS: tuple[str, ...] = ("train", "eval", "profile", "total")
 
@@ -116,6 +128,52 @@ def _empty_columns(objectives: tuple[Objective, ...]) -> list[str]:
         "charged_seconds",
         "steps_done",
     ]
+
+
+def _config_value(row: pd.Series, key: str) -> Any:
+    value = row.get(f"config.{key}")
+    return None if value is None or (isinstance(value, float) and math.isnan(value)) else value
+
+
+def _is_on(value: Any) -> bool:
+    return value in (True, "True", "true")
+
+
+def config_summary(row: pd.Series) -> str:
+    """The short form of a trial's configuration, as the README writes it: 'w16 L2 T2 naf: wab+moe'
+    (width, MSG levels, trunk blocks, block type: the modules switched on), from the ``config.*``
+    columns of a ``trials_table`` row; a dash for a trial without a configuration."""
+    if _config_value(row, "width") is None:
+        return DASH
+    modules = [m for m in MODULE_TOGGLES if _is_on(_config_value(row, f"{m}.enabled"))]
+    return (
+        f"w{int(_config_value(row, 'width'))} L{int(_config_value(row, 'msg.levels') or 0)} "
+        f"T{int(_config_value(row, 'trunk_blocks') or 0)} "
+        f"{_config_value(row, 'block_type')}: {'+'.join(modules) or 'conv-only'}"
+    )
+
+
+def module_settings(row: pd.Series) -> list[str]:
+    """Each switched-on module with its settings, e.g. 'wab (window_size=8, heads=2, shift=True)',
+    from the ``config.*`` columns of a ``trials_table`` row (trunk order)."""
+    out = []
+    for module in MODULE_TOGGLES:
+        if not _is_on(_config_value(row, f"{module}.enabled")):
+            continue
+        prefix = f"config.{module}."
+        settings = []
+        for column in row.index:
+            name = str(column)
+            if not name.startswith(prefix) or name == f"{prefix}enabled":
+                continue
+            value = _config_value(row, name[len("config."):])
+            if value is None:
+                continue
+            if isinstance(value, float) and value.is_integer():
+                value = int(value)  # 8.0 in a column that has NaN elsewhere
+            settings.append(f"{name[len(prefix):]}={value}")
+        out.append(f"{module} ({', '.join(settings)})" if settings else module)
+    return out
 
 
 def pareto_table(study: optuna.Study, trials: pd.DataFrame | None = None) -> pd.DataFrame:

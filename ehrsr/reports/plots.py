@@ -17,29 +17,42 @@ What a Pareto plot shows (one quality metric against one cost metric):
 * the knee of the study's front (the controlled ablation's default reference) as a star;
 * hand-designed baselines trained with the study's protocol (``<study>-baselines``) as labelled
   green triangles; one below the trivial answer (bicubic) says so in its label.
+
+Point labels are placed by ``place_labels`` so that none overlaps another or a marker (two
+reference configurations at nearly the same cost and quality get labels on different sides), and
+log axes get ticks at 1-2-5 or 1-2-3-5-7 per decade (``log_ticks``), enough to read a value off.
+The interactive report (``ehrsr.reports.interactive``) draws the same data with the same two
+helpers.
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from pathlib import Path
 from typing import NamedTuple
 
 import numpy as np
 import pandas as pd
+from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
-from matplotlib.ticker import EngFormatter, FuncFormatter, LogLocator, NullFormatter
+from matplotlib.ticker import FixedLocator, FuncFormatter, LogLocator, NullFormatter
 
 from ehrsr.reports.baselines import BaselineRun
 from ehrsr.search.pareto import pareto_front
-from ehrsr.study_schema import StudyInfo, finite, is_count, metric_info
+from ehrsr.study_schema import StudyInfo, finite, format_si, is_count, metric_info
 
 __all__ = [
     "ImportancePlotData",
+    "LabelPlacement",
     "ParetoPlotData",
     "PlotPoint",
+    "axis_tick_text",
     "importance_plot_data",
+    "log_ticks",
+    "pareto_figure",
     "pareto_plot_data",
+    "place_labels",
     "render_importance_plot",
     "render_pareto_plot",
 ]
@@ -160,9 +173,143 @@ def _save(fig: Figure, path_stem: Path, formats: Sequence[str]) -> list[Path]:
     return paths
 
 
-def render_pareto_plot(data: ParetoPlotData, path_stem: Path, formats: Sequence[str] = FORMATS) -> list[Path]:
-    """Draw ``data`` to ``path_stem.png`` / ``.svg``; returns the files written."""
-    fig = Figure(figsize=(6.4, 4.6))
+# ---------------------------------------------------------------------------------------------
+# readable axes and labels (shared with the interactive report)
+
+# ticks per decade, sparsest first: the first set that puts at least MIN_LOG_TICKS ticks on the axis
+# wins (matplotlib's default log locator labels only the decades, or 1-2-5: "50, 100, 200" alone)
+_LOG_SUBS: tuple[tuple[float, ...], ...] = ((1.0,), (1.0, 2.0, 5.0), (1.0, 2.0, 3.0, 5.0, 7.0),
+                                            (1.0, 2.0, 3.0, 4.0, 5.0, 6.0, 7.0, 8.0, 9.0))
+MIN_LOG_TICKS = 4
+
+
+def log_ticks(low: float, high: float) -> list[float]:
+    """Tick values for a log axis from ``low`` to ``high`` (both > 0): decades, else 1-2-5, else
+    1-2-3-5-7, else every integer multiple per decade, the first giving ``MIN_LOG_TICKS`` ticks.
+    An axis that spans a decade always gets at least five with 1-2-3-5-7."""
+    if not (0 < low < high and math.isfinite(high)):
+        return []
+    ticks: list[float] = []
+    for subs in _LOG_SUBS:
+        ticks = [
+            float(f"{m * 10.0 ** e:.12g}")  # 3e-05 rather than 3.0000000000000004e-05
+            for e in range(math.floor(math.log10(low)), math.ceil(math.log10(high)) + 1)
+            for m in subs
+            if low * (1 - 1e-9) <= m * 10.0**e <= high * (1 + 1e-9)
+        ]
+        if len(ticks) >= MIN_LOG_TICKS:
+            break
+    return ticks
+
+
+def axis_tick_text(key: str, value: float) -> str:
+    """A tick label: counts (MACs, parameters) as 1.2M, other values as plain numbers (50, 0.2)."""
+    return format_si(value) if is_count(key) else f"{value:g}"
+
+
+class LabelPlacement(NamedTuple):
+    """Where a point's label goes, in pixels from the point (y up): the label's corner nearest the
+    point sits at (dx, dy); ``ha``/``va`` say which corner ("left"/"right", "bottom"/"top")."""
+
+    dx: float
+    dy: float
+    ha: str
+    va: str
+    leader: bool  # moved away from its point: draw a thin line to it
+
+
+def _overlap(a: tuple[float, float, float, float], b: tuple[float, float, float, float]) -> float:
+    width = min(a[2], b[2]) - max(a[0], b[0])
+    height = min(a[3], b[3]) - max(a[1], b[1])
+    return width * height if width > 0 and height > 0 else 0.0
+
+
+def place_labels(
+    anchors: Sequence[tuple[float, float]],
+    sizes: Sequence[tuple[float, float]],
+    bounds: tuple[float, float, float, float],
+    obstacles: Sequence[tuple[float, float]] = (),
+    *,
+    gap: float = 5.0,
+    marker_radius: float = 5.0,
+) -> list[LabelPlacement]:
+    """Place one label per anchor point (pixels, y up), each of ``sizes[i]`` = (width, height),
+    greedily in the given order: the first of the four corners around the point (right-above,
+    right-below, left-above, left-below), then the same corners stacked one or more label heights
+    further out, that overlaps no label placed before, no marker (``anchors`` and ``obstacles``,
+    squares of ``marker_radius``) and stays inside ``bounds`` (x0, y0, x1, y1). When every
+    candidate collides, the one with the least overlap wins."""
+    markers = [(x - marker_radius, y - marker_radius, x + marker_radius, y + marker_radius)
+               for x, y in (*anchors, *obstacles)]
+    placed: list[tuple[float, float, float, float]] = []
+    out: list[LabelPlacement] = []
+    for (x, y), (width, height) in zip(anchors, sizes):
+        best: tuple[float, LabelPlacement, tuple[float, float, float, float]] | None = None
+        for level in range(5):
+            lift = level * (height + 2.0)
+            for sx, sy in ((1, 1), (1, -1), (-1, 1), (-1, -1)):
+                dx, dy = sx * gap, sy * (gap + lift)
+                x0 = x + dx if sx > 0 else x + dx - width
+                y0 = y + dy if sy > 0 else y + dy - height
+                box = (x0, y0, x0 + width, y0 + height)
+                inside = _overlap(box, bounds)
+                cost = 10.0 * sum(_overlap(box, p) for p in placed)
+                cost += sum(_overlap(box, m) for m in markers)
+                cost += 5.0 * (width * height - inside)
+                candidate = LabelPlacement(dx, dy, "left" if sx > 0 else "right", "bottom" if sy > 0 else "top",
+                                           leader=level > 0)
+                if best is None or cost < best[0] - 1e-9:
+                    best = (cost, candidate, box)
+            if best is not None and best[0] == 0.0:
+                break
+        assert best is not None
+        out.append(best[1])
+        placed.append(best[2])
+    return out
+
+
+def _annotate_without_overlap(fig: Figure, ax, labels: Sequence[tuple[float, float, str, dict]],
+                              obstacles: Sequence[tuple[float, float]]) -> None:
+    """Annotate ``labels`` ((x, y, text, text style) in data coordinates) where ``place_labels``
+    puts them, measured with the Agg renderer at the figure's final axis limits."""
+    if not labels:
+        return
+    renderer = FigureCanvasAgg(fig).get_renderer()
+    to_px = ax.transData.transform
+    points_per_px = 72.0 / fig.dpi
+    sizes = []
+    for _, _, text, style in labels:
+        probe = fig.text(0, 0, text, **style)  # figure coordinates: a log axis has no 0
+        extent = probe.get_window_extent(renderer)
+        sizes.append((extent.width, extent.height))
+        probe.remove()
+    anchors = [tuple(to_px((x, y))) for x, y, _, _ in labels]
+    others = [tuple(to_px(p)) for p in obstacles]
+    box = ax.get_window_extent(renderer)
+    placements = place_labels(anchors, sizes, (box.x0, box.y0, box.x1, box.y1), others,
+                              gap=4.0 / points_per_px, marker_radius=4.0 / points_per_px)
+    for (x, y, text, style), where in zip(labels, placements):
+        ax.annotate(
+            text, (x, y), xytext=(where.dx * points_per_px, where.dy * points_per_px), textcoords="offset points",
+            ha=where.ha, va=where.va, zorder=6,
+            arrowprops={"arrowstyle": "-", "color": "grey", "linewidth": 0.6, "shrinkA": 0, "shrinkB": 3}
+            if where.leader else None,
+            **style,
+        )
+
+
+def _readable_log_axis(axis, key: str, low: float, high: float) -> None:
+    """Major ticks from ``log_ticks`` with plain labels, unlabelled minor ticks at every integer."""
+    ticks = log_ticks(low, high)
+    axis.set_major_locator(FixedLocator(ticks))
+    axis.set_major_formatter(FuncFormatter(lambda value, _: axis_tick_text(key, value)))
+    axis.set_minor_locator(LogLocator(base=10, subs=tuple(range(1, 10))))
+    axis.set_minor_formatter(NullFormatter())
+
+
+def pareto_figure(data: ParetoPlotData) -> Figure:
+    """The matplotlib figure of ``data`` (``render_pareto_plot`` saves it)."""
+    fig = Figure(figsize=(6.4, 5.2))
     ax = fig.add_subplot()
     if data.dominated:
         ax.scatter(
@@ -184,17 +331,15 @@ def render_pareto_plot(data: ParetoPlotData, path_stem: Path, formats: Sequence[
             s=36, color="tab:blue", edgecolors="black", linewidths=0.6, zorder=3,
             label="study Pareto front",
         )
-    for point, name in data.references:
-        ax.scatter([point.x], [point.y], s=70, marker="D", facecolors="none", edgecolors="black", zorder=4)
-        ax.annotate(
-            f"{name} (#{point.number})", (point.x, point.y), xytext=(6, 6),
-            textcoords="offset points", fontsize=8,
-        )
+    labels: list[tuple[float, float, str, dict]] = []
+    for index, (point, name) in enumerate(data.references):
+        ax.scatter([point.x], [point.y], s=70, marker="D", facecolors="none", edgecolors="black", zorder=4,
+                   label="reference configuration" if index == 0 else None)
+        labels.append((point.x, point.y, f"{name} (#{point.number})", {"fontsize": 8}))
     for index, (point, label) in enumerate(data.baselines):
         ax.scatter([point.x], [point.y], s=60, marker="^", color="tab:green", edgecolors="black", linewidths=0.6,
                    zorder=4, label="hand-designed baseline" if index == 0 else None)
-        ax.annotate(label, (point.x, point.y), xytext=(5, -10), textcoords="offset points", fontsize=7,
-                    color="darkgreen")
+        labels.append((point.x, point.y, label, {"fontsize": 7, "color": "darkgreen"}))
     if data.baseline is not None:
         name, value = data.baseline
         ax.axhline(value, color="grey", linestyle="--", linewidth=1.0, label=f"{name} ({value:.4g})")
@@ -203,20 +348,24 @@ def render_pareto_plot(data: ParetoPlotData, path_stem: Path, formats: Sequence[
                    linewidths=0.6, zorder=5, label=f"knee (#{data.knee.number})")
     if data.x_log:
         ax.set_xscale("log")
-    if is_count(data.cost_key):
-        ax.xaxis.set_major_formatter(EngFormatter(sep=""))  # 1.2M rather than 1.2e6 in a corner
-    if data.x_log:
-        # labels at 1, 2 and 5 per decade; matplotlib's labelled minor ticks would overlap
-        ax.xaxis.set_major_locator(LogLocator(base=10, subs=(1.0, 2.0, 5.0)))
-        ax.xaxis.set_minor_formatter(NullFormatter())
-        if not is_count(data.cost_key):
-            ax.xaxis.set_major_formatter(FuncFormatter(lambda value, _: f"{value:g}"))  # 50, 100, 200 ms
+        _readable_log_axis(ax.xaxis, data.cost_key, *ax.get_xlim())
+    elif is_count(data.cost_key):
+        ax.xaxis.set_major_formatter(FuncFormatter(lambda value, _: axis_tick_text(data.cost_key, value)))
     ax.set_xlabel(data.x_label, fontsize=9)
     ax.set_ylabel(data.y_label, fontsize=9)
     ax.set_title(data.title, fontsize=10)
     ax.grid(True, alpha=0.3)
-    ax.legend(fontsize=8, loc="best")
-    return _save(fig, path_stem, formats)
+    # below the axes, where it can cover neither a point nor a label
+    ax.legend(fontsize=7.5, loc="upper center", bbox_to_anchor=(0.5, -0.13), ncol=3, frameon=False)
+    fig.subplots_adjust(bottom=0.27)
+    trial_points = [(p.x, p.y) for p in (*data.study_front, *data.dominated, *data.infeasible)]
+    _annotate_without_overlap(fig, ax, labels, trial_points)
+    return fig
+
+
+def render_pareto_plot(data: ParetoPlotData, path_stem: Path, formats: Sequence[str] = FORMATS) -> list[Path]:
+    """Draw ``data`` to ``path_stem.png`` / ``.svg``; returns the files written."""
+    return _save(pareto_figure(data), path_stem, formats)
 
 
 class ImportancePlotData(NamedTuple):

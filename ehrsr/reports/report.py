@@ -3,6 +3,7 @@
 Files (``docs/reports.md`` describes each):
 
     report.md                         the summary tying everything together
+    report.html                       the same, one self-contained interactive page (unless html=False)
     trials.csv  pareto.csv            every trial; the Pareto front (study.best_trials)
     figures/pareto_<q>_vs_<c>.png|svg quality q against cost c
     figures/importance.png|svg        parameter importance per objective
@@ -15,7 +16,6 @@ Files (``docs/reports.md`` describes each):
 from __future__ import annotations
 
 import json
-import math
 import sys
 from collections import Counter
 from datetime import datetime, timezone
@@ -27,13 +27,23 @@ import pandas as pd
 
 import ehrsr
 from ehrsr.ablation.table import load_controlled_ablation
-from ehrsr.config import MODULE_TOGGLES
+from ehrsr.reports import interactive
 from ehrsr.reports.baselines import baseline_runs, baselines_markdown
-from ehrsr.reports.fidelity import fidelity_markdown, fidelity_plot_data, fidelity_report, render_fidelity_plot
+from ehrsr.reports.fidelity import (
+    FidelityPlotData,
+    fidelity_markdown,
+    fidelity_plot_data,
+    fidelity_report,
+    render_fidelity_plot,
+)
+from ehrsr.reports.html import HtmlFigure, write_html_report
+from ehrsr.reports.interactive import trial_details
 from ehrsr.reports.latency import latency_section
 from ehrsr.reports.observational import observational_table, param_importances
-from ehrsr.reports.pareto import pareto_table, trials_table
+from ehrsr.reports.pareto import config_summary, pareto_table, trials_table
 from ehrsr.reports.plots import (
+    ImportancePlotData,
+    ParetoPlotData,
     importance_plot_data,
     pareto_plot_data,
     render_importance_plot,
@@ -50,9 +60,11 @@ from ehrsr.search.budget import BudgetError, parse_budget
 from ehrsr.study_schema import (
     COST_METRICS,
     DASH,
+    LATENCY_MODELS_ATTR,
     PSNR_CONVENTION_FALLBACK,
     QUALITY_METRICS,
     StudyInfo,
+    device_latency_profile,
     format_metric,
     macs_convention,
     metric_header,
@@ -61,17 +73,21 @@ from ehrsr.study_schema import (
 
 __all__ = ["write_report"]
 
+CONTROLLED_HEADING = "Controlled ablation (what papers call an ablation)"
+
 
 def _log(message: str, quiet: bool) -> None:
     if not quiet:
         print(f"[report] {message}", file=sys.stderr)
 
 
-def write_report(study: optuna.Study, out_dir: Path, *, quiet: bool = False) -> Path:
+def write_report(study: optuna.Study, out_dir: Path, *, quiet: bool = False, html: bool = True) -> Path:
     """Write the whole report of ``study`` into ``out_dir`` and return the path of ``report.md``.
 
     Works for any study the search wrote (docs/study_schema.md), including one with no finished
-    trial (the report says so) and one with a single objective.
+    trial (the report says so) and one with a single objective. ``html``: also write
+    ``report.html``, report.md with interactive figures (``ehrsr.reports.html``); with False an
+    older ``report.html`` is removed, so the folder never holds a page that disagrees with it.
     """
     out_dir = Path(out_dir)
     figures = out_dir / "figures"
@@ -86,6 +102,7 @@ def write_report(study: optuna.Study, out_dir: Path, *, quiet: bool = False) -> 
 
     # figures: each quality metric measured by some finished trial against each cost
     plots: list[tuple[str, str, Path]] = []
+    pareto_data: list[tuple[ParetoPlotData, Path]] = []
     front_numbers = pareto["number"].astype(int).tolist()
     knee = pareto.loc[pareto["knee"], "number"]
     knee_number = int(knee.iloc[0]) if len(knee) else None
@@ -98,6 +115,7 @@ def write_report(study: optuna.Study, out_dir: Path, *, quiet: bool = False) -> 
             stem = figures / f"pareto_{metric_info(quality).name}_vs_{metric_info(cost).name}"
             render_pareto_plot(data, stem)
             plots.append((quality, cost, stem.with_suffix(".png")))
+            pareto_data.append((data, stem.with_suffix(".png")))
     _log(f"{len(plots)} Pareto plots", quiet)
 
     observational = observational_table(trials, info.objectives)
@@ -110,11 +128,12 @@ def write_report(study: optuna.Study, out_dir: Path, *, quiet: bool = False) -> 
 
     importances = param_importances(study)
     importance_png = None
+    importance_data = None
     if not importances.empty:
         importances.to_csv(out_dir / "importance.csv")
-        data = importance_plot_data(importances, info.name)
-        if data is not None:
-            importance_png = render_importance_plot(data, figures / "importance")[0]
+        importance_data = importance_plot_data(importances, info.name)
+        if importance_data is not None:
+            importance_png = render_importance_plot(importance_data, figures / "importance")[0]
     else:
         pd.DataFrame(columns=["param"]).to_csv(out_dir / "importance.csv", index=False)
 
@@ -140,9 +159,60 @@ def write_report(study: optuna.Study, out_dir: Path, *, quiet: bool = False) -> 
     text = _report_text(
         study, info, trials, pareto, plots, observational, importances, importance_png, controlled, picks, out_dir,
     )
-    report.write_text(_with_trust_sections(text, study, info, baselines, figures, out_dir))
+    text, fidelity_figure_data = _with_trust_sections(text, study, info, baselines, figures, out_dir)
+    report.write_text(text)
     _log(f"wrote {report}", quiet)
+    page = out_dir / "report.html"
+    if html:
+        page_figures = _interactive_figures(
+            trials, info, out_dir, pareto_data, (importance_data, importance_png), fidelity_figure_data,
+            controlled[0] if controlled is not None else None,
+        )
+        write_html_report(text, page_figures, page, note=_measured_note(info))
+        _log(f"wrote {page}", quiet)
+    elif page.exists():
+        page.unlink()
+        _log(f"removed {page} (not written on request)", quiet)
     return report
+
+
+def _interactive_figures(
+    trials: pd.DataFrame,
+    info: StudyInfo,
+    root: Path,
+    pareto_data: list[tuple[ParetoPlotData, Path]],
+    importance: tuple[ImportancePlotData | None, Path | None],
+    fidelity: tuple[FidelityPlotData, Path] | None,
+    controlled: pd.DataFrame | None,
+) -> list[HtmlFigure]:
+    """report.html's figures: the twin of each PNG report.md links, and the controlled ablation's
+    intervals as error bars (no PNG)."""
+    details = trial_details(trials, info, root.parent)
+    out = [HtmlFigure(interactive.pareto_figure(data, details), "pareto", png=_rel(png, root))
+           for data, png in pareto_data]
+    importance_data, importance_png = importance
+    if importance_data is not None and importance_png is not None:
+        out.append(HtmlFigure(interactive.importance_figure(importance_data), "importance",
+                              png=_rel(importance_png, root)))
+    if fidelity is not None:
+        out.append(HtmlFigure(interactive.fidelity_figure(fidelity[0]), "fidelity", png=_rel(fidelity[1], root)))
+    if controlled is not None:
+        figure = interactive.ablation_figure(controlled)
+        if figure is not None:
+            out.append(HtmlFigure(figure, "ablation", section=CONTROLLED_HEADING))
+    return out
+
+
+def _measured_note(info: StudyInfo) -> str:
+    """What report.html says under its title about measured and predicted numbers."""
+    predicted = bool(info.attrs.get(LATENCY_MODELS_ATTR)) or any(
+        device_latency_profile(o.metric_key) is not None for o in info.objectives)
+    return (
+        "Quality (PSNR, SSIM, LPIPS) is measured on the validation set after each trial's brief training; "
+        f"latency and memory are measured on {info.device_name}, MACs and parameters counted on the deploy form"
+        + ("; numbers labelled \"predicted\" come from a device's latency model, whose measured accuracy the "
+           "latency section states." if predicted else ". No number in this report is predicted.")
+    )
 
 
 # ---------------------------------------------------------------------------------------------
@@ -150,23 +220,27 @@ def write_report(study: optuna.Study, out_dir: Path, *, quiet: bool = False) -> 
 
 
 def _with_trust_sections(text: str, study: optuna.Study, info: StudyInfo, baselines: list, figures: Path,
-                         root: Path) -> str:
+                         root: Path) -> tuple[str, tuple[FidelityPlotData, Path] | None]:
     """Insert the "Baselines" and "Proxy fidelity" sections (docs/reports.md) before "Deployment
-    picks", written from ``<study>-baselines`` and ``<study>-fidelity``."""
+    picks", written from ``<study>-baselines`` and ``<study>-fidelity``; also returns the fidelity
+    figure's data and PNG (for report.html)."""
     fidelity = fidelity_report(study)
     figure = None
+    figure_data = None
     if fidelity is not None:
         brief = [(r.label, float(r.metrics["psnr"])) for r in baselines
                  if r.status == "complete" and isinstance(r.metrics.get("psnr"), (int, float))]
         data = fidelity_plot_data(fidelity, info.name, brief)
         if data is not None:
-            figure = _rel(render_fidelity_plot(data, figures / "fidelity")[0], root)
+            png = render_fidelity_plot(data, figures / "fidelity")[0]
+            figure = _rel(png, root)
+            figure_data = (data, png)
     sections = (
         "## Baselines\n\n" + baselines_markdown(study, info, markdown_table)
         + "## Proxy fidelity\n\n" + fidelity_markdown(fidelity, info.name, figure, markdown_table)
     )
     marker = "## Deployment picks\n\n"
-    return text.replace(marker, sections + marker, 1) if marker in text else text + sections
+    return (text.replace(marker, sections + marker, 1) if marker in text else text + sections), figure_data
 
 
 def _rel(path: Path | None, root: Path) -> str:
@@ -184,22 +258,6 @@ def _deployment_picks(deploy_dir: Path) -> list[dict[str, Any]]:
             data["_file"] = path
             picks.append(data)
     return picks
-
-
-def _config_summary(row: pd.Series) -> str:
-    """'w16 L2 T2 naf: wab+moe' from the config.* columns of a trials row."""
-
-    def get(key: str) -> Any:
-        value = row.get(f"config.{key}")
-        return None if value is None or (isinstance(value, float) and math.isnan(value)) else value
-
-    if get("width") is None:
-        return DASH
-    modules = [m for m in MODULE_TOGGLES if get(f"{m}.enabled") in (True, "True", "true")]
-    return (
-        f"w{int(get('width'))} L{int(get('msg.levels') or 0)} T{int(get('trunk_blocks') or 0)} "
-        f"{get('block_type')}: {'+'.join(modules) or 'conv-only'}"
-    )
 
 
 def _bullets(items: dict[str, Any]) -> str:
@@ -293,7 +351,7 @@ def _pareto_markdown(pareto: pd.DataFrame, info: StudyInfo) -> str:
             notes.append("knee")
         if isinstance(r.get("reference"), str):
             notes.append(r["reference"])
-        rows.append([int(r["number"]), _config_summary(r), *(format_metric(k, r[k]) for k in metrics), ", ".join(notes)])
+        rows.append([int(r["number"]), config_summary(r), *(format_metric(k, r[k]) for k in metrics), ", ".join(notes)])
     return markdown_table(headers, rows)
 
 
@@ -388,7 +446,7 @@ def _report_text(
             + "\n"
         )
 
-    out.append("## Controlled ablation (what papers call an ablation)\n\n")
+    out.append(f"## {CONTROLLED_HEADING}\n\n")
     if controlled is None:
         out.append(
             "Not run yet. `run_search.py ablate --study-name "

@@ -114,6 +114,7 @@ class SearchSettings:
     fidelity_configs: int = 8
     fidelity_factor: float = 4.0
     write_reports: bool = True
+    write_html: bool = True  # report.html beside report.md (docs/reports.md)
     verbosity: int = 1  # 0 quiet, 1 normal, 2 verbose
     # per-device latency models (docs/latency_models.md): limits by profile name (--max-latency-ms
     # NAME=MS), the device profiles file, and how to load it (deploy sits above search, so the
@@ -157,7 +158,7 @@ class SearchSettings:
 
 
 RUN_SETTINGS: tuple[str, ...] = (
-    "budget", "workers", "verbosity", "out_dir", "write_reports", "storage", "study_name", "isolate",
+    "budget", "workers", "verbosity", "out_dir", "write_reports", "write_html", "storage", "study_name", "isolate",
     "lpips_weights", "load_device_profiles", "given",
 )
 """``SearchSettings`` fields a later run may change: how much to run, where and how visibly, and
