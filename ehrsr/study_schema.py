@@ -23,7 +23,10 @@ from optuna.study import StudyDirection
 from optuna.trial import FrozenTrial, TrialState
 
 __all__ = [
+    "BASELINE_ATTR",
+    "BUDGET_ATTR",
     "CANARY_ATTR",
+    "CONVENTIONS_ATTR",
     "COST_KEYS",
     "COST_METRICS",
     "COST_TABLE_ORDER",
@@ -35,11 +38,25 @@ __all__ = [
     "METRIC_KEYS",
     "OBJECTIVES",
     "PICK_MEASURED_KEYS",
+    "PLAN_ATTR",
     "QUALITY_METRICS",
+    "RECORD_VERSION_ATTR",
+    "STUDY",
     "STUDY_ATTRS",
+    "TRIAL",
     "TRIAL_ATTRS",
+    "CostLimits",
+    "DataRecord",
+    "DeviceRecord",
+    "EarlyStoppingRecord",
     "Objective",
+    "ProfileRecord",
+    "RecordError",
+    "SharesRecord",
+    "SpaceRecord",
     "StudyInfo",
+    "StudyRecord",
+    "TrialKeys",
     "ablation_study_name",
     "baselines_off",
     "baselines_study_name",
@@ -59,6 +76,7 @@ __all__ = [
     "objective_values",
     "parse_si",
     "resolve_objective",
+    "rung_record_attr",
     "study_storage",
     "train_command",
     "trial_status",
@@ -360,11 +378,87 @@ BASELINE_ATTR = "baseline"
 """Study attribute: the quality of the trivial baseline (bicubic, or the degraded input)."""
 
 
+@dataclass(frozen=True)
+class TrialKeys:
+    """Keys of ``trial.user_attrs`` (docs/study_schema.md); ``TRIAL`` is the one instance, and
+    code writes ``trial.user_attrs[TRIAL.metrics]`` instead of spelling a key again."""
+
+    # every recorded run: search trials, ablation, baselines and fidelity runs
+    status: str = "status"
+    reason: str = "reason"
+    config: str = "config"
+    train: str = "train"
+    metrics: str = "metrics"
+    seconds: str = "seconds"
+    steps_done: str = "steps_done"
+    per_image: str = "per_image"
+    weights: str = "weights"
+    device_name: str = "device_name"
+    device_kind: str = "device_kind"
+    n_devices: str = "n_devices"
+    charged_seconds: str = "charged_seconds"
+    heartbeat: str = "heartbeat"
+    worker: str = "worker"
+    refused: str = "refused"
+    latency_sources: str = "latency_sources"
+    canary: str = "canary"
+    # search trials
+    reference: str = "reference"  # an enqueued reference configuration (conv-only, all-modules)
+    repeat_of: str = "repeat_of"
+    cost_from_trial: str = "cost_from_trial"
+    # ablation runs (<study>-ablation)
+    variant: str = "variant"
+    kind: str = "kind"
+    module: str = "module"
+    seed: str = "seed"
+    reference_trial: str = "reference_trial"
+    train_seconds: str = "train_seconds"
+    # baseline runs (<study>-baselines)
+    baseline: str = "baseline"
+    label: str = "label"
+    size_class: str = "size_class"
+    bicubic_skip: str = "bicubic_skip"
+    # proxy-fidelity runs (<study>-fidelity)
+    source_trial: str = "source_trial"
+    factor: str = "factor"
+    brief_steps: str = "brief_steps"
+    brief_values: str = "brief_values"
+    brief_metrics: str = "brief_metrics"
+    brief_feasible: str = "brief_feasible"
+
+
+TRIAL = TrialKeys()
+TRIAL_ATTRS: tuple[str, ...] = tuple(getattr(TRIAL, f.name) for f in fields(TrialKeys))
+"""Keys of ``trial.user_attrs``, plus one ``rung_<i>_values`` / ``rung_<i>_decision`` per MO-ASHA
+rung reached (``ehrsr.search.asha``)."""
+
+def rung_record_attr(index: int) -> str:
+    """Trial attribute holding a run's evaluation at rung ``index`` (step, values, metrics)."""
+    return f"rung_{index}"
+
+
+PLAN_ATTR = "plan"
+"""Study attribute of a side study (``<study>-ablation``, ``-baselines``, ``-fidelity``): what it
+was asked to run."""
+
+
 STUDY_ATTRS: tuple[str, ...] = (
     *(f.name for f in fields(StudyRecord)), CONVENTIONS_ATTR, LATENCY_MODELS_ATTR, BUDGET_ATTR, BASELINE_ATTR,
 )
 """Keys of a search study's ``user_attrs``: the record's fields, then what is derived from it or
 written later."""
+
+
+class _StudyKeys:
+    """``STUDY.space`` is ``"space"``: each key of ``STUDY_ATTRS`` as an attribute, so code names a
+    study attribute without spelling it (an unknown name is an ``AttributeError``)."""
+
+    def __init__(self, names: Sequence[str]) -> None:
+        for name in names:
+            setattr(self, name, name)
+
+
+STUDY: Any = _StudyKeys(STUDY_ATTRS)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -409,11 +503,11 @@ DEVICE_LATENCY_PREFIX = "latency_ms@"
 """Metric key prefix of a latency on a device profile, predicted by its latency model
 (``latency_ms@edge-strict``; objective ``latency@edge-strict``; docs/latency_models.md)."""
 
-LATENCY_SOURCES_ATTR = "latency_sources"
+LATENCY_SOURCES_ATTR = TRIAL.latency_sources
 """Trial attribute: per device profile (and ``"this machine"``), whether its latency was predicted
 or measured, the model file and its stored accuracy, and the units the model lacked."""
 
-CANARY_ATTR = "canary"
+CANARY_ATTR = TRIAL.canary
 """Trial attribute: the canary reading next to this machine's latency measurement (``ratio``,
 ``quiet_ms``, ``latency_ms``, ``contended``)."""
 
@@ -460,7 +554,7 @@ QUALITY_METRICS: tuple[str, ...] = tuple(o.metric_key for o in OBJECTIVES.values
 COST_METRICS: tuple[str, ...] = tuple(o.metric_key for o in OBJECTIVES.values() if o.kind == "cost")
 """Metric keys that measure cost (latency_ms, macs, params_deploy, peak_memory_mb: the x axes)."""
 
-PER_IMAGE_ATTR = "per_image"
+PER_IMAGE_ATTR = TRIAL.per_image
 """Trial user attribute holding the final evaluation's per-image quality of a finished run,
 ``{image name: [psnr, ssim]}`` (``ehrsr.metrics.encode_per_image``; docs/study_schema.md). The
 controlled ablation pairs it over (seed, image) for its intervals (docs/statistics.md)."""

@@ -13,10 +13,6 @@ import pytest
 from optuna.trial import TrialState
 
 from ehrsr.search.budget import (
-    ATTR_CHARGED_SECONDS,
-    ATTR_DEVICE_KIND,
-    ATTR_N_DEVICES,
-    ATTR_REFUSED,
     Budget,
     BudgetError,
     BudgetLimit,
@@ -28,6 +24,7 @@ from ehrsr.search.budget import (
     record_start,
     trial_charge,
 )
+from ehrsr.study_schema import TRIAL
 
 T0 = datetime(2026, 1, 1, 12, 0, 0)
 
@@ -39,9 +36,9 @@ def _quiet_optuna():
 
 def _finished(study, charged=None, kind="cuda", devices=1, state=TrialState.COMPLETE, seconds=None, **attrs):
     """Add a finished trial: with ``charged_seconds`` or, if None, with start/complete times."""
-    user_attrs = {ATTR_DEVICE_KIND: kind, ATTR_N_DEVICES: devices, **attrs}
+    user_attrs = {TRIAL.device_kind: kind, TRIAL.n_devices: devices, **attrs}
     if charged is not None:
-        user_attrs[ATTR_CHARGED_SECONDS] = charged
+        user_attrs[TRIAL.charged_seconds] = charged
     duration = seconds if seconds is not None else 1.0
     trial = optuna.trial.FrozenTrial(
         number=0,
@@ -135,7 +132,7 @@ def test_spent_sums_charges_by_device_kind():
     _finished(study, charged=3600.0, kind="cuda")
     _finished(study, charged=1800.0, kind="cuda", state=TrialState.PRUNED)
     _finished(study, charged=600.0, kind="cpu", state=TrialState.FAIL)  # diverged: still spent
-    _finished(study, charged=0.0, kind="cpu", state=TrialState.FAIL, **{ATTR_REFUSED: "too many params"})
+    _finished(study, charged=0.0, kind="cpu", state=TrialState.FAIL, **{TRIAL.refused: "too many params"})
     study.enqueue_trial({})  # WAITING: not started, costs nothing
     spent = parse_budget("gpu-hours=2").spent(study)
     assert spent.gpu_seconds == pytest.approx(5400.0)
@@ -247,7 +244,7 @@ def test_estimate_trial_seconds():
     _finished(study, charged=5.0, kind="cpu", state=TrialState.PRUNED)  # stopped early: cheap
     _finished(study, charged=20.0, kind="cpu")
     _finished(study, charged=999.0, kind="cpu", state=TrialState.FAIL)  # failures are not typical
-    _finished(study, charged=0.0, kind="cpu", **{ATTR_REFUSED: "invalid"})
+    _finished(study, charged=0.0, kind="cpu", **{TRIAL.refused: "invalid"})
     _finished(study, charged=3000.0, kind="cuda")
     assert estimate_trial_seconds(study, 30.0, device_kind="cpu") == pytest.approx(15.0)  # [5,10,20,100]
     assert estimate_trial_seconds(study, 30.0) == pytest.approx(20.0)  # [5,10,20,100,3000]
@@ -354,6 +351,6 @@ def test_budget_shared_between_two_worker_processes(tmp_path, storage_kind):
     complete = [t for t in study.trials if t.state == TrialState.COMPLETE]
     assert len(complete) == 7
     (loser,) = [t for t in study.trials if t.state == TrialState.FAIL]
-    assert loser.number == 7 and loser.user_attrs[ATTR_REFUSED].startswith("budget: trials=7 reached")
+    assert loser.number == 7 and loser.user_attrs[TRIAL.refused].startswith("budget: trials=7 reached")
     assert not trial_charge(loser).counted
     assert spent.total_seconds == pytest.approx(7 * CHARGE_SECONDS)

@@ -257,3 +257,25 @@ def test_a_study_name_cannot_leave_the_output_folder(name: str, tmp_path: Path, 
         extra = ["--device-profile", "laptop-cpu-256"] if command == "deploy" else []
         assert main([command, "--study-name", name, "--out-dir", str(out), *extra]) == 2
         assert "--study-name" in capsys.readouterr().err
+
+
+def test_study_and_trial_keys_are_spelled_only_in_study_schema() -> None:
+    """Code reads and writes user attributes through ``TRIAL``, ``STUDY`` and the ``*_ATTR`` names
+    of ``ehrsr.study_schema``; a literal key anywhere else would be a second spelling."""
+    import re
+
+    from ehrsr.study_schema import STUDY, TRIAL, TRIAL_ATTRS, TrialKeys
+
+    literal = re.compile(r'(user_attrs\.get\(|user_attrs\[|set_user_attr\(|set_trial_user_attr\([^,]+,\s*|attrs\.get\(|attrs\[)'
+                         r'f?"[a-z_{}]+"')
+    root = Path(__file__).resolve().parents[1] / "ehrsr"
+    found = [f"{path.relative_to(root)}:{n}: {line.strip()}"
+             for path in sorted(root.rglob("*.py")) if path.name != "study_schema.py"
+             for n, line in enumerate(path.read_text().splitlines(), 1) if literal.search(line)]
+    assert not found, "\n".join(found)
+    # the lists are derived from the dataclasses: no key twice, every study key an attribute of STUDY
+    assert len(set(TRIAL_ATTRS)) == len(TRIAL_ATTRS) == len(dataclasses.fields(TrialKeys))
+    assert all(getattr(TRIAL, f.name) == f.name for f in dataclasses.fields(TrialKeys))
+    assert len(set(STUDY_ATTRS)) == len(STUDY_ATTRS) and all(getattr(STUDY, k) == k for k in STUDY_ATTRS)
+    with pytest.raises(AttributeError):
+        STUDY.threads  # noqa: B018 (not a study attribute: it lives inside "profile")

@@ -40,7 +40,7 @@ from ehrsr.baselines import (
     deploy_baseline,
 )
 from ehrsr.search.pareto import knee_trial
-from ehrsr.study_schema import StudyInfo, baselines_study_name
+from ehrsr.study_schema import STUDY, TRIAL, StudyInfo, baselines_study_name
 from ehrsr.training import TrainSettings
 
 __all__ = [
@@ -85,7 +85,7 @@ class BaselinesResult:
 
 def space_size_class(study: optuna.Study) -> str:
     """``full`` for the GPU-sized space, else ``tiny`` (the baselines' two sizes, docs/baselines.md)."""
-    space = study.user_attrs.get("space") or {}
+    space = study.user_attrs.get(STUDY.space) or {}
     return "full" if str(space.get("name", "")).lower() == "full" else "tiny"
 
 
@@ -126,7 +126,7 @@ def parse_baselines(text: str | None, size_class: str = "tiny") -> list[Baseline
 
 def _reference(study: optuna.Study) -> FrozenTrial:
     trial = knee_trial(study)
-    if trial is None or not trial.user_attrs.get("train"):
+    if trial is None or not trial.user_attrs.get(TRIAL.train):
         raise BaselineError(
             f"study {study.study_name!r} has no finished feasible trial with stored training settings: "
             "there is no trial protocol to train the baselines with; run the search first"
@@ -137,12 +137,12 @@ def _reference(study: optuna.Study) -> FrozenTrial:
 def trial_protocol(study: optuna.Study, reference: FrozenTrial) -> tuple[TrainSettings, int, list[int]]:
     """(training settings, seed, rung steps) of a trial of ``study``: the reference trial's stored
     settings (steps = the top rung), the study's seed, the study's MO-ASHA rungs below the top."""
-    stored = dict(reference.user_attrs["train"])
+    stored = dict(reference.user_attrs[TRIAL.train])
     try:
         train = TrainSettings.from_dict(stored, ignore=("seed",))
     except (TypeError, ValueError) as exc:
         raise BaselineError(f"trial {reference.number}'s stored training settings: {exc}") from None
-    early = study.user_attrs.get("early_stopping") or {}
+    early = study.user_attrs.get(STUDY.early_stopping) or {}
     rungs = [int(s) for s in early.get("rung_steps") or [] if 0 < int(s) < train.steps] if early.get("enabled") else []
     return train, int(stored.get("seed", 0)), rungs
 
@@ -169,22 +169,22 @@ def run_baselines(
         specs = default_baselines(space_size_class(study))
     reference = _reference(study)
     train, seed, rungs = trial_protocol(study, reference)
-    scale = int((study.user_attrs.get("task") or {}).get("scale", 4))
+    scale = int((study.user_attrs.get(STUDY.task) or {}).get("scale", 4))
     side = open_side_study(study, baselines_study_name(study.study_name))
     plan = {"reference_trial": reference.number, "train": dataclasses.asdict(train), "seed": seed,
             "rung_steps": rungs, "labels": [s.label for s in specs]}
     storage_retry("write the plan", side.set_user_attr, "plan", plan)
     run_train = {**dataclasses.asdict(train), "seed": seed}
     done = {
-        t.user_attrs.get("label")
+        t.user_attrs.get(TRIAL.label)
         for t in storage_retry("read the runs", side.get_trials, deepcopy=False, states=(TrialState.COMPLETE,))
-        if t.user_attrs.get("train") == run_train and t.user_attrs.get("size_class") in {s.size_class for s in specs}
+        if t.user_attrs.get(TRIAL.train) == run_train and t.user_attrs.get(TRIAL.size_class) in {s.size_class for s in specs}
     }
     todo = [s for s in specs if s.label not in done]
     if runner is None:
         from ehrsr.search.runner import run_model as runner  # heavy (data, training): only when running
     budget = SideBudget(budget_seconds)
-    fallback = float(reference.user_attrs.get("charged_seconds") or 0.0)
+    fallback = float(reference.user_attrs.get(TRIAL.charged_seconds) or 0.0)
     kind = str(getattr(getattr(ctx, "device", None), "type", "cpu"))
     statuses: dict[str, str] = {}
     stopped = None
@@ -198,9 +198,9 @@ def run_baselines(
         except (UnknownBaseline, BaselineUnavailable) as exc:
             statuses[spec.label] = f"skipped: {exc}"
             continue
-        attrs = {"baseline": spec.name, "label": spec.label, "size_class": spec.size_class,
-                 "bicubic_skip": spec.bicubic_skip, "seed": seed, "reference_trial": reference.number,
-                 "train": run_train}
+        attrs = {TRIAL.baseline: spec.name, TRIAL.label: spec.label, TRIAL.size_class: spec.size_class,
+                 TRIAL.bicubic_skip: spec.bicubic_skip, TRIAL.seed: seed, TRIAL.reference_trial: reference.number,
+                 TRIAL.train: run_train}
 
         def run(on_rung: Callable[[int, dict[str, Any]], None], spec: BaselineSpec = spec) -> Any:
             def rung(i: int, step: int, values: list[float], metrics: dict[str, Any]) -> bool:

@@ -33,7 +33,7 @@ from ehrsr.ablation.side import (
 from ehrsr.ablation.variants import AblationError
 from ehrsr.config import EHRSRConfig
 from ehrsr.stats import MIN_RANK_POINTS
-from ehrsr.study_schema import StudyInfo, fidelity_study_name, finite, is_feasible
+from ehrsr.study_schema import TRIAL, StudyInfo, fidelity_study_name, finite, is_feasible
 from ehrsr.training import TrainSettings
 
 __all__ = ["DEFAULT_CONFIGS", "DEFAULT_FACTOR", "FidelityError", "FidelityResult", "choose_configurations",
@@ -59,7 +59,7 @@ class FidelityResult:
 
 
 def _brief_quality(trial: FrozenTrial, key: str) -> float | None:
-    value = (trial.user_attrs.get("metrics") or {}).get(key)
+    value = (trial.user_attrs.get(TRIAL.metrics) or {}).get(key)
     return float(value) if finite(value) else None
 
 
@@ -69,7 +69,7 @@ def choose_configurations(study: optuna.Study, k: int, quality_key: str = "psnr"
     (sorted, then evenly spaced ranks); a short half is filled from the other. Deterministic."""
     done = [
         t for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
-        if t.user_attrs.get("config") and t.user_attrs.get("train") and _brief_quality(t, quality_key) is not None
+        if t.user_attrs.get(TRIAL.config) and t.user_attrs.get(TRIAL.train) and _brief_quality(t, quality_key) is not None
     ]
     front_numbers = {t.number for t in study.best_trials}
     front = sorted((t for t in done if t.number in front_numbers), key=lambda t: _brief_quality(t, quality_key))
@@ -126,7 +126,7 @@ def run_fidelity(
     plan = {"sources": [t.number for t in chosen], "factor": float(factor), "configs": configs}
     storage_retry("write the plan", side.set_user_attr, "plan", plan)
     done = {
-        (t.user_attrs.get("source_trial"), t.user_attrs.get("factor"))
+        (t.user_attrs.get(TRIAL.source_trial), t.user_attrs.get(TRIAL.factor))
         for t in storage_retry("read the runs", side.get_trials, deepcopy=False, states=(TrialState.COMPLETE,))
     }
     todo = [t for t in chosen if (t.number, float(factor)) not in done]
@@ -139,22 +139,22 @@ def run_fidelity(
     ran = 0
     for index, source in enumerate(todo):
         finished = finished_runs(side)
-        fallback = factor * float(source.user_attrs.get("charged_seconds") or 0.0)
+        fallback = factor * float(source.user_attrs.get(TRIAL.charged_seconds) or 0.0)
         stopped = budget.refusal(side, median_charge(finished, fallback), len(todo) - index)
         if stopped:
             break
-        stored = dict(source.user_attrs["train"])
+        stored = dict(source.user_attrs[TRIAL.train])
         brief_steps = int(stored["steps"])
         train = TrainSettings.from_dict({**stored, "steps": max(brief_steps + 1, round(brief_steps * factor))}, ignore=("seed",))
         # the trial's own seed (the driver's rule: study seed + trial number), so only the length differs
         seed = int(stored.get("seed", 0)) + source.number
-        config = EHRSRConfig.from_dict(source.user_attrs["config"])
-        attrs = {"source_trial": source.number, "factor": float(factor), "brief_steps": brief_steps,
-                 "brief_values": list(source.values or []),
-                 "brief_metrics": {k: v for k, v in (source.user_attrs.get("metrics") or {}).items()
+        config = EHRSRConfig.from_dict(source.user_attrs[TRIAL.config])
+        attrs = {TRIAL.source_trial: source.number, TRIAL.factor: float(factor), TRIAL.brief_steps: brief_steps,
+                 TRIAL.brief_values: list(source.values or []),
+                 TRIAL.brief_metrics: {k: v for k, v in (source.user_attrs.get(TRIAL.metrics) or {}).items()
                                    if k in ("psnr", "ssim", "lpips")},
-                 "brief_feasible": is_feasible(source), "seed": seed, "config": config.to_dict(),
-                 "train": {**dataclasses.asdict(train), "seed": seed}}
+                 TRIAL.brief_feasible: is_feasible(source), TRIAL.seed: seed, TRIAL.config: config.to_dict(),
+                 TRIAL.train: {**dataclasses.asdict(train), "seed": seed}}
 
         def run(on_rung: Callable[[int, dict[str, Any]], None], config: EHRSRConfig = config,
                 train: TrainSettings = train, seed: int = seed) -> Any:

@@ -35,7 +35,7 @@ from ehrsr.search.budget import trial_charge
 from ehrsr.search.pareto import knee_trial
 from ehrsr.search.record import Heartbeat, TrialOutcome, record_outcome
 from ehrsr.stats import SeedPlan, auto_seed_plan
-from ehrsr.study_schema import StudyInfo, ablation_study_name
+from ehrsr.study_schema import TRIAL, StudyInfo, ablation_study_name
 from ehrsr.training import TrainSettings
 
 __all__ = ["AUTO_MAX_SEEDS", "AUTO_MIN_SEEDS", "AblationResult", "SeedsSetting", "run_controlled_ablation"]
@@ -98,7 +98,7 @@ def _reference_trial(study: optuna.Study, reference: int | None) -> FrozenTrial:
             f"--reference {reference}: trial {reference} is {trial.state.name}, not COMPLETE; "
             "only trials trained at full fidelity can be ablated"
         )
-    if not trial.user_attrs.get("config"):
+    if not trial.user_attrs.get(TRIAL.config):
         raise AblationError(f"--reference {reference}: trial {reference} stores no configuration")
     return trial
 
@@ -117,7 +117,7 @@ def _charge_estimate(done: Sequence[FrozenTrial], reference: FrozenTrial) -> flo
     if charges:
         return float(max(charges))
     attrs = reference.user_attrs
-    return float(attrs.get("charged_seconds") or (attrs.get("seconds") or {}).get("total") or 0.0)
+    return float(attrs.get(TRIAL.charged_seconds) or (attrs.get(TRIAL.seconds) or {}).get("total") or 0.0)
 
 
 def _overhead_estimate(done: Sequence[FrozenTrial], reference: FrozenTrial) -> float:
@@ -125,13 +125,13 @@ def _overhead_estimate(done: Sequence[FrozenTrial], reference: FrozenTrial) -> f
     so far (charge minus training time), else the reference trial's (total minus training)."""
     seen = []
     for trial in done:
-        train_s = (trial.user_attrs.get("seconds") or {}).get("train")
+        train_s = (trial.user_attrs.get(TRIAL.seconds) or {}).get("train")
         charge = trial_charge(trial).seconds
         if train_s is not None and charge > 0:
             seen.append(max(0.0, charge - float(train_s)))
     if seen:
         return float(max(seen))
-    seconds = reference.user_attrs.get("seconds") or {}
+    seconds = reference.user_attrs.get(TRIAL.seconds) or {}
     if seconds.get("total") is not None and seconds.get("train") is not None:
         return max(0.0, float(seconds["total"]) - float(seconds["train"]))
     return 0.0
@@ -180,8 +180,8 @@ def run_controlled_ablation(
         raise AblationError(f"budget_seconds must be > 0 or None, got {budget_seconds!r}")
     StudyInfo.from_study(study)  # refuses a study whose objectives it does not know
     ref_trial = _reference_trial(study, reference)
-    ref_config = EHRSRConfig.from_dict(ref_trial.user_attrs["config"])
-    stored_train = dict(ref_trial.user_attrs.get("train") or {})
+    ref_config = EHRSRConfig.from_dict(ref_trial.user_attrs[TRIAL.config])
+    stored_train = dict(ref_trial.user_attrs.get(TRIAL.train) or {})
     steps = int(steps if steps is not None else stored_train.get("steps", 0))
     if steps < 1:
         raise AblationError(
@@ -221,7 +221,7 @@ def run_controlled_ablation(
 
     def is_stored(variant: Variant, seed: int) -> bool:
         previous = storage_retry("read the runs", stored_runs, ablation, ref_trial.number, steps).get((variant.name, seed))
-        return previous is not None and previous.user_attrs.get("config") == variant.config.to_dict()
+        return previous is not None and previous.user_attrs.get(TRIAL.config) == variant.config.to_dict()
 
     def run_all(pairs: Sequence[tuple[Variant, int]]) -> bool:
         """Run the pairs not stored yet, within the budget; False once the budget stops them."""
@@ -229,7 +229,7 @@ def run_controlled_ablation(
         for index, (variant, seed) in enumerate(todo):
             finished = finished_runs(ablation)
             spent = sum(trial_charge(t).seconds for t in finished)
-            mine = [t for t in finished if t.user_attrs.get("reference_trial") == ref_trial.number]
+            mine = [t for t in finished if t.user_attrs.get(TRIAL.reference_trial) == ref_trial.number]
             estimate = _charge_estimate(mine, ref_trial)
             deadline = None
             if budget_seconds is not None:
@@ -331,7 +331,7 @@ def _next_auto_round(
     runs = storage_retry("read the runs", ablation_runs, ablation, ref_trial.number, steps=steps)
     complete = runs[runs["status"] == "complete"]
     finished = finished_runs(ablation)
-    mine = [t for t in finished if t.user_attrs.get("reference_trial") == ref_trial.number]
+    mine = [t for t in finished if t.user_attrs.get(TRIAL.reference_trial) == ref_trial.number]
     estimate = _charge_estimate(mine, ref_trial)
     remaining = math.inf if budget_seconds is None else budget_seconds - sum(trial_charge(t).seconds for t in finished)
 
@@ -399,9 +399,9 @@ def _run_one(
 
     assert variant.config is not None
     trial = storage_retry("ask for a run", ablation.ask)
-    attrs = {"variant": variant.name, "kind": variant.kind, "module": variant.module, "seed": seed,
-             "reference_trial": reference_trial, "config": variant.config.to_dict(),
-             "train": {**dataclasses.asdict(train), "seed": seed}}
+    attrs = {TRIAL.variant: variant.name, TRIAL.kind: variant.kind, TRIAL.module: variant.module, TRIAL.seed: seed,
+             TRIAL.reference_trial: reference_trial, TRIAL.config: variant.config.to_dict(),
+             TRIAL.train: {**dataclasses.asdict(train), "seed": seed}}
     storage_retry("start a run", start_run, trial, attrs, device_kind)
     start = _clock()
     heartbeat = Heartbeat(ablation, trial._trial_id)
@@ -409,7 +409,7 @@ def _run_one(
     try:
         try:
             # train_seconds only with a budget: a runner without a deadline need not take the keyword
-            extra = {} if train_seconds is None else {"train_seconds": train_seconds}
+            extra = {} if train_seconds is None else {TRIAL.train_seconds: train_seconds}
             result = run(variant.config, train, ctx, seed=seed, **extra)
         finally:
             heartbeat.__exit__(None, None, None)

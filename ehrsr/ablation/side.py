@@ -27,7 +27,7 @@ from ehrsr.search.budget import record_start, trial_charge
 from ehrsr.search.record import Heartbeat, TrialOutcome, fail_stale_trials, record_outcome
 from ehrsr.search.runner import RunResult, jsonable_metrics
 from ehrsr.search.storage import retrying
-from ehrsr.study_schema import study_storage
+from ehrsr.study_schema import rung_record_attr, study_storage
 
 __all__ = ["SideBudget", "finished_runs", "open_side_study", "run_recorded", "storage_retry"]
 
@@ -114,7 +114,7 @@ def run_recorded(
     retry("start a run", start_run, trial, attrs, device_kind)
 
     def on_rung(index: int, rung: dict[str, Any]) -> None:
-        retry("record a rung", trial.set_user_attr, f"rung_{index}", rung)
+        retry("record a rung", trial.set_user_attr, rung_record_attr(index), rung)
 
     start = _clock()
     heartbeat = Heartbeat(side, trial._trial_id)

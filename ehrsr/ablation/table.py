@@ -23,7 +23,15 @@ from optuna.trial import FrozenTrial, TrialState
 from ehrsr.ablation.variants import Variant
 from ehrsr.search.budget import trial_charge
 from ehrsr.stats import StatsError, minimum_detectable_effect, paired_interval, verdict
-from ehrsr.study_schema import COST_METRICS, OBJECTIVES, PER_IMAGE_ATTR, QUALITY_METRICS, load_ablation_study
+from ehrsr.study_schema import (
+    COST_METRICS,
+    OBJECTIVES,
+    PER_IMAGE_ATTR,
+    PLAN_ATTR,
+    QUALITY_METRICS,
+    TRIAL,
+    load_ablation_study,
+)
 
 __all__ = [
     "CUT_SHORT",
@@ -49,7 +57,7 @@ FINAL_FAILURES: tuple[str, ...] = ("diverged", "oom", "refused")
 def _is_done(trial: FrozenTrial) -> bool:
     if trial.state == TrialState.COMPLETE:
         return True
-    return trial.state == TrialState.FAIL and trial.user_attrs.get("status") in FINAL_FAILURES
+    return trial.state == TrialState.FAIL and trial.user_attrs.get(TRIAL.status) in FINAL_FAILURES
 
 
 def stored_runs(
@@ -59,11 +67,11 @@ def stored_runs(
     runs: dict[tuple[str, int], FrozenTrial] = {}
     for trial in ablation.get_trials(deepcopy=False):
         attrs = trial.user_attrs
-        if attrs.get("reference_trial") != reference_trial or not _is_done(trial):
+        if attrs.get(TRIAL.reference_trial) != reference_trial or not _is_done(trial):
             continue
-        if steps is not None and (attrs.get("train") or {}).get("steps") != steps:
+        if steps is not None and (attrs.get(TRIAL.train) or {}).get("steps") != steps:
             continue
-        runs[(str(attrs.get("variant")), int(attrs.get("seed", -1)))] = trial
+        runs[(str(attrs.get(TRIAL.variant)), int(attrs.get(TRIAL.seed, -1)))] = trial
     return runs
 
 
@@ -81,32 +89,32 @@ def ablation_runs(
     (default: the ablation study's current ``reference_trial``), optionally only ``seeds`` and
     runs trained for ``steps``."""
     if reference_trial is None:
-        reference_trial = ablation.user_attrs.get("reference_trial")
+        reference_trial = ablation.user_attrs.get(TRIAL.reference_trial)
     rows = []
     done = stored_runs(ablation, reference_trial, steps)
     # a run cut short by the budget is not done (a resume retries it) but the table says so
     cut = {}
     for trial in ablation.get_trials(deepcopy=False):
         attrs = trial.user_attrs
-        if attrs.get("status") != CUT_SHORT or attrs.get("reference_trial") != reference_trial:
+        if attrs.get(TRIAL.status) != CUT_SHORT or attrs.get(TRIAL.reference_trial) != reference_trial:
             continue
-        if steps is not None and (attrs.get("train") or {}).get("steps") != steps:
+        if steps is not None and (attrs.get(TRIAL.train) or {}).get("steps") != steps:
             continue
-        key = (str(attrs.get("variant")), int(attrs.get("seed", -1)))
+        key = (str(attrs.get(TRIAL.variant)), int(attrs.get(TRIAL.seed, -1)))
         if key not in done:
             cut[key] = trial
     for (variant, seed), trial in sorted({**done, **cut}.items()):
         if seeds is not None and seed not in seeds:
             continue
-        metrics = trial.user_attrs.get("metrics") or {}
+        metrics = trial.user_attrs.get(TRIAL.metrics) or {}
         row = {
             "trial": trial.number,
             "variant": variant,
-            "kind": trial.user_attrs.get("kind"),
-            "module": trial.user_attrs.get("module"),
+            "kind": trial.user_attrs.get(TRIAL.kind),
+            "module": trial.user_attrs.get(TRIAL.module),
             "seed": seed,
-            "status": trial.user_attrs.get("status", trial.state.name.lower()),
-            "reason": trial.user_attrs.get("reason"),
+            "status": trial.user_attrs.get(TRIAL.status, trial.state.name.lower()),
+            "reason": trial.user_attrs.get(TRIAL.reason),
             "charged_seconds": trial_charge(trial).seconds,
             "per_image": trial.user_attrs.get(PER_IMAGE_ATTR),
         }
@@ -271,7 +279,7 @@ def load_controlled_ablation(study: optuna.Study) -> tuple[pd.DataFrame, dict[st
     ablation = load_ablation_study(study)
     if ablation is None:
         return None
-    plan = ablation.user_attrs.get("plan")
+    plan = ablation.user_attrs.get(PLAN_ATTR)
     if not plan:
         return None
     variants = [Variant.from_dict(v) for v in plan["variants"]]

@@ -18,7 +18,7 @@ import optuna
 
 from ehrsr.config import MODULE_TOGGLES, EHRSRConfig
 from ehrsr.errors import UserError
-from ehrsr.study_schema import StudyInfo
+from ehrsr.study_schema import STUDY, StudyInfo
 
 __all__ = ["AblationError", "Variant", "build_variants", "module_settings_from_space"]
 
@@ -130,10 +130,10 @@ def build_variants(
 def module_settings_from_space(study: optuna.Study) -> tuple[list[str], dict[str, dict[str, Any]]]:
     """Modules the study's search space can switch on, and the settings each gets in the space's
     ``all-modules`` reference configuration (its middle values), read from the space text stored
-    in ``study.user_attrs["space"]``."""
+    in ``study.user_attrs[STUDY.space]``."""
     from ehrsr.search.space import space_from_text  # the search package, imported when needed
 
-    space_attr = study.user_attrs.get("space") or {}
+    space_attr = study.user_attrs.get(STUDY.space) or {}
     text = space_attr.get("yaml")
     if not text:
         raise AblationError(

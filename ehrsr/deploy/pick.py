@@ -39,7 +39,7 @@ from ehrsr.deploy.profiles import LIMIT_METRICS, DeviceProfile, check_device_ava
 from ehrsr.errors import UserError
 from ehrsr.files import PathOutsideFolder, path_inside
 from ehrsr.reparam import reparameterize
-from ehrsr.study_schema import PICK_MEASURED_KEYS, QUALITY_METRICS, Objective, StudyInfo, train_command
+from ehrsr.study_schema import PICK_MEASURED_KEYS, QUALITY_METRICS, TRIAL, Objective, StudyInfo, train_command
 
 __all__ = [
     "DeploymentError",
@@ -275,8 +275,8 @@ def pick_deployment(
     candidates: list[MeasuredCandidate] = []
     skipped: dict[int, str] = {}
     for trial in front:
-        config = trial.user_attrs.get("config")
-        weights = trial.user_attrs.get("weights")
+        config = trial.user_attrs.get(TRIAL.config)
+        weights = trial.user_attrs.get(TRIAL.weights)
         if not config or not weights:
             skipped[trial.number] = "the trial records no configuration or weights file"
             continue
@@ -315,7 +315,7 @@ def pick_deployment(
             torch.cuda.empty_cache()
             skipped[trial.number] = f"out of GPU memory at {input_hw[0]}x{input_hw[1]} ({profile.dtype})"
             continue
-        metrics = trial.user_attrs.get("metrics") or {}
+        metrics = trial.user_attrs.get(TRIAL.metrics) or {}
         candidates.append(
             MeasuredCandidate(
                 trial=trial.number,
@@ -366,7 +366,7 @@ def pick_deployment(
         "study": study.study_name,
         "trial": chosen.trial,
         "config": chosen.config,
-        "train": next(t for t in front if t.number == chosen.trial).user_attrs.get("train"),
+        "train": next(t for t in front if t.number == chosen.trial).user_attrs.get(TRIAL.train),
         "quality": {
             **chosen.quality,
             "objective": quality.name,
@@ -419,14 +419,14 @@ def pick_deployment(
 
 
 def _trial_quality(trial: optuna.trial.FrozenTrial) -> dict[str, float | None]:
-    metrics = trial.user_attrs.get("metrics") or {}
+    metrics = trial.user_attrs.get(TRIAL.metrics) or {}
     return {k: metrics.get(k) for k in QUALITY_METRICS}
 
 
 def _predicted_measure(trial: optuna.trial.FrozenTrial, profile: DeviceProfile, predicted_ms: float) -> dict[str, Any]:
     """A candidate's costs when nothing is measured here: the predicted latency and the counts the
     search stored (parameters do not depend on the input size; MACs are at the search's size)."""
-    metrics = trial.user_attrs.get("metrics") or {}
+    metrics = trial.user_attrs.get(TRIAL.metrics) or {}
     return {"latency_ms": predicted_ms, "latency_source": "predicted", "peak_memory_mb": None,
             "params_deploy": metrics.get("params_deploy"), "params": metrics.get("params"),
             "device": f"{profile.name} (predicted by its latency model)", "dtype": profile.dtype,
@@ -469,7 +469,7 @@ def _latency_record(plan: LatencyPlan, candidates: Sequence[MeasuredCandidate], 
 
 
 def front_weights(front: Sequence[optuna.trial.FrozenTrial], number: int) -> str:
-    return next(t for t in front if t.number == number).user_attrs["weights"]
+    return next(t for t in front if t.number == number).user_attrs[TRIAL.weights]
 
 
 def _json_default(value: Any) -> Any:

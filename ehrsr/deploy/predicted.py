@@ -17,6 +17,7 @@ import torch
 
 from ehrsr.config import EHRSRConfig
 from ehrsr.deploy.profiles import DeviceProfile, DeviceProfileError
+from ehrsr.study_schema import STUDY
 
 __all__ = ["LatencyPlan", "plan_latency"]
 
@@ -69,7 +70,7 @@ def plan_latency(profile: DeviceProfile, study_attrs: dict[str, Any]) -> Latency
 
     if profile.latency_model is None:
         return LatencyPlan("measured", "the profile has no latency model: measured on this machine")
-    stored = study_attrs.get("space") or {}
+    stored = study_attrs.get(STUDY.space) or {}
     space = _StoredSpace(str(stored.get("name")), str(stored.get("yaml"))) if stored.get("yaml") else None
     try:
         model = LatencyModel.load(profile.latency_model, space=space, device=profile)

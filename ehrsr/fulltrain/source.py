@@ -12,6 +12,7 @@ import yaml
 
 from ehrsr.config import EHRSRConfig
 from ehrsr.fulltrain.recipe import FullTrainError
+from ehrsr.study_schema import TRIAL
 
 __all__ = ["ConfigSource", "config_from_pick", "load_config_file", "resolve_config"]
 
@@ -75,11 +76,11 @@ def _from_study(study_name: str, trial_number: int, storage: str | None, out_dir
     trials = {t.number: t for t in study.get_trials(deepcopy=False)}
     if trial_number not in trials:
         raise FullTrainError(f"study {study_name!r} has no trial {trial_number} (it has {len(trials)} trials)")
-    config = trials[trial_number].user_attrs.get("config")
+    config = trials[trial_number].user_attrs.get(TRIAL.config)
     if not config:
         raise FullTrainError(f"trial {trial_number} of study {study_name!r} records no configuration")
     where = f"study {study_name!r} trial {trial_number}" + (f" ({mask_url(storage)})" if storage else "")
-    return ConfigSource(_config(config, where), where, trials[trial_number].user_attrs.get("train"))
+    return ConfigSource(_config(config, where), where, trials[trial_number].user_attrs.get(TRIAL.train))
 
 
 def resolve_config(

@@ -22,6 +22,9 @@ from ehrsr.stats import PairedInterval, StatsError, paired_interval
 from ehrsr.study_schema import (
     DASH,
     PER_IMAGE_ATTR,
+    PLAN_ATTR,
+    STUDY,
+    TRIAL,
     StudyInfo,
     baselines_study_name,
     finite,
@@ -88,11 +91,11 @@ def baseline_runs(study: optuna.Study) -> list[BaselineRun]:
     side = load_side_study(study, baselines_study_name(study.study_name))
     if side is None:
         return []
-    trivial = study.user_attrs.get("baseline") or {}
+    trivial = study.user_attrs.get(STUDY.baseline) or {}
     trivial_psnr = trivial.get("psnr")
     latest: dict[str, FrozenTrial] = {}
     for trial in side.get_trials(deepcopy=False):
-        label = trial.user_attrs.get("label")
+        label = trial.user_attrs.get(TRIAL.label)
         if not label or not trial.state.is_finished():
             continue
         previous = latest.get(label)
@@ -101,17 +104,17 @@ def baseline_runs(study: optuna.Study) -> list[BaselineRun]:
     runs = []
     for trial in sorted(latest.values(), key=lambda t: t.number):
         attrs = trial.user_attrs
-        metrics = dict(attrs.get("metrics") or {})
+        metrics = dict(attrs.get(TRIAL.metrics) or {})
         psnr = metrics.get("psnr")
         below = None
         if trial.state == TrialState.COMPLETE and finite(psnr) and finite(trivial_psnr) and psnr < trivial_psnr:
             below = f"below {trivial.get('name', 'bicubic')} ({float(trivial_psnr):.2f} dB)"
         runs.append(BaselineRun(
-            number=trial.number, name=str(attrs.get("baseline", attrs["label"])), label=str(attrs["label"]),
-            size_class=str(attrs.get("size_class", "?")),
-            status=str(attrs.get("status") or trial.state.name.lower()), metrics=metrics,
-            train=dict(attrs.get("train") or {}), steps_done=int(attrs.get("steps_done") or 0),
-            charged_seconds=float(attrs.get("charged_seconds") or 0.0), per_image=per_image_psnr(trial),
+            number=trial.number, name=str(attrs.get(TRIAL.baseline, attrs[TRIAL.label])), label=str(attrs[TRIAL.label]),
+            size_class=str(attrs.get(TRIAL.size_class, "?")),
+            status=str(attrs.get(TRIAL.status) or trial.state.name.lower()), metrics=metrics,
+            train=dict(attrs.get(TRIAL.train) or {}), steps_done=int(attrs.get(TRIAL.steps_done) or 0),
+            charged_seconds=float(attrs.get(TRIAL.charged_seconds) or 0.0), per_image=per_image_psnr(trial),
             below_trivial=below,
         ))
     return runs
@@ -138,12 +141,12 @@ class Comparison:
 def _searched(study: optuna.Study) -> list[FrozenTrial]:
     return [
         t for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
-        if is_feasible(t) and finite((t.user_attrs.get("metrics") or {}).get("psnr"))
+        if is_feasible(t) and finite((t.user_attrs.get(TRIAL.metrics) or {}).get("psnr"))
     ]
 
 
 def _metric(trial: FrozenTrial, key: str) -> float | None:
-    value = (trial.user_attrs.get("metrics") or {}).get(key)
+    value = (trial.user_attrs.get(TRIAL.metrics) or {}).get(key)
     return float(value) if finite(value) else None
 
 
@@ -214,7 +217,7 @@ def baselines_markdown(study: optuna.Study, info: StudyInfo, markdown_table: Any
     plan = {}
     side = load_side_study(study, name)
     if side is not None:
-        plan = dict(side.user_attrs.get("plan") or {})
+        plan = dict(side.user_attrs.get(PLAN_ATTR) or {})
     train = runs[0].train
     minutes = sum(r.charged_seconds for r in runs) / 60
     out = [

@@ -18,7 +18,7 @@ from matplotlib.figure import Figure
 from optuna.trial import TrialState
 
 from ehrsr.stats import MIN_RANK_POINTS, RankAgreement, StatsError, rank_agreement
-from ehrsr.study_schema import fidelity_study_name, finite, load_side_study
+from ehrsr.study_schema import TRIAL, fidelity_study_name, finite, load_side_study
 
 __all__ = [
     "MIN_TRUST_POINTS",
@@ -62,12 +62,12 @@ def fidelity_report(study: optuna.Study) -> FidelityReport | None:
         return None
     points, factors, steps = [], set(), set()
     for trial in side.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)):
-        brief = (trial.user_attrs.get("brief_metrics") or {}).get("psnr")
-        long = (trial.user_attrs.get("metrics") or {}).get("psnr")
+        brief = (trial.user_attrs.get(TRIAL.brief_metrics) or {}).get("psnr")
+        long = (trial.user_attrs.get(TRIAL.metrics) or {}).get("psnr")
         if finite(brief) and finite(long):
-            points.append(FidelityPoint(int(trial.user_attrs["source_trial"]), float(brief), float(long)))
-            factors.add(float(trial.user_attrs.get("factor", 0)))
-            steps.add(int(trial.user_attrs.get("brief_steps", 0)))
+            points.append(FidelityPoint(int(trial.user_attrs[TRIAL.source_trial]), float(brief), float(long)))
+            factors.add(float(trial.user_attrs.get(TRIAL.factor, 0)))
+            steps.add(int(trial.user_attrs.get(TRIAL.brief_steps, 0)))
     points.sort()
     factor = next(iter(factors)) if len(factors) == 1 else None
     if len(points) < MIN_RANK_POINTS:

@@ -21,7 +21,7 @@ from optuna.importance import PedAnovaImportanceEvaluator
 from optuna.trial import TrialState
 
 from ehrsr.config import MODULE_TOGGLES
-from ehrsr.study_schema import Objective, StudyInfo
+from ehrsr.study_schema import TRIAL, Objective, StudyInfo
 
 __all__ = ["observational_table", "param_importances"]
 
@@ -93,7 +93,7 @@ def param_importances(study: optuna.Study) -> pd.DataFrame:
     params = sorted({name for t in finished for name in t.params})
     if len(finished) < 2 or not params:
         return pd.DataFrame()
-    training = {name for t in finished for name in t.params if name in (t.user_attrs.get("train") or {})}
+    training = {name for t in finished for name in t.params if name in (t.user_attrs.get(TRIAL.train) or {})}
     architecture = [name for name in params if name not in training]
     columns: dict[str, dict[str, float]] = {}
     with warnings.catch_warnings():

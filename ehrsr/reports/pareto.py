@@ -23,6 +23,7 @@ from ehrsr.search.pareto import knee_point, knee_trial
 from ehrsr.study_schema import (
     DASH,
     METRIC_KEYS,
+    TRIAL,
     Objective,
     StudyInfo,
     is_feasible,
@@ -64,8 +65,8 @@ def trial_row(trial: FrozenTrial, objectives: tuple[Objective, ...]) -> dict[str
         "number": trial.number,
         "state": trial.state.name,
         "status": trial_status(trial),
-        "reason": attrs.get("reason"),
-        "reference": attrs.get("reference"),
+        "reason": attrs.get(TRIAL.reason),
+        "reference": attrs.get(TRIAL.reference),
         "feasible": is_feasible(trial),
     }
     for key, value in sorted(trial.constraints.items()):
@@ -73,24 +74,24 @@ def trial_row(trial: FrozenTrial, objectives: tuple[Objective, ...]) -> dict[str
     values = objective_values(trial, objectives)
     for index, objective in enumerate(objectives):
         row[f"value.{objective.name}"] = values[index] if values is not None else np.nan
-    metrics = attrs.get("metrics") or {}
+    metrics = attrs.get(TRIAL.metrics) or {}
     for key in METRIC_KEYS:
         value = metrics.get(key)
         row[key] = np.nan if value is None else value
-    seconds = attrs.get("seconds") or {}
+    seconds = attrs.get(TRIAL.seconds) or {}
     for key in SECONDS_KEYS:
         value = seconds.get(key)
         row[f"seconds.{key}"] = np.nan if value is None else value
-    row["charged_seconds"] = attrs.get("charged_seconds", np.nan)
-    row["steps_done"] = attrs.get("steps_done", np.nan)
-    row["device_name"] = attrs.get("device_name")
-    row["weights"] = attrs.get("weights")
+    row["charged_seconds"] = attrs.get(TRIAL.charged_seconds, np.nan)
+    row["steps_done"] = attrs.get(TRIAL.steps_done, np.nan)
+    row["device_name"] = attrs.get(TRIAL.device_name)
+    row["weights"] = attrs.get(TRIAL.weights)
     row["datetime_start"] = trial.datetime_start.isoformat() if trial.datetime_start else None
     row["duration_s"] = trial.duration.total_seconds() if trial.duration is not None else np.nan
     for name, value in sorted(trial.params.items()):
         row[f"param.{name}"] = value
-    _flatten(attrs.get("train") or {}, "train", row)
-    _flatten(attrs.get("config") or {}, "config", row)
+    _flatten(attrs.get(TRIAL.train) or {}, "train", row)
+    _flatten(attrs.get(TRIAL.config) or {}, "config", row)
     return row
 
 

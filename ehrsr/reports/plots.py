@@ -40,7 +40,7 @@ from matplotlib.ticker import FixedLocator, FuncFormatter, LogLocator, NullForma
 
 from ehrsr.reports.baselines import BaselineRun
 from ehrsr.search.pareto import pareto_front
-from ehrsr.study_schema import StudyInfo, finite, format_si, is_count, metric_info
+from ehrsr.study_schema import STUDY, StudyInfo, finite, format_si, is_count, metric_info
 
 __all__ = [
     "ImportancePlotData",
@@ -156,7 +156,7 @@ def pareto_plot_data(
 
 def _baseline(info: StudyInfo, quality_key: str) -> tuple[str, float] | None:
     """The study's stored baseline quality (bicubic upsampling, or the degraded input) for a metric."""
-    baseline = info.attrs.get("baseline") or {}
+    baseline = info.attrs.get(STUDY.baseline) or {}
     value = baseline.get(quality_key)
     if not isinstance(value, (int, float)) or not np.isfinite(value):
         return None

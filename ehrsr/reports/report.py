@@ -63,6 +63,8 @@ from ehrsr.study_schema import (
     LATENCY_MODELS_ATTR,
     PSNR_CONVENTION_FALLBACK,
     QUALITY_METRICS,
+    STUDY,
+    TRIAL,
     StudyInfo,
     device_latency_profile,
     format_metric,
@@ -273,7 +275,7 @@ def _plain(value: Any) -> str:
 
 
 def _budget_text(study: optuna.Study, info: StudyInfo) -> str:
-    text = info.attrs.get("budget")
+    text = info.attrs.get(STUDY.budget)
     if not text:
         return "not recorded"
     try:
@@ -281,7 +283,7 @@ def _budget_text(study: optuna.Study, info: StudyInfo) -> str:
     except BudgetError as exc:
         return f"`{text}` (cannot be parsed: {exc})"
     spent = budget.spent(study)
-    shares = info.attrs.get("shares") or {}
+    shares = info.attrs.get(STUDY.shares) or {}
     kept = {"controlled ablation": shares.get("ablation"), "baselines": shares.get("baselines_share"),
             "proxy-fidelity check": shares.get("fidelity")}
     kept_text = ", ".join(f"{v:.0%} for the {k}" for k, v in kept.items() if isinstance(v, (int, float)) and v > 0)
@@ -291,29 +293,29 @@ def _budget_text(study: optuna.Study, info: StudyInfo) -> str:
 
 def _summary(study: optuna.Study, info: StudyInfo, trials: pd.DataFrame) -> str:
     attrs = info.attrs
-    space = attrs.get("space") or {}
-    device = attrs.get("device") or {}
+    space = attrs.get(STUDY.space) or {}
+    device = attrs.get(STUDY.device) or {}
     states = Counter(trials["state"]) if len(trials) else Counter()
     statuses = Counter(trials["status"]) if len(trials) else Counter()
     objectives = ", ".join(f"{o.name} ({o.direction})" for o in info.objectives)
-    early = attrs.get("early_stopping") or {}
+    early = attrs.get(STUDY.early_stopping) or {}
     items = {
         "Objectives": objectives,
         "Search space": f"`{space.get('name', '?')}`" + (f" ({space['path']})" if space.get("path") else ""),
-        "Task": _plain(attrs.get("task") or {}),
-        "Data": _data_text(attrs.get("data") or {}),
+        "Task": _plain(attrs.get(STUDY.task) or {}),
+        "Data": _data_text(attrs.get(STUDY.data) or {}),
         "Limits": _plain({k: v for k, v in info.limits.items() if v is not None}) or "none",
         "Budget": _budget_text(study, info),
         "Device": f"{info.device_name} ({device.get('kind', '?')})",
-        "Profiling": _plain(attrs.get("profile") or {}),
-        "Baseline": _baseline_text(attrs.get("baseline")),
+        "Profiling": _plain(attrs.get(STUDY.profile) or {}),
+        "Baseline": _baseline_text(attrs.get(TRIAL.baseline)),
         "Early stopping": (
             f"MO-ASHA, rungs at {early.get('rung_steps')} steps, eta {early.get('eta')}"
             if early.get("enabled") else "off"
         ),
         "Trials": (", ".join(f"{n} {s.lower()}" for s, n in sorted(states.items())) or "none")
         + (f" (status: {', '.join(f'{n} {s}' for s, n in sorted(statuses.items()))})" if statuses else ""),
-        "ehrsr version": attrs.get("ehrsr_version"),
+        "ehrsr version": attrs.get(STUDY.ehrsr_version),
     }
     return _bullets(items)
 

@@ -48,13 +48,9 @@ from typing import Any
 from optuna.trial import TrialState
 
 from ehrsr.search.liveness import orphan_of
+from ehrsr.study_schema import TRIAL
 
 __all__ = [
-    "ATTR_CHARGED_SECONDS",
-    "ATTR_DEVICE_KIND",
-    "ATTR_N_DEVICES",
-    "ATTR_REFUSED",
-    "ATTR_REPEAT_OF",
     "UNITS",
     "Budget",
     "BudgetError",
@@ -71,13 +67,6 @@ __all__ = [
 ]
 
 UNITS: tuple[str, ...] = ("gpu-hours", "cpu-hours", "hours", "minutes", "trials")
-
-ATTR_CHARGED_SECONDS = "charged_seconds"  # wall seconds x devices, set when the trial ends
-ATTR_DEVICE_KIND = "device_kind"  # 'cuda' or 'cpu' (any torch device type), set when it starts
-ATTR_N_DEVICES = "n_devices"  # devices the trial used, set when it starts
-ATTR_REFUSED = "refused"  # why it was refused before training (costs no budget)
-ATTR_REPEAT_OF = "repeat_of"  # number of the finished trial this one repeats (recorded, not trained)
-
 _SECONDS_PER_UNIT = {"gpu-hours": 3600.0, "cpu-hours": 3600.0, "hours": 3600.0, "minutes": 60.0}
 _UNIT_KIND = {"gpu-hours": "cuda", "cpu-hours": "cpu"}  # time units that count one device kind
 _FINISHED = (TrialState.COMPLETE, TrialState.PRUNED, TrialState.FAIL)
@@ -224,22 +213,22 @@ def record_start(trial: Any, device_kind: str, n_devices: int = 1) -> None:
     trial is charged to the right limit)."""
     if n_devices < 1:
         raise ValueError(f"n_devices must be >= 1, got {n_devices}")
-    trial.set_user_attr(ATTR_DEVICE_KIND, str(device_kind))
-    trial.set_user_attr(ATTR_N_DEVICES, int(n_devices))
+    trial.set_user_attr(TRIAL.device_kind, str(device_kind))
+    trial.set_user_attr(TRIAL.n_devices, int(n_devices))
 
 
 def record_charge(trial: Any, wall_seconds: float, n_devices: int | None = None) -> float:
     """Record a finished trial's charge (``wall_seconds`` x devices) and return it."""
     if n_devices is None:
-        n_devices = int(getattr(trial, "user_attrs", {}).get(ATTR_N_DEVICES, 1))
+        n_devices = int(getattr(trial, "user_attrs", {}).get(TRIAL.n_devices, 1))
     charged = max(0.0, float(wall_seconds)) * n_devices
-    trial.set_user_attr(ATTR_CHARGED_SECONDS, charged)
+    trial.set_user_attr(TRIAL.charged_seconds, charged)
     return charged
 
 
 def record_refused(trial: Any, reason: str) -> None:
     """Mark a trial refused before training: it costs no budget and does not count as a trial."""
-    trial.set_user_attr(ATTR_REFUSED, str(reason))
+    trial.set_user_attr(TRIAL.refused, str(reason))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -257,14 +246,14 @@ def _elapsed_seconds(start: datetime, now: datetime | None) -> float:
 def trial_charge(trial: Any, now: datetime | None = None) -> TrialCharge:
     """One frozen trial's charge (see the module docstring for the rules)."""
     attrs = trial.user_attrs
-    kind = attrs.get(ATTR_DEVICE_KIND)
-    n_devices = int(attrs.get(ATTR_N_DEVICES, 1))
+    kind = attrs.get(TRIAL.device_kind)
+    n_devices = int(attrs.get(TRIAL.n_devices, 1))
     if trial.state == TrialState.WAITING:
         return TrialCharge(0.0, kind, counted=False, running=False, refused=False)
-    if ATTR_REFUSED in attrs:
+    if TRIAL.refused in attrs:
         return TrialCharge(0.0, kind, counted=False, running=trial.state == TrialState.RUNNING, refused=True)
-    if ATTR_REPEAT_OF in attrs and trial.state != TrialState.RUNNING:
-        seconds = float(attrs.get(ATTR_CHARGED_SECONDS, 0.0))
+    if TRIAL.repeat_of in attrs and trial.state != TrialState.RUNNING:
+        seconds = float(attrs.get(TRIAL.charged_seconds, 0.0))
         return TrialCharge(seconds, kind, counted=False, running=False, refused=False, repeat=True)
     if trial.state == TrialState.RUNNING:
         orphan = orphan_of(trial, (now or datetime.now()).timestamp())
@@ -273,8 +262,8 @@ def trial_charge(trial: Any, now: datetime | None = None) -> TrialCharge:
                                orphaned=True)
         seconds = _elapsed_seconds(trial.datetime_start, now) * n_devices if trial.datetime_start else 0.0
         return TrialCharge(seconds, kind, counted=True, running=True, refused=False)
-    if ATTR_CHARGED_SECONDS in attrs:
-        seconds = float(attrs[ATTR_CHARGED_SECONDS])
+    if TRIAL.charged_seconds in attrs:
+        seconds = float(attrs[TRIAL.charged_seconds])
     elif trial.datetime_start is not None and trial.datetime_complete is not None:
         seconds = max(0.0, (trial.datetime_complete - trial.datetime_start).total_seconds()) * n_devices
     else:

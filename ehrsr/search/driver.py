@@ -56,7 +56,15 @@ from ehrsr.search.study import (
     resolve_workers,
 )
 from ehrsr.search.trial import TrialJob, execute_isolated, execute_trial
-from ehrsr.study_schema import BASELINE_ATTR, BUDGET_ATTR, Objective, format_si, is_count, study_storage
+from ehrsr.study_schema import (
+    BASELINE_ATTR,
+    BUDGET_ATTR,
+    TRIAL,
+    Objective,
+    format_si,
+    is_count,
+    study_storage,
+)
 
 __all__ = [
     "AfterTrial",
@@ -272,8 +280,8 @@ def _fail_on_full_storage(prepared: PreparedStudy, trial: optuna.Trial, reason: 
     # why, if it still fits (a finished trial takes no attributes), then the state on its own:
     # an update in place, the write most likely to fit
     with contextlib.suppress(Exception):
-        storage.set_trial_user_attr(trial._trial_id, "status", "error")
-        storage.set_trial_user_attr(trial._trial_id, "reason", reason)
+        storage.set_trial_user_attr(trial._trial_id, TRIAL.status, "error")
+        storage.set_trial_user_attr(trial._trial_id, TRIAL.reason, reason)
     with contextlib.suppress(Exception):
         storage.set_trial_state_values(trial._trial_id, state=TrialState.FAIL)
 
@@ -291,12 +299,12 @@ def _start_trial(trial: optuna.Trial, prepared: PreparedStudy, settings: SearchS
     from ehrsr.search.budget import record_start
 
     record_start(trial, prepared.device.type, 1)
-    trial.set_user_attr("device_name", prepared.device_name)
+    trial.set_user_attr(TRIAL.device_name, prepared.device_name)
     sampled = prepared.space.suggest(trial, scale=prepared.spec.task.get("scale", 4))
     if sampled.config is not None:
-        trial.set_user_attr("config", sampled.config.to_dict())
+        trial.set_user_attr(TRIAL.config, sampled.config.to_dict())
     train = {**asdict(sampled.train), "seed": settings.seed}
-    trial.set_user_attr("train", train)
+    trial.set_user_attr(TRIAL.train, train)
     return sampled, train
 
 
@@ -515,7 +523,7 @@ def _summarise(prepared: PreparedStudy, worker: WorkerSummary) -> SearchSummary:
     pareto = study.best_trials if complete else []
     spent_now = prepared.budget.spent(study)
     spent = spent_now.describe()
-    orphaned = sum(t.state == TrialState.FAIL and t.user_attrs.get("status") == "crashed" for t in trials)
+    orphaned = sum(t.state == TrialState.FAIL and t.user_attrs.get(TRIAL.status) == "crashed" for t in trials)
     summary = SearchSummary(
         study_name=study.study_name,
         storage_url=mask_url(prepared.storage_url),

@@ -21,6 +21,8 @@ from typing import Any
 
 import psutil
 
+from ehrsr.study_schema import TRIAL
+
 __all__ = ["STALE_SECONDS", "Orphan", "WorkerIdentity", "current_worker", "orphan_of", "worker_gone"]
 
 STALE_SECONDS = 300.0  # a running trial silent this long belongs to a dead process
@@ -100,8 +102,8 @@ def orphan_of(trial: Any, now: float) -> Orphan | None:
     if trial.datetime_start is None:
         return None
     start = trial.datetime_start.timestamp()
-    beat = float(trial.user_attrs.get("heartbeat", start))
-    gone = worker_gone(trial.user_attrs.get("worker"))
+    beat = float(trial.user_attrs.get(TRIAL.heartbeat, start))
+    gone = worker_gone(trial.user_attrs.get(TRIAL.worker))
     if now - beat < STALE_SECONDS and not gone:
         return None
     return Orphan(last_sign=beat, seconds=max(0.0, beat - start), worker_gone=gone)

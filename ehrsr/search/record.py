@@ -26,9 +26,9 @@ from typing import Any
 import optuna
 from optuna.trial import TrialState
 
-from ehrsr.search.budget import ATTR_CHARGED_SECONDS, ATTR_N_DEVICES, record_charge, record_refused
+from ehrsr.search.budget import record_charge, record_refused
 from ehrsr.search.liveness import STALE_SECONDS, current_worker, orphan_of
-from ehrsr.study_schema import PER_IMAGE_ATTR, study_storage
+from ehrsr.study_schema import PER_IMAGE_ATTR, TRIAL, study_storage
 
 __all__ = [
     "HEARTBEAT_SECONDS",
@@ -107,21 +107,21 @@ def record_outcome(
                          f"{len(study.directions)} objectives"}
         )
     if outcome.metrics is not None:
-        trial.set_user_attr("metrics", dict(outcome.metrics))
+        trial.set_user_attr(TRIAL.metrics, dict(outcome.metrics))
     if outcome.seconds is not None:
-        trial.set_user_attr("seconds", dict(outcome.seconds))
+        trial.set_user_attr(TRIAL.seconds, dict(outcome.seconds))
     if outcome.steps_done is not None:
-        trial.set_user_attr("steps_done", int(outcome.steps_done))
+        trial.set_user_attr(TRIAL.steps_done, int(outcome.steps_done))
     if outcome.per_image:
         trial.set_user_attr(PER_IMAGE_ATTR, dict(outcome.per_image))
     if outcome.weights:
         weights = os.path.relpath(outcome.weights, weights_root) if weights_root is not None else outcome.weights
-        trial.set_user_attr("weights", weights)
+        trial.set_user_attr(TRIAL.weights, weights)
     for key, value in outcome.constraints.items():
         trial.set_constraint(key, value)
-    trial.set_user_attr("status", outcome.status)
+    trial.set_user_attr(TRIAL.status, outcome.status)
     if outcome.reason:
-        trial.set_user_attr("reason", str(outcome.reason)[:2000])
+        trial.set_user_attr(TRIAL.reason, str(outcome.reason)[:2000])
     if outcome.status == "complete":
         study.tell(trial, values)
     elif outcome.status == "pruned":
@@ -142,12 +142,12 @@ class Heartbeat:
     def _run(self) -> None:
         while not self.stop.wait(HEARTBEAT_SECONDS):
             with contextlib.suppress(Exception):
-                study_storage(self.study).set_trial_user_attr(self.trial_id, "heartbeat", time.time())
+                study_storage(self.study).set_trial_user_attr(self.trial_id, TRIAL.heartbeat, time.time())
 
     def __enter__(self) -> Heartbeat:
         # who runs it: a worker on the same host fails the trial at once if this process dies
-        study_storage(self.study).set_trial_user_attr(self.trial_id, "worker", current_worker().to_dict())
-        study_storage(self.study).set_trial_user_attr(self.trial_id, "heartbeat", time.time())
+        study_storage(self.study).set_trial_user_attr(self.trial_id, TRIAL.worker, current_worker().to_dict())
+        study_storage(self.study).set_trial_user_attr(self.trial_id, TRIAL.heartbeat, time.time())
         self.thread.start()
         return self
 
@@ -168,14 +168,14 @@ def fail_stale_trials(study: optuna.Study, now: float | None = None) -> list[int
         if orphan is None:
             continue
         with contextlib.suppress(Exception):
-            storage.set_trial_user_attr(frozen._trial_id, "status", "crashed")
+            storage.set_trial_user_attr(frozen._trial_id, TRIAL.status, "crashed")
             storage.set_trial_user_attr(
-                frozen._trial_id, "reason",
+                frozen._trial_id, TRIAL.reason,
                 "its worker process ended (gone from this host)" if orphan.worker_gone
                 else "its process stopped (no heartbeat)",
             )
-            n_dev = int(frozen.user_attrs.get(ATTR_N_DEVICES, 1))
-            storage.set_trial_user_attr(frozen._trial_id, ATTR_CHARGED_SECONDS, orphan.seconds * n_dev)
+            n_dev = int(frozen.user_attrs.get(TRIAL.n_devices, 1))
+            storage.set_trial_user_attr(frozen._trial_id, TRIAL.charged_seconds, orphan.seconds * n_dev)
             storage.set_trial_state_values(frozen._trial_id, state=TrialState.FAIL)
             failed.append(frozen.number)
     return failed

@@ -31,8 +31,8 @@ from typing import Any
 import optuna
 from optuna.trial import FrozenTrial, TrialState
 
-from ehrsr.search.budget import ATTR_REPEAT_OF
 from ehrsr.search.record import TrialOutcome
+from ehrsr.study_schema import TRIAL
 
 __all__ = [
     "RepeatPolicy",
@@ -78,9 +78,9 @@ def find_finished_repeat(
     ...), or None. ``exclude`` is the asking trial's own number. Earlier repeats are skipped in
     favour of the trial that actually trained."""
     for frozen in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE, TrialState.PRUNED)):
-        if frozen.number == exclude or ATTR_REPEAT_OF in frozen.user_attrs:
+        if frozen.number == exclude or TRIAL.repeat_of in frozen.user_attrs:
             continue
-        if frozen.user_attrs.get("config") == config and frozen.user_attrs.get("train") == train:
+        if frozen.user_attrs.get(TRIAL.config) == config and frozen.user_attrs.get(TRIAL.train) == train:
             return frozen
     return None
 
@@ -95,7 +95,7 @@ def repeat_outcome(earlier: FrozenTrial) -> TrialOutcome:
         status="complete" if complete else "pruned",
         reason=f"repeat of trial #{earlier.number} (same configuration and fidelity); not trained again",
         values=list(earlier.values) if complete else None,
-        metrics=dict(attrs.get("metrics") or {}),
+        metrics=dict(attrs.get(TRIAL.metrics) or {}),
         seconds={},
         steps_done=0,
         constraints=dict(earlier.constraints or {}),
@@ -111,7 +111,7 @@ def record_repeat(trial: optuna.Trial, earlier: FrozenTrial) -> TrialOutcome:
     wall_seconds=0.0)``. Rung attributes are not copied: MO-ASHA must not count one training run
     twice at a rung.
     """
-    trial.set_user_attr(ATTR_REPEAT_OF, earlier.number)
+    trial.set_user_attr(TRIAL.repeat_of, earlier.number)
     for key in _COPIED_ATTRS:
         if key in earlier.user_attrs:
             trial.set_user_attr(key, earlier.user_attrs[key])

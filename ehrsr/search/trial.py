@@ -27,7 +27,7 @@ from ehrsr.search.record import HEARTBEAT_SECONDS, STALE_SECONDS, Heartbeat, Tri
 from ehrsr.search.runner import RunContext, RunResult, jsonable_metrics, run_configuration
 from ehrsr.search.storage import open_storage
 from ehrsr.search.study import ContextSpec, build_context
-from ehrsr.study_schema import COST_KEYS
+from ehrsr.study_schema import COST_KEYS, TRIAL, rung_record_attr
 from ehrsr.training import TrainSettings
 
 __all__ = [
@@ -87,7 +87,7 @@ def execute_trial(job: TrialJob, ctx: RunContext | None = None, study: optuna.St
     stop_reason: dict[str, str] = {}
 
     def on_rung(rung_index: int, step: int, values: list[float], metrics: dict[str, Any]) -> bool:
-        trial.set_user_attr(f"rung_{rung_index}", {"step": step, "values": values, "metrics": jsonable_metrics(metrics)})
+        trial.set_user_attr(rung_record_attr(rung_index), {"step": step, "values": values, "metrics": jsonable_metrics(metrics)})
         constraints = ctx.limits.constraints(metrics)
         violated = {k: v for k, v in constraints.items() if v > 0}
         if violated and job.early_stopping:
@@ -106,7 +106,7 @@ def execute_trial(job: TrialJob, ctx: RunContext | None = None, study: optuna.St
     rung_steps = asha.rungs[:-1] if job.early_stopping else ()
     cached = cached_cost(study, job.config, job.device_name, exclude=job.trial_number)
     if cached is not None:
-        trial.set_user_attr("cost_from_trial", cached[0])
+        trial.set_user_attr(TRIAL.cost_from_trial, cached[0])
     result: RunResult = run_configuration(
         config, TrainSettings.from_dict(job.train, ignore=("seed",)), ctx, seed=job.seed, rung_steps=rung_steps, on_rung=on_rung,
         precomputed_cost=cached[1] if cached is not None else None,
@@ -156,10 +156,10 @@ def cached_cost(study: optuna.Study, config: dict[str, Any], device_name: str | 
     if device_name is None:
         return None
     for frozen in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE, TrialState.PRUNED)):
-        if frozen.number == exclude or frozen.user_attrs.get("device_name") != device_name:
+        if frozen.number == exclude or frozen.user_attrs.get(TRIAL.device_name) != device_name:
             continue
-        metrics = frozen.user_attrs.get("metrics") or {}
-        if frozen.user_attrs.get("config") == config and all(metrics.get(k) is not None for k in COST_KEYS[:-1]):
+        metrics = frozen.user_attrs.get(TRIAL.metrics) or {}
+        if frozen.user_attrs.get(TRIAL.config) == config and all(metrics.get(k) is not None for k in COST_KEYS[:-1]):
             return frozen.number, {k: metrics[k] for k in COST_KEYS if k in metrics}
     return None
 
