@@ -1,19 +1,23 @@
-"""Training throughput (issue 3): patches/s of brief training, conv-only and with each module on.
+"""Training throughput: patches/s of brief training, conv-only and with each module on.
 
     python benchmarks/train_throughput.py [--threads N] [--steps N] [--batch N] [--patch N]
-                                          [--device cpu|cuda]
+                                          [--device cpu|cuda] [--smoke]
 
 Runs :func:`ehrsr.training.train` (the loop the search uses: sampling, forward, loss + MoE aux,
 backward, clipping, AdamW) on the built-in x4 data for a small EHR-SR (width 16, one MSG level,
 two trunk blocks), first conv-only and then with each module of ``MODULE_TOGGLES`` switched on
 alone. Each model gets 2 warm-up steps, then the median of several timed runs is shown. CPU by default, CUDA
-too when present (bf16 autocast and channels_last there, as in the search).
+too when present (bf16 autocast and channels_last there, as in the search). On the CPU the SSMB is
+timed twice, with its compiled cross-scan and with the PyTorch form (target: the SSMB model at
+0.6x or more of the conv-only model's patches/s). ``--smoke``: one timed step of batch 2 on 16-pixel
+patches per model (seconds).
 """
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
+import os
 import statistics
 import sys
 import tempfile
@@ -56,8 +60,11 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--patch", type=int, default=32, help="LR patch size")
     parser.add_argument("--device", nargs="+", default=["cpu", *(["cuda"] if torch.cuda.is_available() else [])])
+    parser.add_argument("--smoke", action="store_true", help="one step of batch 2 on 16-pixel patches per model")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
+    if args.smoke:
+        args.steps, args.repeats, args.batch, args.patch = 1, 1, 2, 16
 
     with tempfile.TemporaryDirectory() as cache:
         train_set, _ = prepare_data(TaskConfig(scale=4), cache_dir=cache, progress=False)
@@ -68,6 +75,7 @@ def main() -> None:
         throughput(BASE, train_set, device, 2, args.batch, args.patch, 1)  # process warm-up, not shown
         rows = []
         baseline = None
+        load_before = ", ".join(f"{v:.1f}" for v in os.getloadavg())
         for label, config in variants.items():
             params, patches_per_s = throughput(
                 config, train_set, device, args.steps, args.batch, args.patch, args.repeats
@@ -90,7 +98,8 @@ def main() -> None:
             rows,
             title=(
                 f"Brief-training throughput on {device}{threads}: x4, batch {args.batch}, LR patch "
-                f"{args.patch}; median of {args.repeats} runs of {args.steps} steps after 2 warm-up steps"
+                f"{args.patch}; median of {args.repeats} runs of {args.steps} steps after 2 warm-up steps "
+                f"(load average {load_before} before, {', '.join(f'{v:.1f}' for v in os.getloadavg())} after)"
             ),
         )
 
