@@ -3,11 +3,13 @@ with its cross-scan compiled for the CPU (ehrsr/blocks/scan_kernel.c) and with t
 against the NAF block; the chunked parallel scan vs the sequential loop; RepMix unfused vs fused.
 
     python benchmarks/blocks.py [--threads N] [--repeats N] [--sizes 64 128] [--only ssmb] [--smoke]
+                                [--clock wall|cpu]
 
 Prints tables (medians in ms); targets: SSMB forward+backward <= 2.5x the NAF block's at 64x64
 (2 directions), parallel scan >= 5x the loop at L = 4096, fused RepMix >= 1.3x faster than
 unfused. Nothing is asserted: timings on shared machines are noisy, so competing variants are
-timed interleaved in one run and compared by their ratio, and the load average is printed.
+timed interleaved in one run and compared by their ratio, and the load average is printed; on a
+busy machine, ``--threads 1 --clock cpu`` times the SSMB table in CPU time (one thread's compute).
 ``--smoke`` runs every table once at the smallest sizes (a few seconds).
 """
 
@@ -16,13 +18,14 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+import time
 from pathlib import Path
 
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from benchmarks._common import interleaved_median_ms, median_ms, paired_median_ms, print_table
+from benchmarks._common import cpu_clock, interleaved_median_ms, median_ms, paired_median_ms, print_table
 from ehrsr import reparameterize
 from ehrsr.blocks import (
     FrequencySeparationBlock,
@@ -120,7 +123,7 @@ def _load() -> str:
     return "load average " + "/".join(f"{v:.1f}" for v in os.getloadavg())
 
 
-def ssmb_table(sizes: list[int], repeats: int) -> None:
+def ssmb_table(sizes: list[int], repeats: int, clock=time.perf_counter) -> None:
     """The SSMB with the compiled cross-scan and with its PyTorch form, and the NAF block for scale,
     interleaved in one run."""
     if not scan_kernel.available():
@@ -140,6 +143,7 @@ def ssmb_table(sizes: list[int], repeats: int) -> None:
                 diff = (torch_path(x) - kernel_path(x)).abs().max().item()
                 fwd_torch, fwd_kernel, fwd_naf = interleaved_median_ms(
                     [lambda x=x: torch_path(x), lambda x=x: kernel_path(x), lambda x=x: naf(x)], repeats=repeats,
+                    clock=clock,
                 )
             xg = x.clone().requires_grad_()
 
@@ -154,6 +158,7 @@ def ssmb_table(sizes: list[int], repeats: int) -> None:
                     lambda n=naf: train_step(n, n),
                 ],
                 repeats=repeats,
+                clock=clock,
             )
             rows.append([
                 f"{size}x{size}", directions, fwd_torch, fwd_kernel, fwd_naf, f"{fwd_kernel / fwd_naf:.2f}x",
@@ -167,7 +172,8 @@ def ssmb_table(sizes: list[int], repeats: int) -> None:
         rows,
         title=(
             f"SSMB (width 32, N=8, batch 1) with the compiled cross-scan (kernel) and its PyTorch form (torch), "
-            f"against the NAF block, CPU ({torch.get_num_threads()} threads), medians of {repeats} interleaved "
+            f"against the NAF block, CPU ({torch.get_num_threads()} threads, "
+            f"{'CPU time' if clock is time.process_time else 'wall clock'}), medians of {repeats} interleaved "
             f"rounds; target: kernel/NAF fwd+bwd <= 2.5 at 64x64, 2 dirs ({load_before} before, {_load()} after)"
         ),
     )
@@ -200,10 +206,13 @@ def main() -> None:
     parser.add_argument("--sizes", type=int, nargs="+", default=[64, 128])
     parser.add_argument("--only", choices=["ssmb"], help="run only the SSMB table")
     parser.add_argument("--smoke", action="store_true", help="every table once at the smallest sizes (seconds)")
+    parser.add_argument("--clock", choices=["wall", "cpu"], default="wall",
+                        help="SSMB table: wall clock, or CPU time (with --threads 1, for a busy machine)")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
+    clock = cpu_clock(args.clock, args.threads)
     sizes, repeats, lengths = (args.sizes, args.repeats, [1024, 4096]) if not args.smoke else ([16], 1, [64])
-    ssmb_table(sizes, repeats)
+    ssmb_table(sizes, repeats, clock)
     if args.only:
         return
     block_table(sizes, repeats)
