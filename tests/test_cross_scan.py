@@ -20,11 +20,12 @@ from ehrsr.blocks import (
 from ehrsr.blocks import ssm as ssm_module
 
 NAMES = ("tokens", "proj", "dt_weight", "dt_bias", "A", "D")
-MODES = ("kernel", "torch")
+MODES = ("kernel", "torch", "torch-adjoint")
 
 
 def use(mode: str, monkeypatch: pytest.MonkeyPatch) -> None:
-    """Route the op through ``mode``: the compiled kernel, or its PyTorch fallback (``SCAN_KERNEL = "torch"``)."""
+    """Route the op through ``mode``: the compiled kernel, or its PyTorch fallback (``SCAN_KERNEL =
+    "torch"``) whose backward differentiates the chunked scan or runs the scan op's adjoint."""
     if mode == "kernel":
         if not scan_kernel.available():
             # only an environment without a compiler may skip; a broken build fails
@@ -34,6 +35,7 @@ def use(mode: str, monkeypatch: pytest.MonkeyPatch) -> None:
         monkeypatch.setattr(ssm_module, "SCAN_KERNEL", "auto")
     else:
         monkeypatch.setattr(ssm_module, "SCAN_KERNEL", "torch")
+        monkeypatch.setattr(ssm_module, "SCAN_BACKWARD", "adjoint" if mode == "torch-adjoint" else "recompute")
 
 
 def cross_inputs(bsz: int, height: int, width: int, channels: int, directions: int, d_state: int, rank: int,

@@ -544,9 +544,12 @@ def _cross_scan_setup(ctx, inputs, output) -> None:
 def _cross_scan_backward(ctx, grad_y):
     if SCAN_KERNEL == "auto" and scan_kernel.supports(*ctx.saved_tensors):
         return scan_kernel.backward(*ctx.saved_tensors, grad_y)
+    # the reference again under autograd: through the chunked scan itself ("recompute"), or through
+    # the scan op, whose backward is then the hand-written adjoint (SCAN_BACKWARD)
+    scan = torch.ops.ehrsr.selective_scan if SCAN_BACKWARD == "adjoint" else selective_scan_parallel
     inputs = [t.detach().requires_grad_() for t in ctx.saved_tensors]
     with torch.enable_grad():
-        y = cross_scan_reference(*inputs, scan=torch.ops.ehrsr.selective_scan)
+        y = cross_scan_reference(*inputs, scan=scan)
     return torch.autograd.grad(y, inputs, grad_y, allow_unused=True)
 
 
