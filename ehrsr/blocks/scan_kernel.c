@@ -1,4 +1,4 @@
-/* The SSMB's cross-scan (ehrsr/blocks/ssm.py) as plain loops, compiled on first use (scan_kernel.py).
+/* The SSMB's cross-scan (ehrsr/blocks/ssm.py) as SIMD loops, compiled on first use (scan_kernel.py).
  *
  * One call computes, for every batch item b, scan direction k and channel c of an image of
  * H x W = L tokens (docs/architecture.md, SSMB):
@@ -18,15 +18,16 @@
  *   x, y, gy: (B, L, E)   proj: (B, L, P) with P = K (R + 2N); direction k's slice of a row is
  *   [dt inputs (R) | B (N) | C (N)] at offset k (R + 2N)   dt_w: (K, E, R)   dt_b, D: (K, E)
  *   A: (K, E, N)   y_parts, grad_x_parts: (K, B, L, E), one slab per direction (the caller sums)
- *   grad_proj_parts: (B, G, L, P), one slab per block of channels (the caller sums)
+ *   grad_proj_parts: (B, G, L, P), one slab per block of LANES channels, G = ceil(E / LANES) (the
+ *   caller sums)
  *   grad_dt_w_parts: (B, K, E, R); grad_dt_b_parts, grad_D_parts: (B, K, E); grad_A_parts: (B, K, E, N)
  *
  * Vectorisation: a work item is one (batch item, block of LANES channels, direction). The block's
  * channels are the lanes of one SIMD vector (GCC / Clang vector extensions, 64 bytes: 16 floats or
  * 8 doubles, lowered to whatever SIMD the target has), so every step is a few vector operations per
  * state. Channels past E in the last block are computed as zeros (A = 0, u = 0) and never written.
- * exp and softplus are written out (below) as vector code; their error is about one unit in the
- * last place.
+ * exp and softplus are written out (below) as vector code: measured over their ranges here, exp is
+ * within 1 unit in the last place, softplus and its derivative within 4.
  *
  * Threads: each call starts its own POSIX threads and joins them before returning (no pool lives
  * between calls, so a forked process is safe). Work items write disjoint parts of the outputs and

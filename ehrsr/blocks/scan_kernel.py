@@ -10,14 +10,14 @@ step, not gathered), and its backward is the reverse-time adjoint giving every i
 in one pass. ``benchmarks/blocks.py`` prints the comparison.
 
 How: the C file ships inside the package. On the first call in a process it is compiled with
-``$CC`` (default ``cc``), ``-O3 -march=native -ffp-contract=fast -pthread`` (without ``-march=native`` where the
-compiler refuses it), into ``<cache>/kernels/scan-<hash>.so`` (``<cache>``: ``$EHRSR_CACHE`` or
-``~/.cache/ehrsr``; the hash covers the source, the flags, the compiler's version and the
-instruction sets ``-march=native`` enables, so a changed file or another CPU gets its own build
-and a built one is reused by every later process) and loaded with ``ctypes`` (which releases the
-GIL during the call). It runs with PyTorch's intra-op thread count, so the profiler's fixed
-threads hold for it too; each call starts and joins its own threads (no pool survives a call, so
-forked processes are safe). Nothing is needed at install time.
+``$CC`` (default ``cc``), ``-O3 -march=native -ffp-contract=fast -pthread`` (without
+``-march=native`` where the compiler refuses it), into ``<cache>/kernels/scan-<hash>.so``
+(``<cache>``: ``$EHRSR_CACHE`` or ``~/.cache/ehrsr``; the hash covers the source, the flags, the
+compiler's version and the instruction sets ``-march=native`` enables, so a changed file or another
+CPU gets its own build and a built one is reused by every later process) and loaded with
+``ctypes`` (which releases the GIL during the call). It runs with PyTorch's intra-op thread count,
+so the profiler's fixed threads hold for it too; each call starts and joins its own threads (no
+pool survives a call, so forked processes are safe). Nothing is needed at install time.
 
 When it cannot be used (no C compiler, a failed build, an unwritable cache, or
 ``EHRSR_SCAN_KERNEL=torch`` in the environment) the SSMB falls back to the PyTorch formulation
