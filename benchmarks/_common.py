@@ -57,19 +57,32 @@ def paired_median_ms(
 
 
 def interleaved_median_ms(
-    fns: Sequence[Callable[[], object]], warmup: int = 3, repeats: int = 21
+    fns: Sequence[Callable[[], object]], warmup: int = 3, repeats: int = 21,
+    clock: Callable[[], float] = time.perf_counter,
 ) -> list[float]:
-    """``paired_median_ms`` for any number of functions: one round times each once, in order."""
+    """``paired_median_ms`` for any number of functions: one round times each once, in order.
+    ``clock``: seconds; ``time.process_time`` times the process's CPU time (see ``cpu_clock``)."""
     for _ in range(warmup):
         for fn in fns:
             fn()
     times: list[list[float]] = [[] for _ in fns]
     for _ in range(repeats):
         for fn, fn_times in zip(fns, times):
-            start = time.perf_counter()
+            start = clock()
             fn()
-            fn_times.append((time.perf_counter() - start) * 1e3)
+            fn_times.append((clock() - start) * 1e3)
     return [statistics.median(t) for t in times]
+
+
+def cpu_clock(name: str, threads: int) -> Callable[[], float]:
+    """The clock for ``--clock NAME``: ``wall`` (``time.perf_counter``) or ``cpu`` (the process's CPU
+    time: with one thread, the compute time whatever else runs on a shared machine; as in
+    docs/latency_models.md, refused for more threads, whose CPU times add up)."""
+    if name == "wall":
+        return time.perf_counter
+    if threads != 1:
+        raise SystemExit(f"--clock cpu needs --threads 1 (the CPU times of {threads} threads add up)")
+    return time.process_time
 
 
 def print_table(headers: Sequence[str], rows: Sequence[Sequence[object]], title: str | None = None) -> None:

@@ -17,6 +17,8 @@ BASE = {"width": 8, "msg": {"levels": 1, "depths": [1]}, "trunk_blocks": 1}
 # the modules whose plain-ops forms export with symbolic sizes (MoE, RepMix, noise) ...
 DYNAMIC_MODULES = {**BASE, "moe": {"enabled": True}, "repmix": {"enabled": True, "kernel_size": 5},
                    "noise": {"enabled": True}}
+# ... the SSMB, whose selective scan exports as one ONNX Scan node over a dynamic length ...
+SSM_NETWORK = {**BASE, "ssm": {"enabled": True, "directions": 4, "d_state": 4}}
 # ... and a network whose FSB is made to block (below); its WAB exports dynamically since the
 # mask cache is skipped while exporting
 FIXED_MODULES = {**BASE, "fsb": {"enabled": True}, "wab": {"enabled": True, "window_size": 4, "heads": 2}}
@@ -57,6 +59,36 @@ def test_dynamic_export_runs_at_other_odd_sizes_and_batches(tmp_path):
         out = run(session, x)
         assert out.shape == reference.shape == (shape[0], 3, 4 * shape[2], 4 * shape[3])
         assert np.abs(out - reference).max() <= 1e-4
+
+
+def test_ssmb_exports_with_dynamic_sizes_as_one_scan_node(tmp_path):
+    import onnx
+
+    torch.manual_seed(0)
+    model = reparameterize(randomize_head(build_model(EHRSRConfig.from_dict(SSM_NETWORK)))).eval()
+    result = export_onnx_dynamic(model, tmp_path / "m.onnx", example_hw=(13, 11))
+    assert result.dynamic and result.passed and result.problem is None, result
+    nodes = onnx.load(str(tmp_path / "m.onnx")).graph.node
+    scans = [node for node in nodes if node.op_type == "Scan"]
+    # one Scan for the trunk's SSMB (all 4 directions stacked), scoped to its module so that a
+    # profiler's per-node times map back to it; no loop was unrolled into the graph
+    assert len(scans) == 1
+    scopes = {p.key: p.value for p in scans[0].metadata_props}
+    assert "trunk.0.ssm" in scopes["pkg.torch.onnx.name_scopes"], scopes
+    assert len(nodes) < 300, len(nodes)
+    session = onnxruntime.InferenceSession(str(tmp_path / "m.onnx"), providers=["CPUExecutionProvider"])
+    for shape in ((1, 3, 61, 47), (1, 3, 127, 255)):  # odd sizes, neither the traced nor the example size
+        x = torch.rand(shape, generator=torch.Generator().manual_seed(shape[2]))
+        with torch.inference_mode():
+            reference = model(x).numpy()
+            ssmb = model.trunk[0].ssm
+            model.trunk[0].ssm = torch.nn.Identity()
+            no_ssmb = model(x).numpy()
+            model.trunk[0].ssm = ssmb
+        out = run(session, x)
+        assert out.shape == reference.shape == (1, 3, 4 * shape[2], 4 * shape[3])
+        assert np.abs(out - reference).max() <= 1e-4
+        assert np.abs(no_ssmb - reference).max() > 100 * 1e-4  # the comparison does see the SSMB
 
 
 def test_modules_that_cannot_be_dynamic_are_named_and_the_fixed_file_is_tiled(tmp_path, fsb_keyed_by_size):

@@ -1,14 +1,13 @@
-"""The selective-scan op's backwards against the reference loop's autograd: the compiled
-CPU kernel (``ssm.SCAN_KERNEL = "auto"``, the default where it builds; ``tests/test_scan_kernel.py``
-tests its building and fallback), and the PyTorch forms used without it: the recompute under
-autograd and the hand-written adjoint scan (``ssm.SCAN_BACKWARD``)."""
+"""The selective-scan op's PyTorch backwards against the reference loop's autograd: the recompute
+under autograd and the hand-written adjoint scan (``ssm.SCAN_BACKWARD``). The op serves the SSMB's
+cross-scan where the compiled CPU kernel is not used (``tests/test_cross_scan.py`` tests both)."""
 
 from __future__ import annotations
 
 import pytest
 import torch
 
-from ehrsr.blocks import SSMBlock, scan_kernel, selective_scan_sequential
+from ehrsr.blocks import selective_scan_sequential
 from ehrsr.blocks import ssm as ssm_module
 
 
@@ -27,21 +26,12 @@ def _inputs(b: int, d: int, n: int, length: int, groups: int, seed: int) -> list
 
 
 NAMES = ("u", "delta", "A", "B", "C", "D")
-MODES = ("kernel", "recompute", "adjoint")
+MODES = ("recompute", "adjoint")
 
 
 def use(mode: str, monkeypatch: pytest.MonkeyPatch) -> None:
-    """Route the op through ``mode``: the compiled kernel, or one of the PyTorch backwards."""
-    if mode == "kernel":
-        if not scan_kernel.available():
-            # only an environment without a compiler may skip; a broken build fails
-            # (tests/test_scan_kernel.py::test_the_kernel_builds_wherever_a_compiler_is_found)
-            assert not scan_kernel.buildable_here(), scan_kernel.reason()
-            pytest.skip(f"the kernel is not built here: {scan_kernel.reason()}")
-        monkeypatch.setattr(ssm_module, "SCAN_KERNEL", "auto")
-    else:
-        monkeypatch.setattr(ssm_module, "SCAN_KERNEL", "torch")
-        monkeypatch.setattr(ssm_module, "SCAN_BACKWARD", mode)
+    """Route the op's backward through ``mode``."""
+    monkeypatch.setattr(ssm_module, "SCAN_BACKWARD", mode)
 
 
 # groups = scan directions stacked along the channels (1, 2, 4); lengths odd, shorter and longer
@@ -103,34 +93,6 @@ def test_float32_gradients_close_to_float64(mode: str, monkeypatch: pytest.Monke
     for name, g64, g32 in zip(NAMES, grads[torch.float64], grads[torch.float32]):
         scale = g64.abs().max().clamp_min(1.0)
         assert ((g32 - g64).abs().max() / scale).item() < 1e-4, name
-
-
-@pytest.mark.parametrize("mode", MODES)
-@pytest.mark.parametrize("directions", [1, 2, 4])
-def test_block_gradients_equal_sequential_reference(directions: int, mode: str,
-                                                    monkeypatch: pytest.MonkeyPatch) -> None:
-    use(mode, monkeypatch)
-    # the block's directions go through one batched scan call; the parameters' gradients must equal
-    # those of the reference loop run on the same stacked inputs
-    torch.manual_seed(directions)
-    block = SSMBlock(6, d_state=3, directions=directions).double()
-    x = torch.randn(2, 6, 5, 7, dtype=torch.float64)
-    grads = {}
-    for impl in ("parallel", "sequential"):
-        block.zero_grad(set_to_none=True)
-        block.scan_impl = impl
-        block(x).square().sum().backward()
-        grads[impl] = {k: p.grad.clone() for k, p in block.named_parameters()}
-    for name, g in grads["sequential"].items():
-        torch.testing.assert_close(grads["parallel"][name], g, atol=1e-8, rtol=1e-6, msg=lambda m, n=name: f"{n}: {m}")
-
-
-def test_batched_directions_call_the_scan_once(monkeypatch: pytest.MonkeyPatch) -> None:
-    calls = []
-    real = ssm_module.selective_scan
-    monkeypatch.setattr(ssm_module, "selective_scan", lambda *a, **k: calls.append(a[3].shape) or real(*a, **k))
-    SSMBlock(6, d_state=3, directions=4)(torch.randn(1, 6, 4, 5))
-    assert calls == [torch.Size([1, 4, 3, 20])]  # B: (batch, directions, d_state, length)
 
 
 def test_channel_slabs_give_the_same_values_and_gradients(monkeypatch: pytest.MonkeyPatch) -> None:

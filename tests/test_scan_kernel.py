@@ -1,8 +1,8 @@
-"""The compiled CPU selective scan (``ehrsr/blocks/scan_kernel.c``): it is what the op runs by
-default, its results do not depend on the thread count or on how B and C are laid out, and when it
-cannot be used (switched off, no compiler, a failed build) the scan falls back to PyTorch with the
-same results and says why. Value and gradient equality with the reference loop for every input is
-in ``tests/test_scan_backward.py`` (mode "kernel")."""
+"""The compiled CPU cross-scan (``ehrsr/blocks/scan_kernel.c``): it is what the SSMB runs by default,
+its results do not depend on the thread count, it is built for the CPU it runs on where the compiler
+allows and portably where not, and when it cannot be used (switched off, no compiler, a failed
+build) the SSMB falls back to PyTorch with the same results and says why. Value and gradient
+equality with the reference for every input is in ``tests/test_cross_scan.py``."""
 
 from __future__ import annotations
 
@@ -15,8 +15,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from ehrsr.blocks import SSMBlock, scan_kernel, selective_scan_sequential
+from ehrsr.blocks import SSMBlock, scan_kernel
 from ehrsr.blocks import ssm as ssm_module
+from tests.test_cross_scan import cross_inputs, values_and_grads
 
 # skipped only where no C compiler is found (the fallback tests below still run there); where one
 # is found, a kernel that does not build fails test_the_kernel_builds_wherever_a_compiler_is_found
@@ -31,33 +32,13 @@ def test_the_kernel_builds_wherever_a_compiler_is_found() -> None:
         assert not scan_kernel.available() and scan_kernel.reason()
 
 
-def _inputs(b: int, d: int, n: int, length: int, groups: int, dtype=torch.float64) -> list[torch.Tensor]:
-    gen = torch.Generator().manual_seed(b * 1000 + d * 100 + length + groups)
-    kw = {"dtype": dtype, "generator": gen}
-    return [
-        torch.randn(b, d, length, **kw),
-        torch.nn.functional.softplus(torch.randn(b, d, length, **kw)),
-        -torch.exp(torch.randn(d, n, **kw)),
-        torch.randn(b, groups, n, length, **kw),
-        torch.randn(b, groups, n, length, **kw),
-        torch.randn(d, **kw),
-    ]
-
-
-def _values_and_grads(inputs: list[torch.Tensor]) -> list[torch.Tensor]:
-    xs = [t.clone().requires_grad_() for t in inputs]
-    y = torch.ops.ehrsr.selective_scan(*xs)
-    (y * torch.linspace(-1, 1, y.numel(), dtype=y.dtype).view(y.shape)).sum().backward()
-    return [y.detach()] + [x.grad for x in xs]
-
-
 @needs_kernel
 def test_the_op_runs_the_kernel_by_default_forward_and_backward(monkeypatch: pytest.MonkeyPatch) -> None:
     calls: list[str] = []
     for name in ("forward", "backward"):
         real = getattr(scan_kernel, name)
         monkeypatch.setattr(scan_kernel, name, lambda *a, real=real, name=name: calls.append(name) or real(*a))
-    monkeypatch.setattr(ssm_module, "selective_scan_parallel", lambda *a, **k: pytest.fail("PyTorch scan used"))
+    monkeypatch.setattr(ssm_module, "cross_scan_reference", lambda *a, **k: pytest.fail("PyTorch scan used"))
     assert ssm_module.SCAN_KERNEL == "auto"
     block = SSMBlock(8, d_state=4, directions=2)
     block(torch.randn(2, 8, 6, 5)).square().sum().backward()
@@ -68,59 +49,42 @@ def test_the_op_runs_the_kernel_by_default_forward_and_backward(monkeypatch: pyt
 @needs_kernel
 @pytest.mark.parametrize("threads", [1, 3])
 def test_results_do_not_depend_on_the_thread_count(threads: int) -> None:
-    inputs = _inputs(3, 8, 5, 57, 2)
+    inputs = cross_inputs(3, 7, 5, 40, 2, 5, 2, seed=0)  # 3 x 2 x 3 work items (batch, direction, channel block)
     saved = torch.get_num_threads()
     try:
         torch.set_num_threads(1)
-        one = _values_and_grads(inputs)
+        one = values_and_grads(torch.ops.ehrsr.cross_scan, inputs)
         torch.set_num_threads(threads)
-        many = _values_and_grads(inputs)
+        many = values_and_grads(torch.ops.ehrsr.cross_scan, inputs)
     finally:
         torch.set_num_threads(saved)
     for a, b in zip(one, many):
-        assert torch.equal(a, b)  # each sequence and each (batch, group) pair is summed by one thread
+        assert torch.equal(a, b)  # each work item writes its own slab; the sums over slabs run in order
 
 
-@needs_kernel
-def test_shared_b_and_c_equal_one_group() -> None:
-    # (b, n, L) B and C (shared by all channels) and the same tensors as (b, 1, n, L)
-    grouped = _inputs(2, 6, 4, 19, 1)
-    shared = [*grouped[:3], grouped[3][:, 0], grouped[4][:, 0], grouped[5]]
-    a, b = _values_and_grads(grouped), _values_and_grads(shared)
-    torch.testing.assert_close(a[0], b[0], atol=0, rtol=0)
-    for x, y in zip(a[1:], b[1:]):
-        torch.testing.assert_close(x.reshape(y.shape), y, atol=0, rtol=0)
-    assert b[4].shape == shared[3].shape
-
-
-@needs_kernel
-def test_float32_kernel_matches_the_reference_loop() -> None:
-    inputs = _inputs(2, 16, 8, 300, 4, dtype=torch.float32)
-    torch.testing.assert_close(scan_kernel.forward(*inputs), selective_scan_sequential(*inputs), atol=1e-4, rtol=1e-4)
-
-
-def test_supports_only_cpu_float32_and_float64() -> None:
-    half = [t.to(torch.bfloat16) for t in _inputs(1, 2, 2, 3, 1)]
-    mixed = _inputs(1, 2, 2, 3, 1)
-    mixed[2] = mixed[2].float()
-    assert not scan_kernel.supports(*half)
+def test_supports_only_cpu_float32_and_float64_within_the_lane_buffers() -> None:
+    inputs = cross_inputs(1, 2, 3, 4, 2, 3, 1, seed=0)
+    assert scan_kernel.supports(*inputs) == scan_kernel.available()
+    assert not scan_kernel.supports(*[t.to(torch.bfloat16) for t in inputs])
+    mixed = [*inputs[:4], inputs[4].float(), inputs[5]]
     assert not scan_kernel.supports(*mixed)
+    too_many_states = cross_inputs(1, 2, 3, 4, 1, scan_kernel.MAX_STATE + 1, 1, seed=0)
+    assert not scan_kernel.supports(*too_many_states)
 
 
 SCRIPT = textwrap.dedent(
     """
     import torch
-    from ehrsr.blocks import scan_kernel, selective_scan_sequential
+    from ehrsr.blocks import cross_scan_reference, scan_kernel, selective_scan_sequential
     gen = torch.Generator().manual_seed(0)
-    u = torch.randn(1, 4, 11, dtype=torch.float64, generator=gen, requires_grad=True)
-    delta = torch.rand(1, 4, 11, dtype=torch.float64, generator=gen)
-    A = -torch.rand(4, 3, dtype=torch.float64, generator=gen)
-    B, C = torch.randn(2, 1, 3, 11, dtype=torch.float64, generator=gen).unbind(0)
-    D = torch.randn(4, dtype=torch.float64, generator=gen)
-    y = torch.ops.ehrsr.selective_scan(u, delta, A, B, C, D)
+    f64 = {"dtype": torch.float64, "generator": gen}
+    tokens = torch.randn(1, 3, 5, 4, **f64).requires_grad_()
+    inputs = [tokens, torch.randn(1, 3, 5, 2 * 7, **f64), torch.randn(2, 4, 1, **f64), torch.randn(2, 4, **f64),
+              -torch.rand(2, 4, 3, **f64), torch.randn(2, 4, **f64)]
+    y = torch.ops.ehrsr.cross_scan(*inputs)
     y.sum().backward()
-    torch.testing.assert_close(y, selective_scan_sequential(u, delta, A, B, C, D))
-    assert u.grad is not None
+    torch.testing.assert_close(y, cross_scan_reference(*inputs, scan=selective_scan_sequential))
+    assert tokens.grad is not None
     print("available", scan_kernel.available())
     print("reason", scan_kernel.reason())
     """
@@ -154,6 +118,17 @@ def test_a_failed_build_falls_back_and_says_why(tmp_path: Path) -> None:
     out = _run(tmp_path, CC=str(broken))
     assert "available False" in out and "could not be built" in out and "error: no luck" in out
     assert not list((tmp_path / "cache" / "kernels").glob("*.so"))  # no half-written library left
+
+
+@needs_kernel
+def test_a_compiler_refusing_the_native_target_gets_a_portable_build(tmp_path: Path) -> None:
+    real = subprocess.run(["sh", "-c", "command -v \"${CC:-cc}\""], capture_output=True, text=True, check=True).stdout.strip()
+    picky = tmp_path / "picky-cc"
+    picky.write_text(f"#!/bin/sh\nfor a in \"$@\"; do [ \"$a\" = -march=native ] && exit 1; done\nexec {real} \"$@\"\n")
+    picky.chmod(0o755)
+    out = _run(tmp_path, CC=str(picky))
+    assert "available True" in out
+    assert len(list((tmp_path / "cache" / "kernels").glob("scan-*.so"))) == 1
 
 
 @needs_kernel

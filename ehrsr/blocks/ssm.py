@@ -5,26 +5,32 @@ The scan is Mamba's S6 recurrence (Gu & Dao 2023) with input-dependent ``delta``
     h_t = exp(delta_t * A) * h_{t-1} + delta_t * B_t * u_t        (per channel d, state n)
     y_t = <C_t, h_t> + D * u_t
 
-with ``A = -exp(A_log)``. Images are scanned in up to four orders (row-major / column-major,
-forward / backward) and the results summed, as VMamba's cross-scan and MambaIR do for 2D data.
+with ``A = -exp(A_log)`` and ``delta = softplus(dt_proj(dt))``. Images are scanned in up to four
+orders (row-major / column-major, forward / backward) and the results summed, as VMamba's
+cross-scan and MambaIR do for 2D data: the *cross-scan* (``cross_scan``) is the per-direction dt
+projection and softplus, the scans of all directions, the ``D`` skip and the sum back in
+row-major order.
 
-Three implementations of the same recurrence:
+Implementations of the same computation:
 
 * ``selective_scan_sequential``: the plain loop over ``t``, the reference the others are tested
-  against (invariant 6 in ``docs/architecture.md``).
+  against (invariant 6 in ``docs/architecture.md``); ``cross_scan_reference`` builds the
+  cross-scan around any of the scans below from PyTorch ops (the PyTorch reference and fallback).
 * ``selective_scan_parallel``: a chunked scan, parallel across chunks of about ``sqrt(L / 4)``
   steps: ``2 sqrt(L)``-ish vectorised steps instead of ``L`` small ones, numerically the same
   products of decays in ``(0, 1]`` as the loop (a log-space cumsum can overflow), and no
-  ``(b, d, l, n)`` tensor in memory.
-* ``mamba_ssm``'s fused CUDA kernel ``selective_scan_fn`` when that package is importable and the
-  tensors are on CUDA (imported lazily, so CPU-only installs work).
+  ``(b, d, l, n)`` tensor in memory. It is the custom operator ``torch.ops.ehrsr.selective_scan``.
+* the whole cross-scan as the custom operator ``torch.ops.ehrsr.cross_scan``: on the CPU the
+  compiled kernel of ``scan_kernel`` (forward and reverse-time adjoint in one pass, reading every
+  input where it lies; ``SCAN_KERNEL``) when it can be built, else ``cross_scan_reference`` over
+  ``torch.ops.ehrsr.selective_scan`` with a backward that recomputes it under autograd.
+* ``mamba_ssm``'s fused CUDA kernel ``selective_scan_fn`` inside ``cross_scan_reference`` when that
+  package is importable and the tensors are on CUDA (imported lazily, so CPU-only installs work).
+* ``selective_scan_exportable``: the recurrence as one ``torch`` scan higher-order op, which the
+  dynamo ONNX exporter turns into one ONNX ``Scan`` node with a dynamic sequence length.
 
-The scan is exposed as the custom operator ``torch.ops.ehrsr.selective_scan`` so that MAC
-counters see one op with known shapes (``selective_scan_macs`` gives its cost) instead of a cloud
-of element-wise ops. On the CPU the op runs the compiled kernel of ``scan_kernel`` (forward loop
-and reverse-time adjoint; ``SCAN_KERNEL``) when it can be built, else the parallel scan with a
-backward that recomputes it under autograd (``SCAN_BACKWARD``; a hand-written adjoint in PyTorch
-is kept as the alternative, tested, but slower on CPU).
+MAC counters see one op with known shapes (``cross_scan_macs``, ``selective_scan_macs`` give the
+costs) instead of a cloud of element-wise ops.
 
 All scans compute in float32 (float64 stays float64): the exponentials of the recurrence lose
 too much precision in half types, so the block casts explicitly and casts the result back.
@@ -44,9 +50,12 @@ from ehrsr.blocks.layers import DropPath, LayerNorm2d
 
 __all__ = [
     "SSMBlock",
+    "cross_scan",
+    "cross_scan_macs",
+    "cross_scan_reference",
     "mamba_kernel",
-    "scan_orders",
     "selective_scan",
+    "selective_scan_exportable",
     "selective_scan_macs",
     "selective_scan_parallel",
     "selective_scan_sequential",
@@ -64,6 +73,12 @@ def selective_scan_macs(batch: int, d_inner: int, length: int, d_state: int) -> 
     The exponential is not counted, as counters do not count activations.
     """
     return 4 * batch * d_inner * length * d_state + 2 * batch * d_inner * length
+
+
+def cross_scan_macs(batch: int, channels: int, length: int, d_state: int, directions: int, dt_rank: int) -> int:
+    """Multiply-accumulates of one cross-scan (``cross_scan``): per direction, the dt projection
+    (``dt_rank`` per channel and token) and the selective scan of every channel."""
+    return directions * (selective_scan_macs(batch, channels, length, d_state) + batch * channels * length * dt_rank)
 
 
 def _check_shapes(u, delta, A, B, C, D) -> None:
@@ -275,9 +290,9 @@ def _slabs(shapes: _ScanShapes) -> list[slice]:
 # per step. On a machine loaded 10-20x over the order can come out reversed; the quiet run decides.
 SCAN_BACKWARD: Literal["recompute", "adjoint"] = "recompute"
 
-# On the CPU (float32 / float64) the op runs the compiled kernel of ``scan_kernel`` when it can be
-# built ("auto"): forward and adjoint backward as plain loops, 5-10x faster than the PyTorch forms
-# at training sizes (benchmarks/blocks.py). "torch" keeps the PyTorch forms above everywhere.
+# On the CPU (float32 / float64) the cross-scan op runs the compiled kernel of ``scan_kernel`` when
+# it can be built ("auto"): the whole cross-scan, forward and adjoint backward, in one pass
+# (benchmarks/blocks.py). "torch" keeps the PyTorch forms (cross_scan_reference) everywhere.
 SCAN_KERNEL: Literal["auto", "torch"] = "auto"
 
 
@@ -356,8 +371,6 @@ def _selective_scan_op(
     u: torch.Tensor, delta: torch.Tensor, A: torch.Tensor, B: torch.Tensor, C: torch.Tensor, D: torch.Tensor
 ) -> torch.Tensor:
     _check_shapes(u, delta, A, B, C, D)
-    if SCAN_KERNEL == "auto" and scan_kernel.supports(u, delta, A, B, C, D):
-        return scan_kernel.forward(u, delta, A, B, C, D)
     return _scan_op_forward(u, delta, A, B, C, D)
 
 
@@ -373,8 +386,6 @@ def _selective_scan_setup(ctx, inputs, output) -> None:
 
 
 def _selective_scan_backward(ctx, grad_y):
-    if SCAN_KERNEL == "auto" and scan_kernel.supports(*ctx.saved_tensors, grad_y):
-        return scan_kernel.backward(*ctx.saved_tensors, grad_y)
     if SCAN_BACKWARD == "adjoint":
         return _scan_op_backward(*ctx.saved_tensors, grad_y.contiguous())
     inputs = [t.detach().requires_grad_(t.requires_grad or t.is_floating_point()) for t in ctx.saved_tensors]
@@ -416,11 +427,156 @@ def selective_scan(u, delta, A, B, C, D, impl: ScanImpl = "auto") -> torch.Tenso
     return torch.ops.ehrsr.selective_scan(u, delta, A, B, C, D)
 
 
-def scan_orders(height: int, width: int, directions: int, device: torch.device) -> list[torch.Tensor]:
-    """Token orders of the cross-scan: row-major, reversed, column-major, reversed (first k of them)."""
-    row = torch.arange(height * width, device=device)
-    col = row.view(height, width).t().reshape(-1)
-    return [row, row.flip(0), col, col.flip(0)][:directions]
+def selective_scan_exportable(u, delta, A, B, C, D) -> torch.Tensor:
+    """The recurrence as one ``torch`` scan (a higher-order op), for exporters: the dynamo ONNX
+    exporter turns it into one ONNX ``Scan`` node whose sequence length stays dynamic. The decays
+    and inputs of every step are computed in bulk first, so each step is ``h = a h + b`` and
+    ``y = <C, h>``. Shapes as ``selective_scan_sequential``; slow in eager mode (not used there)."""
+    from torch._higher_order_ops.scan import scan  # torch's scan op: what the exporter translates
+
+    _check_shapes(u, delta, A, B, C, D)
+    bsz, d, _ = u.shape
+    B, C = _grouped(B), _grouped(C)
+    per_group = d // B.shape[1]
+    # time-major (L, b, d, n): the scan runs over the first axis
+    decay = torch.exp(delta.permute(2, 0, 1)[..., None] * A)
+    drive = (delta * u).permute(2, 0, 1)[..., None] * B.permute(3, 0, 1, 2).repeat_interleave(per_group, dim=2)
+    c_t = C.permute(3, 0, 1, 2).repeat_interleave(per_group, dim=2)
+
+    def step(h, inputs):
+        a_t, b_t, c = inputs
+        h = a_t * h + b_t
+        return h, (h * c).sum(-1)
+
+    _, y = scan(step, u.new_zeros(bsz, d, A.shape[1]), (decay, drive, c_t))  # y: (L, b, d)
+    return y.permute(1, 2, 0) + D[None, :, None] * u
+
+
+def _to_scan_order(x: torch.Tensor, direction: int) -> torch.Tensor:
+    """``(B, H, W, C)`` -> ``(B, L, C)`` in the token order of ``direction`` (0 row-major, 1 its
+    reverse, 2 column-major, 3 its reverse): views and flips, no index tensors."""
+    seq = (x if direction < 2 else x.transpose(1, 2)).flatten(1, 2)
+    return seq.flip(1) if direction % 2 else seq
+
+
+def _from_scan_order(seq: torch.Tensor, direction: int, height: int, width: int) -> torch.Tensor:
+    """Inverse of ``_to_scan_order``: ``(B, L, C)`` -> ``(B, H, W, C)``."""
+    seq = seq.flip(1) if direction % 2 else seq
+    if direction < 2:
+        return seq.unflatten(1, (height, width))
+    return seq.unflatten(1, (width, height)).transpose(1, 2)
+
+
+def _check_cross_shapes(tokens, proj, dt_weight, dt_bias, A, D) -> None:
+    bsz, height, width, channels = tokens.shape
+    directions, _, d_state = A.shape
+    rank = dt_weight.shape[-1]
+    if (
+        not 1 <= directions <= 4
+        or proj.shape != (bsz, height, width, directions * (rank + 2 * d_state))
+        or dt_weight.shape != (directions, channels, rank)
+        or dt_bias.shape != (directions, channels)
+        or A.shape != (directions, channels, d_state)
+        or D.shape != (directions, channels)
+    ):
+        raise ValueError(
+            "cross_scan expects tokens (B, H, W, E), proj (B, H, W, K (R + 2N)), dt_weight (K, E, R), dt_bias (K, E), "
+            f"A (K, E, N), D (K, E) with K in 1..4; got tokens {tuple(tokens.shape)}, proj {tuple(proj.shape)}, "
+            f"dt_weight {tuple(dt_weight.shape)}, dt_bias {tuple(dt_bias.shape)}, A {tuple(A.shape)}, D {tuple(D.shape)}"
+        )
+
+
+def cross_scan_reference(tokens, proj, dt_weight, dt_bias, A, D, scan=selective_scan) -> torch.Tensor:
+    """The cross-scan from PyTorch ops around ``scan`` (any of the selective scans above).
+
+    ``tokens`` ``(B, H, W, E)``; ``proj`` ``(B, H, W, K (R + 2N))``, each token's projection with
+    direction ``k``'s ``[dt (R) | B (N) | C (N)]`` at ``k (R + 2N)``; ``dt_weight`` ``(K, E, R)``,
+    ``dt_bias`` ``(K, E)``, ``A`` ``(K, E, N)`` (negative), ``D`` ``(K, E)``. Every direction's tokens
+    and projections are put in its scan order, ``delta = softplus(dt @ dt_weight^T + dt_bias)``, the K
+    sequences are stacked along the channels into one scan (direction ``k``'s ``B``, ``C`` form channel
+    group ``k``, VMamba's layout, which ``mamba_ssm`` also takes), and each direction's output is put
+    back in row-major order; the sum over directions is returned, ``(B, H, W, E)``.
+    """
+    _check_cross_shapes(tokens, proj, dt_weight, dt_bias, A, D)
+    bsz, height, width, channels = tokens.shape
+    directions, _, d_state = A.shape
+    rank = dt_weight.shape[-1]
+    per_direction = rank + 2 * d_state
+    u = torch.stack([_to_scan_order(tokens, k) for k in range(directions)], 1)  # (B, K, L, E)
+    rows = torch.stack(
+        [_to_scan_order(proj[..., k * per_direction : (k + 1) * per_direction], k) for k in range(directions)], 1
+    )  # (B, K, L, R + 2N)
+    dt, b_mat, c_mat = rows.split([rank, d_state, d_state], dim=-1)
+    delta = F.softplus(torch.einsum("bklr,ker->bkle", dt, dt_weight) + dt_bias[None, :, None, :])  # (B, K, L, E)
+    y = scan(
+        u.transpose(2, 3).reshape(bsz, directions * channels, -1),
+        delta.transpose(2, 3).reshape(bsz, directions * channels, -1),
+        A.reshape(directions * channels, d_state),
+        b_mat.transpose(2, 3),  # (B, K, N, L)
+        c_mat.transpose(2, 3),
+        D.reshape(-1),
+    ).view(bsz, directions, channels, -1).transpose(2, 3)  # (B, K, L, E)
+    out = _from_scan_order(y[:, 0], 0, height, width)
+    for k in range(1, directions):
+        out = out + _from_scan_order(y[:, k], k, height, width)
+    return out
+
+
+@torch.library.custom_op("ehrsr::cross_scan", mutates_args=())
+def _cross_scan_op(
+    tokens: torch.Tensor, proj: torch.Tensor, dt_weight: torch.Tensor, dt_bias: torch.Tensor, A: torch.Tensor,
+    D: torch.Tensor,
+) -> torch.Tensor:
+    _check_cross_shapes(tokens, proj, dt_weight, dt_bias, A, D)
+    if SCAN_KERNEL == "auto" and scan_kernel.supports(tokens, proj, dt_weight, dt_bias, A, D):
+        return scan_kernel.forward(tokens, proj, dt_weight, dt_bias, A, D)
+    return cross_scan_reference(tokens, proj, dt_weight, dt_bias, A, D, scan=torch.ops.ehrsr.selective_scan)
+
+
+@_cross_scan_op.register_fake
+def _cross_scan_fake(tokens, proj, dt_weight, dt_bias, A, D):
+    return torch.empty_like(tokens)
+
+
+def _cross_scan_setup(ctx, inputs, output) -> None:
+    ctx.save_for_backward(*inputs)  # the backward recomputes the states: nothing (B, K, L, E, N) is kept
+
+
+def _cross_scan_backward(ctx, grad_y):
+    if SCAN_KERNEL == "auto" and scan_kernel.supports(*ctx.saved_tensors):
+        return scan_kernel.backward(*ctx.saved_tensors, grad_y)
+    # the reference again under autograd: through the chunked scan itself ("recompute"), or through
+    # the scan op, whose backward is then the hand-written adjoint (SCAN_BACKWARD)
+    scan = torch.ops.ehrsr.selective_scan if SCAN_BACKWARD == "adjoint" else selective_scan_parallel
+    inputs = [t.detach().requires_grad_() for t in ctx.saved_tensors]
+    with torch.enable_grad():
+        y = cross_scan_reference(*inputs, scan=scan)
+    return torch.autograd.grad(y, inputs, grad_y, allow_unused=True)
+
+
+_cross_scan_op.register_autograd(_cross_scan_backward, setup_context=_cross_scan_setup)
+
+
+def cross_scan(tokens, proj, dt_weight, dt_bias, A, D, impl: ScanImpl = "auto") -> torch.Tensor:
+    """The SSMB's cross-scan (shapes as ``cross_scan_reference``), dispatched.
+
+    Exporting with dynamo / ``torch.export``: the reference around ``selective_scan_exportable`` (one
+    ONNX ``Scan`` with a dynamic length). The TorchScript exporter: the reference around the chunked
+    scan as plain ops (fixed sizes). ``impl="sequential"``: the reference loop. On CUDA with
+    ``mamba_ssm``: the reference around its kernel. Otherwise the op ``torch.ops.ehrsr.cross_scan``
+    (the compiled CPU kernel where it builds).
+    """
+    if torch.compiler.is_exporting():
+        return cross_scan_reference(tokens, proj, dt_weight, dt_bias, A, D, scan=selective_scan_exportable)
+    if torch.onnx.is_in_onnx_export():
+        return cross_scan_reference(tokens, proj, dt_weight, dt_bias, A, D, scan=selective_scan_parallel)
+    if impl == "sequential":
+        return cross_scan_reference(tokens, proj, dt_weight, dt_bias, A, D, scan=selective_scan_sequential)
+    if impl not in ("auto", "parallel"):
+        raise ValueError(f"unknown scan implementation {impl!r}; use 'auto', 'parallel' or 'sequential'")
+    if impl == "auto" and tokens.is_cuda and mamba_kernel() is not None:
+        return cross_scan_reference(tokens, proj, dt_weight, dt_bias, A, D, scan=selective_scan)
+    return torch.ops.ehrsr.cross_scan(tokens, proj, dt_weight, dt_bias, A, D)
 
 
 class SSMBlock(nn.Module):
@@ -471,34 +627,23 @@ class SSMBlock(nn.Module):
         self.drop_path = DropPath(drop_path)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        bsz, _, height, width = x.shape
         xz = self.in_proj(self.norm(x))
         xs, z = xz.chunk(2, dim=1)  # (B, E, H, W) each
         xs = self.act(self.dwconv(xs))
         compute_dtype = torch.promote_types(x.dtype, torch.float32)
-        k_dirs, inner, n = self.directions, self.inner, self.d_state
-        orders = torch.stack(scan_orders(height, width, k_dirs, x.device))  # (K, L)
         with torch.autocast(device_type=x.device.type, enabled=False):
-            # all directions in one scan call (VMamba's layout): the K sequences are stacked along
-            # the channels, each direction's B and C form one channel group of the scan
-            seq = xs.flatten(2)[:, :, orders].to(compute_dtype).transpose(1, 2)  # (B, K, E, L)
-            x_w = torch.stack([p.weight for p in self.x_proj]).to(compute_dtype)  # (K, R+2N, E)
-            proj = torch.einsum("bkel,kre->bkrl", seq, x_w)  # (B, K, R+2N, L)
-            dt, b_mat, c_mat = proj.split([self.dt_rank, n, n], dim=2)
-            dt_w = torch.stack([p.weight for p in self.dt_proj]).to(compute_dtype)  # (K, E, R)
-            dt_b = torch.stack([p.bias for p in self.dt_proj]).to(compute_dtype)  # (K, E)
-            delta = F.softplus(torch.einsum("bkrl,ker->bkel", dt, dt_w) + dt_b[None, :, :, None])
-            y = selective_scan(
-                seq.reshape(bsz, k_dirs * inner, -1),
-                delta.reshape(bsz, k_dirs * inner, -1),
-                -torch.exp(self.A_log.to(compute_dtype)).reshape(k_dirs * inner, n),
-                b_mat.contiguous(),  # (B, K, N, L)
-                c_mat.contiguous(),
-                self.D.to(compute_dtype).reshape(-1),
+            # tokens channels-last: each token's channels, and its projections for all directions
+            # (one matmul, in row-major order: the scan reads them in each direction's order)
+            tokens = xs.to(compute_dtype).permute(0, 2, 3, 1).contiguous()  # (B, H, W, E)
+            x_w = torch.cat([p.weight for p in self.x_proj]).to(compute_dtype)  # (K (R + 2N), E)
+            y = cross_scan(
+                tokens,
+                F.linear(tokens, x_w),  # (B, H, W, K (R + 2N))
+                torch.stack([p.weight for p in self.dt_proj]).to(compute_dtype),  # (K, E, R)
+                torch.stack([p.bias for p in self.dt_proj]).to(compute_dtype),  # (K, E)
+                -torch.exp(self.A_log.to(compute_dtype)),  # (K, E, N)
+                self.D.to(compute_dtype),  # (K, E)
                 impl=self.scan_impl,
-            ).view(bsz, k_dirs, inner, -1)
-            inverse = torch.argsort(orders, dim=1)  # each direction's tokens back to row-major
-            y = torch.gather(y, 3, inverse[None, :, None, :].expand_as(y)).sum(1)  # (B, E, L)
-        y = y.to(x.dtype).view(bsz, inner, height, width)
-        y = self.out_norm(y) * self.act(z)
+            )  # (B, H, W, E)
+        y = self.out_norm(y.to(x.dtype).permute(0, 3, 1, 2)) * self.act(z)
         return x + self.drop_path(self.out_proj(y))

@@ -78,7 +78,9 @@ __all__ = [
 FORMAT = "ehrsr-latency-model"
 # 2: units timed with the compiled CPU scan (ehrsr/blocks/scan_kernel.c) where it builds; an SSM
 # unit timed before it cost several times more, so version-1 files are refused
-FORMAT_VERSION = 2
+# 3: the SSMB's whole cross-scan compiled (directions, dt projection, scan): its forward is about 4x
+# faster than in version-2 files (benchmarks/blocks.py), which are refused
+FORMAT_VERSION = 3
 # Seconds of timed passes per unit (at least 5 passes each) and per whole network. Measured on this
 # 2-core machine, re-timing 12 networks unit by unit: with 0.05 s per unit the sum of the units
 # disagreed with the network's own time by up to 24 %, with 0.3 s by up to 17 % (a network timed

@@ -374,7 +374,7 @@ def _aten_fft_rule(kind: str) -> Rule:
 
 
 # ---------------------------------------------------------------------------------------------
-# selective scan (EHR-SR's custom operator)
+# selective scan (EHR-SR's custom operators: the scan, and the SSMB's cross-scan around it)
 
 
 def _selective_scan(args: Sequence[Any], outputs: Sequence[Any]) -> int:
@@ -385,6 +385,15 @@ def _selective_scan(args: Sequence[Any], outputs: Sequence[Any]) -> int:
     batch, d_inner, length = (int(v) for v in args[0])
     d_state = int(args[2][1])
     return selective_scan_macs(batch, d_inner, length, d_state)
+
+
+def _cross_scan(args: Sequence[Any], outputs: Sequence[Any]) -> int:
+    # the SSMB's whole cross-scan op: tokens (B, H, W, E), dt_weight (K, E, R), A (K, E, N)
+    from ehrsr.blocks.ssm import cross_scan_macs
+
+    batch, height, width, channels = (int(v) for v in args[0])
+    directions, _, dt_rank = (int(v) for v in args[2])
+    return cross_scan_macs(batch, channels, height * width, int(args[4][2]), directions, dt_rank)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -503,6 +512,7 @@ def _rules() -> dict[str, OpRule]:
     add("fft", _aten_fft_rule("c2c"), "aten::_fft_c2c")
     # EHR-SR's selective scan
     add("selective_scan", _selective_scan, "ehrsr::selective_scan")
+    add("selective_scan", _cross_scan, "ehrsr::cross_scan")
     return table
 
 
