@@ -271,7 +271,7 @@ def test_resumed_micro_search_proposes_no_finished_configuration(
 ) -> None:
     seeds: list[int] = []
     real = driver.build_sampler
-    monkeypatch.setattr(driver, "build_sampler", lambda name, seed, c: (seeds.append(seed), real(name, seed, c))[1])
+    monkeypatch.setattr(driver, "build_sampler", lambda name, seed: (seeds.append(seed), real(name, seed))[1])
     out = tmp_path / "r"
     assert main(_micro_args(out, cache, "res", "trials=3", "--sampler", "random")) == 0
     first = {t.number for t in _load(out, "res").trials if t.state != TrialState.WAITING}
