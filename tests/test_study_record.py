@@ -266,7 +266,8 @@ def test_study_and_trial_keys_are_spelled_only_in_study_schema() -> None:
 
     from ehrsr.study_schema import STUDY, TRIAL, TRIAL_ATTRS, TrialKeys
 
-    literal = re.compile(r'(user_attrs\.get\(|user_attrs\[|set_user_attr\(|set_trial_user_attr\([^,]+,\s*|attrs\.get\(|attrs\[)'
+    literal = re.compile(r'(user_attrs\.get\(|user_attrs\[|set_user_attr\(|set_user_attr,\s*|set_trial_user_attr\([^,]+,\s*|'
+                         r'attrs\.get\(|attrs\[)'
                          r'f?"[a-z_{}]+"')
     root = Path(__file__).resolve().parents[1] / "ehrsr"
     found = [f"{path.relative_to(root)}:{n}: {line.strip()}"

@@ -40,7 +40,7 @@ from ehrsr.baselines import (
     deploy_baseline,
 )
 from ehrsr.search.pareto import knee_trial
-from ehrsr.study_schema import STUDY, TRIAL, StudyInfo, baselines_study_name
+from ehrsr.study_schema import PLAN_ATTR, STUDY, TRIAL, StudyInfo, baselines_study_name
 from ehrsr.training import TrainSettings
 
 __all__ = [
@@ -173,7 +173,7 @@ def run_baselines(
     side = open_side_study(study, baselines_study_name(study.study_name))
     plan = {"reference_trial": reference.number, "train": dataclasses.asdict(train), "seed": seed,
             "rung_steps": rungs, "labels": [s.label for s in specs]}
-    storage_retry("write the plan", side.set_user_attr, "plan", plan)
+    storage_retry("write the plan", side.set_user_attr, PLAN_ATTR, plan)
     run_train = {**dataclasses.asdict(train), "seed": seed}
     done = {
         t.user_attrs.get(TRIAL.label)

@@ -33,7 +33,7 @@ from ehrsr.ablation.side import (
 from ehrsr.ablation.variants import AblationError
 from ehrsr.config import EHRSRConfig
 from ehrsr.stats import MIN_RANK_POINTS
-from ehrsr.study_schema import TRIAL, StudyInfo, fidelity_study_name, finite, is_feasible
+from ehrsr.study_schema import PLAN_ATTR, TRIAL, StudyInfo, fidelity_study_name, finite, is_feasible
 from ehrsr.training import TrainSettings
 
 __all__ = ["DEFAULT_CONFIGS", "DEFAULT_FACTOR", "FidelityError", "FidelityResult", "choose_configurations",
@@ -124,7 +124,7 @@ def run_fidelity(
     info = StudyInfo.from_study(study)
     side = open_side_study(study, fidelity_study_name(study.study_name))
     plan = {"sources": [t.number for t in chosen], "factor": float(factor), "configs": configs}
-    storage_retry("write the plan", side.set_user_attr, "plan", plan)
+    storage_retry("write the plan", side.set_user_attr, PLAN_ATTR, plan)
     done = {
         (t.user_attrs.get(TRIAL.source_trial), t.user_attrs.get(TRIAL.factor))
         for t in storage_retry("read the runs", side.get_trials, deepcopy=False, states=(TrialState.COMPLETE,))

@@ -35,7 +35,7 @@ from ehrsr.search.budget import trial_charge
 from ehrsr.search.pareto import knee_trial
 from ehrsr.search.record import Heartbeat, TrialOutcome, record_outcome
 from ehrsr.stats import SeedPlan, auto_seed_plan
-from ehrsr.study_schema import TRIAL, StudyInfo, ablation_study_name
+from ehrsr.study_schema import PLAN_ATTR, TRIAL, StudyInfo, ablation_study_name
 from ehrsr.training import TrainSettings
 
 __all__ = ["AUTO_MAX_SEEDS", "AUTO_MIN_SEEDS", "AblationResult", "SeedsSetting", "run_controlled_ablation"]
@@ -202,7 +202,7 @@ def run_controlled_ablation(
     )
 
     ablation = _open_ablation_study(study)  # closes runs of dead processes (fail_stale_trials)
-    storage_retry("write the plan", ablation.set_user_attr, "reference_trial", ref_trial.number)
+    storage_retry("write the plan", ablation.set_user_attr, TRIAL.reference_trial, ref_trial.number)
     plan_attr: dict[str, Any] = {
         "reference_trial": ref_trial.number,
         "seeds": seed_list,
@@ -211,7 +211,7 @@ def run_controlled_ablation(
         "steps": steps,
         "variants": [v.to_dict() for v in variants],
     }
-    storage_retry("write the plan", ablation.set_user_attr, "plan", plan_attr)
+    storage_retry("write the plan", ablation.set_user_attr, PLAN_ATTR, plan_attr)
     planned = [(v, s) for s in seed_list for v in variants if v.runnable]
 
     run = runner or _runner()
@@ -278,7 +278,7 @@ def run_controlled_ablation(
     highest = max([s for _, s in used] + [len(seed_list) - 1]) if auto else len(seed_list) - 1
     seed_list = list(range(highest + 1))
     if plan_attr["seeds"] != seed_list:
-        storage_retry("write the plan", ablation.set_user_attr, "plan", {**plan_attr, "seeds": seed_list})
+        storage_retry("write the plan", ablation.set_user_attr, PLAN_ATTR, {**plan_attr, "seeds": seed_list})
     runs = storage_retry("read the runs", ablation_runs, ablation, ref_trial.number, seeds=seed_list, steps=steps)
     table = controlled_table(runs, variants)
     finished = finished_runs(ablation)
