@@ -37,6 +37,7 @@ from scipy import stats as sps
 
 __all__ = [
     "NO_EFFECT",
+    "TRUST_TAU_LOW",
     "PairedInterval",
     "RankAgreement",
     "RankingQuality",
@@ -52,6 +53,7 @@ __all__ = [
 ]
 
 NO_EFFECT = "no detectable effect at this fidelity"
+TRUST_TAU_LOW = 0.5  # tau's interval must start above this for a proxy to rank like long training
 DEFAULT_BOOTSTRAP_RESAMPLES = 4000  # percentile tails at 95 % settle to ~0.01 dB on our tables
 
 

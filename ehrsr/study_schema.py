@@ -33,6 +33,7 @@ __all__ = [
     "DASH",
     "DEFAULT_OBJECTIVES",
     "DEVICE_LATENCY_PREFIX",
+    "FIDELITY_CHECKS_ATTR",
     "LATENCY_MODELS_ATTR",
     "LATENCY_SOURCES_ATTR",
     "METRIC_KEYS",
@@ -41,6 +42,7 @@ __all__ = [
     "PLAN_ATTR",
     "QUALITY_METRICS",
     "RECORD_VERSION_ATTR",
+    "STEPS_SCALE_ATTR",
     "STUDY",
     "STUDY_ATTRS",
     "TRIAL",
@@ -49,6 +51,7 @@ __all__ = [
     "DataRecord",
     "DeviceRecord",
     "EarlyStoppingRecord",
+    "FidelityCheck",
     "Objective",
     "ProfileRecord",
     "RecordError",
@@ -62,6 +65,7 @@ __all__ = [
     "baselines_study_name",
     "conventions",
     "device_latency_profile",
+    "fidelity_checks",
     "fidelity_study_name",
     "finite",
     "format_metric",
@@ -77,6 +81,7 @@ __all__ = [
     "parse_si",
     "resolve_objective",
     "rung_record_attr",
+    "steps_scale",
     "study_storage",
     "train_command",
     "trial_status",
@@ -402,6 +407,7 @@ class TrialKeys:
     refused: str = "refused"
     latency_sources: str = "latency_sources"
     canary: str = "canary"
+    loss_history: str = "loss_history"  # [[step, mean training loss since the previous entry], ...]
     # search trials
     reference: str = "reference"  # an enqueued reference configuration (conv-only, all-modules)
     repeat_of: str = "repeat_of"
@@ -442,8 +448,54 @@ PLAN_ATTR = "plan"
 was asked to run."""
 
 
+FIDELITY_CHECKS_ATTR = "fidelity_checks"
+"""Study attribute: every proxy-fidelity verdict of the study, in order (``FidelityCheck.to_dict()``
+each): at the start from the space's measured agreement, part-way through and at the end from the
+study's own long retrains, with what the search did about each (docs/proxy_fidelity.md)."""
+
+STEPS_SCALE_ATTR = "steps_scale"
+"""Study attribute: the factor on the space's steps per rung that new trials train with (1 unless
+a proxy-fidelity check raised it)."""
+
+
+@dataclass(frozen=True)
+class FidelityCheck:
+    """One proxy-fidelity verdict: does the study's brief training rank like long training?"""
+
+    when: Literal["start", "early", "end"]
+    source: str  # "space" (the agreement measured by the benchmark) or "retrains" (this study's own)
+    trial_steps: int  # the steps per trial the verdict is about
+    kendall: float | None
+    kendall_low: float | None
+    kendall_high: float | None
+    spearman: float | None
+    configurations: int  # points behind the numbers
+    factor: float | None  # long retrain = factor x trial_steps (None: the space's reference)
+    trusted: bool | None  # None: too few points for a verdict
+    action: str | None = None  # what the search did about it ("steps per rung raised from 108 to 324")
+    note: str = ""
+
+    def to_dict(self) -> dict[str, Any]:
+        return {f.name: getattr(self, f.name) for f in fields(self)}
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> FidelityCheck:
+        return cls(**_strict(cls, data, FIDELITY_CHECKS_ATTR))
+
+
+def fidelity_checks(study: optuna.Study) -> list[FidelityCheck]:
+    """The study's stored proxy-fidelity verdicts, in order."""
+    return [FidelityCheck.from_dict(d) for d in study.user_attrs.get(FIDELITY_CHECKS_ATTR) or []]
+
+
+def steps_scale(study: optuna.Study) -> int:
+    """The factor on the space's steps that new trials of ``study`` train with (1 by default)."""
+    return int(study.user_attrs.get(STEPS_SCALE_ATTR, 1))
+
+
 STUDY_ATTRS: tuple[str, ...] = (
     *(f.name for f in fields(StudyRecord)), CONVENTIONS_ATTR, LATENCY_MODELS_ATTR, BUDGET_ATTR, BASELINE_ATTR,
+    FIDELITY_CHECKS_ATTR, STEPS_SCALE_ATTR,
 )
 """Keys of a search study's ``user_attrs``: the record's fields, then what is derived from it or
 written later."""

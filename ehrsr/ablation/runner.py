@@ -431,6 +431,7 @@ def _run_one(
         steps_done=int(result.steps_done),
         # RunResult.per_image; getattr: a runner stand-in (tests) may return a result without it
         per_image=getattr(result, "per_image", None) if result.status == "complete" else None,
+        loss_history=getattr(result, "loss_history", None) if result.status == "complete" else None,
     )
     outcome = storage_retry("record a run", record_outcome, ablation, trial, outcome, wall_seconds=_clock() - start)
     return outcome.status, (None if outcome.status == "complete" else outcome.reason)

@@ -140,6 +140,7 @@ def run_recorded(
         seconds=dict(result.seconds or {}),
         steps_done=int(result.steps_done),
         per_image=getattr(result, "per_image", None) if result.status == "complete" else None,
+        loss_history=getattr(result, "loss_history", None) if result.status == "complete" else None,
     )
     if constraints is not None and "latency_ms" in metrics:
         outcome.constraints = constraints(metrics)

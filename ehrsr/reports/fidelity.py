@@ -17,7 +17,7 @@ import optuna
 from matplotlib.figure import Figure
 from optuna.trial import TrialState
 
-from ehrsr.stats import MIN_RANK_POINTS, RankAgreement, StatsError, rank_agreement
+from ehrsr.stats import MIN_RANK_POINTS, TRUST_TAU_LOW, RankAgreement, StatsError, rank_agreement
 from ehrsr.study_schema import TRIAL, fidelity_study_name, finite, load_side_study
 
 __all__ = [
@@ -32,7 +32,6 @@ __all__ = [
     "render_fidelity_plot",
 ]
 
-TRUST_TAU_LOW = 0.5  # tau's lower bound above which brief training ranks like long training
 # below this many points the percentile bootstrap collapses (every resample of 4 perfectly ordered
 # points gives tau = 1, a "[1, 1]" interval): no verdict either way, only the numbers
 MIN_TRUST_POINTS = 6

@@ -63,6 +63,7 @@ from ehrsr.study_schema import (
     Objective,
     format_si,
     is_count,
+    steps_scale,
     study_storage,
 )
 
@@ -87,6 +88,7 @@ MAX_CONSECUTIVE_REFUSALS = 50
 
 @dataclass
 class WorkerSummary:
+    paused: bool = False  # stopped at ``pause_at``, not at the end of the budget
     finished: int = 0
     repeats: int = 0  # proposals recorded as repeats of finished trials, not trained
     stopped_reason: str = ""
@@ -129,9 +131,12 @@ class SearchLog:
 
 
 def run_worker(prepared: PreparedStudy, settings: SearchSettings | None = None, *, log: SearchLog | None = None,
-               worker_index: int = 0, after_trial: AfterTrial | None = None) -> WorkerSummary:
+               worker_index: int = 0, after_trial: AfterTrial | None = None,
+               pause_at: float | None = None) -> WorkerSummary:
     """The search loop of one worker (see the module docstring). It runs ``prepared.settings``
-    (the study record's values); ``settings`` is accepted for its verbosity only."""
+    (the study record's values); ``settings`` is accepted for its verbosity only. ``pause_at``:
+    stop starting trials once this share of the search's budget is used (the pipeline checks the
+    proxy fidelity there, then resumes)."""
     settings = prepared.settings
     log = log or SearchLog(settings.verbosity)
     study, space, budget = prepared.study, prepared.space, prepared.budget
@@ -156,6 +161,7 @@ def run_worker(prepared: PreparedStudy, settings: SearchSettings | None = None, 
     try:
         while True:
             retry("fail orphaned trials", fail_stale_trials, study)
+            fidelity = space.fidelity.scaled(retry("read the steps per rung", steps_scale, study))
             estimate, (ok, why) = retry("check the budget", _budget_check, study, search_budget, fidelity, device)
             if not ok:
                 summary.stopped_reason = why
@@ -164,6 +170,11 @@ def run_worker(prepared: PreparedStudy, settings: SearchSettings | None = None, 
                         f" (the search's {1 - settings.reserved_share:.0%} of --budget {budget.text}; "
                         "the rest is kept for the controlled ablation, baselines and proxy-fidelity check)"
                     )
+                break
+            if pause_at is not None and search_budget.used_fraction(retry("read the budget", search_budget.spent,
+                                                                           study)) >= pause_at:
+                summary.stopped_reason = f"paused at {pause_at:.0%} of the search budget for the proxy-fidelity check"
+                summary.paused = True
                 break
             trial = retry("ask for a trial", study.ask)
             running_trial = trial
@@ -176,7 +187,7 @@ def run_worker(prepared: PreparedStudy, settings: SearchSettings | None = None, 
                 break
             if study.user_attrs.get(BUDGET_ATTR) != budget.text:  # the budget of the latest run that trains
                 retry("store the budget", study.set_user_attr, BUDGET_ATTR, budget.text)
-            sampled, train = retry("start a trial", _start_trial, trial, prepared, settings)
+            sampled, train = retry("start a trial", _start_trial, trial, prepared, settings, fidelity)
             if sampled.refused is not None:
                 retry("record a trial", record_outcome, study, trial,
                       TrialOutcome.failed("refused", f"refused before training: {sampled.refused}"))
@@ -294,7 +305,8 @@ def _budget_check(study: optuna.Study, budget: Any, fidelity: Any, device: torch
     return estimate, budget.allows_new_trial(study, estimate, device_kind=device.type)
 
 
-def _start_trial(trial: optuna.Trial, prepared: PreparedStudy, settings: SearchSettings) -> tuple[Any, dict[str, Any]]:
+def _start_trial(trial: optuna.Trial, prepared: PreparedStudy, settings: SearchSettings,
+                 fidelity: Any) -> tuple[Any, dict[str, Any]]:
     """Record the trial's start and sample its configuration (repeatable: the storage may be retried)."""
     from ehrsr.search.budget import record_start
 
@@ -303,7 +315,8 @@ def _start_trial(trial: optuna.Trial, prepared: PreparedStudy, settings: SearchS
     sampled = prepared.space.suggest(trial, scale=prepared.spec.task.get("scale", 4))
     if sampled.config is not None:
         trial.set_user_attr(TRIAL.config, sampled.config.to_dict())
-    train = {**asdict(sampled.train), "seed": settings.seed}
+    # the space's training settings at the study's current length (a fidelity check may raise it)
+    train = {**asdict(dataclasses.replace(sampled.train, steps=fidelity.max_steps)), "seed": settings.seed}
     trial.set_user_attr(TRIAL.train, train)
     return sampled, train
 
@@ -394,6 +407,7 @@ class SearchSummary:
     spent: str
     stopped_reason: str
     interrupted_by: str | None  # "Ctrl-C" or "SIGTERM" when the search was stopped by one
+    paused: bool = False  # stopped at pause_at (the pipeline's proxy-fidelity check), to be resumed
     n_orphaned: int = 0  # trials whose worker died (failed as "crashed", or still RUNNING and dead)
     report: Path | None = None  # set by ehrsr.pipeline
     ablation: str | None = None  # what the controlled ablation at the end did (ehrsr.pipeline)
@@ -422,7 +436,7 @@ def open_prepared(settings: SearchSettings, log: Callable[..., None],
 
 
 def _worker_process(settings: SearchSettings, worker_index: int, gpu: int | None,
-                    after_trial: AfterTrial | None = None) -> None:
+                    after_trial: AfterTrial | None = None, pause_at: float | None = None) -> None:
     # a spawned process starts with Optuna's default INFO logging ("Using an existing study ...")
     optuna.logging.set_verbosity(optuna.logging.INFO if settings.verbosity >= 2 else optuna.logging.WARNING)
     if settings.threads:
@@ -433,11 +447,11 @@ def _worker_process(settings: SearchSettings, worker_index: int, gpu: int | None
     with sigterm_as_interrupt():  # a scheduler's SIGTERM reaches every process: end like Ctrl-C
         log = SearchLog(settings.verbosity, prefix=f"[w{worker_index}] ", show_bar=False)
         prepared = open_prepared(settings, log=lambda *_: None, retry_log=log)
-        run_worker(prepared, settings, log=log, worker_index=worker_index, after_trial=after_trial)
+        run_worker(prepared, settings, log=log, worker_index=worker_index, after_trial=after_trial, pause_at=pause_at)
 
 
 def run_search(settings: SearchSettings, *, log: SearchLog | None = None,
-               after_trial: AfterTrial | None = None) -> SearchSummary:
+               after_trial: AfterTrial | None = None, pause_at: float | None = None) -> SearchSummary:
     """Prepare data and the study, run the workers and return the summary (``ehrsr.pipeline``
     runs what follows and prints it). ``after_trial`` runs after every recorded trial."""
     from ehrsr.data import TaskConfig
@@ -461,9 +475,9 @@ def run_search(settings: SearchSettings, *, log: SearchLog | None = None,
     summary = WorkerSummary()
     try:
         if workers == 1:
-            summary = run_worker(prepared, settings, log=log, after_trial=after_trial)
+            summary = run_worker(prepared, settings, log=log, after_trial=after_trial, pause_at=pause_at)
         else:
-            summary = _run_worker_processes(settings, prepared, workers, log, after_trial)
+            summary = _run_worker_processes(settings, prepared, workers, log, after_trial, pause_at)
     finally:
         log.close()
     return _summarise(prepared, summary)
@@ -480,13 +494,13 @@ def baseline_quality(ctx: Any, spec: ContextSpec) -> dict[str, Any]:
 
 
 def _run_worker_processes(settings: SearchSettings, prepared: PreparedStudy, workers: int, log: SearchLog,
-                          after_trial: AfterTrial | None) -> WorkerSummary:
+                          after_trial: AfterTrial | None, pause_at: float | None = None) -> WorkerSummary:
     ctx = mp.get_context("spawn")
     # the workers join the study and run its stored record (threads included: recorded per study)
     worker_settings = dataclasses.replace(settings, study_name=prepared.study.study_name, storage=prepared.storage_url,
                                           given=frozenset())
     gpus = list(range(workers)) if prepared.device.type == "cuda" else [None] * workers
-    procs = [ctx.Process(target=_worker_process, args=(worker_settings, i, gpus[i], after_trial)) for i in range(workers)]
+    procs = [ctx.Process(target=_worker_process, args=(worker_settings, i, gpus[i], after_trial, pause_at)) for i in range(workers)]
     log(f"starting {workers} workers on {mask_url(prepared.storage_url)}")
     for proc in procs:
         proc.start()
@@ -507,6 +521,8 @@ def _run_worker_processes(settings: SearchSettings, prepared: PreparedStudy, wor
             proc.join(timeout=60)
     summary.stopped_reason = (f"interrupted ({summary.interrupted_by})" if summary.interrupted
                               else "workers finished")
+    # a worker stops at pause_at or at the end of the budget; a resume after the end stops at once
+    summary.paused = pause_at is not None and not summary.interrupted
     return summary
 
 
@@ -536,6 +552,7 @@ def _summarise(prepared: PreparedStudy, worker: WorkerSummary) -> SearchSummary:
         spent=spent,
         stopped_reason=worker.stopped_reason,
         interrupted_by=worker.interrupted_by,
+        paused=worker.paused,
         n_orphaned=orphaned + spent_now.orphaned,
         prepared=prepared,
     )

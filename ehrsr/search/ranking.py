@@ -12,7 +12,9 @@ measured. A proxy is judged by one thing: does it rank configurations as long tr
   estimation for neural architecture search", NeurIPS 2021), negated so that higher is better.
 
 Scores are plain functions of a ``LearningCurve`` so a benchmark can score stored curves again
-without training (``benchmarks/proxy_fidelity.py``).
+without training (``benchmarks/proxy_fidelity.py``). The second half keeps a study's verdicts
+(``FidelityCheck``): the one its space's measured agreement gives at the start, and the steps per
+rung a failed check raises.
 """
 
 from __future__ import annotations
@@ -20,19 +22,27 @@ from __future__ import annotations
 import math
 import warnings
 from collections.abc import Sequence
-from dataclasses import dataclass
-from typing import Literal
+from dataclasses import dataclass, replace
+from typing import Any, Literal
 
 import numpy as np
+import optuna
+
+from ehrsr.study_schema import FIDELITY_CHECKS_ATTR, STEPS_SCALE_ATTR, FidelityCheck, steps_scale
 
 __all__ = [
     "CURVE_MODELS",
     "CurveFit",
     "LearningCurve",
+    "add_check",
+    "check_line",
     "extrapolated_psnr",
     "final_psnr",
     "fit_learning_curve",
     "loss_sum",
+    "raise_steps",
+    "raised_steps_text",
+    "start_check",
 ]
 
 CurveModel = Literal["pow3", "exp3"]
@@ -156,3 +166,61 @@ def extrapolated_psnr(curve: LearningCurve, target_steps: int, model: CurveModel
     points = [(s, v) for s, v in curve.psnr if s >= skip_before]
     fit = fit_learning_curve([s for s, _ in points], [v for _, v in points], model)
     return fit(target_steps)
+
+
+# ---------------------------------------------------------------------------------------------
+# verdicts of a study, and what the search does about them
+
+
+def start_check(space: Any, record: Any) -> tuple[FidelityCheck | None, int]:
+    """The study's verdict before its first trial, from its space's ``proxy`` section when that was
+    measured on the study's task and data (``ProxyAgreement.applies_to``), and the factor on the
+    space's steps to train with: 1, or the space's ``eta`` when the measured agreement is not
+    trusted. ``(None, 1)`` when no measurement applies (the in-study check decides later)."""
+    agreement = space.proxy
+    steps = space.fidelity.max_steps
+    if agreement is None or not agreement.applies_to(record.task, record.data.train, record.data.val):
+        return None, 1
+    check = FidelityCheck(
+        when="start", source="space", trial_steps=steps, kendall=agreement.kendall,
+        kendall_low=agreement.kendall_low, kendall_high=agreement.kendall_high, spearman=agreement.spearman,
+        configurations=agreement.configurations, factor=None, trusted=agreement.trusted,
+        note=f"measured by benchmarks/proxy_fidelity.py on this space and data: {agreement.reference}",
+    )
+    if agreement.trusted:
+        return check, 1
+    scale = space.fidelity.eta
+    return replace(check, action=raised_steps_text(steps, steps * scale)), scale
+
+
+def raised_steps_text(before: int, after: int) -> str:
+    return f"steps per trial raised from {before} to {after} (every rung x{after // before}) for the trials after it"
+
+
+def add_check(study: optuna.Study, check: FidelityCheck) -> None:
+    """Append ``check`` to the study's stored verdicts."""
+    checks = list(study.user_attrs.get(FIDELITY_CHECKS_ATTR) or [])
+    study.set_user_attr(FIDELITY_CHECKS_ATTR, [*checks, check.to_dict()])
+
+
+def raise_steps(study: optuna.Study, factor: int) -> int:
+    """Multiply the study's steps per rung by ``factor`` for the trials that start from now on;
+    returns the new factor on the space's steps."""
+    scale = steps_scale(study) * int(factor)
+    study.set_user_attr(STEPS_SCALE_ATTR, scale)
+    return scale
+
+
+def check_line(check: FidelityCheck) -> str:
+    """One line for logs and the report: the verdict, tau with its interval, where it comes from,
+    and what the search did."""
+    if check.kendall is None or check.trusted is None:
+        verdict = f"no verdict ({check.note or 'too few long retrains'})"
+    else:
+        word = "trusted" if check.trusted else "not trusted"
+        verdict = (f"{word}: Kendall tau {check.kendall:+.2f} [{check.kendall_low:+.2f}, {check.kendall_high:+.2f}] "
+                   f"over {check.configurations} configurations at {check.trial_steps} steps per trial")
+        source = ("the space's agreement measured against long training" if check.source == "space"
+                  else f"this study's retrains, {check.factor:g}x longer")
+        verdict += f" ({source})"
+    return verdict + (f"; {check.action}" if check.action else "")

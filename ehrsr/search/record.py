@@ -66,6 +66,7 @@ class TrialOutcome:
     # final evaluation per image, {name: [psnr, ssim]} (``ehrsr.metrics.encode_per_image``); None: not evaluated
     per_image: dict[str, list[float | None]] | None = None
     traceback: str | None = None  # a child process's traceback (``error``)
+    loss_history: list[list[float]] | None = None  # the run's training-loss curve (complete runs)
 
     def __post_init__(self) -> None:
         self.status = _STORED_STATUS.get(self.status, self.status)
@@ -114,6 +115,8 @@ def record_outcome(
         trial.set_user_attr(TRIAL.steps_done, int(outcome.steps_done))
     if outcome.per_image:
         trial.set_user_attr(PER_IMAGE_ATTR, dict(outcome.per_image))
+    if outcome.loss_history:
+        trial.set_user_attr(TRIAL.loss_history, [list(point) for point in outcome.loss_history])
     if outcome.weights:
         weights = os.path.relpath(outcome.weights, weights_root) if weights_root is not None else outcome.weights
         trial.set_user_attr(TRIAL.weights, weights)

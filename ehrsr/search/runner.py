@@ -89,6 +89,9 @@ class RunResult:
     # final evaluation per image, {name: [psnr, ssim]} (``ehrsr.metrics.encode_per_image``), stored
     # by ``ehrsr.search.record.record_outcome`` as the trial's ``PER_IMAGE_ATTR``
     per_image: dict[str, list[float | None]] | None = None
+    # the training loss, [[step, mean loss since the previous entry], ...] about 36 entries a run
+    # (``ehrsr.search.ranking.loss_sum`` reads it)
+    loss_history: list[list[float]] | None = None
     latency_sources: dict[str, Any] | None = None  # study_schema.LATENCY_SOURCES_ATTR
     canary: dict[str, Any] | None = None  # study_schema.CANARY_ATTR
 
@@ -348,6 +351,7 @@ def run_model(
             on_eval=on_eval,
             progress=ctx.progress,
             seconds=train_seconds,
+            log_every=max(1, steps // LOSS_HISTORY_POINTS),
         )
     except TrainingDiverged as exc:
         seconds["total"] = time.perf_counter() - start
@@ -365,6 +369,7 @@ def run_model(
         return RunResult(
             "complete", None, metrics, ctx.values(metrics), seconds, result.steps_done, rungs, model,
             latency_sources=latency_sources, canary=canary, per_image=dict(per_image),
+            loss_history=[[int(s), float(v)] for s, v in result.history],
         )
     if result.stop_reason == "seconds":
         reason = (f"cut short: training stopped at step {result.steps_done} of {steps} by its "
@@ -375,6 +380,9 @@ def run_model(
     reason = f"stopped at step {result.steps_done} ({result.stop_reason})"
     return RunResult("pruned", reason, last["metrics"], last["values"], seconds, result.steps_done, rungs, model,
                      latency_sources=latency_sources, canary=canary)
+
+
+LOSS_HISTORY_POINTS = 36  # entries of a run's recorded training-loss curve
 
 
 def _finite(value: Any) -> bool:

@@ -28,11 +28,14 @@ import torch
 import ehrsr
 from ehrsr.errors import UserError
 from ehrsr.search.objectives import parse_objectives
+from ehrsr.search.ranking import add_check, check_line, start_check
 from ehrsr.search.runner import TRAIN_SETTINGS_VERSION, RunContext
 from ehrsr.search.storage import StorageError, default_storage_url, mask_url, open_storage
 from ehrsr.study_schema import (
     DEFAULT_OBJECTIVES,
     RECORD_VERSION_ATTR,
+    STEPS_SCALE_ATTR,
+    TRIAL,
     CostLimits,
     DataRecord,
     DeviceRecord,
@@ -732,7 +735,12 @@ def _open_study(settings: SearchSettings, record: StudyRecord, stored: StudyReco
             warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
             study.set_metric_names([o.name for o in objectives])
         for name, params in space.reference_params().items():
-            study.enqueue_trial(params, user_attrs={"reference": name}, skip_if_exists=True)
+            study.enqueue_trial(params, user_attrs={TRIAL.reference: name}, skip_if_exists=True)
+        check, scale = start_check(space, record)  # the space's measured proxy agreement, if it applies
+        if check is not None:
+            add_check(study, check)
+            log(f"proxy fidelity at the start: {check_line(check)}")
+        study.set_user_attr(STEPS_SCALE_ATTR, scale)
         for key, value in record.to_attrs().items():  # record_version last: other workers wait for it
             study.set_user_attr(key, value)
     else:

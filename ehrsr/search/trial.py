@@ -120,6 +120,7 @@ def execute_trial(job: TrialJob, ctx: RunContext | None = None, study: optuna.St
         seconds=dict(result.seconds or {}),
         steps_done=int(result.steps_done),
         per_image=result.per_image,
+        loss_history=result.loss_history,
     )
     if result.metrics and result.metrics.get("latency_ms") is not None:
         outcome.constraints = ctx.limits.constraints(result.metrics)

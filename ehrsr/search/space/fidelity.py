@@ -39,6 +39,19 @@ class Fidelity:
     def n_rungs(self) -> int:
         return len(self.rung_steps)
 
+    def scaled(self, factor: int) -> Fidelity:
+        """This fidelity with every step count (rungs included) ``factor`` times longer: what a
+        study trains with after a proxy-fidelity check raised its steps (``STEPS_SCALE_ATTR``)."""
+        if isinstance(factor, bool) or not isinstance(factor, int) or factor < 1:
+            raise ValueError(f"a steps factor must be an integer >= 1, got {factor!r}")
+        if factor == 1:
+            return self
+        return dataclasses.replace(
+            self, min_steps=self.min_steps * factor, max_steps=self.max_steps * factor,
+            rung_steps=tuple(s * factor for s in self.rung_steps),
+            seconds_per_trial_estimate=self.seconds_per_trial_estimate * factor,
+        )
+
     def train_settings(self, values: dict[str, Any]) -> TrainSettings:
         """What a trial with these sampled ``values`` trains with: this fidelity (full length:
         ``max_steps``) plus the sampled ``lr`` and ``weight_decay`` (the latter defaults to

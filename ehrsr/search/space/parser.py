@@ -18,6 +18,7 @@ from optuna.distributions import (
 )
 
 from ehrsr.config import MODULE_TOGGLES
+from ehrsr.search.space.agreement import parse_proxy
 from ehrsr.search.space.config_fields import (
     CONFIG_DEFAULTS,
     CONFIG_FIELDS,
@@ -35,7 +36,7 @@ from ehrsr.search.space.sampling import SearchSpace
 
 __all__ = ["FLOAT_TEXT", "SpaceParser"]
 
-_TOP_KEYS = ("description", "model", "training")
+_TOP_KEYS = ("description", "model", "training", "proxy")
 _SPEC_KEYS = ("choices", "low", "high", "step", "log")
 _LEVEL_GATED = ("msg.skip_fusion", "msg.attention_gate", "msg.downsample", "trunk_level_offset")
 FLOAT_TEXT = re.compile(r"^[+-]?(\d+\.?\d*|\.\d+)([eE][+-]?\d+)?$")  # PyYAML reads 1e-4 as text
@@ -76,7 +77,9 @@ class SpaceParser:
 
         entries = self._model_entries(model)
         fidelity, train_entries = parse_training(training, self.error, self._entry)
-        space = SearchSpace(self.name, self.path, self.text, description.strip(), entries + train_entries, fidelity)
+        proxy = parse_proxy(data["proxy"], self.error) if "proxy" in data else None
+        space = SearchSpace(self.name, self.path, self.text, description.strip(), entries + train_entries, fidelity,
+                            proxy)
         check_against_config(space, self.error)
         return space
 

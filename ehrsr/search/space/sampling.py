@@ -17,6 +17,7 @@ from optuna.distributions import (
 )
 
 from ehrsr.config import MODULE_TOGGLES, EHRSRConfig
+from ehrsr.search.space.agreement import ProxyAgreement
 from ehrsr.search.space.config_fields import Refused, config_dict
 from ehrsr.search.space.distributions import Entry, in_distribution, middle_value
 from ehrsr.search.space.fidelity import Fidelity
@@ -66,12 +67,14 @@ class SearchSpace:
         description: str,
         entries: list[Entry],
         fidelity: Fidelity,
+        proxy: ProxyAgreement | None = None,
     ) -> None:
         self.name = name
         self.path = path
         self.source_text = source_text
         self.description = description
         self.fidelity = fidelity
+        self.proxy = proxy  # the trial protocol's measured rank agreement with long training, if any
         # parents (module toggles, msg.levels) first, so conditions can be evaluated in one pass
         self._entries = [e for e in entries if e.condition is None] + [e for e in entries if e.condition]
 
