@@ -264,6 +264,16 @@ class ParetoLevels:
         """The keys of each front, front 0 first, ascending inside a front."""
         return [sorted(int(k) for k in self._keys[members]) for members in self._fronts if members.size]
 
+    def leading(self, at_least: int) -> list[int]:
+        """The keys of the first fronts, whole fronts until they hold at least ``at_least`` points
+        (every key when the set is smaller), ascending."""
+        keys: list[int] = []
+        for members in self._fronts:
+            if len(keys) >= at_least:
+                break
+            keys.extend(int(k) for k in self._keys[members])
+        return sorted(keys)
+
     def crowded_rank(self, values: Sequence[float] | np.ndarray) -> CrowdedRank:
         """The rank a new point would take among the set, by (front, larger crowding distance
         first), without inserting it; a point with equal front and crowding is not ahead.

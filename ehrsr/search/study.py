@@ -30,6 +30,7 @@ from ehrsr.search.runner import (
     RunContext,
     stale_train_settings,
 )
+from ehrsr.search.sampler_history import BoundedHistorySampler
 from ehrsr.search.storage import StorageError, default_storage_url, mask_url, open_storage
 from ehrsr.study_schema import (
     DEFAULT_OBJECTIVES,
@@ -284,12 +285,13 @@ def build_sampler(name: str, seed: int, constrained: bool) -> optuna.samplers.Ba
     constraints_func = _constraints_of if constrained else None
     name = name.lower()
     if name == "tpe":
-        # multivariate + group: TPE models the conditional parameters of each module jointly
+        # multivariate + group: TPE models the conditional parameters of each module jointly;
+        # beyond TPE_HISTORY_LIMIT finished trials it reads a bounded view (docs/scaling_out.md)
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
-            return optuna.samplers.TPESampler(
+            return BoundedHistorySampler(optuna.samplers.TPESampler(
                 seed=seed, constraints_func=constraints_func, multivariate=True, group=True
-            )
+            ))
     if name == "nsga2":
         return optuna.samplers.NSGAIISampler(seed=seed, constraints_func=constraints_func)
     if name == "nsga3":
