@@ -18,6 +18,7 @@ import torch
 from ehrsr.model import build_model
 from ehrsr.profiling import count_macs
 from ehrsr.profiling import unit_counts as unit_counts_module
+from ehrsr.profiling.counting import count_parameters, deploy_form
 from ehrsr.profiling.latency_model import sample_configs
 from ehrsr.profiling.unit_counts import UnitCountStore, UnitMacCounter, count_fingerprint
 from ehrsr.search.space import load_space
@@ -60,11 +61,15 @@ def test_each_unit_is_traced_once(monkeypatch: pytest.MonkeyPatch) -> None:
     counter = UnitMacCounter()
     config = _configs("tiny", 1, moe=False)[0]
     first = counter.count(build_model(config), SHAPE)
-    traced = []
-    real = unit_counts_module._count_fvcore
+    traced, copied = [], []
+    real, real_deploy = unit_counts_module._count_fvcore, unit_counts_module.deploy_form
     monkeypatch.setattr(unit_counts_module, "_count_fvcore", lambda *a: traced.append(1) or real(*a))
-    again = counter.count(build_model(config), SHAPE)
+    monkeypatch.setattr(unit_counts_module, "deploy_form", lambda m: copied.append(1) or real_deploy(m))
+    model = build_model(config)
+    again = counter.count(model, SHAPE)
     assert traced == [] and again == first
+    # every unit known: no deploy copy is made, its parameters are the units' sum
+    assert copied == [] and again.params_deploy == count_parameters(real_deploy(model)[0])
     bigger = (1, 3, 64, 64)  # other resolutions are other units
     assert counter.count(build_model(config), bigger).macs == count_macs(build_model(config), bigger).macs
     assert traced
@@ -100,8 +105,9 @@ traced = []
 real = unit_counts._count_fvcore
 unit_counts._count_fvcore = lambda *a: traced.append(1) or real(*a)  # every unit this process traces
 counter = unit_counts.UnitMacCounter(unit_counts.UnitCountStore(sys.argv[1]))
-macs = [counter.count(build_model(c), (1, 3, 40, 56)).macs for c in sample_configs(load_space("tiny"), 2, seed=5)]
-print(json.dumps({"macs": macs, "traced": len(traced), "counted": counter.counted_units,
+counts = [counter.count(build_model(c), (1, 3, 40, 56)) for c in sample_configs(load_space("tiny"), 2, seed=5)]
+print(json.dumps({"macs": [c.macs for c in counts], "params_deploy": [c.params_deploy for c in counts],
+                  "traced": len(traced), "counted": counter.counted_units,
                   "loaded": counter.loaded_units}))
 """
 
@@ -124,13 +130,16 @@ def test_the_disk_store_is_shared_between_processes(tmp_path: Path) -> None:
     writers = [_result(p) for p in [_start_counting(store), _start_counting(store)]]
     # counted here without a store (unit sums equal count_macs: test_unit_sums_equal_whole_network_counts)
     alone = UnitMacCounter()
-    expected = [alone.count(build_model(c), SHAPE).macs for c in sample_configs(load_space("tiny"), 2, seed=5)]
+    configs = list(sample_configs(load_space("tiny"), 2, seed=5))
+    expected = [alone.count(build_model(c), SHAPE).macs for c in configs]
+    expected_params = [count_parameters(deploy_form(build_model(c))[0]) for c in configs]
     for run in writers:
         assert run["macs"] == expected
         assert run["traced"] == run["counted"] > 0
     # a later process counts nothing: every unit comes from the files the others wrote
     reader = _result(_start_counting(store))
     assert reader["macs"] == expected
+    assert reader["params_deploy"] == expected_params
     assert reader["traced"] == reader["counted"] == 0
     assert reader["loaded"] > 0
     entries = list(store.glob("*/*.json"))

@@ -9,6 +9,8 @@ resolution, hyperparameters: ``latency_model.units_of``), and keys repeat across
 ``UnitMacCounter`` counts each key once, on that unit cut out of the deploy form (the same
 modules, the same rules, the same data-path split into ``macs`` and ``macs_constant``) and adds
 the counts: after a few dozen trials almost every key is known and a count costs milliseconds.
+A unit's parameter count is kept with its MACs; the units hold every parameter of the deploy form
+once, so a network whose units are all known is counted without making its deploy copy.
 
 The sum equals ``count_macs``'s fvcore figures exactly because everything between units is
 element-wise (priced at zero by the convention) and each unit's work depends on its input's shape
@@ -69,7 +71,7 @@ __all__ = ["UnitCountStore", "UnitMacCounter", "count_fingerprint", "default_sto
 log = logging.getLogger(__name__)
 
 # Bump when the stored entry changes its layout (the fingerprint covers code changes).
-STORE_FORMAT = 1
+STORE_FORMAT = 2
 # Package files whose code decides a unit's count (globs relative to the ``ehrsr`` package).
 COUNT_SOURCES = (
     "blocks/*.py",
@@ -89,6 +91,7 @@ class _UnitCount:
     constant: int
     by_operator: dict[str, int]
     unsupported: dict[str, int]
+    params: int  # parameters of the unit in the deploy form
 
 
 def count_fingerprint(package_dir: Path | None = None) -> str:
@@ -141,7 +144,7 @@ class UnitCountStore:
                 return None  # a hash collision or a foreign file: count it
             return _UnitCount(int(data["macs"]), int(data["constant"]),
                               {str(k): int(v) for k, v in data["by_operator"].items()},
-                              {str(k): int(v) for k, v in data["unsupported"].items()})
+                              {str(k): int(v) for k, v in data["unsupported"].items()}, int(data["params"]))
         except (OSError, ValueError, KeyError, TypeError, AttributeError):
             return None
 
@@ -189,32 +192,38 @@ class UnitMacCounter:
         shape = validate_input_shape(input_shape, model)
         if not self.eligible(model, shape):
             return count_macs(model, shape)
-        deploy, description = deploy_form(model)
-        assert description == DEPLOY_EHRSR
-        total = constant = 0
+        units = units_of(model.config, shape[-2:])
+        known = [self._known(unit) for unit in units]
+        if all(counted is not None for counted in known):
+            counts = [counted for counted in known if counted is not None]
+        else:  # the deploy copy is made only to count the units not seen before
+            deploy, description = deploy_form(model)
+            assert description == DEPLOY_EHRSR
+            with _eval_mode(deploy):
+                # a key repeated in this network is counted at its first occurrence only
+                counts = [counted or self._known(unit) or self._count(deploy, unit)
+                          for counted, unit in zip(known, units)]
         by_operator: Counter[str] = Counter()
         unsupported: Counter[str] = Counter()
-        with _eval_mode(deploy):
-            for unit in units_of(model.config, shape[-2:]):
-                counted = self._unit(deploy, unit)
-                total += counted.macs
-                constant += counted.constant
-                by_operator.update(counted.by_operator)
-                unsupported.update(counted.unsupported)
+        for counted in counts:
+            by_operator.update(counted.by_operator)
+            unsupported.update(counted.unsupported)
         return MacCount(
-            macs=total,
+            macs=sum(c.macs for c in counts),
             macs_ptflops=None,
             params=count_parameters(model),
-            params_deploy=count_parameters(deploy),
+            # the units hold every parameter of the deploy form, each once (tested)
+            params_deploy=sum(c.params for c in counts),
             unsupported_ops=dict(sorted(unsupported.items())),
             by_operator=dict(sorted((k, v) for k, v in by_operator.items() if v)),
             by_operator_ptflops={},
-            macs_constant=constant,
+            macs_constant=sum(c.constant for c in counts),
             input_shape=shape,
-            deploy_form=description,
+            deploy_form=DEPLOY_EHRSR,
         )
 
-    def _unit(self, deploy: nn.Module, unit: Unit) -> _UnitCount:
+    def _known(self, unit: Unit) -> _UnitCount | None:
+        """The unit's count from this process's memory or the store; None if never counted."""
         with self._lock:
             cached = self._cache.get(unit.key)
             if cached is not None:
@@ -225,11 +234,15 @@ class UnitMacCounter:
             with self._lock:
                 self._cache[unit.key] = stored
                 self.loaded_units += 1
-            return stored
+        return stored
+
+    def _count(self, deploy: nn.Module, unit: Unit) -> _UnitCount:
         generator = torch.Generator().manual_seed(0)
         inputs = tuple(torch.rand(s, generator=generator) for s in unit.input_shapes)
-        tally = _count_fvcore(unit_module(deploy, unit), inputs)
-        counted = _UnitCount(tally.total, tally.constant, dict(tally.by_family), dict(tally.unsupported))
+        module = unit_module(deploy, unit)
+        tally = _count_fvcore(module, inputs)
+        counted = _UnitCount(tally.total, tally.constant, dict(tally.by_family), dict(tally.unsupported),
+                             count_parameters(module))
         if self.store is not None:
             self.store.save(unit, counted)
         with self._lock:
