@@ -168,7 +168,7 @@ class Worker:
     def trial(self) -> dict[str, float]:
         """One synthetic trial; milliseconds per group, the sampler's apart."""
         from ehrsr.model import build_model
-        from ehrsr.pipeline import write_trials_table
+        from ehrsr.pipeline import refresh_trials_table
         from ehrsr.profiling.unit_counts import UnitMacCounter
         from ehrsr.search.budget import estimate_trial_seconds, record_start
         from ehrsr.search.device_latency import predict_device_latencies
@@ -209,7 +209,7 @@ class Worker:
         self._time_whole_history_tpe(study_storage(study).get_trial(trial._trial_id), ms)
         if sampled.config is None:
             timed("record", lambda: record_outcome(study, trial, TrialOutcome.failed("refused", str(sampled.refused))))
-            timed("trials.csv", lambda: write_trials_table(study, self.folder))
+            timed("trials.csv", lambda: refresh_trials_table(study, self.folder))
             return ms
         config = sampled.config.to_dict()
         timed("lookups", lambda: self.policy.check(study, trial.number, config, train))
@@ -243,7 +243,7 @@ class Worker:
 
         timed("record", record)
         timed("budget", lambda: self.budget.used_fraction(self.budget.spent(study)))
-        timed("trials.csv", lambda: write_trials_table(study, self.folder))
+        timed("trials.csv", lambda: refresh_trials_table(study, self.folder))
         return ms
 
     def _time_whole_history_tpe(self, frozen: optuna.trial.FrozenTrial, ms: dict[str, float]) -> None:

@@ -46,7 +46,6 @@ from __future__ import annotations
 
 import math
 import threading
-import weakref
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -54,7 +53,7 @@ from typing import Any
 import numpy as np
 
 from ehrsr.search.pareto import ParetoLevels, to_minimization
-from ehrsr.study_schema import study_storage
+from ehrsr.search.settled import study_cache
 
 __all__ = [
     "MOASHA",
@@ -332,18 +331,7 @@ class _RungTable:
         return len(self.levels) + self.n_nonfinite
 
 
-_TABLES: weakref.WeakKeyDictionary[Any, dict[tuple[str, int, tuple[str, ...]], _RungTable]] = (
-    weakref.WeakKeyDictionary()
-)
-_TABLES_LOCK = threading.Lock()
-
-
 def _rung_table(study: Any, rung_index: int, directions: Sequence[Any]) -> _RungTable:
-    """This process's table of ``study``'s rung (one per storage object, study name and rung)."""
-    names = tuple(str(getattr(d, "name", d)).lower() for d in directions)
-    with _TABLES_LOCK:
-        tables = _TABLES.setdefault(study_storage(study), {})
-        key = (study.study_name, rung_index, names)
-        if key not in tables:
-            tables[key] = _RungTable(list(directions))
-        return tables[key]
+    """This process's table of ``study``'s rung (``settled.study_cache``)."""
+    names = ",".join(str(getattr(d, "name", d)).lower() for d in directions)
+    return study_cache(study, f"rung {rung_index} values ({names})", lambda: _RungTable(list(directions)))

@@ -39,6 +39,7 @@ from optuna.samplers import BaseSampler
 from optuna.trial import FrozenTrial, TrialState
 
 from ehrsr.search.pareto import ParetoLevels
+from ehrsr.search.settled import FinishedScan
 from ehrsr.study_schema import study_storage
 
 __all__ = ["TPE_HISTORY_LIMIT", "BoundedHistorySampler"]
@@ -90,7 +91,7 @@ class BoundedHistorySampler(BaseSampler):
         self.max_trials = max_trials
         self._study_key: tuple[int, str] | None = None
         self._levels: ParetoLevels | None = None  # feasible COMPLETE trials of the whole study
-        self._seen: set[int] = set()  # finished trials already considered for the levels
+        self._scan = FinishedScan()
         self._view_for: tuple[int, optuna.Study] | None = None  # (trial number, view) of this ask
 
     def __repr__(self) -> str:
@@ -106,21 +107,25 @@ class BoundedHistorySampler(BaseSampler):
         """The bounded view of ``finished``, or None when every finished trial is seen."""
         if len(finished) <= self.max_trials:
             return None
-        best = set(self._leading(study, finished))
+        best = set(self._leading(study))
         oldest_recent = finished[-self.max_trials].number
         return [t for t in finished if t.number >= oldest_recent or t.number in best]
 
-    def _leading(self, study: optuna.Study, finished: list[FrozenTrial]) -> list[int]:
+    def _leading(self, study: optuna.Study) -> list[int]:
         """Numbers of the whole study's leading fronts (feasible COMPLETE trials), updated with the
         trials finished since the last call."""
         key = (id(study_storage(study)), study.study_name)
         if key != self._study_key or self._levels is None:
-            self._study_key, self._levels, self._seen = key, ParetoLevels(study.directions), set()
-        for trial in finished:
-            if trial.number not in self._seen:
-                self._seen.add(trial.number)
-                if trial.state == TrialState.COMPLETE and _feasible(trial):
-                    self._levels.add(trial.values, trial.number)
+            self._study_key, self._scan, self._levels = key, FinishedScan(), None
+        new, reset = self._scan.update(study.get_trials(deepcopy=False))
+        if reset or self._levels is None:
+            self._levels = ParetoLevels(study.directions)
+        feasible = [t for t in new if t.state == TrialState.COMPLETE and _feasible(t)]
+        if len(self._levels) == 0:
+            self._levels.extend([t.values for t in feasible], [t.number for t in feasible])
+        else:
+            for trial in feasible:
+                self._levels.add(trial.values, trial.number)
         return self._levels.leading(math.ceil(0.1 * self.max_trials))
 
     def _view(self, study: optuna.Study, trial: FrozenTrial) -> optuna.Study:
