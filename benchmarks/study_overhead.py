@@ -29,7 +29,9 @@ the rung (the reference ranking of tests/test_asha_ranking.py), on top of the sa
 The study is filled with synthetic finished trials first (the tiny space's parameters drawn at
 random, the user attributes of a real trial, a third stopped at rung 0: storage_overhead.py makes
 them) and grows between sizes, so "finished" counts those plus the trials measured before.
-PostgreSQL is a real server on loopback (tests/pg_server.py, fsync off).
+PostgreSQL is a real server on loopback (tests/pg_server.py, fsync off). On SQLite and
+PostgreSQL the table also counts the SQL statements one trial of the loop sends (each a round trip,
+whatever the load: the sampler's included, the comparison timings' not) and times ``SELECT 1``.
 
     python benchmarks/study_overhead.py [--sizes 100,1000,5000] [--trials 20] [--backends sqlite,journal,postgresql]
     python benchmarks/study_overhead.py --smoke      # 20 trials, SQLite and journal, 2 measured: seconds
@@ -173,6 +175,17 @@ class Worker:
             # Optuna's TPE as build_sampler makes it, reading the whole history (for comparison)
             self.whole_history_tpe = optuna.samplers.TPESampler(seed=seed, multivariate=True, group=True)
         self.rng = random.Random(seed)
+        self.statements: StatementCounter | None = None
+        self.uncounted_statements = 0  # statements of this trial's comparison timings
+
+    def _comparison(self, function: Callable[[], Any]) -> Any:
+        """Run a comparison timing whose statements are not the loop's."""
+        before = self.statements.count if self.statements is not None else 0
+        try:
+            return function()
+        finally:
+            if self.statements is not None:
+                self.uncounted_statements += self.statements.count - before
 
     def trial(self) -> dict[str, float]:
         """One synthetic trial; milliseconds per group, the sampler's apart."""
@@ -186,14 +199,18 @@ class Worker:
         from ehrsr.study_schema import LATENCY_SOURCES_ATTR, study_storage
 
         study, ms = self.study, dict.fromkeys((*SUITE, "sampler", "TPE whole history", "MO-ASHA full sort"), 0.0)
+        self.uncounted_statements = 0
 
         def timed(group: str, function: Callable[[], Any]) -> Any:
             sampler_before = self.sampler.seconds
+            statements_before = self.statements.count if self.statements is not None else 0
             start = time.perf_counter()
             out = function()
             inside = self.sampler.seconds - sampler_before
             ms[group] += (time.perf_counter() - start - inside) * 1e3
             ms["sampler"] += inside * 1e3
+            if self.statements is not None:
+                ms[f"{group} SQL"] = ms.get(f"{group} SQL", 0) + self.statements.count - statements_before
             return out
 
         fidelity = self.space.fidelity
@@ -215,7 +232,7 @@ class Worker:
             return sampled, train
 
         sampled, train = timed("ask + start", start_trial)
-        self._time_whole_history_tpe(study_storage(study).get_trial(trial._trial_id), ms)
+        self._comparison(lambda: self._time_whole_history_tpe(study_storage(study).get_trial(trial._trial_id), ms))
         if sampled.config is None:
             timed("record", lambda: record_outcome(study, trial, TrialOutcome.failed("refused", str(sampled.refused))))
             timed("trials.csv", lambda: refresh_trials_table(study, self.folder))
@@ -237,7 +254,7 @@ class Worker:
         for rung, steps in enumerate(self.asha.rungs[:-1]):
             timed("MO-ASHA", lambda r=rung, s=steps: trial.set_user_attr(f"rung_{r}", {"step": s, "values": values}))
             promoted = timed("MO-ASHA", lambda r=rung: self.asha.decide(trial, r, values)).promote
-            self._time_full_sort(trial.number, rung, values, ms)
+            self._comparison(lambda r=rung: self._time_full_sort(trial.number, r, values, ms))
             if not promoted:
                 break
         timed("heartbeat", lambda: heartbeat.__exit__(None, None, None))
@@ -284,13 +301,51 @@ class Worker:
                 model.units[key] = {"latency_ms": 1.0}
 
 
-def measure(worker: Worker, n_trials: int) -> dict[str, float]:
-    runs = [worker.trial() for _ in range(n_trials)]
-    medians = {group: statistics.median(run[group] for run in runs) for group in runs[0]}
+class StatementCounter:
+    """SQL statements sent by an RDB storage (SQLite, PostgreSQL): each is a round trip to the
+    database, whatever the machine's load. ``round_trip_ms``: the median of ``SELECT 1``."""
+
+    def __init__(self, study: optuna.Study) -> None:
+        from ehrsr.study_schema import study_storage
+
+        storage = study_storage(study)
+        self.engine = getattr(getattr(storage, "_backend", storage), "engine", None)  # None: not an RDB
+        self.count = 0
+        if self.engine is not None:
+            import sqlalchemy
+
+            sqlalchemy.event.listen(self.engine, "before_cursor_execute", self._seen)
+
+    def _seen(self, *args: Any) -> None:
+        self.count += 1
+
+    def round_trip_ms(self, repeats: int = 50) -> float | None:
+        if self.engine is None:
+            return None
+        import sqlalchemy
+
+        times = []
+        with self.engine.connect() as connection:
+            for _ in range(repeats):
+                start = time.perf_counter()
+                connection.execute(sqlalchemy.text("SELECT 1")).fetchall()
+                times.append((time.perf_counter() - start) * 1e3)
+        return statistics.median(times)
+
+
+def measure(worker: Worker, n_trials: int, statements: StatementCounter) -> dict[str, float]:
+    runs = []
+    counts = []
+    for _ in range(n_trials):
+        before = statements.count
+        runs.append(worker.trial())  # the statements of the whole-history TPE and full sort are not counted:
+        counts.append(statements.count - before - worker.uncounted_statements)
+    medians = {group: statistics.median(run.get(group, 0) for run in runs) for group in runs[-1]}
     totals = [sum(run[g] for g in SUITE) for run in runs]
     medians["suite total"] = statistics.median(totals)
     medians["suite mean"] = statistics.fmean(totals)  # paced work (trials.csv) shows here
     medians["suite max"] = max(totals)
+    medians["SQL statements"] = statistics.median(counts) if statements.engine is not None else float("nan")
     return medians
 
 
@@ -326,6 +381,7 @@ def main() -> None:
     print(f"  {len(history)} synthetic trials and a latency model of {len(devices[0][1].units)} units "
           f"in {time.perf_counter() - t0:.1f} s", flush=True)
     rows = []
+    statement_rows = []
     with postgres_if_wanted(backends) as server, tempfile.TemporaryDirectory() as tmp:
         for backend in backends:
             url = storage_url(backend, f"overhead_{backend}", tmp, server)
@@ -336,21 +392,30 @@ def main() -> None:
                 if study is None:
                     study = create_filled_study(url, history[:size])
                     worker = Worker(study, space, Path(tmp) / backend, shape, devices, args.seed)
+                    worker.statements = statements = StatementCounter(study)
                 else:
                     study.add_trials(history[filled:size])
                 filled = size
                 fill_s = time.perf_counter() - t0
                 n_finished = len(study.get_trials(deepcopy=False, states=(TrialState.COMPLETE, TrialState.PRUNED)))
-                m = measure(worker, args.trials)
+                m = measure(worker, args.trials, statements)
+                round_trip = statements.round_trip_ms()
+                if statements.engine is not None:
+                    statement_rows.append([backend, n_finished, *(m.get(f"{g} SQL", 0) for g in SUITE),
+                                           m["SQL statements"]])
                 rows.append([backend, n_finished, *(m[g] for g in SUITE), m["suite total"], m["suite mean"],
-                             m["suite max"], m["sampler"], m["TPE whole history"], m["MO-ASHA full sort"], fill_s])
+                             m["suite max"], m["SQL statements"], round_trip if round_trip is not None else "-",
+                             m["sampler"], m["TPE whole history"], m["MO-ASHA full sort"], fill_s])
                 print(f"  {backend} {n_finished} finished: suite {m['suite total']:.1f} ms, sampler "
                       f"{m['sampler']:.1f} ms, TPE whole history {m['TPE whole history']:.1f} ms "
                       f"(filled in {fill_s:.1f} s, load {os.getloadavg()[0]:.1f})", flush=True)
-    print_table(["storage", "finished", *SUITE, "suite total", "suite mean", "suite max", "sampler",
-                 "TPE whole history", "MO-ASHA full sort", "fill s"], rows,
+    print_table(["storage", "finished", *SUITE, "suite total", "suite mean", "suite max", "SQL statements",
+                 "SELECT 1 ms", "sampler", "TPE whole history", "MO-ASHA full sort", "fill s"], rows,
                 title=f"ms per trial (medians; 'suite mean' and 'suite max': mean and slowest trial), load "
                       f"average {os.getloadavg()[0]:.1f} at the end")
+    if statement_rows:
+        print_table(["storage", "finished", *SUITE, "all"], statement_rows,
+                    title="SQL statements per trial (medians; 'ask + start' includes the sampler's reads)")
 
 
 if __name__ == "__main__":
