@@ -24,18 +24,19 @@ def test_rewrites_are_paced_by_their_own_cost(tmp_path: Path, monkeypatch: pytes
     monkeypatch.setattr(pipeline, "write_trials_csv", fake_write)
     monkeypatch.setattr(pipeline, "_TABLE_WRITES", {})
     folder = tmp_path / "study"
+    pause = pipeline.TRIALS_TABLE_PAUSE_FACTOR * 0.5
     pipeline.refresh_trials_table(None, folder)  # the first trial: written
     assert writes == [100.0]
-    for elapsed in (1.0, 5.0, 9.9):  # trials ending within 20 x 0.5 s of the last rewrite: skipped
+    for elapsed in (1.0, pause / 2, pause - 0.1):  # trials ending within factor x 0.5 s of it: skipped
         clock["now"] = 100.5 + elapsed
         pipeline.refresh_trials_table(None, folder)
     assert len(writes) == 1
-    clock["now"] = 100.5 + 10.0
+    clock["now"] = 100.5 + pause
     pipeline.refresh_trials_table(None, folder)
-    assert writes == [100.0, 110.5]
-    clock["now"] = 111.5
+    assert writes == [100.0, 100.5 + pause]
+    clock["now"] += 1.0
     pipeline.write_trials_table(None, folder)  # the search's end: always written
-    assert writes[-1] == 111.5
+    assert writes[-1] == clock["now"] - 0.5
     other = tmp_path / "other"
     pipeline.refresh_trials_table(None, other)  # another study's table is paced on its own
     assert len(writes) == 4
