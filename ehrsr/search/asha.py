@@ -53,7 +53,7 @@ from typing import Any
 import numpy as np
 
 from ehrsr.search.pareto import ParetoLevels, to_minimization
-from ehrsr.search.settled import study_cache
+from ehrsr.search.settled import FinishedScan, study_cache
 
 __all__ = [
     "MOASHA",
@@ -269,24 +269,19 @@ class _RungTable:
     """The values one process has read at one rung of one study, sorted into fronts.
 
     A trial's rung value never changes once written, and a finished trial without one never gets
-    one, so ``settled`` (every trial numbered below it is finished or read) only grows and a
-    refresh looks at the trials from there on.
+    one: a refresh reads the trials finished since the last one (``settled.FinishedScan``) and the
+    running ones, skipping those already read.
     """
 
     directions: list[Any]
     levels: ParetoLevels = field(init=False)
     known: set[int] = field(default_factory=set)  # trial numbers read (finite or not)
     n_nonfinite: int = 0
-    settled: int = 0
-    first_trial_id: int | None = None  # a study re-created under the same id starts anew
+    scan: FinishedScan = field(default_factory=FinishedScan)
     lock: threading.Lock = field(default_factory=threading.Lock)
 
     def __post_init__(self) -> None:
         self.levels = ParetoLevels(self.directions)
-
-    def reset(self) -> None:
-        self.levels = ParetoLevels(self.directions)
-        self.known, self.n_nonfinite, self.settled, self.first_trial_id = set(), 0, 0, None
 
     def refresh(self, study: Any, rung_index: int, exclude: int) -> int | None:
         """Read the rung values not read yet (every trial but ``exclude``); return how many
@@ -294,33 +289,23 @@ class _RungTable:
         value was read earlier (the caller then ranks from the storage)."""
         key = rung_attr(rung_index)
         trials = study.get_trials(deepcopy=False)
-        if trials and self.first_trial_id not in (None, trials[0]._trial_id):
-            self.reset()
-        if trials:
-            self.first_trial_id = trials[0]._trial_id
-        start = self.settled
-        if not (start <= len(trials) and (start == 0 or trials[start - 1].number == start - 1)):
-            start = 0  # numbers are not 0..n-1 in order: look at every trial (read ones are skipped)
-        advancing = start == self.settled
+        finished, reset = self.scan.update(trials)
+        if reset:  # another study under the same name: start over
+            self.levels, self.known, self.n_nonfinite = ParetoLevels(self.directions), set(), 0
         new_values: list[list[float]] = []
         new_numbers: list[int] = []
-        for frozen in trials[start:]:
+        for frozen in (*finished, *self.scan.unfinished(trials)):
             number = frozen.number
-            if number not in self.known and number != exclude:
-                values = frozen.user_attrs.get(key)
-                if values is not None:
-                    self.known.add(number)
-                    row = [float(v) for v in values]
-                    if all(map(math.isfinite, row)):
-                        new_values.append(row)
-                        new_numbers.append(number)
-                    else:
-                        self.n_nonfinite += 1
-            if advancing:
-                if number in self.known or frozen.state.is_finished():
-                    self.settled = number + 1
-                else:
-                    advancing = False
+            values = frozen.user_attrs.get(key)
+            if values is None or number in self.known or number == exclude:
+                continue
+            self.known.add(number)
+            row = [float(v) for v in values]
+            if all(map(math.isfinite, row)):
+                new_values.append(row)
+                new_numbers.append(number)
+            else:
+                self.n_nonfinite += 1
         if len(self.levels) == 0:
             self.levels.extend(new_values, new_numbers)
         else:
