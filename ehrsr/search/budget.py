@@ -33,14 +33,18 @@ How each trial is counted:
   charge; Optuna's heartbeat or the driver later marks that trial failed, and its time up to then
   is charged).
 
+Cost: a finished trial's charge never changes, so each process sums it once (``_Ledger``, with
+``ehrsr.search.settled``); a budget query then reads only the trials not finished yet and those
+finished since the last query, however long the study.
+
 Clocks: Optuna stores ``datetime_start`` in the local time of the worker that started the trial,
 so workers on several machines should share a time zone and NTP-synchronised clocks.
 """
 
 from __future__ import annotations
 
+import bisect
 import math
-import statistics
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
@@ -48,6 +52,7 @@ from typing import Any
 from optuna.trial import TrialState
 
 from ehrsr.search.liveness import orphan_of
+from ehrsr.search.settled import FinishedScan, study_cache
 from ehrsr.study_schema import TRIAL
 
 __all__ = [
@@ -271,32 +276,102 @@ def trial_charge(trial: Any, now: datetime | None = None) -> TrialCharge:
     return TrialCharge(seconds, kind, counted=True, running=False, refused=False)
 
 
+class _Tally:
+    """``Spent`` summed one charge at a time, in the order given (float sums are left to right)."""
+
+    def __init__(self) -> None:
+        self.gpu_seconds: float = 0
+        self.cpu_seconds: float = 0
+        self.total_seconds: float = 0
+        self.trials = self.running = self.refused = self.orphaned = self.repeats = 0
+
+    def add(self, charge: TrialCharge) -> None:
+        if charge.device_kind == "cuda":
+            self.gpu_seconds += charge.seconds
+        if charge.device_kind == "cpu":
+            self.cpu_seconds += charge.seconds
+        self.total_seconds += charge.seconds
+        self.trials += charge.counted
+        self.running += charge.running and charge.counted
+        self.refused += charge.refused
+        self.orphaned += charge.orphaned
+        self.repeats += charge.repeat
+
+    def copy(self) -> _Tally:
+        tally = _Tally()
+        tally.__dict__.update(self.__dict__)
+        return tally
+
+    def spent(self) -> Spent:
+        return Spent(self.gpu_seconds, self.cpu_seconds, self.total_seconds, self.trials, self.running,
+                     self.refused, self.orphaned, self.repeats)
+
+
 def _sum(charges: list[TrialCharge]) -> Spent:
-    return Spent(
-        gpu_seconds=sum(c.seconds for c in charges if c.device_kind == "cuda"),
-        cpu_seconds=sum(c.seconds for c in charges if c.device_kind == "cpu"),
-        total_seconds=sum(c.seconds for c in charges),
-        trials=sum(c.counted for c in charges),
-        running=sum(c.running and c.counted for c in charges),
-        refused=sum(c.refused for c in charges),
-        orphaned=sum(c.orphaned for c in charges),
-        repeats=sum(c.repeat for c in charges),
-    )
+    tally = _Tally()
+    for charge in charges:
+        tally.add(charge)
+    return tally.spent()
+
+
+class _Ledger:
+    """The charges of a study's finished trials as this process has read them (a finished trial's
+    charge never changes; ``ehrsr.search.settled``): ``prefix`` sums every trial numbered below
+    ``mark`` (all finished), ``above`` holds the finished ones from there on, and ``ran`` the
+    sorted charges ``estimate_trial_seconds`` takes its median from, by device kind."""
+
+    def __init__(self) -> None:
+        self.scan = FinishedScan()
+        self.clear()
+
+    def clear(self) -> None:
+        self.prefix = _Tally()
+        self.mark = 0
+        self.above: dict[int, TrialCharge] = {}
+        self.ran: dict[str | None, list[float]] = {}  # device kind -> sorted charges
+        self.ran_all: list[float] = []
+
+    def read(self, study: Any) -> list[Any]:
+        """Take in the trials finished since the last read; returns the study's trials."""
+        trials = study.get_trials(deepcopy=False)
+        new, reset = self.scan.update(trials)
+        if reset:
+            self.clear()
+        for frozen in new:
+            charge = trial_charge(frozen)
+            self.above[frozen.number] = charge
+            if frozen.state in (TrialState.COMPLETE, TrialState.PRUNED) and not charge.refused and charge.seconds > 0:
+                bisect.insort(self.ran.setdefault(charge.device_kind, []), charge.seconds)
+                bisect.insort(self.ran_all, charge.seconds)
+        while self.mark < self.scan.settled:
+            self.prefix.add(self.above.pop(self.mark))
+            self.mark += 1
+        return trials
+
+
+def _ledger(study: Any) -> _Ledger:
+    return study_cache(study, "budget ledger", _Ledger)
+
+
+def _median_of_sorted(values: list[float]) -> float:
+    """``statistics.median`` of an already sorted list, without sorting it again."""
+    n = len(values)
+    return values[n // 2] if n % 2 else (values[n // 2 - 1] + values[n // 2]) / 2
 
 
 def estimate_trial_seconds(study: Any, prior_seconds: float, device_kind: str | None = None) -> float:
     """Expected charge of the next trial: the median charge of the study's trials that ran to an
     end (complete or stopped early; of ``device_kind`` when given), or ``prior_seconds`` (the
     space's ``seconds_per_trial_estimate``) before there are any."""
-    charges = []
-    for frozen in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE, TrialState.PRUNED)):
-        charge = trial_charge(frozen)
-        if charge.refused or charge.seconds <= 0:
-            continue
-        if device_kind is not None and charge.device_kind not in (device_kind, None):
-            continue
-        charges.append(charge.seconds)
-    return float(statistics.median(charges)) if charges else float(prior_seconds)
+    ledger = _ledger(study)
+    with ledger.scan.lock:
+        ledger.read(study)
+        if device_kind is None:
+            charges = ledger.ran_all
+        else:  # a trial that never recorded its device kind counts for every kind
+            of_kind, unknown = ledger.ran.get(device_kind, []), ledger.ran.get(None, [])
+            charges = sorted(of_kind + unknown) if unknown else of_kind
+        return float(_median_of_sorted(charges)) if charges else float(prior_seconds)
 
 
 class Budget:
@@ -331,7 +406,14 @@ class Budget:
     # -- accounting -------------------------------------------------------------------------------
     def spent(self, study: Any, now: datetime | None = None) -> Spent:
         """Everything charged so far by the study's trials (all workers, all sessions)."""
-        return _sum([trial_charge(t, now) for t in study.get_trials(deepcopy=False)])
+        ledger = _ledger(study)
+        with ledger.scan.lock:
+            trials = ledger.read(study)
+            tally = ledger.prefix.copy()
+            for frozen in trials[ledger.mark:]:
+                charge = ledger.above.get(frozen.number)
+                tally.add(charge if charge is not None else trial_charge(frozen, now))
+            return tally.spent()
 
     def remaining(self, study: Any, now: datetime | None = None) -> dict[str, float]:
         """What is left of each limit, in its own unit (never below 0)."""
@@ -372,15 +454,21 @@ class Budget:
         slot, the lower-numbered trial wins and the others (told FAIL with ``record_refused``)
         cost nothing.
         """
-        charges = []
-        for frozen in study.get_trials(deepcopy=False):
-            if trial_number is not None and frozen.number >= trial_number:
-                continue
-            charge = trial_charge(frozen, now)
-            if charge.running and charge.counted:
-                charge = TrialCharge(max(charge.seconds, estimate_seconds), charge.device_kind, True, True, False)
-            charges.append(charge)
-        spent = _sum(charges)
+        ledger = _ledger(study)
+        with ledger.scan.lock:
+            trials = ledger.read(study)
+            below = trial_number if trial_number is not None else len(trials)
+            # the trials below ``mark`` are finished and summed; a trial numbered below them
+            # (not the running trial a worker just asked for) is summed from scratch
+            tally = ledger.prefix.copy() if below >= ledger.mark else _Tally()
+            for frozen in trials[ledger.mark if below >= ledger.mark else 0:]:
+                if frozen.number >= below:
+                    continue
+                charge = ledger.above.get(frozen.number) or trial_charge(frozen, now)
+                if charge.running and charge.counted:
+                    charge = TrialCharge(max(charge.seconds, estimate_seconds), charge.device_kind, True, True, False)
+                tally.add(charge)
+        spent = tally.spent()
         reason = self._exhausted(spent)
         if reason is not None:
             return False, reason

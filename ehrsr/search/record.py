@@ -28,6 +28,7 @@ from optuna.trial import TrialState
 
 from ehrsr.search.budget import record_charge, record_refused
 from ehrsr.search.liveness import STALE_SECONDS, current_worker, orphan_of
+from ehrsr.search.settled import FinishedScan, study_cache
 from ehrsr.study_schema import PER_IMAGE_ATTR, TRIAL, study_storage
 
 __all__ = [
@@ -166,7 +167,12 @@ def fail_stale_trials(study: optuna.Study, now: float | None = None) -> list[int
     now = time.time() if now is None else now
     failed = []
     storage = study_storage(study)
-    for frozen in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
+    scan = study_cache(study, "running trials", FinishedScan)  # only unfinished trials are looked at
+    trials = study.get_trials(deepcopy=False)
+    with scan.lock:
+        scan.update(trials)
+        running = [t for t in scan.unfinished(trials) if t.state == TrialState.RUNNING]
+    for frozen in running:
         orphan = orphan_of(frozen, now)
         if orphan is None:
             continue

@@ -32,6 +32,7 @@ import optuna
 from optuna.trial import FrozenTrial, TrialState
 
 from ehrsr.search.record import TrialOutcome
+from ehrsr.search.settled import FinishedIndex, json_key, study_cache
 from ehrsr.study_schema import TRIAL
 
 __all__ = [
@@ -76,13 +77,30 @@ def find_finished_repeat(
     """The earliest COMPLETE or PRUNED trial with the same architecture (``config`` user attribute)
     and the same training settings and fidelity (``train``: steps, batch, patch, loss, optimiser
     ...), or None. ``exclude`` is the asking trial's own number. Earlier repeats are skipped in
-    favour of the trial that actually trained."""
+    favour of the trial that actually trained. Each process indexes the finished trials once
+    (``ehrsr.search.settled``), so the lookup does not grow with the study."""
+    index = study_cache(study, "finished configurations", lambda: FinishedIndex(_repeat_key))
+    found = index.lookup(study, (json_key(config), json_key(train)))
+    if found is not None and found.number != exclude and _same_run(found, config, train):
+        return found
+    if found is None:
+        return None
+    # the earliest match is the asking trial itself, or equal only as JSON: look through them all
     for frozen in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE, TrialState.PRUNED)):
-        if frozen.number == exclude or TRIAL.repeat_of in frozen.user_attrs:
-            continue
-        if frozen.user_attrs.get(TRIAL.config) == config and frozen.user_attrs.get(TRIAL.train) == train:
+        if frozen.number != exclude and TRIAL.repeat_of not in frozen.user_attrs and _same_run(frozen, config, train):
             return frozen
     return None
+
+
+def _same_run(frozen: FrozenTrial, config: dict[str, Any], train: dict[str, Any]) -> bool:
+    return frozen.user_attrs.get(TRIAL.config) == config and frozen.user_attrs.get(TRIAL.train) == train
+
+
+def _repeat_key(frozen: FrozenTrial) -> tuple[str, str] | None:
+    """``find_finished_repeat``'s index key of a finished trial (None: it cannot be repeated)."""
+    if frozen.state not in (TrialState.COMPLETE, TrialState.PRUNED) or TRIAL.repeat_of in frozen.user_attrs:
+        return None
+    return json_key(frozen.user_attrs.get(TRIAL.config)), json_key(frozen.user_attrs.get(TRIAL.train))
 
 
 def repeat_outcome(earlier: FrozenTrial) -> TrialOutcome:

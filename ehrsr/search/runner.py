@@ -101,12 +101,13 @@ _UNIT_COUNTER: Any = None
 
 def unit_mac_counter() -> Any:
     """This process's ``UnitMacCounter``: a trial's MACs summed from unit counts cached across
-    trials (exactly ``count_macs``'s fvcore figures; docs/profiling.md, "Counting in a search")."""
+    trials and, on disk, across the processes of this machine (exactly ``count_macs``'s fvcore
+    figures; docs/profiling.md, "Counting in a search")."""
     global _UNIT_COUNTER
     if _UNIT_COUNTER is None:
-        from ehrsr.profiling.unit_counts import UnitMacCounter
+        from ehrsr.profiling.unit_counts import UnitCountStore, UnitMacCounter, default_store_dir
 
-        _UNIT_COUNTER = UnitMacCounter()
+        _UNIT_COUNTER = UnitMacCounter(UnitCountStore(default_store_dir()))
     return _UNIT_COUNTER
 
 

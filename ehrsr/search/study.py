@@ -30,6 +30,7 @@ from ehrsr.errors import UserError
 from ehrsr.search.objectives import parse_objectives
 from ehrsr.search.ranking import add_check, check_line, start_check
 from ehrsr.search.runner import TRAIN_SETTINGS_VERSION, RunContext
+from ehrsr.search.sampler_history import BoundedHistorySampler
 from ehrsr.search.storage import StorageError, default_storage_url, mask_url, open_storage
 from ehrsr.study_schema import (
     DEFAULT_OBJECTIVES,
@@ -344,10 +345,11 @@ def build_sampler(name: str, seed: int) -> optuna.samplers.BaseSampler:
     so a resume or a second worker does not replay the first proposals."""
     name = name.lower()
     if name == "tpe":
-        # multivariate + group: TPE models the conditional parameters of each module jointly
+        # multivariate + group: TPE models the conditional parameters of each module jointly;
+        # beyond TPE_HISTORY_LIMIT finished trials it reads a bounded view (docs/scaling_out.md)
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
-            return optuna.samplers.TPESampler(seed=seed, multivariate=True, group=True)
+            return BoundedHistorySampler(optuna.samplers.TPESampler(seed=seed, multivariate=True, group=True))
     if name == "nsga2":
         return optuna.samplers.NSGAIISampler(seed=seed)
     if name == "nsga3":

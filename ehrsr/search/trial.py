@@ -25,6 +25,7 @@ from ehrsr.config import EHRSRConfig
 from ehrsr.interrupts import interrupt_name, sigterm_as_interrupt
 from ehrsr.search.record import HEARTBEAT_SECONDS, STALE_SECONDS, Heartbeat, TrialOutcome, fail_stale_trials
 from ehrsr.search.runner import RunContext, RunResult, jsonable_metrics, run_configuration
+from ehrsr.search.settled import FinishedIndex, json_key, study_cache
 from ehrsr.search.storage import open_storage
 from ehrsr.search.study import ContextSpec, build_context
 from ehrsr.study_schema import COST_KEYS, TRIAL, rung_record_attr
@@ -153,16 +154,33 @@ def cached_cost(study: optuna.Study, config: dict[str, Any], device_name: str | 
     properties of the architecture and the device), and samplers often revisit a configuration, so
     re-profiling it would only add timing noise and spend budget. Returns (trial number, metrics).
     MoE routing, hence its MACs, varies slightly with the weights; the first measurement is kept.
+    Each process indexes the finished trials once (``ehrsr.search.settled``).
     """
     if device_name is None:
         return None
-    for frozen in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE, TrialState.PRUNED)):
-        if frozen.number == exclude or frozen.user_attrs.get(TRIAL.device_name) != device_name:
-            continue
-        metrics = frozen.user_attrs.get(TRIAL.metrics) or {}
-        if frozen.user_attrs.get(TRIAL.config) == config and all(metrics.get(k) is not None for k in COST_KEYS[:-1]):
-            return frozen.number, {k: metrics[k] for k in COST_KEYS if k in metrics}
-    return None
+    index = study_cache(study, "profiled configurations", lambda: FinishedIndex(_profiled_key))
+    found = index.lookup(study, (device_name, json_key(config)))
+    if found is not None and (found.number == exclude or found.user_attrs.get(TRIAL.config) != config):
+        # the asking trial itself, or equal only as JSON: look through them all
+        found = next((t for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE, TrialState.PRUNED))
+                      if t.number != exclude and _profiled_key(t) is not None
+                      and t.user_attrs.get(TRIAL.device_name) == device_name and t.user_attrs.get(TRIAL.config) == config),
+                     None)
+    if found is None:
+        return None
+    metrics = found.user_attrs[TRIAL.metrics]
+    return found.number, {k: metrics[k] for k in COST_KEYS if k in metrics}
+
+
+def _profiled_key(frozen: optuna.trial.FrozenTrial) -> tuple[Any, str] | None:
+    """``cached_cost``'s index key of a finished trial: (device name, configuration), or None when
+    its cost was not measured in full."""
+    metrics = frozen.user_attrs.get(TRIAL.metrics) or {}
+    if frozen.state not in (TrialState.COMPLETE, TrialState.PRUNED) or not all(
+        metrics.get(k) is not None for k in COST_KEYS[:-1]
+    ):
+        return None
+    return frozen.user_attrs.get(TRIAL.device_name), json_key(frozen.user_attrs.get(TRIAL.config))
 
 
 def _child_main(job: TrialJob, results: Any) -> None:
