@@ -168,7 +168,7 @@ class Worker:
         self.asha = MOASHA.from_fidelity(space.fidelity, study.directions)
         self.store = UnitCountStore(default_store_dir())
         self.process_counter = UnitMacCounter(self.store)
-        self.sampler = TimedSampler(build_sampler("tpe", seed, constrained=False))
+        self.sampler = TimedSampler(build_sampler("tpe", seed))
         study.sampler = self.sampler
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
@@ -349,7 +349,7 @@ def measure(worker: Worker, n_trials: int, statements: StatementCounter) -> dict
     return medians
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
     warnings.simplefilter("ignore", FutureWarning)
@@ -362,7 +362,7 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--smoke", action="store_true",
                         help="the same code at the smallest size: 20 finished trials, 2 measured, SQLite and journal")
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     if args.smoke:
         args.sizes, args.trials, args.backends = "20", 2, "sqlite,journal"
     sizes = sorted(int(s) for s in args.sizes.split(","))
