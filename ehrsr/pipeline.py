@@ -18,7 +18,16 @@ import optuna
 
 from ehrsr.ablation import AblationError, AblationResult, run_controlled_ablation
 from ehrsr.ablation.baselines import BaselinesResult, parse_baselines, run_baselines, space_size_class
-from ehrsr.ablation.fidelity import FidelityResult, fidelity_sources, run_fidelity
+from ehrsr.ablation.fidelity import (
+    EARLY_CHECK_AT,
+    EARLY_SHARE,
+    FidelityResult,
+    ablation_fidelity,
+    act_on,
+    check_now,
+    fidelity_sources,
+    run_fidelity,
+)
 from ehrsr.deploy import (
     DeploymentError,
     DeploymentPick,
@@ -30,6 +39,7 @@ from ehrsr.deploy import (
 from ehrsr.interrupts import SIGTERM, interrupt_name
 from ehrsr.reports import write_report, write_trials_csv
 from ehrsr.search.driver import SearchLog, SearchSummary, print_summary, run_search
+from ehrsr.search.pareto import front_trials
 from ehrsr.search.storage import open_storage
 from ehrsr.search.study import (
     PreparedStudy,
@@ -37,6 +47,7 @@ from ehrsr.search.study import (
     build_context,
     context_spec,
     load_study,
+    space_of,
     stored_record,
 )
 
@@ -91,7 +102,15 @@ def run_pipeline(settings: SearchSettings) -> SearchSummary:
     signal (Slurm's ``KillWait``, Kubernetes' ``terminationGracePeriodSeconds``, 30 s by default),
     and the summary must come first. ``run_search.py report`` writes the report from the storage."""
     log = SearchLog(settings.verbosity)
-    summary = run_search(settings, log=log, after_trial=refresh_trials_table)
+    # a study whose space's proxy agreement does not apply to it checks its own, part-way
+    summary = run_search(settings, log=log, after_trial=refresh_trials_table, pause_at=EARLY_CHECK_AT)
+    if summary.paused and not summary.interrupted and summary.prepared is not None:
+        try:
+            _early_check(summary.prepared, log)
+            summary = run_search(settings, log=log, after_trial=refresh_trials_table)
+        except KeyboardInterrupt as exc:  # the running retrain is already recorded as interrupted
+            summary.interrupted_by = interrupt_name(exc)
+            summary.stopped_reason = f"interrupted ({summary.interrupted_by}) during the proxy-fidelity check"
     prepared = summary.prepared
     assert prepared is not None  # run_search always sets it
     settings = prepared.settings  # the study record's values (a resume may not change them)
@@ -99,11 +118,13 @@ def run_pipeline(settings: SearchSettings) -> SearchSummary:
     write_trials_table(study, prepared.study_dir)
     if settings.write_reports and not summary.interrupted:
         try:
+            ctx = _lazy_context(study, prepared, settings)
+            _fidelity_step(study, prepared, settings, log, ctx)  # first: the ablation runs at its verdict
             try:
                 summary.ablation = _after_search(study, prepared, settings, log)
             except Exception as exc:  # the search results are safe in the storage; say what went wrong
                 log(f"warning: ablation / deployment step failed: {type(exc).__name__}: {exc}")
-            _trust_steps(study, prepared, settings, log)
+            _baselines_step(study, prepared, settings, log, ctx)
         except KeyboardInterrupt as exc:  # the running side run is already recorded as interrupted
             summary.interrupted_by = interrupt_name(exc)
             summary.stopped_reason = f"interrupted ({summary.interrupted_by}) after the search"
@@ -124,18 +145,21 @@ def _after_search(study: optuna.Study, prepared: PreparedStudy, settings: Search
     """The controlled ablation on its reserved budget, then deployment picks for the device
     profiles that match this machine. Problems are reported, never fatal. Returns a line on the
     ablation for the summary."""
-    if not study.best_trials:
+    if not front_trials(study):
         log("no finished feasible trial: no controlled ablation and no deployment pick")
         return None
     ablation_line = None
     if settings.ablation_share > 0:
         seconds = share_seconds(prepared.budget, study, settings.ablation_share, settings.reserved_share)
-        log(f"controlled ablation: up to {seconds / 60:.1f} device-minutes ({settings.ablation_share:.0%} of the budget)")
+        fidelity = ablation_fidelity(study, settings.fidelity_factor, settings.ablation_seeds)
+        log(f"controlled ablation: up to {seconds / 60:.1f} device-minutes ({settings.ablation_share:.0%} of the "
+            f"budget), {fidelity.note}")
         try:
             result = run_ablation(
                 study.study_name, prepared.storage_url, settings.out_dir, device=str(prepared.device),
-                reference=None, seeds=settings.ablation_seeds, budget_seconds=seconds,
-                lpips_weights=settings.lpips_weights, verbosity=settings.verbosity,
+                reference=None, seeds=fidelity.seeds, budget_seconds=seconds,
+                lpips_weights=settings.lpips_weights, verbosity=settings.verbosity, steps=fidelity.steps,
+                fidelity_note=fidelity.note,
             )
             ablation_line = (
                 f"trial #{result.reference_trial}: {result.runs_run + result.runs_skipped} of {result.runs_planned} "
@@ -173,6 +197,8 @@ def run_ablation(
     device: str | None,
     reference: int | None,
     seeds: int | Literal["auto"] | None = None,
+    steps: int | None = None,
+    fidelity_note: str | None = None,
     budget_seconds: float | None,
     lpips_weights: str | None,
     verbosity: int = 1,
@@ -183,7 +209,12 @@ def run_ablation(
     ctx = _context_of(study, device, lpips_weights, verbosity)
     if seeds is None:  # the study's --ablation-seeds
         seeds = stored_record(study).shares.ablation_seeds
+    if steps is None and fidelity_note is None:  # the ablate subcommand: the same rule as after a search
+        shares = stored_record(study).shares
+        fidelity = ablation_fidelity(study, shares.fidelity_factor, seeds)
+        steps, seeds, fidelity_note = fidelity.steps, fidelity.seeds, fidelity.note
     result = run_controlled_ablation(study, ctx, reference=reference, seeds=seeds, budget_seconds=budget_seconds,
+                                     steps=steps, fidelity_note=fidelity_note,
                                      progress=verbosity >= 1)
     refresh_report(study, study_dir)
     return result
@@ -233,48 +264,76 @@ def refresh_report(study: optuna.Study, study_dir: Path) -> Path:
 # baselines and proxy fidelity (docs/baselines.md, docs/reports.md "Proxy fidelity")
 
 
-def _trust_steps(study: optuna.Study, prepared: PreparedStudy, settings: SearchSettings, log: SearchLog) -> None:
-    """After the search: the hand-designed baselines with the study's trial protocol, then the
-    proxy-fidelity retrains, each on its share of the budget. Problems are reported, never fatal."""
-    try:
-        specs = parse_baselines(settings.baselines, space_size_class(study))
-    except AblationError as exc:  # the CLI checks the names first; a direct caller hears it here
-        log(f"baselines skipped: {exc}")
-        specs = []
-    steps: list[tuple[str, float, Callable[[Callable[[], Any], float], str]]] = []
-    if specs and settings.baselines_share > 0:
-        def baselines(ctx: Callable[[], Any], seconds: float) -> str:
-            result = run_baselines(study, ctx(), specs, budget_seconds=seconds, progress=settings.verbosity >= 1)
-            return (f"{result.runs_run} trained now, {result.runs_skipped} already stored, "
-                    f"{result.seconds_spent / 60:.3g} device-minutes" + (f" ({result.stopped})" if result.stopped else ""))
-        steps.append(("baselines", settings.baselines_share, baselines))
-    if settings.fidelity_share > 0:
-        def fidelity(ctx: Callable[[], Any], seconds: float) -> str:
-            fidelity_sources(study, settings.fidelity_configs, settings.fidelity_factor)  # before any data
-            result = run_fidelity(study, ctx(), configs=settings.fidelity_configs, factor=settings.fidelity_factor,
-                                  budget_seconds=seconds, progress=settings.verbosity >= 1)
-            return (f"{result.runs_run} long retrains now, {result.runs_skipped} stored, trials "
-                    f"{result.sources}, {result.seconds_spent / 60:.3g} device-minutes"
-                    + (f" ({result.stopped})" if result.stopped else ""))
-        steps.append(("proxy fidelity", settings.fidelity_share, fidelity))
-    if not steps:
-        return
+def _lazy_context(study: optuna.Study, prepared: PreparedStudy, settings: SearchSettings) -> Callable[[], Any]:
+    """The study's run context, built once and only when a step runs something."""
     built: list[Any] = []
 
-    def ctx() -> Any:  # the run context, built once and only when a step runs something
+    def ctx() -> Any:
         if not built:
             built.append(_context_of(study, str(prepared.device), settings.lpips_weights, settings.verbosity))
         return built[0]
 
-    for name, share, step in steps:
-        seconds = share_seconds(prepared.budget, study, share, settings.reserved_share)
-        log(f"{name}: up to {seconds / 60:.1f} device-minutes ({share:.0%} of the budget)")
-        try:
-            log(f"{name}: {step(ctx, seconds)}")
-        except AblationError as exc:  # too few trials, no reference: one line
-            log(f"{name} skipped: {exc}")
-        except Exception as exc:  # the search results are safe in the storage; say what went wrong
-            log(f"warning: {name} step failed: {type(exc).__name__}: {exc}")
+    return ctx
+
+
+def _early_check(prepared: PreparedStudy, log: SearchLog) -> None:
+    """Part-way through the search: retrain some of its configurations longer on half the
+    fidelity share, store the verdict, and raise the steps per rung when the ranking is not
+    trusted (docs/proxy_fidelity.md). Problems are reported, never fatal."""
+    settings = prepared.settings
+    study = optuna.load_study(study_name=prepared.study.study_name, storage=open_storage(prepared.storage_url))
+    seconds = EARLY_SHARE * share_seconds(prepared.budget, study, settings.fidelity_share, settings.reserved_share)
+    log(f"proxy fidelity, part-way: up to {seconds / 60:.1f} device-minutes of long retrains")
+    try:
+        check = check_now(study, _lazy_context(study, prepared, settings)(), when="early", seconds=seconds,
+                          configs=settings.fidelity_configs, factor=settings.fidelity_factor,
+                          progress=settings.verbosity >= 1)
+    except AblationError as exc:
+        log(f"proxy fidelity, part-way: skipped ({exc})")
+        return
+    act_on(study, check, prepared.space.fidelity.eta, log)
+
+
+def _fidelity_step(study: optuna.Study, prepared: PreparedStudy, settings: SearchSettings, log: SearchLog,
+                   ctx: Callable[[], Any]) -> None:
+    """After the search: the proxy-fidelity retrains on the share (the part-way check's included),
+    and the study's verdict at the end. Problems are reported, never fatal."""
+    if settings.fidelity_share <= 0:
+        return
+    seconds = share_seconds(prepared.budget, study, settings.fidelity_share, settings.reserved_share)
+    log(f"proxy fidelity: up to {seconds / 60:.1f} device-minutes ({settings.fidelity_share:.0%} of the budget)")
+    try:
+        fidelity_sources(study, settings.fidelity_configs, settings.fidelity_factor)  # before any data
+        check = check_now(study, ctx(), when="end", seconds=seconds, configs=settings.fidelity_configs,
+                          factor=settings.fidelity_factor, progress=settings.verbosity >= 1)
+        act_on(study, check, prepared.space.fidelity.eta, log)
+    except AblationError as exc:  # too few trials: one line
+        log(f"proxy fidelity skipped: {exc}")
+    except Exception as exc:  # the search results are safe in the storage; say what went wrong
+        log(f"warning: proxy fidelity step failed: {type(exc).__name__}: {exc}")
+
+
+def _baselines_step(study: optuna.Study, prepared: PreparedStudy, settings: SearchSettings, log: SearchLog,
+                    ctx: Callable[[], Any]) -> None:
+    """After the search: the hand-designed baselines with the study's trial protocol, on their
+    share of the budget. Problems are reported, never fatal."""
+    try:
+        specs = parse_baselines(settings.baselines, space_size_class(study))
+    except AblationError as exc:  # the CLI checks the names first; a direct caller hears it here
+        log(f"baselines skipped: {exc}")
+        return
+    if not specs or settings.baselines_share <= 0:
+        return
+    seconds = share_seconds(prepared.budget, study, settings.baselines_share, settings.reserved_share)
+    log(f"baselines: up to {seconds / 60:.1f} device-minutes ({settings.baselines_share:.0%} of the budget)")
+    try:
+        result = run_baselines(study, ctx(), specs, budget_seconds=seconds, progress=settings.verbosity >= 1)
+        log(f"baselines: {result.runs_run} trained now, {result.runs_skipped} already stored, "
+            f"{result.seconds_spent / 60:.3g} device-minutes" + (f" ({result.stopped})" if result.stopped else ""))
+    except AblationError as exc:  # no reference: one line
+        log(f"baselines skipped: {exc}")
+    except Exception as exc:  # the search results are safe in the storage; say what went wrong
+        log(f"warning: baselines step failed: {type(exc).__name__}: {exc}")
 
 
 def share_seconds(budget: Any, study: optuna.Study, share: float, reserved: float) -> float:
@@ -324,5 +383,8 @@ def run_fidelity_for_study(
     ctx = _context_of(study, device, lpips_weights, verbosity)
     result = run_fidelity(study, ctx, configs=configs, factor=factor, budget_seconds=budget_seconds,
                           progress=verbosity >= 1)
+    # the verdict over every retrain at the study's current steps, stored as its end check
+    check = check_now(study, ctx, when="end", seconds=budget_seconds, configs=configs, factor=factor, progress=False)
+    act_on(study, check, space_of(stored_record(study)).fidelity.eta, print if verbosity >= 1 else None)
     refresh_report(study, study_dir)
     return result

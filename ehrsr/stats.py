@@ -36,6 +36,7 @@ import numpy as np
 from scipy import stats as sps
 
 __all__ = [
+    "MIN_TRUST_POINTS",
     "NO_EFFECT",
     "TRUST_TAU_LOW",
     "PairedInterval",
@@ -54,6 +55,9 @@ __all__ = [
 
 NO_EFFECT = "no detectable effect at this fidelity"
 TRUST_TAU_LOW = 0.5  # tau's interval must start above this for a proxy to rank like long training
+# below this many points the percentile bootstrap collapses (every resample of 4 perfectly ordered
+# points gives tau = 1, a "[1, 1]" interval): no verdict either way, only the numbers
+MIN_TRUST_POINTS = 6
 DEFAULT_BOOTSTRAP_RESAMPLES = 4000  # percentile tails at 95 % settle to ~0.01 dB on our tables
 
 

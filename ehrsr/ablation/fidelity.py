@@ -15,7 +15,7 @@ import dataclasses
 import math
 import sys
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import numpy as np
@@ -32,12 +32,46 @@ from ehrsr.ablation.side import (
 )
 from ehrsr.ablation.variants import AblationError
 from ehrsr.config import EHRSRConfig
-from ehrsr.stats import MIN_RANK_POINTS
-from ehrsr.study_schema import PLAN_ATTR, TRIAL, StudyInfo, fidelity_study_name, finite, is_feasible
+from ehrsr.search.pareto import comparable_trials, front_trials, trial_steps
+from ehrsr.search.ranking import (
+    add_check,
+    check_line,
+    raise_steps,
+    raised_steps_text,
+    retrain_check,
+    retrain_points,
+)
+from ehrsr.stats import MIN_RANK_POINTS, MIN_TRUST_POINTS
+from ehrsr.study_schema import (
+    PLAN_ATTR,
+    TRIAL,
+    FidelityCheck,
+    StudyInfo,
+    fidelity_checks,
+    fidelity_study_name,
+    finite,
+    is_feasible,
+    load_side_study,
+)
 from ehrsr.training import TrainSettings
 
-__all__ = ["DEFAULT_CONFIGS", "DEFAULT_FACTOR", "FidelityError", "FidelityResult", "choose_configurations",
-           "fidelity_sources", "run_fidelity"]
+__all__ = [
+    "DEFAULT_CONFIGS",
+    "DEFAULT_FACTOR",
+    "EARLY_CHECK_AT",
+    "EARLY_SHARE",
+    "AblationFidelity",
+    "CheckPlan",
+    "FidelityError",
+    "FidelityResult",
+    "ablation_fidelity",
+    "act_on",
+    "check_now",
+    "choose_configurations",
+    "fidelity_sources",
+    "plan_check",
+    "run_fidelity",
+]
 
 DEFAULT_CONFIGS = 8  # enough for a Kendall tau whose interval says something, cheap enough to afford
 DEFAULT_FACTOR = 4.0  # long = 4x the trial's steps: long enough to reorder what brief training misranks
@@ -68,10 +102,10 @@ def choose_configurations(study: optuna.Study, k: int, quality_key: str = "psnr"
     half from the dominated cloud, each half spread evenly over its range of brief ``quality_key``
     (sorted, then evenly spaced ranks); a short half is filled from the other. Deterministic."""
     done = [
-        t for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
+        t for t in comparable_trials(study)  # trained as long as the latest trial
         if t.user_attrs.get(TRIAL.config) and t.user_attrs.get(TRIAL.train) and _brief_quality(t, quality_key) is not None
     ]
-    front_numbers = {t.number for t in study.best_trials}
+    front_numbers = {t.number for t in front_trials(study)}
     front = sorted((t for t in done if t.number in front_numbers), key=lambda t: _brief_quality(t, quality_key))
     cloud = sorted((t for t in done if t.number not in front_numbers), key=lambda t: _brief_quality(t, quality_key))
 
@@ -172,3 +206,103 @@ def run_fidelity(
     return FidelityResult(side.study_name, [t.number for t in chosen], float(factor), ran, len(chosen) - len(todo),
                           stopped, SideBudget(None).spent(side))
 
+
+
+# ---------------------------------------------------------------------------------------------
+# the study's own checks: part-way through the search (acted on) and at its end
+
+EARLY_CHECK_AT = 0.4
+"""Share of the search's budget after which a study without a measured agreement checks its proxy
+fidelity with its own long retrains (docs/proxy_fidelity.md)."""
+
+EARLY_SHARE = 0.5  # of the fidelity share: the part-way check may spend half of it
+
+
+@dataclass(frozen=True)
+class CheckPlan:
+    """How many configurations to retrain how much longer, sized to the seconds available."""
+
+    configs: int
+    factor: float
+    note: str  # how it was sized
+
+
+def plan_check(study: optuna.Study, seconds: float | None, configs: int, factor: float) -> CheckPlan:
+    """``configs`` retrains ``factor`` times longer, or fewer and shorter ones when ``seconds``
+    (device seconds) cannot pay for them at the median charge of the comparable trials: first fewer
+    configurations (down to ``MIN_TRUST_POINTS``), then a smaller factor (down to 2)."""
+    charges = [float(t.user_attrs.get(TRIAL.charged_seconds) or 0.0) for t in comparable_trials(study)]
+    charges = [c for c in charges if c > 0]
+    if seconds is None or not charges:
+        return CheckPlan(configs, factor, "as asked")
+    trial = float(np.median(charges))
+    affordable = int(seconds // (factor * trial))
+    if affordable >= configs:
+        return CheckPlan(configs, factor, "as asked")
+    if affordable >= MIN_TRUST_POINTS:
+        return CheckPlan(affordable, factor, f"{affordable} of {configs} configurations: what {seconds:.0f} s buy")
+    smaller = max(2.0, min(factor, math.floor(seconds / (MIN_TRUST_POINTS * trial))))
+    fits = int(seconds // (smaller * trial))
+    return CheckPlan(max(MIN_RANK_POINTS, min(configs, fits)), smaller,
+                     f"factor {smaller:g} instead of {factor:g}: what {seconds:.0f} s buy at {trial:.1f} s a trial")
+
+
+def check_now(study: optuna.Study, ctx: Any, *, when: str, seconds: float | None, configs: int, factor: float,
+              progress: bool = True, runner: Callable[..., Any] | None = None) -> FidelityCheck:
+    """Retrain (``run_fidelity``) configurations of the study's current steps and return the verdict
+    of those retrains; nothing is stored here (``act_on`` stores it)."""
+    plan = plan_check(study, seconds, configs, factor)
+    steps = max((s for s in map(trial_steps, comparable_trials(study)) if s is not None), default=0)
+    try:
+        result = run_fidelity(study, ctx, configs=plan.configs, factor=plan.factor, budget_seconds=seconds,
+                              progress=progress, runner=runner)
+    except FidelityError as exc:
+        return FidelityCheck(when, "retrains", steps, None, None, None, None, 0, plan.factor, None, note=str(exc))
+    side = load_side_study(study, fidelity_study_name(study.study_name))
+    points = retrain_points(side, sources=result.sources if when == "early" else None, brief_steps=steps)
+    note = "" if plan.note == "as asked" else plan.note
+    if result.stopped:
+        note = "; ".join(filter(None, [note, result.stopped]))
+    return retrain_check(points, when=when, trial_steps=steps, note=note)
+
+
+def act_on(study: optuna.Study, check: FidelityCheck, eta: int, log: Callable[[str], None] | None = None,
+           ) -> FidelityCheck:
+    """Store ``check``; when it says the study's ranking is not trusted and the search goes on (the
+    part-way check), raise the steps per rung by ``eta`` for the trials after it. Logs one line."""
+    if check.when != "end" and check.trusted is False:
+        before = check.trial_steps
+        raise_steps(study, eta)
+        check = replace(check, action=raised_steps_text(before, before * eta))
+    add_check(study, check)
+    if log is not None:
+        log(f"proxy fidelity ({check.when}): {check_line(check)}")
+    return check
+
+
+@dataclass(frozen=True)
+class AblationFidelity:
+    """How long the controlled ablation trains each variant, and why (docs/proxy_fidelity.md)."""
+
+    steps: int | None  # None: the reference trial's own steps
+    seeds: int | str
+    note: str
+
+
+def ablation_fidelity(study: optuna.Study, factor: float, seeds: int | str) -> AblationFidelity:
+    """The trials' own steps when the study's latest proxy-fidelity verdict trusts them; otherwise
+    ``factor`` times longer (what that check retrained with) with one seed when ``seeds`` is
+    ``"auto"``: longer runs and fewer seeds, within the same share."""
+    checks = fidelity_checks(study)
+    latest = checks[-1] if checks else None
+    steps = max((s for s in map(trial_steps, comparable_trials(study)) if s is not None), default=None)
+    if latest is not None and latest.trusted:
+        return AblationFidelity(None, seeds, f"at the trials' {latest.trial_steps} steps, which the study's "
+                                f"proxy-fidelity check found to rank like long training ({check_line(latest)})")
+    if steps is None:
+        return AblationFidelity(None, seeds, "at the trials' own steps (no trial records its steps)")
+    longer = max(steps + 1, round(steps * factor))
+    why = check_line(latest) if latest is not None else "no proxy-fidelity verdict"
+    return AblationFidelity(longer, 1 if seeds == "auto" else seeds,
+                            f"at {longer} steps ({factor:g}x the trials' {steps}, one seed per variant unless "
+                            f"--ablation-seeds says otherwise): the trials' ranking is not shown to hold ({why})")

@@ -153,6 +153,7 @@ def run_controlled_ablation(
     runner: Callable[..., Any] | None = None,
     steps: int | None = None,
     max_seeds: int = AUTO_MAX_SEEDS,
+    fidelity_note: str | None = None,
 ) -> AblationResult:
     """Run (or resume) the controlled ablation of ``study`` and return its table.
 
@@ -167,7 +168,8 @@ def run_controlled_ablation(
     a started run's training gets the rest of the budget (minus its profiling / evaluation
     estimate) as a deadline; a run that hits it is recorded ``cut_short`` and left out of the
     deltas (docs/budget.md). ``steps``: training steps per run (default: the reference trial's,
-    i.e. full fidelity). ``runner`` replaces ``ehrsr.search.runner.run_configuration`` (tests).
+    i.e. full fidelity); ``fidelity_note`` says why (``ablation.fidelity.ablation_fidelity``) and is
+    stored with the plan, so the table says at which fidelity it was measured. ``runner`` replaces ``ehrsr.search.runner.run_configuration`` (tests).
     Runs go seed by seed (every variant's seed 0 first), so a budget cut still leaves one run of
     every variant.
     """
@@ -209,6 +211,7 @@ def run_controlled_ablation(
         "seed_mode": "auto" if auto else "fixed",
         "max_seeds": max_seeds if auto else len(seed_list),
         "steps": steps,
+        "fidelity": fidelity_note or f"at the reference trial's {steps} steps",
         "variants": [v.to_dict() for v in variants],
     }
     storage_retry("write the plan", ablation.set_user_attr, PLAN_ATTR, plan_attr)

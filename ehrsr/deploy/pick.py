@@ -1,7 +1,7 @@
 """Deployment picks: the best-quality Pareto configuration that meets a device's limits, measured
 on that device.
 
-Latency and memory are properties of the device, so the candidates (``study.best_trials``) are
+Latency and memory are properties of the device, so the candidates (the study's front, ``search.pareto.front_trials``) are
 re-profiled on the machine ``pick_deployment`` runs on, with ``ehrsr.profiling.profile_model``, at
 the device profile's input size, dtype and thread count; nothing is copied from the search.
 Quality (PSNR, SSIM, LPIPS) is the study's measurement of the brief-trained weights (float32, the
@@ -39,6 +39,7 @@ from ehrsr.deploy.profiles import LIMIT_METRICS, DeviceProfile, check_device_ava
 from ehrsr.errors import UserError
 from ehrsr.files import PathOutsideFolder, path_inside
 from ehrsr.reparam import reparameterize
+from ehrsr.search.pareto import front_trials
 from ehrsr.study_schema import PICK_MEASURED_KEYS, QUALITY_METRICS, TRIAL, Objective, StudyInfo, train_command
 
 __all__ = [
@@ -262,7 +263,7 @@ def pick_deployment(
     info = StudyInfo.from_study(study)
     quality = info.quality_objective
     input_hw = profile.lr_input_size(info.scale)
-    front = sorted(study.best_trials, key=lambda t: t.number)
+    front = sorted(front_trials(study), key=lambda t: t.number)
     if not front:
         raise DeploymentError(
             f"study {study.study_name!r} has no finished feasible trial, so no deployment candidate",

@@ -17,8 +17,16 @@ import optuna
 from matplotlib.figure import Figure
 from optuna.trial import TrialState
 
-from ehrsr.stats import MIN_RANK_POINTS, TRUST_TAU_LOW, RankAgreement, StatsError, rank_agreement
-from ehrsr.study_schema import TRIAL, fidelity_study_name, finite, load_side_study
+from ehrsr.search.ranking import check_line
+from ehrsr.stats import (
+    MIN_RANK_POINTS,
+    MIN_TRUST_POINTS,
+    TRUST_TAU_LOW,
+    RankAgreement,
+    StatsError,
+    rank_agreement,
+)
+from ehrsr.study_schema import TRIAL, FidelityCheck, fidelity_study_name, finite, load_side_study
 
 __all__ = [
     "MIN_TRUST_POINTS",
@@ -26,15 +34,13 @@ __all__ = [
     "FidelityPlotData",
     "FidelityPoint",
     "FidelityReport",
+    "checks_markdown",
     "fidelity_markdown",
     "fidelity_plot_data",
     "fidelity_report",
     "render_fidelity_plot",
 ]
 
-# below this many points the percentile bootstrap collapses (every resample of 4 perfectly ordered
-# points gives tau = 1, a "[1, 1]" interval): no verdict either way, only the numbers
-MIN_TRUST_POINTS = 6
 
 
 class FidelityPoint(NamedTuple):
@@ -179,3 +185,26 @@ def fidelity_markdown(report: FidelityReport | None, study_name: str, figure: st
                 for p in report.points]
         out.append(markdown_table(["trial", "brief PSNR (dB)", "long PSNR (dB)", "gain (dB)"], rows) + "\n")
     return "".join(out)
+
+
+def checks_markdown(checks: Sequence[FidelityCheck], markdown_table) -> str:
+    """The study's proxy-fidelity verdicts (at the start, part-way, at the end) and what the search
+    did about each, the latest first in words."""
+    if not checks:
+        return ""
+    latest = checks[-1]
+    out = [f"**Verdict ({_WHEN[latest.when]}): {check_line(latest)}.**\n\n"]
+    rows = []
+    for c in checks:
+        tau = (f"{c.kendall:+.2f} [{c.kendall_low:+.2f}, {c.kendall_high:+.2f}]" if c.kendall is not None else "—")
+        verdict = {True: "trusted", False: "not trusted", None: "no verdict"}[c.trusted]
+        source = ("the space's measured agreement" if c.source == "space"
+                  else f"{c.configurations} retrains, {c.factor:g}x longer" if c.factor else "retrains")
+        rows.append([_WHEN[c.when], source, str(c.trial_steps), tau, str(c.configurations), verdict,
+                     c.action or "—", c.note or ""])
+    out.append(markdown_table(["when", "from", "steps per trial", "Kendall tau [95 % CI]", "configurations",
+                               "verdict", "action", "note"], rows) + "\n")
+    return "".join(out)
+
+
+_WHEN = {"start": "at the start", "early": "part-way", "end": "at the end"}

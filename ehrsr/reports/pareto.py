@@ -19,7 +19,7 @@ import pandas as pd
 from optuna.trial import FrozenTrial
 
 from ehrsr.config import MODULE_TOGGLES
-from ehrsr.search.pareto import knee_point, knee_trial
+from ehrsr.search.pareto import front_trials, knee_point, knee_trial
 from ehrsr.study_schema import (
     DASH,
     METRIC_KEYS,
@@ -178,12 +178,12 @@ def module_settings(row: pd.Series) -> list[str]:
 
 
 def pareto_table(study: optuna.Study, trials: pd.DataFrame | None = None) -> pd.DataFrame:
-    """The study's Pareto front (``study.best_trials``), best first in the first objective, with
+    """The study's Pareto front (``search.pareto.front_trials``), best first in the first objective, with
     the same columns as ``trials_table`` plus ``knee`` (True on the knee point)."""
     if trials is None:
         trials = trials_table(study)
     info = StudyInfo.from_study(study)
-    front = study.best_trials
+    front = front_trials(study)
     numbers = [t.number for t in front]
     table = trials[trials["number"].isin(numbers)].copy()
     first = f"value.{info.objectives[0].name}"

@@ -31,6 +31,7 @@ from ehrsr.reports import interactive
 from ehrsr.reports.baselines import baseline_runs, baselines_markdown
 from ehrsr.reports.fidelity import (
     FidelityPlotData,
+    checks_markdown,
     fidelity_markdown,
     fidelity_plot_data,
     fidelity_report,
@@ -67,6 +68,7 @@ from ehrsr.study_schema import (
     TRIAL,
     StudyInfo,
     device_latency_profile,
+    fidelity_checks,
     format_metric,
     macs_convention,
     metric_header,
@@ -147,7 +149,8 @@ def write_report(study: optuna.Study, out_dir: Path, *, quiet: bool = False, htm
             table, headers, rows, out_dir / "ablation_controlled",
             caption=(
                 f"Controlled ablation of trial {plan['reference_trial']} of {info.name}: each variant "
-                f"retrained for {plan.get('steps', '?')} steps with seeds {plan.get('seeds')}; "
+                f"retrained for {plan.get('steps', '?')} steps with seeds {plan.get('seeds')} "
+                f"({plan.get('fidelity') or 'the trials own fidelity'}); "
                 "reference row absolute (mean ± std over seeds), other rows change vs the 'vs' variant: "
                 "mean paired delta with its 95 % pigeonhole-bootstrap interval over (seed, image) pairs "
                 "(per seed for runs without per-image values), verdict on PSNR"
@@ -239,7 +242,8 @@ def _with_trust_sections(text: str, study: optuna.Study, info: StudyInfo, baseli
             figure_data = (data, png)
     sections = (
         "## Baselines\n\n" + baselines_markdown(study, info, markdown_table)
-        + "## Proxy fidelity\n\n" + fidelity_markdown(fidelity, info.name, figure, markdown_table)
+        + "## Proxy fidelity\n\n" + checks_markdown(fidelity_checks(study), markdown_table)
+        + fidelity_markdown(fidelity, info.name, figure, markdown_table)
     )
     marker = "## Deployment picks\n\n"
     return (text.replace(marker, sections + marker, 1) if marker in text else text + sections), figure_data
@@ -459,7 +463,8 @@ def _report_text(
         table, plan = controlled
         out.append(
             f"Reference: trial {plan['reference_trial']}, retrained with seeds {plan.get('seeds')} for "
-            f"{plan.get('steps', '?')} steps, as every variant. `-m`: the reference without module m "
+            f"{plan.get('steps', '?')} steps, as every variant. Fidelity: {plan.get('fidelity') or 'the trials own'}. "
+            "`-m`: the reference without module m "
             "(vs the reference); `baseline`: every module off (vs the reference); `+m`: the baseline "
             "with m added (vs the baseline). Quality: mean paired delta with its 95 % interval "
             "(pigeonhole bootstrap over (seed, validation image) pairs; per seed for runs stored "

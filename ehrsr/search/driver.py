@@ -34,6 +34,7 @@ from optuna.trial import TrialState
 
 from ehrsr.errors import UserError
 from ehrsr.interrupts import SIGTERM, interrupt_name, sigterm_as_interrupt
+from ehrsr.search.pareto import front_trials
 from ehrsr.search.record import Heartbeat, TrialOutcome, fail_stale_trials, record_outcome
 from ehrsr.search.revisits import RepeatPolicy, record_repeat, sampler_seed
 from ehrsr.search.storage import (
@@ -61,6 +62,7 @@ from ehrsr.study_schema import (
     BUDGET_ATTR,
     TRIAL,
     Objective,
+    fidelity_checks,
     format_si,
     is_count,
     steps_scale,
@@ -460,6 +462,8 @@ def run_search(settings: SearchSettings, *, log: SearchLog | None = None,
     prepared = open_prepared(settings, log=log)
     settings = prepared.settings  # the study record's values from here on
     study = prepared.study
+    if pause_at is not None and (settings.fidelity_share <= 0 or fidelity_checks(study)):
+        pause_at = None  # the study has its verdict already (or no share to check one with)
     log(f"study {study.study_name} ({'new' if prepared.created else 'resumed'}) in {mask_url(prepared.storage_url)}")
     log(f"space {prepared.space.name}, task {TaskConfig.from_dict(prepared.spec.task).slug}, device {prepared.device_name}, "
         f"objectives {','.join(o.name for o in prepared.objectives)}, budget {prepared.budget.describe_short()}"
@@ -536,7 +540,7 @@ def _summarise(prepared: PreparedStudy, worker: WorkerSummary) -> SearchSummary:
         if complete:
             pick = (max if objective.direction == "maximize" else min)(complete, key=lambda t: t.values[i])
             best[objective.name] = (pick.number, pick.values[i])
-    pareto = study.best_trials if complete else []
+    pareto = front_trials(study) if complete else []
     spent_now = prepared.budget.spent(study)
     spent = spent_now.describe()
     orphaned = sum(t.state == TrialState.FAIL and t.user_attrs.get(TRIAL.status) == "crashed" for t in trials)

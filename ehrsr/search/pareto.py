@@ -31,11 +31,15 @@ import numpy as np
 import optuna
 from optuna.trial import FrozenTrial, TrialState
 
+from ehrsr.study_schema import TRIAL
+
 __all__ = [
     "CrowdedRank",
     "ParetoLevels",
+    "comparable_trials",
     "crowding_distance",
     "dominates",
+    "front_trials",
     "hypervolume",
     "hypervolume_2d",
     "knee_point",
@@ -43,6 +47,7 @@ __all__ = [
     "non_dominated_sort",
     "pareto_front",
     "to_minimization",
+    "trial_steps",
 ]
 
 
@@ -407,12 +412,46 @@ def knee_point(values: np.ndarray | list[list[float]], directions: Sequence[Any]
 
 
 def knee_trial(study: optuna.Study, front: list[FrozenTrial] | None = None) -> FrozenTrial | None:
-    """The knee (``knee_point``) of ``study.best_trials`` (trials ordered by number), or None when
-    the study has no finished feasible trial."""
+    """The knee (``knee_point``) of the study's front (``front_trials``, ordered by number), or
+    None when the study has no finished feasible trial."""
     if front is None:
-        front = study.best_trials
+        front = front_trials(study)
     front = sorted((t for t in front if t.state == TrialState.COMPLETE), key=lambda t: t.number)
     if not front:
         return None
     index = knee_point([list(t.values) for t in front], list(study.directions))
     return front[index] if index is not None else None
+
+
+def trial_steps(trial: FrozenTrial) -> int | None:
+    """The steps a trial was planned to train (its stored ``train`` settings), or None."""
+    steps = (trial.user_attrs.get(TRIAL.train) or {}).get("steps")
+    return int(steps) if isinstance(steps, (int, float)) else None
+
+
+def comparable_trials(study: optuna.Study) -> list[FrozenTrial]:
+    """The finished (COMPLETE) trials measured like the study's latest one: trained the same
+    number of steps. Every finished trial, unless a proxy-fidelity check raised the steps part-way
+    (docs/proxy_fidelity.md); then only those at the raised steps, so no front mixes PSNRs after
+    different training lengths."""
+    complete = study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
+    if not complete:
+        return []
+    latest = trial_steps(max(complete, key=lambda t: t.number))
+    if latest is None:
+        return list(complete)
+    return [t for t in complete if trial_steps(t) == latest]
+
+
+def front_trials(study: optuna.Study) -> list[FrozenTrial]:
+    """The study's Pareto front over ``comparable_trials``: ``study.best_trials`` when every
+    finished trial trained the same steps, else the non-dominated feasible trials at the latest
+    steps (Optuna's rule: only feasible trials when any trial recorded constraints)."""
+    comparable = comparable_trials(study)
+    complete = study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
+    if len(comparable) == len(complete):
+        return list(study.best_trials)
+    candidates = [t for t in comparable if all(v <= 0.0 for v in t.constraints.values())]
+    if not candidates or any(t.values is None for t in candidates):
+        return []
+    return [candidates[i] for i in pareto_front([list(t.values) for t in candidates], list(study.directions))]

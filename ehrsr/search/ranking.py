@@ -28,12 +28,21 @@ from typing import Any, Literal
 import numpy as np
 import optuna
 
-from ehrsr.study_schema import FIDELITY_CHECKS_ATTR, STEPS_SCALE_ATTR, FidelityCheck, steps_scale
+from ehrsr.stats import MIN_RANK_POINTS, MIN_TRUST_POINTS, TRUST_TAU_LOW, StatsError, rank_agreement
+from ehrsr.study_schema import (
+    FIDELITY_CHECKS_ATTR,
+    STEPS_SCALE_ATTR,
+    TRIAL,
+    FidelityCheck,
+    finite,
+    steps_scale,
+)
 
 __all__ = [
     "CURVE_MODELS",
     "CurveFit",
     "LearningCurve",
+    "RetrainPoint",
     "add_check",
     "check_line",
     "extrapolated_psnr",
@@ -42,6 +51,8 @@ __all__ = [
     "loss_sum",
     "raise_steps",
     "raised_steps_text",
+    "retrain_check",
+    "retrain_points",
     "start_check",
 ]
 
@@ -224,3 +235,54 @@ def check_line(check: FidelityCheck) -> str:
                   else f"this study's retrains, {check.factor:g}x longer")
         verdict += f" ({source})"
     return verdict + (f"; {check.action}" if check.action else "")
+
+
+@dataclass(frozen=True)
+class RetrainPoint:
+    """One configuration of a proxy-fidelity check: its trial's brief PSNR and the long retrain's."""
+
+    source_trial: int
+    brief: float
+    long: float
+    brief_steps: int
+    factor: float
+
+
+def retrain_points(side: optuna.Study | None, *, sources: Sequence[int] | None = None,
+                   brief_steps: int | None = None) -> list[RetrainPoint]:
+    """The finished long retrains of a ``<study>-fidelity`` study, optionally only those of trials
+    ``sources`` or of trials that trained ``brief_steps`` steps; ordered by trial number."""
+    if side is None:
+        return []
+    points = []
+    for trial in side.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,)):
+        attrs = trial.user_attrs
+        brief = (attrs.get(TRIAL.brief_metrics) or {}).get("psnr")
+        long = (attrs.get(TRIAL.metrics) or {}).get("psnr")
+        if not (finite(brief) and finite(long)):
+            continue
+        point = RetrainPoint(int(attrs[TRIAL.source_trial]), float(brief), float(long),
+                             int(attrs.get(TRIAL.brief_steps, 0)), float(attrs.get(TRIAL.factor, 0.0)))
+        if (sources is None or point.source_trial in sources) and (brief_steps is None or point.brief_steps == brief_steps):
+            points.append(point)
+    return sorted(points, key=lambda p: p.source_trial)
+
+
+def retrain_check(points: Sequence[RetrainPoint], *, when: str, trial_steps: int, note: str = "") -> FidelityCheck:
+    """The verdict of long retrains: trusted when tau's interval starts above ``TRUST_TAU_LOW``;
+    no verdict (``trusted`` None) below ``MIN_TRUST_POINTS`` configurations."""
+    factors = {p.factor for p in points}
+    factor = next(iter(factors)) if len(factors) == 1 else None
+    if len(points) < MIN_RANK_POINTS:
+        return FidelityCheck(when, "retrains", trial_steps, None, None, None, None, len(points), factor, None,
+                             note=note or f"{len(points)} long retrains finished; at least {MIN_TRUST_POINTS} are needed")
+    try:
+        agreement = rank_agreement([p.brief for p in points], [p.long for p in points])
+    except StatsError as exc:
+        return FidelityCheck(when, "retrains", trial_steps, None, None, None, None, len(points), factor, None,
+                             note=note or f"no rank agreement: {exc}")
+    trusted = agreement.kendall_low > TRUST_TAU_LOW if agreement.n >= MIN_TRUST_POINTS else None
+    if trusted is None and not note:
+        note = f"{agreement.n} configurations are too few for a verdict (at least {MIN_TRUST_POINTS})"
+    return FidelityCheck(when, "retrains", trial_steps, agreement.kendall, agreement.kendall_low,
+                         agreement.kendall_high, agreement.spearman, agreement.n, factor, trusted, note=note)

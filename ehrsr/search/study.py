@@ -64,6 +64,7 @@ __all__ = [
     "load_study",
     "prepare_study",
     "resolve_workers",
+    "space_of",
     "stored_record",
 ]
 
@@ -385,7 +386,7 @@ def prepare_study(settings: SearchSettings, log: Any = print) -> PreparedStudy:
         settings = merged_settings(settings, stored)
         device = _stored_device(settings, stored, study_name)
         if not settings.is_given("space"):
-            space = _space_from_record(stored)
+            space = space_of(stored)
         task = _task_config(settings.task)
     try:
         objectives = parse_objectives(settings.objectives)
@@ -452,7 +453,7 @@ def _space(name: str) -> Any:
         raise SearchError(str(exc)) from None
 
 
-def _space_from_record(record: StudyRecord) -> Any:
+def space_of(record: StudyRecord) -> Any:
     """The space a study was created with, from its stored text (the file may have changed since)."""
     from ehrsr.search.space import SearchSpaceError, space_from_text
 
