@@ -97,7 +97,7 @@ UNIT_BUDGET_S = 0.15
 NETWORK_BUDGET_S = 0.5
 # graph timing: profile networks until every unit key occurs this many times in them (where the
 # space allows): one occurrence per key leaves its cost to one neighbourhood's fusions and one
-# measurement's noise. Tiny space at 128x128: 74 networks for 1, 101 for 2, 167 for 3.
+# measurement's noise. Tiny space at 128x128: 78 networks for 1, 91 for 2, 163 for 3.
 GRAPH_OBSERVATIONS = 2
 GRAPH_POOL = 2000  # configurations drawn to choose the profiled networks from
 CANARY_EVERY = 25  # units between two canary readings during calibration
@@ -841,9 +841,10 @@ def calibrate(
     ``unit_timing`` (``UNIT_TIMINGS``; default ``graph`` for onnxruntime, ``isolated`` otherwise):
     ``graph`` profiles whole networks through onnxruntime and charges their node times to their
     units (``ehrsr.profiling.onnx_graph``), so a unit's cost includes the fusions onnxruntime
-    makes with its neighbours; the networks are chosen so that every key occurs in at least
-    ``graph_observations`` of them (``plan_graph_networks``), a key's cost is the median over
-    its occurrences, and the canary is read after each network.
+    makes with its neighbours; the networks are chosen so that every key occurs at least
+    ``graph_observations`` times in them (``plan_graph_networks``), a key's cost is the median
+    over its occurrences, and the canary is read after each network (a network profiled while it
+    says the machine is busy is profiled again from the same export, keeping the faster).
     ``max_units``: time only the first units (tests; in ``graph`` timing, profile networks until
     that many new keys are timed; the model is then marked incomplete unless every unit is
     timed). ``enumeration_patience``: see ``enumerate_units``. ``clock="cpu"`` times with process
@@ -962,8 +963,8 @@ def calibrate(
         planned = plan_graph_networks(space, catalogue, target.input_hw, scale=scale, seed=seed,
                                       observations=graph_observations)
         networks = [c for c in planned if json.dumps(c.to_dict(), sort_keys=True) not in seen]
-        say(f"{len(planned)} networks to profile whole, each unit key in {graph_observations} of them where the "
-            f"space allows; {len(networks)} left")
+        say(f"{len(planned)} networks to profile whole (every unit key occurring {graph_observations} times where "
+            f"the space allows); {len(networks)} left")
         timed_before = len(units)
         for config in _progress(networks, len(networks), "networks", progress):
             if max_units is not None and len(units) - timed_before >= max_units:

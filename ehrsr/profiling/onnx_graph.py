@@ -6,8 +6,8 @@ NCHWc convolutions, a matmul takes the next add. Timing each unit exported on it
 all of this. ``export_scoped`` exports a whole network once, with each node named after its
 module scope (the TorchScript exporter's ``/encoders.0/encoders.0.0/conv1/Conv``; dynamo exports
 are renamed the same way by ``export_for_timing``); ``profile_units`` runs it with onnxruntime's
-profiler and charges each node of the graph onnxruntime actually ran (after its fusions; onnxruntime saves it
-beside the profile) to exactly one bucket:
+profiler and charges each node of the graph onnxruntime actually ran (after its fusions;
+onnxruntime saves that graph beside the profile) to exactly one bucket:
 
 1. the unit whose module path contains the node's scope (its name). onnxruntime keeps the name
    of one of the nodes it fuses, or names the result after the tensor it writes (its NCHWc
@@ -24,10 +24,10 @@ beside the profile) to exactly one bucket:
 A node fused from several modules' operators is one node, charged once: to the unit of the name
 onnxruntime kept, which for a convolution fused with the activation or add that follows it is
 the module that wrote the fused output. The other unit simply has fewer nodes (possibly none, and
-then costs 0 in that network). Nodes inside a subgraph (the body of
-a ``Loop`` or ``Scan``) are not counted on their own: their time is inside their parent node's.
-The mapping reads node names and edges only, so a unit may export to any number of nodes (one
-custom scan node or a thousand traced ones) without changing it.
+then costs 0 in that network). Nodes inside a subgraph (the body of a ``Loop`` or ``Scan``) are
+not counted on their own: their time is inside their parent node's. The mapping reads node names
+and edges only, so a unit may export to any number of nodes (one custom scan node or a thousand
+traced ones) without changing it.
 
 A node's time is the median of its kernel times over the timed passes (after the protocol's
 warm-up, ``ehrsr.profiling.latency``); a unit's time is the sum of its nodes' times, so units
