@@ -253,6 +253,42 @@ def test_onnxruntime_calibration_times_units_inside_whole_networks(tmp_path: Pat
         calibrate(space, target, path, unit_timing="isolated", **options)  # a resume must time units alike
 
 
+def test_a_network_profiled_on_a_busy_machine_is_profiled_again_from_the_same_export(tmp_path: Path, monkeypatch):
+    from ehrsr.profiling.canary import CanaryReading
+    from ehrsr.profiling.onnx_graph import GraphAttribution
+
+    class Busy(_QuietCanary):
+        def check(self) -> CanaryReading:
+            return CanaryReading(2.0, 1.0, 2.0, True)
+
+    exports: list[Path] = []
+    profiled: list[Path] = []
+
+    def export(model, shapes, path):
+        exports.append(Path(path))
+        Path(path).write_text("onnx")
+        return Path(path)
+
+    def profile(path, shapes, unit_paths, threads, *, budget_s):
+        profiled.append(Path(path))
+        ms = 3.0 if len(profiled) == 1 else 1.0  # the second profile of the network is the faster
+        paths = list(unit_paths)
+        return GraphAttribution({p: ms for p in paths}, 0.0, ms * len(paths), ms * len(paths) + 1, 5,
+                                dict.fromkeys(paths, "x"))
+
+    monkeypatch.setattr(lm, "export_scoped", export)
+    monkeypatch.setattr(lm, "profile_units", profile)
+    monkeypatch.setattr(lm, "Canary", Busy)
+    space = SearchSpace.from_text(TWO_WIDTHS, name="two-widths")
+    target = LatencyTarget("ort", "cpu", "onnxruntime", 1, "float32", (16, 16))
+    model = calibrate(space, target, tmp_path / "ort.json", max_units=1, progress=False, enumeration_patience=200)
+    assert len(exports) == 1 and profiled == [exports[0], exports[0]]  # exported once, profiled twice
+    network = json.loads((tmp_path / "ort.json").read_text())["graph_networks"]
+    assert len(network) == 1 and {ms for _, _, ms in network[0]["units"]} == {1.0}
+    assert all(entry["latency_ms"] == 1.0 for entry in model.units.values())
+    assert model.extra["canary"]["ratios"] == [2.0, 2.0]
+
+
 def test_latency_for_profile_predicts_when_covered_and_measures_otherwise(tiny):
     from ehrsr.profiling.canary import Canary, CanaryReading
 
