@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -157,7 +159,8 @@ class _QuietCanary:
 
 
 def test_profile_settings_reach_the_timing(tmp_path: Path, monkeypatch):
-    """A DeviceProfile-like object's runtime, threads, dtype and input size reach ``time_model``."""
+    """A DeviceProfile-like object's runtime, threads, dtype and input size, and the clock, reach
+    ``time_model``."""
 
     class Profile:
         name, kind, threads, dtype, runtime = "edge", "cpu", 2, "float32", "torch"
@@ -167,8 +170,8 @@ def test_profile_settings_reach_the_timing(tmp_path: Path, monkeypatch):
 
     seen = []
 
-    def spy(module, runtime, shapes, threads, *, dtype, budget_s):
-        seen.append((runtime, threads, dtype, shapes))
+    def spy(module, runtime, shapes, threads, *, dtype, budget_s, clock):
+        seen.append((runtime, threads, dtype, shapes, clock))
         from ehrsr.profiling.latency import LatencyStats
 
         return LatencyStats(1.0, 1.0, 1.0, (1.0,), 0, 1, dtype, "spy")
@@ -179,7 +182,7 @@ def test_profile_settings_reach_the_timing(tmp_path: Path, monkeypatch):
     model = calibrate(space, Profile(), tmp_path / "m.json", max_units=3, progress=False,
                       enumeration_patience=200)
     assert not model.complete and len(model.units) == 3
-    assert {(r, t, d) for r, t, d, _ in seen} == {("torch", 2, "float32")}
+    assert {(r, t, d, c) for r, t, d, _, c in seen} == {("torch", 2, "float32", "wall")}
     assert seen[0][3][0] == (1, 3, 24, 16)  # the stem sees the profile's input size
     assert model.target.input_hw == (24, 16) and model.target.threads == 2
     # resume keeps what was timed and times only the rest
@@ -188,6 +191,11 @@ def test_profile_settings_reach_the_timing(tmp_path: Path, monkeypatch):
     assert len(seen) == 2 and len(LatencyModel.read(tmp_path / "m.json").units) == 5
     with pytest.raises(LatencyModelError, match="calibration did not finish"):
         LatencyModel.load(tmp_path / "m.json")
+    # the CPU clock of a one-thread calibration reaches the timing the same way
+    seen.clear()
+    calibrate(space, Profile(), tmp_path / "cpu.json", threads=1, clock="cpu", max_units=2, progress=False,
+              enumeration_patience=200)
+    assert [(t, c) for _, t, _, _, c in seen] == [(1, "cpu"), (1, "cpu")]
 
 
 def test_small_real_calibration_ranks_clearly_different_sizes(tmp_path: Path):
@@ -208,6 +216,77 @@ def test_small_real_calibration_ranks_clearly_different_sizes(tmp_path: Path):
     assert measured[0] < measured[1]
     for p, m in zip((predicted[0], predicted[2]), measured, strict=True):
         assert 0.5 < p / m < 2.0
+
+
+def test_onnxruntime_calibration_times_units_inside_whole_networks(tmp_path: Path):
+    """onnxruntime's default: whole networks profiled, node times charged to units (the fusions
+    across units included), each key's cost the median of its occurrences; resumable."""
+    pytest.importorskip("onnxruntime")
+    space = SearchSpace.from_text(TWO_WIDTHS, name="two-widths")
+    target = LatencyTarget("ort", "cpu", "onnxruntime", 1, "float32", (16, 16))
+    path = tmp_path / "ort.json"
+    options = dict(n_fit=3, n_holdout=2, progress=False, enumeration_patience=200, network_budget_s=0.02)
+    partial = calibrate(space, target, path, max_units=1, **options)  # stops after the first network
+    first = json.loads(path.read_text())["graph_networks"]
+    assert not partial.complete and len(first) == 1 and 0 < len(partial.units) < 6
+    model = calibrate(space, target, path, **options)  # resumes
+    data = json.loads(path.read_text())
+    assert model.complete and data["protocol"]["unit_timing"] == "graph"
+    networks = data["graph_networks"]
+    assert networks[0] == first[0]  # kept from the first run, not profiled again
+    occurrences: dict[str, list[float]] = {}
+    for network in networks:
+        assert sum(ms for _, _, ms in network["units"]) + network["glue_ms"] == pytest.approx(network["graph_ms"])
+        assert network["glue_ms"] == 0.0 and network["passes"] >= 5
+        for _, key, ms in network["units"]:
+            occurrences.setdefault(key, []).append(ms)
+    assert set(occurrences) == set(model.units) and len(model.units) == 6
+    for key, values in occurrences.items():
+        assert len(values) >= lm.GRAPH_OBSERVATIONS  # this space lets every key occur twice
+        assert model.units[key]["latency_ms"] == pytest.approx(float(np.median(values)))
+        assert model.units[key]["observations"] == len(values)
+    loaded = LatencyModel.load(path, space=space, device=target)
+    assert loaded.predict(SMALL).covered and loaded.predict(SMALL).latency_ms > 0
+    with pytest.raises(ValueError, match="for the onnxruntime runtime only"):
+        calibrate(space, TARGET, tmp_path / "torch.json", unit_timing="graph", **options)
+    with pytest.raises(LatencyModelError, match="another space or device settings"):
+        calibrate(space, target, path, unit_timing="isolated", **options)  # a resume must time units alike
+
+
+def test_a_network_profiled_on_a_busy_machine_is_profiled_again_from_the_same_export(tmp_path: Path, monkeypatch):
+    from ehrsr.profiling.canary import CanaryReading
+    from ehrsr.profiling.onnx_graph import GraphAttribution
+
+    class Busy(_QuietCanary):
+        def check(self) -> CanaryReading:
+            return CanaryReading(2.0, 1.0, 2.0, True)
+
+    exports: list[Path] = []
+    profiled: list[Path] = []
+
+    def export(model, shapes, path):
+        exports.append(Path(path))
+        Path(path).write_text("onnx")
+        return Path(path)
+
+    def profile(path, shapes, unit_paths, threads, *, budget_s):
+        profiled.append(Path(path))
+        ms = 3.0 if len(profiled) == 1 else 1.0  # the second profile of the network is the faster
+        paths = list(unit_paths)
+        return GraphAttribution({p: ms for p in paths}, 0.0, ms * len(paths), ms * len(paths) + 1, 5,
+                                dict.fromkeys(paths, "x"))
+
+    monkeypatch.setattr(lm, "export_scoped", export)
+    monkeypatch.setattr(lm, "profile_units", profile)
+    monkeypatch.setattr(lm, "Canary", Busy)
+    space = SearchSpace.from_text(TWO_WIDTHS, name="two-widths")
+    target = LatencyTarget("ort", "cpu", "onnxruntime", 1, "float32", (16, 16))
+    model = calibrate(space, target, tmp_path / "ort.json", max_units=1, progress=False, enumeration_patience=200)
+    assert len(exports) == 1 and profiled == [exports[0], exports[0]]  # exported once, profiled twice
+    network = json.loads((tmp_path / "ort.json").read_text())["graph_networks"]
+    assert len(network) == 1 and {ms for _, _, ms in network[0]["units"]} == {1.0}
+    assert all(entry["latency_ms"] == 1.0 for entry in model.units.values())
+    assert model.extra["canary"]["ratios"] == [2.0, 2.0]
 
 
 def test_latency_for_profile_predicts_when_covered_and_measures_otherwise(tiny):
@@ -243,22 +322,69 @@ def test_correction_fit_recovers_a_linear_law_and_never_goes_negative():
     assert b == 0.0 and 1.0 < a < 2.5
 
 
-def test_cpu_clock_is_for_one_thread_only(tmp_path: Path, tiny):
-    from ehrsr.profiling.onnx_runtime import time_model
+def test_clock_and_runtime_refusals_come_from_one_helper(tmp_path: Path, tiny):
+    """``check_timing_settings`` holds the rules; timing, targets, calibration and device profiles
+    all refuse through it, with its words."""
+    from ehrsr.deploy.profiles import DeviceProfileError, load_device_profiles
+    from ehrsr.profiling.onnx_runtime import check_timing_settings, time_model
 
-    with pytest.raises(ValueError, match="one thread"):
+    check_timing_settings("torch", clock="cpu", threads=1)  # the settings that can be timed pass
+    check_timing_settings("onnxruntime", threads=4)
+    check_timing_settings("torch", kind="cuda", dtype="float16")
+    refusals = {
+        "runtime must be one of torch, onnxruntime, got 'tvm'": dict(runtime="tvm"),
+        "needs kind cpu and dtype float32 (got kind cuda, dtype float32)": dict(runtime="onnxruntime", kind="cuda"),
+        "needs kind cpu and dtype float32 (got kind cpu, dtype float16)": dict(runtime="onnxruntime", dtype="float16"),
+        "clock must be one of wall, cpu, got 'sundial'": dict(runtime="torch", clock="sundial"),
+        "clock 'cpu' measures latency with one thread only, got threads=2": dict(runtime="torch", clock="cpu", threads=2),
+        "clock 'cpu' is for the torch runtime only": dict(runtime="onnxruntime", clock="cpu", threads=1),
+    }
+    for message, settings in refusals.items():
+        with pytest.raises(ValueError, match=re.escape(message)):
+            check_timing_settings(**settings)
+
+    one_thread = "clock 'cpu' measures latency with one thread only"
+    with pytest.raises(ValueError, match=one_thread):
         time_model(torch.nn.Identity(), "torch", (1, 3, 8, 8), 2, clock="cpu")
-    with pytest.raises(ValueError, match="clock must be"):
-        time_model(torch.nn.Identity(), "torch", (1, 3, 8, 8), 1, clock="sundial")
-    with pytest.raises(ValueError, match="one-thread target"):
+    with pytest.raises(ValueError, match=one_thread):
         calibrate(tiny, LatencyTarget.from_profile(TARGET, threads=2), tmp_path / "m.json", clock="cpu")
     with pytest.raises(ValueError, match="torch runtime only"):
         time_model(torch.nn.Identity(), "onnxruntime", (1, 3, 8, 8), 1, clock="cpu")
     with pytest.raises(ValueError, match="torch runtime only"):
         calibrate(tiny, LatencyTarget.from_profile(TARGET, threads=1, runtime="onnxruntime"), tmp_path / "m.json",
                   clock="cpu")
+    with pytest.raises(ValueError, match="needs kind cpu and dtype float32"):
+        LatencyTarget("g", "cuda", "onnxruntime", None, "float32", (8, 8)).validate()
+    with pytest.raises(ValueError, match="needs kind cpu and dtype float32"):
+        time_model(torch.nn.Identity(), "onnxruntime", (1, 3, 8, 8), 1, dtype="bfloat16")
+    devices = tmp_path / "d.yaml"
+    devices.write_text("profiles:\n  g:\n    kind: cpu\n    dtype: float16\n    runtime: onnxruntime\n"
+                       "    input_size: [8, 8]\n")
+    with pytest.raises(DeviceProfileError, match=r"g.*needs kind cpu and dtype float32"):
+        load_device_profiles(devices)
+    assert not (tmp_path / "m.json").exists()  # refused before anything is written
     stats = time_model(torch.nn.Conv2d(3, 3, 3), "torch", (1, 3, 16, 16), 1, clock="cpu", warmup=1, repeats=5)
     assert stats.repeats == 5 and stats.latency_ms >= 0 and "cpu clock" in stats.device
+
+
+def test_an_older_file_format_is_refused_in_one_line_that_says_to_calibrate_again(tmp_path: Path, tiny):
+    model = _hand_model(tiny, SMALL, {u.key: 1.0 for u in units_of(SMALL, TARGET.input_hw)})
+    path = tmp_path / "edge.json"
+    model.save(path)
+    assert LatencyModel.load(path).units == model.units
+    data = json.loads(path.read_text())
+    for version, why in ((2, "onnxruntime units were timed exported one by one"),
+                         (1, "timed without the compiled CPU scan")):
+        data["format_version"] = version
+        path.write_text(json.dumps(data))
+        with pytest.raises(LatencyModelError) as refused:
+            LatencyModel.load(path, space=tiny, device=TARGET)
+        message = str(refused.value)
+        assert "\n" not in message and f"format version {version}" in message and why in message
+        assert f"reads version {FORMAT_VERSION}" in message
+        assert message.endswith("calibrate again on the device "
+                                "(python run_search.py calibrate --device-profile edge --space tiny)")
+    assert FORMAT_VERSION == 3
 
 
 def test_onnxruntime_timing_runs_the_exported_model_with_several_inputs():

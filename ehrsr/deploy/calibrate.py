@@ -12,7 +12,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from ehrsr.deploy.profiles import DeviceProfileError, resolve_profile
+from ehrsr.deploy.profiles import resolve_profile
 from ehrsr.errors import UserError
 
 __all__ = ["CalibrationError", "CalibrationResult", "calibrate_profile", "default_model_path"]
@@ -54,23 +54,16 @@ def calibrate_profile(
     ``calibrate_kwargs`` reach ``ehrsr.profiling.latency_model.calibrate`` as they are (tests pass
     ``max_units``, ``n_fit``...). Bad input raises a ``UserError`` (one line)."""
     from ehrsr.profiling.latency_model import LatencyModelError, calibrate
+    from ehrsr.profiling.onnx_runtime import check_timing_settings
     from ehrsr.search.space import load_space
 
     profile = resolve_profile(profile_name, devices_path)
     space = load_space(space_name)
-    if clock not in ("wall", "cpu"):
-        raise CalibrationError(f"--clock must be wall or cpu, got {clock!r}")
-    if clock == "cpu" and profile.threads != 1:
-        raise CalibrationError(
-            f"--clock cpu times one thread only; device profile {profile.name!r} uses {profile.threads} threads"
-        )
-    if clock == "cpu" and profile.runtime != "torch":
-        raise CalibrationError(
-            f"--clock cpu is for the torch runtime only; device profile {profile.name!r} runs onnxruntime: "
-            "use the wall clock"
-        )
-    if profile.kind != "cpu" and profile.runtime != "torch":
-        raise DeviceProfileError(f"device profile {profile.name!r}: onnxruntime runs on the CPU only")
+    try:
+        check_timing_settings(profile.runtime, clock=clock, threads=profile.threads, kind=profile.kind,
+                              dtype=profile.dtype)
+    except ValueError as exc:
+        raise CalibrationError(f"calibrate {profile.name} with --clock {clock}: {exc}") from None
     path = Path(out_path) if out_path is not None else default_model_path(profile.name, space.name)
     if path.exists() and path.is_dir():
         raise CalibrationError(f"--out {path} is a folder; give a file name")

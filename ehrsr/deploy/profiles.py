@@ -30,6 +30,7 @@ import torch
 import yaml
 
 from ehrsr.errors import UserError
+from ehrsr.profiling.onnx_runtime import check_timing_settings
 from ehrsr.resources import devices_file
 
 __all__ = [
@@ -54,7 +55,6 @@ LIMIT_METRICS: dict[str, str] = {
 """Each limit of a device profile and the measured metric it bounds."""
 
 _DTYPES = ("float32", "float16", "bfloat16")
-_RUNTIMES = ("torch", "onnxruntime")
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")  # becomes a file name: deploy/<name>.json
 
 
@@ -178,13 +178,10 @@ def _parse_profile(name: Any, data: Any, source: str) -> DeviceProfile:
     if threads is not None and kind == "cuda":
         raise DeviceProfileError(f"{where}: threads applies to cpu profiles only (kind is cuda)")
     runtime = data.get("runtime", "torch")
-    if runtime not in _RUNTIMES:
-        raise DeviceProfileError(f"{where}: runtime must be one of {', '.join(_RUNTIMES)}, got {runtime!r}")
-    if runtime == "onnxruntime" and (kind != "cpu" or dtype != "float32"):
-        raise DeviceProfileError(
-            f"{where}: runtime onnxruntime is the CPU execution provider in float32: needs kind cpu and dtype "
-            f"float32 (got kind {kind}, dtype {dtype})"
-        )
+    try:
+        check_timing_settings(runtime, kind=kind, dtype=dtype)
+    except ValueError as exc:
+        raise DeviceProfileError(f"{where}: {exc}") from None
     latency_model = data.get("latency_model")
     if latency_model is not None:
         if not isinstance(latency_model, str) or not latency_model.strip():

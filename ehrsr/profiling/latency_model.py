@@ -25,7 +25,9 @@ import math
 import os
 import platform
 import random
+import tempfile
 import time
+from collections import Counter
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 from datetime import datetime, timezone
@@ -42,7 +44,8 @@ from ehrsr.config import EHRSRConfig
 from ehrsr.files import write_text_atomically
 from ehrsr.profiling.canary import Canary
 from ehrsr.profiling.latency import cpu_name, measure_latency
-from ehrsr.profiling.onnx_runtime import RUNTIMES, runtime_versions, time_model
+from ehrsr.profiling.onnx_graph import export_scoped, profile_units
+from ehrsr.profiling.onnx_runtime import check_timing_settings, runtime_versions, time_model
 
 
 class SearchSpace(Protocol):
@@ -70,23 +73,35 @@ __all__ = [
     "measure_module",
     "measure_module_for_profile",
     "measure_network",
+    "plan_graph_networks",
     "sample_configs",
     "space_fingerprint",
     "units_of",
 ]
 
 FORMAT = "ehrsr-latency-model"
-# 2: units timed with the compiled CPU scan (ehrsr/blocks/scan_kernel.c) where it builds; an SSM
-# unit timed before it cost several times more, so version-1 files are refused
-# 3: the SSMB's whole cross-scan compiled (directions, dt projection, scan): its forward is about 4x
-# faster than in version-2 files (benchmarks/blocks.py), which are refused
 FORMAT_VERSION = 3
+# why a file of an older version cannot be used (LatencyModel.from_dict says it in its refusal)
+_OLD_FORMATS = {
+    1: "its SSM units were timed without the compiled CPU scan, several times too slow",
+    2: "its SSM units were timed before the SSMB's cross-scan was compiled whole (about 4x slower), and its "
+       "onnxruntime units were timed exported one by one, missing onnxruntime's fusions across units",
+}
+UNIT_TIMINGS = ("isolated", "graph")
+"""How calibration times units: ``isolated`` (each unit cut out of a network and timed alone) or
+``graph`` (whole networks through onnxruntime's profiler, node times charged to units:
+``ehrsr.profiling.onnx_graph``; onnxruntime only, and its default)."""
 # Seconds of timed passes per unit (at least 5 passes each) and per whole network. Measured on this
 # 2-core machine, re-timing 12 networks unit by unit: with 0.05 s per unit the sum of the units
 # disagreed with the network's own time by up to 24 %, with 0.3 s by up to 17 % (a network timed
 # three times itself spreads 5-25 %).
 UNIT_BUDGET_S = 0.15
 NETWORK_BUDGET_S = 0.5
+# graph timing: profile networks until every unit key occurs this many times in them (where the
+# space allows): one occurrence per key leaves its cost to one neighbourhood's fusions and one
+# measurement's noise. Tiny space at 128x128: 78 networks for 1, 91 for 2, 163 for 3.
+GRAPH_OBSERVATIONS = 2
+GRAPH_POOL = 2000  # configurations drawn to choose the profiled networks from
 CANARY_EVERY = 25  # units between two canary readings during calibration
 SAVE_EVERY = 10  # units between two incremental writes of the file
 
@@ -150,13 +165,11 @@ class LatencyTarget:
         target.validate()
         return target
 
-    def validate(self) -> None:
-        if self.runtime not in RUNTIMES:
-            raise ValueError(f"runtime must be one of {', '.join(RUNTIMES)}, got {self.runtime!r}")
+    def validate(self, clock: str = "wall") -> None:
+        """Refuse a target (and a ``clock`` to time it with) that cannot be timed, in one line."""
         if self.kind not in ("cpu", "cuda"):
             raise ValueError(f"kind must be 'cpu' or 'cuda', got {self.kind!r}")
-        if self.runtime == "onnxruntime" and (self.kind != "cpu" or self.dtype != "float32"):
-            raise ValueError("runtime 'onnxruntime' is the CPU execution provider in float32: use kind cpu, dtype float32")
+        check_timing_settings(self.runtime, clock=clock, threads=self.threads, kind=self.kind, dtype=self.dtype)
         if len(self.input_hw) != 2 or min(self.input_hw) < 1:
             raise ValueError(f"input size must be [height, width] in pixels, got {list(self.input_hw)}")
 
@@ -488,9 +501,10 @@ class LatencyModel:
             raise LatencyModelError(f"{source} is not an ehrsr latency model (no 'format: {FORMAT}')")
         version = data.get("format_version")
         if version != FORMAT_VERSION:
+            why = f" ({_OLD_FORMATS[version]})" if version in _OLD_FORMATS else ""
             raise LatencyModelError(
-                f"{source} has latency model format version {version!r}; this ehrsr reads version "
-                f"{FORMAT_VERSION}: calibrate again"
+                f"{source} has latency model format version {version!r}{why}; this ehrsr reads version "
+                f"{FORMAT_VERSION}: calibrate again on the device ({_calibrate_command(data)})"
             )
         try:
             target_data = dict(data["target"])
@@ -574,6 +588,14 @@ class LatencyModel:
         return model
 
 
+def _calibrate_command(data: dict[str, Any]) -> str:
+    """The command that writes a current file for what an old file ``data`` was made for."""
+    target, space = data.get("target"), data.get("space")
+    profile = target.get("profile") if isinstance(target, dict) else None
+    space_name = space.get("name") if isinstance(space, dict) else None
+    return f"python run_search.py calibrate --device-profile {profile or 'NAME'} --space {space_name or 'SPACE'}"
+
+
 # ---------------------------------------------------------------------------------------------
 # measuring
 
@@ -594,10 +616,8 @@ def _time(module: nn.Module, target: LatencyTarget, shapes: Sequence[tuple[int, 
             module = _Bound(module, [torch.rand(s, generator=torch.Generator().manual_seed(1)).cuda() for s in shapes[1:]])
         x = torch.rand(shapes[0], generator=torch.Generator().manual_seed(0)).cuda()
         return measure_latency(module.cuda().eval(), x, dtype=target.dtype, budget_s=budget_s)
-    if clock != "wall":
-        return time_model(module, target.runtime, list(shapes), target.threads, dtype=target.dtype,
-                          budget_s=budget_s, clock=clock)
-    return time_model(module, target.runtime, list(shapes), target.threads, dtype=target.dtype, budget_s=budget_s)
+    return time_model(module, target.runtime, list(shapes), target.threads, dtype=target.dtype, budget_s=budget_s,
+                      clock=clock)
 
 
 class _Bound(nn.Module):
@@ -665,10 +685,6 @@ def accuracy_of(predicted: Sequence[float], measured: Sequence[float]) -> Accura
     )
 
 
-def _target_threads(profile: Any, threads: int | None) -> int | None:
-    return threads if threads is not None else getattr(profile, "threads", None)
-
-
 def _fit_correction(sums: Sequence[float], measured: Sequence[float]) -> tuple[float, float]:
     """``a, b`` minimising the squared *relative* error of ``a * sum + b`` (small networks count as
     much as large ones), with ``b >= 0``: a per-network overhead is never negative, and a negative
@@ -690,6 +706,94 @@ class _NetworkPoint:
     config: dict[str, Any]
     measured_ms: float
     units_sum_ms: float
+
+
+@dataclass(frozen=True)
+class _ProfiledNetwork:
+    """One network profiled whole through onnxruntime, its node times charged to its units."""
+
+    config: dict[str, Any]
+    graph_ms: float  # sum of its nodes' times: the units' plus glue_ms
+    run_ms: float  # onnxruntime's own time per run (graph_ms plus per-run overhead)
+    glue_ms: float  # nodes that belong to no unit (ehrsr.profiling.onnx_graph.GLUE)
+    passes: int
+    units: tuple[tuple[str, str, float], ...]  # (path, key, ms) of each unit, in forward order
+
+    def to_dict(self) -> dict[str, Any]:
+        data = asdict(self)
+        data["units"] = [list(u) for u in self.units]
+        return data
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> _ProfiledNetwork:
+        units = tuple((str(path), str(key), float(ms)) for path, key, ms in data["units"])
+        return cls(dict(data["config"]), float(data["graph_ms"]), float(data["run_ms"]), float(data["glue_ms"]),
+                   int(data["passes"]), units)
+
+
+def _profile_network(path: Path, config: EHRSRConfig, target: LatencyTarget, budget_s: float) -> _ProfiledNetwork:
+    """``config``'s deploy form, exported whole to ``path`` (``export_scoped``), profiled through
+    onnxruntime on ``target`` (this machine), its time split into its units."""
+    listed = units_of(config, target.input_hw)
+    shape = (1, config.in_channels, *target.input_hw)
+    found = profile_units(path, [shape], [u.path for u in listed], target.threads, budget_s=budget_s)
+    return _ProfiledNetwork(config.to_dict(), found.graph_ms, found.run_ms, found.glue_ms, found.passes,
+                            tuple((u.path, u.key, found.unit_ms[u.path]) for u in listed))
+
+
+def plan_graph_networks(
+    space: SearchSpace,
+    catalogue: dict[str, tuple[EHRSRConfig, Unit]],
+    input_hw: Sequence[int],
+    *,
+    scale: int = 4,
+    seed: int = 0,
+    observations: int = GRAPH_OBSERVATIONS,
+    pool_size: int = GRAPH_POOL,
+) -> list[EHRSRConfig]:
+    """Networks to profile whole so that every key of ``catalogue`` occurs at least
+    ``observations`` times in them where the space allows (an occurrence is one unit of one
+    network: one neighbourhood): a greedy multicover (each step takes the configuration with the
+    most occurrences of keys still short) over the catalogue's example configurations (which
+    guarantee every key once) and ``pool_size`` more drawn at random. Few networks, each key
+    in several neighbourhoods."""
+    if observations < 1:
+        raise ValueError(f"graph observations must be at least 1, got {observations}")
+    pool: dict[str, EHRSRConfig] = {}
+    for config in [c for c, _ in catalogue.values()] + list(sample_configs(space, pool_size, seed=seed + 2, scale=scale)):
+        pool.setdefault(json.dumps(config.to_dict(), sort_keys=True), config)
+    configs = list(pool.values())
+    keys = [Counter(u.key for u in units_of(c, input_hw)) for c in configs]
+    short = dict.fromkeys(catalogue, observations)  # key -> occurrences still wanted
+    chosen: list[EHRSRConfig] = []
+    while True:
+        gains = [sum(min(n, short.get(key, 0)) for key, n in ks.items()) for ks in keys]
+        best = int(np.argmax(gains))
+        if gains[best] == 0:
+            return chosen
+        chosen.append(configs[best])
+        for key, n in keys[best].items():
+            if key in short:
+                short[key] = max(0, short[key] - n)
+        keys[best] = Counter()
+
+
+def _unit_costs_from_graphs(profiled: Sequence[_ProfiledNetwork], keys: set[str]) -> dict[str, dict[str, float]]:
+    """Each of ``keys``' cost: the median over its occurrences in every profiled network (with its
+    10th / 90th percentiles, the passes behind it and the number of occurrences)."""
+    seen: dict[str, list[float]] = {key: [] for key in keys}
+    passes: dict[str, int] = dict.fromkeys(keys, 0)
+    for point in profiled:
+        for _path, key, ms in point.units:
+            if key in seen:
+                seen[key].append(ms)
+                passes[key] += point.passes
+    return {
+        key: {"latency_ms": float(np.median(values)), "p10_ms": float(np.percentile(values, 10)),
+              "p90_ms": float(np.percentile(values, 90)), "repeats": float(passes[key]),
+              "observations": float(len(values))}
+        for key, values in seen.items() if values
+    }
 
 
 def _progress(iterable: Any, total: int, desc: str, enabled: bool) -> Any:
@@ -717,6 +821,8 @@ def calibrate(
     max_units: int | None = None,
     enumeration_patience: int = 3000,
     clock: str = "wall",
+    unit_timing: str | None = None,
+    graph_observations: int = GRAPH_OBSERVATIONS,
     progress: bool = True,
     resume: bool = True,
     log: Callable[[str], None] | None = None,
@@ -730,41 +836,55 @@ def calibrate(
     ``n_fit`` whole networks fit the correction; ``n_holdout`` others measure the accuracy stored
     in the file. A canary network is timed every ``CANARY_EVERY`` units; units timed while it ran
     more than ``contention_threshold`` times slower than at the start are timed again.
-    ``max_units``: time only the first units (tests; the model is then marked incomplete unless
-    every unit fits). ``enumeration_patience``: see ``enumerate_units``. ``clock="cpu"`` times with process CPU time instead of the wall clock
-    (one-thread targets only): on a machine shared with other jobs the wall-clock time of long
-    passes is inflated by preemption while short unit passes mostly are not, which skews the
-    correction; CPU time is immune to that (recorded in the file's ``protocol``). Returns the model (complete when every enumerated unit was timed).
+    ``unit_timing`` (``UNIT_TIMINGS``; default ``graph`` for onnxruntime, ``isolated`` otherwise):
+    ``graph`` profiles whole networks through onnxruntime and charges their node times to their
+    units (``ehrsr.profiling.onnx_graph``), so a unit's cost includes the fusions onnxruntime
+    makes with its neighbours; the networks are chosen so that every key occurs at least
+    ``graph_observations`` times in them (``plan_graph_networks``), a key's cost is the median
+    over its occurrences, and the canary is read after each network (a network profiled while it
+    says the machine is busy is profiled again from the same export, keeping the faster).
+    ``max_units``: time only the first units (tests; in ``graph`` timing, profile networks until
+    that many new keys are timed; the model is then marked incomplete unless every unit is
+    timed). ``enumeration_patience``: see ``enumerate_units``. ``clock="cpu"`` times with process
+    CPU time instead of the wall clock (one-thread torch targets only): on a machine shared with
+    other jobs the wall-clock time of long passes is inflated by preemption while short unit
+    passes mostly are not, which skews the correction; CPU time is immune to that (recorded in
+    the file's ``protocol``). Returns the model (complete when every enumerated unit was timed).
     """
-    if clock not in ("wall", "cpu") or (clock == "cpu" and _target_threads(device_profile, threads) != 1):
-        raise ValueError(f"clock must be 'wall', or 'cpu' for a one-thread target, got {clock!r}")
-    if clock == "cpu" and (runtime or getattr(device_profile, "runtime", None) or "torch") != "torch":
-        raise ValueError("clock 'cpu' is for the torch runtime only; calibrate onnxruntime with the wall clock")
     say = log or (lambda _message: None)
     target = LatencyTarget.from_profile(
         device_profile, scale=scale, runtime=runtime, threads=threads, dtype=dtype, input_hw=input_hw
     )
+    target.validate(clock)
+    unit_timing = unit_timing or ("graph" if target.runtime == "onnxruntime" else "isolated")
+    if unit_timing not in UNIT_TIMINGS:
+        raise ValueError(f"unit timing must be one of {', '.join(UNIT_TIMINGS)}, got {unit_timing!r}")
+    if unit_timing == "graph" and target.runtime != "onnxruntime":
+        raise ValueError("unit timing 'graph' reads onnxruntime's profiler: it is for the onnxruntime runtime only")
     out_path = Path(out_path)
     fingerprint = space_fingerprint(space)
     started = time.perf_counter()
 
     units: dict[str, dict[str, float]] = {}
+    profiled: list[_ProfiledNetwork] = []  # graph timing: every network profiled so far
     previous_s = 0.0
     if resume and out_path.exists():
         old = LatencyModel.read(out_path)
-        old_clock = old.extra.get("protocol", {}).get("clock", "wall")
-        if old.space["sha256"] != fingerprint["sha256"] or old.target.mismatch(target) or old_clock != clock:
+        old_protocol = old.extra.get("protocol", {})
+        if (old.space["sha256"] != fingerprint["sha256"] or old.target.mismatch(target)
+                or old_protocol.get("clock") != clock or old_protocol.get("unit_timing") != unit_timing):
             raise LatencyModelError(
                 f"{out_path} holds a latency model for another space or device settings; "
                 "choose another --out or calibrate without resume"
             )
         units = dict(old.units)
+        profiled = [_ProfiledNetwork.from_dict(p) for p in old.extra.get("graph_networks", [])]
         previous_s = float(old.extra.get("calibration_s", 0.0))
         say(f"resuming {out_path}: {len(units)} units already timed")
 
     catalogue = enumerate_units(space, target.input_hw, scale=scale, seed=seed, patience=enumeration_patience)
     todo = [key for key in catalogue if key not in units]
-    if max_units is not None:
+    if max_units is not None and unit_timing == "isolated":
         todo = todo[:max_units]
     say(f"{len(catalogue)} units in space '{space.name}' at {_show(target.input_hw)}; {len(todo)} to time")
 
@@ -792,11 +912,14 @@ def calibrate(
             device=device_info,
             extra={
                 "protocol": {"unit_budget_s": unit_budget_s, "network_budget_s": network_budget_s, "clock": clock,
+                             "unit_timing": unit_timing,
+                             **({"graph_observations": graph_observations} if unit_timing == "graph" else {}),
                              "statistic": "median of timed passes after warm-up (ehrsr.profiling.latency)"},
                 "canary": {"quiet_ms": quiet_ms, "threshold": contention_threshold, "ratios": canary_ratios},
                 "units_enumerated": len(catalogue),
                 "calibration_s": previous_s + time.perf_counter() - started,
                 "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+                **({"graph_networks": [p.to_dict() for p in profiled]} if unit_timing == "graph" else {}),
                 **extra,
             },
             complete=complete,
@@ -814,24 +937,50 @@ def calibrate(
         return {"latency_ms": stats.latency_ms, "p10_ms": stats.latency_ms_p10, "p90_ms": stats.latency_ms_p90,
                 "repeats": float(stats.repeats)}
 
-    batch: list[str] = []
-    for done, key in enumerate(_progress(todo, len(todo), "units", progress), start=1):
-        units[key] = time_unit(key)
-        batch.append(key)
-        if len(batch) >= CANARY_EVERY or done == len(todo):
-            reading = canary.check()
-            canary_ratios.append(round(reading.ratio, 3))
-            if reading.ratio > contention_threshold:
-                # the machine was busy while this batch ran: time it again, keep the faster median
-                for again in batch:
-                    retry = time_unit(again)
-                    if retry["latency_ms"] < units[again]["latency_ms"]:
-                        units[again] = retry
-                canary_ratios.append(round(canary.check().ratio, 3))
-            batch = []
-        if done % SAVE_EVERY == 0:
+    if unit_timing == "isolated":
+        batch: list[str] = []
+        for done, key in enumerate(_progress(todo, len(todo), "units", progress), start=1):
+            units[key] = time_unit(key)
+            batch.append(key)
+            if len(batch) >= CANARY_EVERY or done == len(todo):
+                reading = canary.check()
+                canary_ratios.append(round(reading.ratio, 3))
+                if reading.ratio > contention_threshold:
+                    # the machine was busy while this batch ran: time it again, keep the faster median
+                    for again in batch:
+                        retry = time_unit(again)
+                        if retry["latency_ms"] < units[again]["latency_ms"]:
+                            units[again] = retry
+                    canary_ratios.append(round(canary.check().ratio, 3))
+                batch = []
+            if done % SAVE_EVERY == 0:
+                snapshot(False, {}).save(out_path)
+        deploys.clear()
+    else:
+        seen = {json.dumps(p.config, sort_keys=True) for p in profiled}
+        planned = plan_graph_networks(space, catalogue, target.input_hw, scale=scale, seed=seed,
+                                      observations=graph_observations)
+        networks = [c for c in planned if json.dumps(c.to_dict(), sort_keys=True) not in seen]
+        say(f"{len(planned)} networks to profile whole (every unit key occurring {graph_observations} times where "
+            f"the space allows); {len(networks)} left")
+        timed_before = len(units)
+        for config in _progress(networks, len(networks), "networks", progress):
+            if max_units is not None and len(units) - timed_before >= max_units:
+                break
+            with tempfile.TemporaryDirectory(prefix="ehrsr-calibrate-") as folder:
+                exported = export_scoped(_deploy(config), [(1, config.in_channels, *target.input_hw)],
+                                         Path(folder) / "network.onnx")
+                point = _profile_network(exported, config, target, network_budget_s)
+                reading = canary.check()
+                canary_ratios.append(round(reading.ratio, 3))
+                if reading.ratio > contention_threshold:
+                    # the machine was busy while this network ran: profile it again, keep the faster
+                    retry = _profile_network(exported, config, target, network_budget_s)
+                    point = min(point, retry, key=lambda p: p.graph_ms)
+                    canary_ratios.append(round(canary.check().ratio, 3))
+            profiled.append(point)
+            units.update(_unit_costs_from_graphs(profiled, {key for _, key, _ in point.units}))
             snapshot(False, {}).save(out_path)
-    deploys.clear()
 
     missing = [key for key in catalogue if key not in units]
     if missing:

@@ -26,6 +26,7 @@ import time
 import warnings
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import nn
@@ -41,7 +42,16 @@ from ehrsr.profiling.latency import (
     stats_from_samples,
 )
 
-__all__ = ["RUNTIMES", "export_for_timing", "onnxruntime_version", "runtime_versions", "time_model"]
+__all__ = [
+    "CLOCKS",
+    "RUNTIMES",
+    "check_timing_settings",
+    "export_for_timing",
+    "onnxruntime_version",
+    "runtime_versions",
+    "time_model",
+    "time_onnx",
+]
 
 RUNTIMES = ("torch", "onnxruntime")
 ONNX_OPSET = 17
@@ -80,9 +90,42 @@ class _ProcessTimeClock:
 CLOCKS = ("wall", "cpu")
 
 
-def _check_runtime(runtime: str) -> None:
+def check_timing_settings(
+    runtime: str,
+    *,
+    clock: str = "wall",
+    threads: int | None = None,
+    kind: str = "cpu",
+    dtype: str = "float32",
+) -> None:
+    """Refuse settings no runtime here can time, with one line saying why (``ValueError``).
+
+    The one place these rules live: timing (``time_model``), latency targets and calibration
+    (``ehrsr.profiling.latency_model``), device profiles and the ``calibrate`` command (``deploy``)
+    all call it and add their own context to the message.
+
+    - ``runtime`` is one of ``RUNTIMES``; onnxruntime is the CPU execution provider in float32;
+    - ``clock`` is one of ``CLOCKS``; the CPU clock (process CPU time) is a latency only with one
+      thread (the CPU times of several threads add up), and only for torch: onnxruntime's passes
+      timed in CPU time did not repeat (Spearman 0.37 between two passes over 100 networks, against
+      0.93 for torch; docs/latency_models.md).
+    """
     if runtime not in RUNTIMES:
         raise ValueError(f"runtime must be one of {', '.join(RUNTIMES)}, got {runtime!r}")
+    if runtime == "onnxruntime" and (kind != "cpu" or dtype != "float32"):
+        raise ValueError(
+            "runtime onnxruntime is the CPU execution provider in float32: needs kind cpu and dtype float32 "
+            f"(got kind {kind}, dtype {dtype})"
+        )
+    if clock not in CLOCKS:
+        raise ValueError(f"clock must be one of {', '.join(CLOCKS)}, got {clock!r}")
+    if clock == "cpu" and threads != 1:
+        raise ValueError(f"clock 'cpu' measures latency with one thread only, got threads={threads!r}")
+    if clock == "cpu" and runtime != "torch":
+        raise ValueError("clock 'cpu' is for the torch runtime only; time onnxruntime with the wall clock")
+
+
+def _require_runtime(runtime: str) -> None:
     if runtime == "onnxruntime" and onnxruntime_version() is None:
         raise ValueError("runtime 'onnxruntime' needs the onnxruntime package (pip install 'ehrsr[onnx]')")
 
@@ -146,6 +189,8 @@ def export_for_timing(model: nn.Module, input_shapes: Sequence[int] | Sequence[S
                     do_constant_folding=False,
                     **({"optimize": False} if dynamo else {}),
                 )
+            if dynamo:
+                _scope_node_names(path)
             return path
         except Exception as exc:
             first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
@@ -154,7 +199,32 @@ def export_for_timing(model: nn.Module, input_shapes: Sequence[int] | Sequence[S
     raise RuntimeError(f"ONNX export of {type(model).__name__} failed: {'; '.join(errors)}")
 
 
-def _onnx_session(path: Path, threads: int | None) -> object:
+def _scope_node_names(path: Path) -> None:
+    """Name each node of a dynamo export after its module scope, as the TorchScript exporter does
+    (``/encoders.0/encoders.0.0/conv1/conv2d``), from the ``pkg.torch.onnx.name_scopes`` metadata
+    the dynamo exporter stores: onnxruntime's profiler reports node names only, and
+    ``ehrsr.profiling.onnx_graph`` maps them back to modules."""
+    import ast
+
+    import onnx
+
+    model = onnx.load(str(path))
+    seen: dict[str, int] = {}
+    for node in model.graph.node:
+        scopes = next((p.value for p in node.metadata_props if p.key == "pkg.torch.onnx.name_scopes"), None)
+        if scopes is None:
+            continue
+        parts = [str(part) for part in ast.literal_eval(scopes) if part]
+        name = "/" + "/".join(parts) if parts else node.name
+        seen[name] = seen.get(name, 0) + 1
+        node.name = name if seen[name] == 1 else f"{name}_{seen[name] - 1}"  # one fx node, several ONNX nodes
+    onnx.save(model, str(path))
+
+
+def _onnx_session(path: Path, threads: int | None, *, profile_prefix: Path | None = None,
+                  optimized_path: Path | None = None) -> Any:
+    """An onnxruntime CPU session; ``profile_prefix`` switches on onnxruntime's per-node profiler,
+    ``optimized_path`` saves the graph it runs (after its fusions and layout changes)."""
     import onnxruntime
 
     options = onnxruntime.SessionOptions()
@@ -162,7 +232,17 @@ def _onnx_session(path: Path, threads: int | None) -> object:
         options.intra_op_num_threads = threads
     options.inter_op_num_threads = 1  # one pass at a time, like PyTorch eager
     options.log_severity_level = 3
+    if profile_prefix is not None:
+        options.enable_profiling = True
+        options.profile_file_prefix = str(profile_prefix)
+    if optimized_path is not None:
+        options.optimized_model_filepath = str(optimized_path)
     return onnxruntime.InferenceSession(str(path), sess_options=options, providers=["CPUExecutionProvider"])
+
+
+def _session_feeds(session: Any, feeds: dict[str, Any]) -> dict[str, Any]:
+    """The inputs ``session`` takes: the exporter drops an input the graph does not use."""
+    return {name: feeds[name] for name in (i.name for i in session.get_inputs())}
 
 
 def time_model(
@@ -186,45 +266,48 @@ def time_model(
     (the protocol's ``time.perf_counter``) or ``"cpu"`` (process CPU time, one thread only; see
     ``_ProcessTimeClock``).
     """
-    _check_runtime(runtime)
-    if clock not in CLOCKS:
-        raise ValueError(f"clock must be one of {', '.join(CLOCKS)}, got {clock!r}")
-    if clock == "cpu" and threads != 1:
-        raise ValueError(f"clock 'cpu' measures latency with one thread only, got threads={threads!r}")
-    if clock == "cpu" and runtime != "torch":
-        # measured: onnxruntime's passes timed in process CPU time did not repeat (Spearman 0.37
-        # between two passes over 100 networks, against 0.93 for torch; docs/latency_models.md)
-        raise ValueError("clock 'cpu' is for the torch runtime only; time onnxruntime with the wall clock")
-    resolve_budget("cpu", budget_s)
     dtype_name, torch_dtype = parse_dtype(dtype)
+    check_timing_settings(runtime, clock=clock, threads=threads, dtype=dtype_name)
+    _require_runtime(runtime)
+    resolve_budget("cpu", budget_s)
     shapes = _shapes(input_shapes)
-    inputs = _example_inputs(shapes)
     model = model.to("cpu").eval()
-    timer = PerfCounterClock() if clock == "wall" else _ProcessTimeClock()
-    if runtime == "torch":
-        autocast = (
-            torch.autocast("cpu", dtype=torch_dtype) if torch_dtype != torch.float32 else contextlib.nullcontext()
-        )
-
-        def run_torch() -> object:
-            with autocast:
-                return model(*inputs)
-
-        with torch.inference_mode(), cpu_threads(threads) as n_threads:
-            samples, warmup_done, repeats_done = run_timed(run_torch, timer, "cpu", warmup, repeats, budget_s)
-    else:
-        if dtype_name != "float32":
-            raise ValueError(f"runtime 'onnxruntime' times float32 models only, got dtype {dtype_name!r}")
+    if runtime == "onnxruntime":
         with tempfile.TemporaryDirectory(prefix="ehrsr-onnx-") as folder:
             path = export_for_timing(model, shapes, Path(folder) / "model.onnx")
-            session = _onnx_session(path, threads)
-        feeds = {f"input{i}": x.numpy() for i, x in enumerate(inputs)}
-        feeds = {name: feeds[name] for name in (i.name for i in session.get_inputs())}  # unused inputs are dropped
+            return time_onnx(path, shapes, threads, warmup=warmup, repeats=repeats, budget_s=budget_s)
+    inputs = _example_inputs(shapes)
+    timer = PerfCounterClock() if clock == "wall" else _ProcessTimeClock()
+    autocast = torch.autocast("cpu", dtype=torch_dtype) if torch_dtype != torch.float32 else contextlib.nullcontext()
 
-        def run_onnx() -> object:
-            return session.run(None, feeds)
+    def run_torch() -> object:
+        with autocast:
+            return model(*inputs)
 
-        samples, warmup_done, repeats_done = run_timed(run_onnx, timer, "cpu", warmup, repeats, budget_s)
-        n_threads = threads if threads is not None else torch.get_num_threads()
+    with torch.inference_mode(), cpu_threads(threads) as n_threads:
+        samples, warmup_done, repeats_done = run_timed(run_torch, timer, "cpu", warmup, repeats, budget_s)
     return stats_from_samples(samples, warmup_done, repeats_done, dtype_name,
-                              f"{device_name('cpu', n_threads)} [{runtime}{', cpu clock' if clock == 'cpu' else ''}]")
+                              f"{device_name('cpu', n_threads)} [torch{', cpu clock' if clock == 'cpu' else ''}]")
+
+
+def time_onnx(
+    path: str | Path,
+    input_shapes: Sequence[int] | Sequence[Sequence[int]],
+    threads: int | None = None,
+    *,
+    warmup: int | None = None,
+    repeats: int | None = None,
+    budget_s: float | None = None,
+) -> LatencyStats:
+    """``time_model``'s onnxruntime timing of a file ``export_for_timing`` wrote (float32, its
+    inputs named ``input0``, ``input1``...): export once, time as often as needed."""
+    _require_runtime("onnxruntime")
+    resolve_budget("cpu", budget_s)
+    inputs = _example_inputs(_shapes(input_shapes))
+    session = _onnx_session(Path(path), threads)
+    feeds = _session_feeds(session, {f"input{i}": x.numpy() for i, x in enumerate(inputs)})
+    samples, warmup_done, repeats_done = run_timed(lambda: session.run(None, feeds), PerfCounterClock(), "cpu",
+                                                    warmup, repeats, budget_s)
+    n_threads = threads if threads is not None else torch.get_num_threads()
+    return stats_from_samples(samples, warmup_done, repeats_done, "float32",
+                              f"{device_name('cpu', n_threads)} [onnxruntime]")
