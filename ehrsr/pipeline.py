@@ -40,6 +40,7 @@ from ehrsr.interrupts import SIGTERM, interrupt_name
 from ehrsr.reports import write_report, write_trials_csv
 from ehrsr.search.driver import SearchLog, SearchSummary, print_summary, run_search
 from ehrsr.search.pareto import front_trials
+from ehrsr.search.ranking import check_line
 from ehrsr.search.storage import open_storage
 from ehrsr.search.study import (
     PreparedStudy,
@@ -50,6 +51,7 @@ from ehrsr.search.study import (
     space_of,
     stored_record,
 )
+from ehrsr.study_schema import fidelity_checks
 
 __all__ = [
     "ablation_budget_seconds",
@@ -137,6 +139,10 @@ def run_pipeline(settings: SearchSettings) -> SearchSummary:
                                           html=settings.write_html)
         except Exception as exc:  # a report problem must not hide the search results
             log(f"warning: could not write the report: {type(exc).__name__}: {exc}")
+    checks = fidelity_checks(study)
+    summary.fidelity = check_line(checks[-1]) if checks else (
+        "no verdict: the space states no measured agreement for this task and data, and no check ran "
+        f"(run_search.py fidelity --study-name {summary.study_name})")
     print_summary(summary, prepared.objectives, log)
     return summary
 

@@ -19,13 +19,15 @@ import pandas as pd
 from optuna.trial import FrozenTrial
 
 from ehrsr.config import MODULE_TOGGLES
-from ehrsr.search.pareto import front_trials, knee_point, knee_trial
+from ehrsr.search.pareto import comparable_trials, front_trials, knee_point, knee_trial, trial_steps
+from ehrsr.search.ranking import check_line
 from ehrsr.study_schema import (
     DASH,
     METRIC_KEYS,
     TRIAL,
     Objective,
     StudyInfo,
+    fidelity_checks,
     is_feasible,
     objective_values,
     trial_status,
@@ -101,6 +103,15 @@ def trials_table(study: optuna.Study) -> pd.DataFrame:
     rows = [trial_row(t, objectives) for t in study.get_trials(deepcopy=False)]
     if not rows:
         return pd.DataFrame(columns=_empty_columns(objectives))
+    # the ranking proxy of each trial (its final validation PSNR after its steps), the latest verdict
+    # on how well that ranks like long training, and whether it is on the fronts' footing
+    verdicts = {c.trial_steps: check_line(c) for c in fidelity_checks(study)}  # the latest per length
+    comparable = {t.number for t in comparable_trials(study)}
+    for trial, row in zip(study.get_trials(deepcopy=False), rows):
+        steps = trial_steps(trial)
+        row["proxy"] = f"final PSNR after {steps} steps" if steps is not None else None
+        row["proxy_fidelity"] = verdicts.get(steps, "no verdict for this length") if steps is not None else None
+        row["comparable"] = trial.number in comparable
     table = pd.DataFrame(rows)
     # columns that only some trials have (constraints, params, config) are filled with NaN by pandas
     return table.sort_values("number").reset_index(drop=True)

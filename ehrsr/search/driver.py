@@ -413,6 +413,7 @@ class SearchSummary:
     n_orphaned: int = 0  # trials whose worker died (failed as "crashed", or still RUNNING and dead)
     report: Path | None = None  # set by ehrsr.pipeline
     ablation: str | None = None  # what the controlled ablation at the end did (ehrsr.pipeline)
+    fidelity: str | None = None  # the study's latest proxy-fidelity verdict, in one line (ehrsr.pipeline)
     prepared: PreparedStudy | None = field(default=None, repr=False)  # the study as the search opened it
 
     @property
@@ -578,6 +579,8 @@ def print_summary(summary: SearchSummary, objectives: list[Objective], log: Sear
     rows.append(("budget used", summary.spent + (" by the search" if summary.ablation else "")))
     if summary.ablation:
         rows.append(("ablation", summary.ablation))
+    if summary.fidelity:
+        rows.append(("proxy fidelity", summary.fidelity))
     rows.append(("storage", summary.storage_url))
     rows.append(("results", str(summary.study_dir) + (f" (report: {summary.report})" if summary.report else "")))
     width = max(len(r[0]) for r in rows)
