@@ -19,11 +19,12 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import sys
 import tempfile
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -31,6 +32,7 @@ from typing import Any
 import numpy as np
 import optuna
 import torch
+from scipy import stats as sps
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
@@ -92,6 +94,7 @@ PROTOCOLS: dict[str, Protocol] = {p.name: p for p in (
              description="48 steps of 48 px patches (the same pixels as 108 of 32 px), lr 2e-3"),
     Protocol("s324-lr2e-3", 324, 2e-3, eval_every=36, description="324 steps (3x), lr 2e-3"),
     Protocol("s972-lr2e-3", 972, 2e-3, eval_every=108, description="972 steps (9x), lr 2e-3"),
+    Protocol("s1944-lr2e-3", 1944, 2e-3, eval_every=216, description="1944 steps (18x), lr 2e-3"),
 )}
 
 
@@ -295,6 +298,8 @@ def _shard(items: Iterable[Any], shard: tuple[int, int]) -> list[Any]:
 
 
 def _chosen(data: Path) -> tuple[list[dict[str, Any]], list[int]]:
+    if not (data / "pool.json").exists():
+        raise SystemExit(f"{data / 'pool.json'} does not exist: run the `pool` step first (or give --data)")
     doc = _read_json(data / "pool.json")
     if "chosen" not in doc:
         raise SystemExit("run `pool` first (pool.json has no chosen configurations yet)")
@@ -360,30 +365,42 @@ def step_proxies(data: Path, names: list[str], seeds: list[int], shard: tuple[in
 
 @dataclass(frozen=True)
 class Candidate:
-    """A proxy: a protocol's runs (``seeds`` of them averaged) scored by ``score``; ``evals``: the
-    validation passes the score needs (None: all the run recorded)."""
+    """A proxy: a protocol's runs (``seeds`` of them averaged) scored by ``score(curve, pool entry)``;
+    ``protocol`` None: no training (a count of the configuration). ``evals``: the validation passes
+    the score needs (None: every one the run recorded). ``combine``: the names of two candidates
+    whose ranks are summed instead (their compute added)."""
 
     name: str
-    protocol: str
-    score: Callable[[LearningCurve], float]
+    protocol: str | None
+    score: Callable[[LearningCurve | None, dict[str, Any]], float] | None = None
     seeds: tuple[int, ...] = (0,)
     evals: int | None = 2  # a trial evaluates at its rung(s) and at the end
+    combine: tuple[str, str] | None = None
+    compute_fraction: float = 1.0  # of the protocol's run the score needs (a rung: part of it)
 
 
 def candidates(reference_steps: int) -> list[Candidate]:
-    out: list[Candidate] = []
+    """Every proxy the benchmark scores (docs/proxy_fidelity.md lists them)."""
+    out: list[Candidate] = [
+        Candidate("MACs (no training)", None, lambda c, p: math.log(p["macs"]), evals=0),
+        Candidate("deploy parameters (no training)", None, lambda c, p: math.log(p["params_deploy"]), evals=0),
+    ]
     for name, protocol in PROTOCOLS.items():
-        out.append(Candidate(f"{name}: final PSNR", name, final_psnr))
-        out.append(Candidate(f"{name}: final PSNR, 2 seeds", name, final_psnr, seeds=(0, 1)))
-        out.append(Candidate(f"{name}: loss sum (last half)", name, lambda c: loss_sum(c, 0.5), evals=0))
-        out.append(Candidate(f"{name}: loss sum (last quarter)", name, lambda c: loss_sum(c, 0.25), evals=0))
+        out.append(Candidate(f"{name}: final PSNR", name, lambda c, p: final_psnr(c)))
+        out.append(Candidate(f"{name}: final PSNR, 2 seeds", name, lambda c, p: final_psnr(c), seeds=(0, 1)))
+        out.append(Candidate(f"{name}: loss sum (last half)", name, lambda c, p: loss_sum(c, 0.5), evals=0))
+        out.append(Candidate(f"{name}: loss sum (last quarter)", name, lambda c, p: loss_sum(c, 0.25), evals=0))
         for model in ("pow3", "exp3"):
             out.append(Candidate(f"{name}: {model} extrapolation", name,
-                                 lambda c, m=model, skip=protocol.eval_every: extrapolated_psnr(
+                                 lambda c, p, m=model, skip=protocol.eval_every: extrapolated_psnr(
                                      c, reference_steps, m, skip_before=skip),
                                  evals=None))
+        out.append(Candidate(f"{name}: final PSNR + MACs (rank sum)", None,
+                             combine=(f"{name}: final PSNR", "MACs (no training)")))
+        out.append(Candidate(f"{name}: pow3 extrapolation + MACs (rank sum)", None,
+                             combine=(f"{name}: pow3 extrapolation", "MACs (no training)")))
     out.append(Candidate("today: PSNR at the first rung (a third of the steps)", "today",
-                         lambda c: c.psnr_at(c.steps // 3), evals=1))
+                         lambda c, p: c.psnr_at(c.steps // 3), evals=1, compute_fraction=1 / 3))
     return out
 
 
@@ -397,37 +414,93 @@ def _load_runs(data: Path, kind: str) -> dict[tuple[Any, ...], dict[str, Any]]:
     return runs
 
 
-def score(data: Path, k: int = 3, rng: int = 0) -> list[dict[str, Any]]:
-    """One row per candidate proxy over the configurations whose reference (every seed stored) and
-    proxy runs are all present: compute, Kendall and Spearman with 95 % intervals, regret, recall."""
-    _, chosen = _chosen(data)
+def _train_pixels(protocol: Protocol) -> float:
+    return float(protocol.steps * protocol.batch_size * protocol.patch_size**2)
+
+
+def score(data: Path, k: int = 3, rng: int = 0, only: Sequence[str] | None = None) -> list[dict[str, Any]]:
+    """One row per candidate proxy (or those named in ``only``) over the configurations whose
+    reference (every seed stored) and proxy runs are all present: compute, Kendall and Spearman with
+    95 % intervals, regret, top-k recall. ``multiple``: training pixels (steps x batch x patch^2)
+    per configuration against today's trial, the deterministic measure of compute; ``seconds``: the
+    measured median, which depends on the machine's load when the runs were made."""
+    pool, chosen = _chosen(data)
     reference = _load_runs(data, "reference")
     brief = _load_runs(data, "brief")
     ref_seeds = sorted({seed for _, seed in reference})
     complete = [i for i in chosen if all((i, s) in reference for s in ref_seeds)]
     if len(complete) < 4:
         return []
-    truth = {i: float(np.mean([reference[(i, s)]["final_psnr"] for s in ref_seeds])) for i in complete}
-    trial_seconds = float(np.median([_compute(brief[("today", i, 0)], 2) for i in complete if ("today", i, 0) in brief]))
+    truth = [float(np.mean([reference[(i, s)]["final_psnr"] for s in ref_seeds])) for i in complete]
+    today = _train_pixels(TODAY)
+    values: dict[str, list[float]] = {}
+    cost: dict[str, tuple[float, float]] = {}  # name -> (multiple, seconds)
     rows = []
     for cand in candidates(int(reference[(complete[0], ref_seeds[0])]["steps"])):
-        keys = [(cand.protocol, i, s) for i in complete for s in cand.seeds]
-        if not all(key in brief for key in keys):
+        if only is not None and cand.name not in only and not any(cand.name in c.combine or ()
+                                                                  for c in candidates(1) if c.name in only):
             continue
         try:
-            values = [float(np.mean([cand.score(curve_of(brief[(cand.protocol, i, s)])) for s in cand.seeds]))
-                      for i in complete]
-            quality = ranking_quality(values, [truth[i] for i in complete], k=k, rng=rng)
+            if cand.combine is not None:
+                if not all(name in values for name in cand.combine):
+                    continue
+                ranks = [sps.rankdata(values[name]) for name in cand.combine]
+                values[cand.name] = [float(a + b) for a, b in zip(*ranks)]
+                cost[cand.name] = tuple(sum(cost[n][j] for n in cand.combine) for j in range(2))
+            elif cand.protocol is None:
+                values[cand.name] = [cand.score(None, pool[i]) for i in complete]
+                cost[cand.name] = (0.0, 0.0)
+            else:
+                keys = [(cand.protocol, i, s) for i in complete for s in cand.seeds]
+                if not all(key in brief for key in keys):
+                    continue
+                values[cand.name] = [
+                    float(np.mean([cand.score(curve_of(brief[(cand.protocol, i, s)]), pool[i]) for s in cand.seeds]))
+                    for i in complete]
+                seconds = float(np.median([sum(_compute(brief[(cand.protocol, i, s)], cand.evals) for s in cand.seeds)
+                                           for i in complete]))
+                cost[cand.name] = (cand.compute_fraction * len(cand.seeds) * _train_pixels(PROTOCOLS[cand.protocol])
+                                   / today, cand.compute_fraction * seconds)
+            if only is not None and cand.name not in only:
+                continue
+            quality = ranking_quality(values[cand.name], truth, k=k, rng=rng)
         except (KeyError, ValueError, StatsError) as exc:
             rows.append({"proxy": cand.name, "error": str(exc)})
             continue
-        seconds = float(np.median([sum(_compute(brief[(cand.protocol, i, s)], cand.evals) for s in cand.seeds)
-                                   for i in complete]))
         a = quality.agreement
-        rows.append({"proxy": cand.name, "seconds": seconds, "multiple": seconds / trial_seconds,
+        rows.append({"proxy": cand.name, "multiple": cost[cand.name][0], "seconds": cost[cand.name][1],
                      "kendall": a.kendall, "kendall_low": a.kendall_low, "kendall_high": a.kendall_high,
                      "spearman": a.spearman, "spearman_low": a.spearman_low, "spearman_high": a.spearman_high,
                      "regret_db": quality.regret, "top_k_recall": quality.top_k_recall, "n": a.n})
+    return rows
+
+
+TARGET_TAU, TARGET_LOW = 0.8, 0.5
+
+
+def choose_default(rows: list[dict[str, Any]]) -> dict[str, Any] | None:
+    """The cheapest proxy that reaches Kendall tau >= 0.8 with the interval's lower bound above 0.5
+    (ties: the higher tau); a trained proxy only (a count of the configuration ranks it by cost, not
+    by what it learned). None when no proxy reaches the target."""
+    reaching = [r for r in rows if "error" not in r and r["multiple"] > 0 and r["kendall"] >= TARGET_TAU
+                and r["kendall_low"] > TARGET_LOW and "MACs" not in r["proxy"] and "parameters" not in r["proxy"]]
+    return min(reaching, key=lambda r: (r["multiple"], -r["kendall"])) if reaching else None
+
+
+def truncated_reference(data: Path) -> list[dict[str, Any]]:
+    """Kendall tau between the reference run's own validation PSNR part-way (EMA weights, a cosine
+    schedule not yet at its end) and its final value: how early the long run's ranking settles."""
+    _, chosen = _chosen(data)
+    reference = _load_runs(data, "reference")
+    seeds = sorted({seed for _, seed in reference})
+    complete = [i for i in chosen if all((i, s) in reference for s in seeds)]
+    if len(complete) < 4:
+        return []
+    final = [float(np.mean([reference[(i, s)]["final_psnr"] for s in seeds])) for i in complete]
+    rows = []
+    for k, point in enumerate(reference[(complete[0], seeds[0])]["psnr_curve"]):
+        part = [float(np.mean([reference[(i, s)]["psnr_curve"][k][1] for s in seeds])) for i in complete]
+        rows.append({"step": int(point[0]), "kendall": float(sps.kendalltau(part, final).statistic)})
     return rows
 
 
@@ -437,24 +510,40 @@ def _compute(run: dict[str, Any], evals: int | None) -> float:
     return float(run["train_seconds"]) + n * float(run["eval_seconds_each"])
 
 
-def print_score(data: Path) -> list[dict[str, Any]]:
+def print_score(data: Path, write: bool = False) -> list[dict[str, Any]]:
     rows = score(data)
     if not rows:
         print("no configuration has its reference and proxy runs stored yet")
         return rows
     reference = _load_runs(data, "reference")
     n = rows[0].get("n", 0)
+    ordered = sorted(rows, key=lambda r: -r.get("kendall", -2))
     print_table(
-        ["proxy", "s / config", "x trial", "Kendall tau [95 % CI]", "Spearman [95 % CI]", "regret (dB)", "top-3 recall"],
-        [(r["proxy"], f"{r['seconds']:.1f}", f"{r['multiple']:.2f}",
+        ["proxy", "compute (x trial)", "s / config", "Kendall tau [95 % CI]", "Spearman [95 % CI]", "regret (dB)",
+         "top-3 recall"],
+        [(r["proxy"], f"{r['multiple']:.2f}", f"{r['seconds']:.1f}",
           f"{r['kendall']:+.2f} [{r['kendall_low']:+.2f}, {r['kendall_high']:+.2f}]",
           f"{r['spearman']:+.2f} [{r['spearman_low']:+.2f}, {r['spearman_high']:+.2f}]",
-          f"{r['regret_db']:.3f}", f"{r['top_k_recall']:.2f}") if "error" not in r else (r["proxy"], r["error"], "", "", "", "", "")
-         for r in sorted(rows, key=lambda r: -r.get("kendall", -2))],
+          f"{r['regret_db']:.3f}", f"{r['top_k_recall']:.2f}") if "error" not in r
+         else (r["proxy"], "-", "-", r["error"][:60], "", "", "") for r in ordered],
         title=f"proxies against long training ({n} configurations, reference = mean final PSNR of "
-              f"{len({s for _, s in reference})} seeds; Y channel, crop 4, built-in x4 images)",
+              f"{len({s for _, s in reference})} seeds; Y channel, crop 4, built-in x4 images; compute: training "
+              "pixels per configuration against today's trial; s / config: measured, load-dependent)",
     )
+    truncated = truncated_reference(data)
+    if truncated:
+        print_table(["reference step", "Kendall tau against its final PSNR"],
+                    [(r["step"], f"{r['kendall']:+.2f}") for r in truncated],
+                    title="how early the long run's own ranking settles (EMA weights part-way)")
     _print_seed_spread(reference)
+    default = choose_default(rows)
+    print(f"\ndefault proxy: {default['proxy'] if default else 'none reaches tau >= 0.8 with its lower bound above 0.5'}")
+    if write:
+        doc = {"configurations": n, "reference_seeds": len({s for _, s in reference}),
+               "reference": ReferenceProtocol().recipe(0).to_dict(), "default": default["proxy"] if default else None,
+               "rows": rows, "truncated_reference": truncated, "machine": _machine()}
+        _write_json(data / "table.json", doc)
+        print(f"written: {data / 'table.json'}")
     return rows
 
 
@@ -505,6 +594,7 @@ def smoke() -> None:
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("step", nargs="?", choices=("pool", "reference", "proxies", "score", "bicubic"))
+    parser.add_argument("--write", action="store_true", help="score: also write the table to DATA/table.json")
     parser.add_argument("--smoke", action="store_true", help="every step at the smallest size, in a temporary folder")
     parser.add_argument("--data", type=Path, default=DATA_DIR, help=f"results folder (default {DATA_DIR})")
     parser.add_argument("--pool-size", type=int, default=40)
@@ -541,7 +631,7 @@ def main(argv: list[str] | None = None) -> None:
         _, val_set = builtin_sets()
         print(f"MATLAB bicubic on the built-in validation images: {bicubic_baseline(val_set, crop_border=SCALE).psnr:.3f} dB")
     else:
-        print_score(args.data)
+        print_score(args.data, write=args.write)
 
 
 if __name__ == "__main__":

@@ -295,8 +295,9 @@ def test_ablation_seeds_setting_reaches_the_ablation(tmp_path, monkeypatch):
 
     monkeypatch.setattr(pipeline, "run_controlled_ablation", ablation_spy)
     pipeline.run_ablation("x", None, tmp_path, device="cpu", reference=None, seeds="auto", budget_seconds=60.0,
-                          lpips_weights=None, verbosity=0)
+                          lpips_weights=None, verbosity=0, steps=12, fidelity_note="as the test says")
     assert seen["kwargs"]["seeds"] == "auto" and seen["kwargs"]["budget_seconds"] == 60.0
+    assert (seen["kwargs"]["steps"], seen["kwargs"]["fidelity_note"]) == (12, "as the test says")
 
 
 # ---------------------------------------------------------------------------------------------
