@@ -418,7 +418,8 @@ def _train_pixels(protocol: Protocol) -> float:
     return float(protocol.steps * protocol.batch_size * protocol.patch_size**2)
 
 
-def score(data: Path, k: int = 3, rng: int = 0, only: Sequence[str] | None = None) -> list[dict[str, Any]]:
+def score(data: Path, k: int = 3, rng: int = 0, only: Sequence[str] | None = None,
+          resamples: int = 2000) -> list[dict[str, Any]]:
     """One row per candidate proxy (or those named in ``only``) over the configurations whose
     reference (every seed stored) and proxy runs are all present: compute, Kendall and Spearman with
     95 % intervals, regret, top-k recall. ``multiple``: training pixels (steps x batch x patch^2)
@@ -463,7 +464,7 @@ def score(data: Path, k: int = 3, rng: int = 0, only: Sequence[str] | None = Non
                                    / today, cand.compute_fraction * seconds)
             if only is not None and cand.name not in only:
                 continue
-            quality = ranking_quality(values[cand.name], truth, k=k, rng=rng)
+            quality = ranking_quality(values[cand.name], truth, k=k, rng=rng, n_resamples=resamples)
         except (KeyError, ValueError, StatsError) as exc:
             rows.append({"proxy": cand.name, "error": str(exc)})
             continue
@@ -510,8 +511,8 @@ def _compute(run: dict[str, Any], evals: int | None) -> float:
     return float(run["train_seconds"]) + n * float(run["eval_seconds_each"])
 
 
-def print_score(data: Path, write: bool = False) -> list[dict[str, Any]]:
-    rows = score(data)
+def print_score(data: Path, write: bool = False, resamples: int = 2000) -> list[dict[str, Any]]:
+    rows = score(data, resamples=resamples)
     if not rows:
         print("no configuration has its reference and proxy runs stored yet")
         return rows
@@ -572,23 +573,24 @@ def _parse_shard(text: str) -> tuple[int, int]:
 
 
 def smoke() -> None:
-    """Every step at the smallest size in a temporary folder: a pool of 5 (4 chosen, then the
-    module quotas), 8-step references with two seeds, two 6-step protocols, then the table."""
-    global PROTOCOLS, TODAY
-    saved = dict(PROTOCOLS), TODAY
+    """Every step at the smallest size in a temporary folder: a pool of 4 (no module quotas), 6-step references validated once, two 3-step protocols, then the table (with 200
+    bootstrap resamples)."""
+    global PROTOCOLS, TODAY, MODULE_QUOTA
+    saved = dict(PROTOCOLS), TODAY, MODULE_QUOTA
     try:
-        TODAY = Protocol("today", 6, None, eval_every=2)
-        PROTOCOLS = {"today": TODAY, "lr2e-3": Protocol("lr2e-3", 6, 2e-3, eval_every=2)}
+        MODULE_QUOTA = 0  # the quotas add configurations: not at this size
+        TODAY = Protocol("today", 3, None, eval_every=3)
+        PROTOCOLS = {"today": TODAY, "lr2e-3": Protocol("lr2e-3", 3, 2e-3, eval_every=3)}
         with tempfile.TemporaryDirectory(prefix="proxy_fidelity_smoke_") as folder:
             data = Path(folder)
-            step_pool(data, size=5, k=4, seed=0, shard=(0, 1))
-            step_reference(data, ReferenceProtocol(steps=8, validations=2), [0, 1], (0, 1), data / "work")
+            step_pool(data, size=4, k=4, seed=0, shard=(0, 1))
+            step_reference(data, ReferenceProtocol(steps=6, validations=1), [0], (0, 1), data / "work")
             step_proxies(data, list(PROTOCOLS), [0], (0, 1))
-            rows = print_score(data)
+            rows = print_score(data, resamples=200)
             if not any("kendall" in r for r in rows):
                 raise SystemExit("smoke: no proxy was scored")
     finally:
-        PROTOCOLS, TODAY = saved[0], saved[1]
+        PROTOCOLS, TODAY, MODULE_QUOTA = saved
 
 
 def main(argv: list[str] | None = None) -> None:
