@@ -421,23 +421,21 @@ def _train_pixels(protocol: Protocol) -> float:
 def score(data: Path, k: int = 3, rng: int = 0, only: Sequence[str] | None = None,
           resamples: int = 2000) -> list[dict[str, Any]]:
     """One row per candidate proxy (or those named in ``only``) over the configurations whose
-    reference (every seed stored) and proxy runs are all present: compute, Kendall and Spearman with
+    reference (seed 0 at least; ``reference_truth``) and proxy runs are all present: compute, Kendall and Spearman with
     95 % intervals, regret, top-k recall. ``multiple``: training pixels (steps x batch x patch^2)
     per configuration against today's trial, the deterministic measure of compute; ``seconds``: the
     measured median, which depends on the machine's load when the runs were made."""
     pool, chosen = _chosen(data)
     reference = _load_runs(data, "reference")
     brief = _load_runs(data, "brief")
-    ref_seeds = sorted({seed for _, seed in reference})
-    complete = [i for i in chosen if all((i, s) in reference for s in ref_seeds)]
+    complete, truth = reference_truth(chosen, reference)
     if len(complete) < 4:
         return []
-    truth = [float(np.mean([reference[(i, s)]["final_psnr"] for s in ref_seeds])) for i in complete]
     today = _train_pixels(TODAY)
     values: dict[str, list[float]] = {}
     cost: dict[str, tuple[float, float]] = {}  # name -> (multiple, seconds)
     rows = []
-    for cand in candidates(int(reference[(complete[0], ref_seeds[0])]["steps"])):
+    for cand in candidates(int(reference[(complete[0], 0)]["steps"])):
         if only is not None and cand.name not in only and not any(cand.name in c.combine or ()
                                                                   for c in candidates(1) if c.name in only):
             continue
@@ -476,6 +474,23 @@ def score(data: Path, k: int = 3, rng: int = 0, only: Sequence[str] | None = Non
     return rows
 
 
+def reference_truth(chosen: Sequence[int], reference: dict[tuple[Any, ...], dict[str, Any]]
+                    ) -> tuple[list[int], list[float]]:
+    """The configurations with a seed-0 reference run, and each one's reference PSNR: the mean
+    final PSNR of the seeds stored for it (two seeds were run for a subset when time ran short;
+    ``_print_seed_spread`` reports how far the seeds differ)."""
+    complete = [i for i in chosen if (i, 0) in reference]
+    truth = [float(np.mean([run["final_psnr"] for (j, _), run in reference.items() if j == i])) for i in complete]
+    return complete, truth
+
+
+def _seed_counts(chosen: Sequence[int], reference: dict[tuple[Any, ...], dict[str, Any]]) -> str:
+    """``"2 seeds for 10, 1 seed for 8"``: how many configurations have how many reference seeds."""
+    per_config = [sum(1 for (j, _) in reference if j == i) for i in chosen]
+    counts = {n: per_config.count(n) for n in sorted(set(per_config) - {0}, reverse=True)}
+    return ", ".join(f"{n} seed{'s' if n > 1 else ''} for {count}" for n, count in counts.items())
+
+
 TARGET_TAU, TARGET_LOW = 0.8, 0.5
 
 
@@ -493,14 +508,13 @@ def truncated_reference(data: Path) -> list[dict[str, Any]]:
     schedule not yet at its end) and its final value: how early the long run's ranking settles."""
     _, chosen = _chosen(data)
     reference = _load_runs(data, "reference")
-    seeds = sorted({seed for _, seed in reference})
-    complete = [i for i in chosen if all((i, s) in reference for s in seeds)]
+    complete, final = reference_truth(chosen, reference)
     if len(complete) < 4:
         return []
-    final = [float(np.mean([reference[(i, s)]["final_psnr"] for s in seeds])) for i in complete]
     rows = []
-    for k, point in enumerate(reference[(complete[0], seeds[0])]["psnr_curve"]):
-        part = [float(np.mean([reference[(i, s)]["psnr_curve"][k][1] for s in seeds])) for i in complete]
+    for k, point in enumerate(reference[(complete[0], 0)]["psnr_curve"]):
+        part = [float(np.mean([run["psnr_curve"][k][1] for (j, _), run in reference.items() if j == i]))
+                for i in complete]
         rows.append({"step": int(point[0]), "kendall": float(sps.kendalltau(part, final).statistic)})
     return rows
 
@@ -527,9 +541,9 @@ def print_score(data: Path, write: bool = False, resamples: int = 2000) -> list[
           f"{r['spearman']:+.2f} [{r['spearman_low']:+.2f}, {r['spearman_high']:+.2f}]",
           f"{r['regret_db']:.3f}", f"{r['top_k_recall']:.2f}") if "error" not in r
          else (r["proxy"], "-", "-", r["error"][:60], "", "", "") for r in ordered],
-        title=f"proxies against long training ({n} configurations, reference = mean final PSNR of "
-              f"{len({s for _, s in reference})} seeds; Y channel, crop 4, built-in x4 images; compute: training "
-              "pixels per configuration against today's trial; s / config: measured, load-dependent)",
+        title=f"proxies against long training ({n} configurations, reference = mean final PSNR of the seeds run: "
+              f"{_seed_counts(_chosen(data)[1], reference)}; Y channel, crop 4, built-in x4 images; compute: "
+              "training pixels per configuration against today's trial; s / config: measured, load-dependent)",
     )
     truncated = truncated_reference(data)
     if truncated:
@@ -540,7 +554,7 @@ def print_score(data: Path, write: bool = False, resamples: int = 2000) -> list[
     default = choose_default(rows)
     print(f"\ndefault proxy: {default['proxy'] if default else 'none reaches tau >= 0.8 with its lower bound above 0.5'}")
     if write:
-        doc = {"configurations": n, "reference_seeds": len({s for _, s in reference}),
+        doc = {"configurations": n, "reference_seeds": _seed_counts(_chosen(data)[1], reference),
                "reference": ReferenceProtocol().recipe(0).to_dict(), "default": default["proxy"] if default else None,
                "rows": rows, "truncated_reference": truncated, "machine": _machine()}
         _write_json(data / "table.json", doc)
@@ -555,10 +569,15 @@ def _print_seed_spread(reference: dict[tuple[Any, ...], dict[str, Any]]) -> None
     pairs = [v for v in by_index.values() if len(v) >= 2]
     if not pairs:
         return
-    diffs = [abs(v[0] - v[1]) for v in pairs if 0 in v and 1 in v]
+    both = [v for v in pairs if 0 in v and 1 in v]
+    diffs = [abs(v[0] - v[1]) for v in both]
     if diffs:
-        print(f"\nreference seed-to-seed spread over {len(diffs)} configurations: |seed 0 - seed 1| median "
-              f"{np.median(diffs):.3f} dB, max {np.max(diffs):.3f} dB")
+        line = (f"\nreference seed-to-seed spread over {len(diffs)} configurations: |seed 0 - seed 1| median "
+                f"{np.median(diffs):.3f} dB, max {np.max(diffs):.3f} dB")
+        if len(both) >= 4:  # the ceiling of any proxy: how well one long run ranks like another seed's
+            tau = float(sps.kendalltau([v[0] for v in both], [v[1] for v in both]).statistic)
+            line += f"; Kendall tau seed 0 vs seed 1: {tau:+.2f}"
+        print(line)
 
 
 # ---------------------------------------------------------------------------------------------

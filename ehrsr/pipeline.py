@@ -165,7 +165,7 @@ def _after_search(study: optuna.Study, prepared: PreparedStudy, settings: Search
                 study.study_name, prepared.storage_url, settings.out_dir, device=str(prepared.device),
                 reference=None, seeds=fidelity.seeds, budget_seconds=seconds,
                 lpips_weights=settings.lpips_weights, verbosity=settings.verbosity, steps=fidelity.steps,
-                fidelity_note=fidelity.note,
+                fidelity_note=fidelity.note, cache_dir=prepared.spec.cache_dir,
             )
             ablation_line = (
                 f"trial #{result.reference_trial}: {result.runs_run + result.runs_skipped} of {result.runs_planned} "
@@ -208,11 +208,12 @@ def run_ablation(
     budget_seconds: float | None,
     lpips_weights: str | None,
     verbosity: int = 1,
+    cache_dir: str | None = None,
 ) -> AblationResult:
     """``run_search.py ablate``: rebuild the study's run context here, run the controlled
     ablation and rewrite the report."""
     study, _, study_dir = load_study(study_name, storage, out_dir)
-    ctx = _context_of(study, device, lpips_weights, verbosity)
+    ctx = _context_of(study, device, lpips_weights, verbosity, cache_dir)
     if seeds is None:  # the study's --ablation-seeds
         seeds = stored_record(study).shares.ablation_seeds
     if steps is None and fidelity_note is None:  # the ablate subcommand: the same rule as after a search
@@ -276,7 +277,8 @@ def _lazy_context(study: optuna.Study, prepared: PreparedStudy, settings: Search
 
     def ctx() -> Any:
         if not built:
-            built.append(_context_of(study, str(prepared.device), settings.lpips_weights, settings.verbosity))
+            built.append(_context_of(study, str(prepared.device), settings.lpips_weights, settings.verbosity,
+                                     prepared.spec.cache_dir))
         return built[0]
 
     return ctx
@@ -351,10 +353,12 @@ def share_seconds(budget: Any, study: optuna.Study, share: float, reserved: floa
     return budget.spent(study).total_seconds * share / (1 - reserved)
 
 
-def _context_of(study: optuna.Study, device: str | None, lpips_weights: str | None, verbosity: int) -> Any:
+def _context_of(study: optuna.Study, device: str | None, lpips_weights: str | None, verbosity: int,
+                cache_dir: str | None = None) -> Any:
     """The study's run context (data, objectives, profiling), from its stored record, rebuilt on
-    ``device`` (the ablation, baselines and fidelity steps all run the study's own settings)."""
-    spec = context_spec(stored_record(study))
+    ``device`` (the ablation, baselines and fidelity steps all run the study's own settings);
+    ``cache_dir``: this machine's cache folder, if not the record's."""
+    spec = context_spec(stored_record(study), cache_dir)
     run_device = SearchSettings(device=device).resolved_device()
     return build_context(spec, run_device, lpips_weights=lpips_weights, progress=verbosity >= 2)
 

@@ -222,7 +222,7 @@ def test_onnxruntime_calibration_times_units_inside_whole_networks(tmp_path: Pat
     """onnxruntime's default: whole networks profiled, node times charged to units (the fusions
     across units included), each key's cost the median of its occurrences; resumable."""
     pytest.importorskip("onnxruntime")
-    space = SearchSpace.from_text(TWO_WIDTHS, name="two-widths")
+    space = space_from_text(TWO_WIDTHS, name="two-widths")
     target = LatencyTarget("ort", "cpu", "onnxruntime", 1, "float32", (16, 16))
     path = tmp_path / "ort.json"
     options = dict(n_fit=3, n_holdout=2, progress=False, enumeration_patience=200, network_budget_s=0.02)
@@ -279,7 +279,7 @@ def test_a_network_profiled_on_a_busy_machine_is_profiled_again_from_the_same_ex
     monkeypatch.setattr(lm, "export_scoped", export)
     monkeypatch.setattr(lm, "profile_units", profile)
     monkeypatch.setattr(lm, "Canary", Busy)
-    space = SearchSpace.from_text(TWO_WIDTHS, name="two-widths")
+    space = space_from_text(TWO_WIDTHS, name="two-widths")
     target = LatencyTarget("ort", "cpu", "onnxruntime", 1, "float32", (16, 16))
     model = calibrate(space, target, tmp_path / "ort.json", max_units=1, progress=False, enumeration_patience=200)
     assert len(exports) == 1 and profiled == [exports[0], exports[0]]  # exported once, profiled twice

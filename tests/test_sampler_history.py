@@ -133,7 +133,7 @@ def test_tpe_proposes_through_the_bounded_view() -> None:
 
 
 def test_the_search_builds_tpe_with_the_limit() -> None:
-    sampler = build_sampler("tpe", 0, constrained=True)
+    sampler = build_sampler("tpe", 0)
     assert isinstance(sampler, BoundedHistorySampler)
     assert isinstance(sampler.sampler, optuna.samplers.TPESampler)
     assert sampler.max_trials == TPE_HISTORY_LIMIT

@@ -200,5 +200,5 @@ def test_resume_with_other_objectives_is_refused_and_changes_nothing(tmp_path: P
     capsys.readouterr()
     code = main([*base, "--budget", "trials=4", "--objectives", "psnr,macs"])
     err = capsys.readouterr().err
-    assert code == 2 and "optimises psnr,latency" in err
+    assert code == 2 and "objectives (--objectives): stored ['psnr', 'latency'], given ['psnr', 'macs']" in err
     assert [(t.number, t.state, t.values) for t in _study(out, "same").trials] == before

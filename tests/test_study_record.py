@@ -206,7 +206,12 @@ def _stub_result() -> Any:
                            seconds_spent=0.0, sources=[], factor=0.0)
 
 
-@pytest.mark.parametrize("dest", sorted(RECORD_FLAGS))
+# record flags that name a place on this machine: stored (a resume that leaves them out uses the
+# creator's), but each machine of a study may give its own
+LOCAL_FLAGS = {"cache_dir"}
+
+
+@pytest.mark.parametrize("dest", sorted(set(RECORD_FLAGS) - LOCAL_FLAGS))
 def test_a_resume_with_another_value_is_refused_naming_the_field(dest: str, tmp_path: Path, no_training,
                                                                    capsys) -> None:
     _write_inputs(tmp_path)
@@ -227,6 +232,21 @@ def test_a_resume_with_another_value_is_refused_naming_the_field(dest: str, tmp_
     assert shown in err, (dest, err)
     assert _record(tmp_path, "a") == before  # nothing written
     assert optuna.load_study(study_name="a", storage=storage).user_attrs.get("budget") != "trials=5"
+
+
+def test_a_second_machine_keeps_its_own_cache_folder(tmp_path: Path, no_training, capsys) -> None:
+    _write_inputs(tmp_path)
+    assert main(_argv(tmp_path, 0, "a")) == 0
+    storage = f"sqlite:///{tmp_path / 'reports' / 'a' / 'study.db'}"
+    optuna.load_study(study_name="a", storage=storage).add_trial(
+        optuna.trial.create_trial(values=[30.0, 1.0, 1e6], user_attrs={"status": "complete"}))
+    before = _record(tmp_path, "a")
+    no_training.clear()
+    code = main([*_base(tmp_path, "a", "trials=5"), *_argv(tmp_path, 1, "a", only="cache_dir")])
+    assert code == 0, capsys.readouterr().err
+    assert no_training["prepared"].spec.cache_dir == str(tmp_path / "cache_b")
+    assert no_training["driver_specs"][-1].cache_dir == str(tmp_path / "cache_b")
+    assert _record(tmp_path, "a") == before  # the creator's folder stays the recorded one
 
 
 def test_record_round_trip_and_strict_reading() -> None:

@@ -50,12 +50,12 @@ from torch import nn
 
 from ehrsr.profiling.latency import PerfCounterClock, run_timed
 from ehrsr.profiling.onnx_runtime import (
-    _example_inputs,
-    _onnx_session,
-    _require_runtime,
-    _session_feeds,
-    _shapes,
+    as_shapes,
+    example_inputs,
     export_for_timing,
+    onnx_session,
+    require_runtime,
+    session_feeds,
 )
 
 __all__ = [
@@ -301,7 +301,7 @@ def attribute(times: NodeTimes, nodes: Mapping[str, str], unit_paths: Iterable[s
 def export_scoped(model: nn.Module, input_shapes: Sequence[int] | Sequence[Sequence[int]], path: str | Path) -> Path:
     """Export ``model`` whole for profiling: ``export_for_timing`` (float32, fixed shapes, inputs
     ``input0``, ``input1``...), then every tensor named after its node (``scope_values``)."""
-    exported = export_for_timing(model.to("cpu").eval(), _shapes(input_shapes), path)
+    exported = export_for_timing(model.to("cpu").eval(), as_shapes(input_shapes), path)
     scope_values(exported)
     return exported
 
@@ -320,12 +320,12 @@ def profile_onnx(
     graph onnxruntime ran (after its optimisations) and its nodes' times over the timed passes.
     Warm-up and timed passes follow the latency protocol (``warmup`` / ``repeats`` /
     ``budget_s`` as in ``time_model``)."""
-    _require_runtime("onnxruntime")
-    inputs = _example_inputs(_shapes(input_shapes))
+    require_runtime("onnxruntime")
+    inputs = example_inputs(as_shapes(input_shapes))
     with tempfile.TemporaryDirectory(prefix="ehrsr-onnx-profile-") as folder:
         optimized = Path(folder) / "optimized.onnx"
-        session = _onnx_session(Path(path), threads, profile_prefix=Path(folder) / "profile", optimized_path=optimized)
-        feeds = _session_feeds(session, {f"input{i}": x.numpy() for i, x in enumerate(inputs)})
+        session = onnx_session(Path(path), threads, profile_prefix=Path(folder) / "profile", optimized_path=optimized)
+        feeds = session_feeds(session, {f"input{i}": x.numpy() for i, x in enumerate(inputs)})
         _, _, timed = run_timed(lambda: session.run(None, feeds), PerfCounterClock(), "cpu", warmup, repeats,
                                  budget_s)
         events = json.loads(Path(session.end_profiling()).read_text())

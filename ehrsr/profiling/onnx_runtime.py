@@ -125,19 +125,19 @@ def check_timing_settings(
         raise ValueError("clock 'cpu' is for the torch runtime only; time onnxruntime with the wall clock")
 
 
-def _require_runtime(runtime: str) -> None:
+def require_runtime(runtime: str) -> None:
     if runtime == "onnxruntime" and onnxruntime_version() is None:
         raise ValueError("runtime 'onnxruntime' needs the onnxruntime package (pip install 'ehrsr[onnx]')")
 
 
-def _shapes(input_shapes: Sequence[int] | Sequence[Sequence[int]]) -> list[tuple[int, ...]]:
+def as_shapes(input_shapes: Sequence[int] | Sequence[Sequence[int]]) -> list[tuple[int, ...]]:
     """One shape or several: ``(1, 3, 64, 64)`` or ``[(1, 8, 32, 32), (1, 8, 32, 32)]``."""
     if input_shapes and all(isinstance(v, int) for v in input_shapes):
         return [tuple(input_shapes)]  # type: ignore[arg-type]
     return [tuple(s) for s in input_shapes]  # type: ignore[union-attr]
 
 
-def _example_inputs(shapes: list[tuple[int, ...]]) -> list[torch.Tensor]:
+def example_inputs(shapes: list[tuple[int, ...]]) -> list[torch.Tensor]:
     generator = torch.Generator().manual_seed(0)
     return [torch.rand(shape, generator=generator) for shape in shapes]
 
@@ -165,7 +165,7 @@ def export_for_timing(model: nn.Module, input_shapes: Sequence[int] | Sequence[S
     Raises ``RuntimeError`` naming the model when the exporter fails.
     """
     path = Path(path)
-    inputs = tuple(_example_inputs(_shapes(input_shapes)))
+    inputs = tuple(example_inputs(as_shapes(input_shapes)))
     names = [f"input{i}" for i in range(len(inputs))]
     errors = []
     # the tracing exporter first (fast); the dynamo one for operators it lacks (rfft2 of the FSB)
@@ -221,7 +221,7 @@ def _scope_node_names(path: Path) -> None:
     onnx.save(model, str(path))
 
 
-def _onnx_session(path: Path, threads: int | None, *, profile_prefix: Path | None = None,
+def onnx_session(path: Path, threads: int | None, *, profile_prefix: Path | None = None,
                   optimized_path: Path | None = None) -> Any:
     """An onnxruntime CPU session; ``profile_prefix`` switches on onnxruntime's per-node profiler,
     ``optimized_path`` saves the graph it runs (after its fusions and layout changes)."""
@@ -240,7 +240,7 @@ def _onnx_session(path: Path, threads: int | None, *, profile_prefix: Path | Non
     return onnxruntime.InferenceSession(str(path), sess_options=options, providers=["CPUExecutionProvider"])
 
 
-def _session_feeds(session: Any, feeds: dict[str, Any]) -> dict[str, Any]:
+def session_feeds(session: Any, feeds: dict[str, Any]) -> dict[str, Any]:
     """The inputs ``session`` takes: the exporter drops an input the graph does not use."""
     return {name: feeds[name] for name in (i.name for i in session.get_inputs())}
 
@@ -268,15 +268,15 @@ def time_model(
     """
     dtype_name, torch_dtype = parse_dtype(dtype)
     check_timing_settings(runtime, clock=clock, threads=threads, dtype=dtype_name)
-    _require_runtime(runtime)
+    require_runtime(runtime)
     resolve_budget("cpu", budget_s)
-    shapes = _shapes(input_shapes)
+    shapes = as_shapes(input_shapes)
     model = model.to("cpu").eval()
     if runtime == "onnxruntime":
         with tempfile.TemporaryDirectory(prefix="ehrsr-onnx-") as folder:
             path = export_for_timing(model, shapes, Path(folder) / "model.onnx")
             return time_onnx(path, shapes, threads, warmup=warmup, repeats=repeats, budget_s=budget_s)
-    inputs = _example_inputs(shapes)
+    inputs = example_inputs(shapes)
     timer = PerfCounterClock() if clock == "wall" else _ProcessTimeClock()
     autocast = torch.autocast("cpu", dtype=torch_dtype) if torch_dtype != torch.float32 else contextlib.nullcontext()
 
@@ -301,11 +301,11 @@ def time_onnx(
 ) -> LatencyStats:
     """``time_model``'s onnxruntime timing of a file ``export_for_timing`` wrote (float32, its
     inputs named ``input0``, ``input1``...): export once, time as often as needed."""
-    _require_runtime("onnxruntime")
+    require_runtime("onnxruntime")
     resolve_budget("cpu", budget_s)
-    inputs = _example_inputs(_shapes(input_shapes))
-    session = _onnx_session(Path(path), threads)
-    feeds = _session_feeds(session, {f"input{i}": x.numpy() for i, x in enumerate(inputs)})
+    inputs = example_inputs(as_shapes(input_shapes))
+    session = onnx_session(Path(path), threads)
+    feeds = session_feeds(session, {f"input{i}": x.numpy() for i, x in enumerate(inputs)})
     samples, warmup_done, repeats_done = run_timed(lambda: session.run(None, feeds), PerfCounterClock(), "cpu",
                                                     warmup, repeats, budget_s)
     n_threads = threads if threads is not None else torch.get_num_threads()

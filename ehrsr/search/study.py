@@ -199,8 +199,10 @@ class ContextSpec:
         return cls(**data)
 
 
-def context_spec(record: StudyRecord) -> ContextSpec:
-    """The run context a study's record describes (the one every process of the study uses)."""
+def context_spec(record: StudyRecord, cache_dir: str | None = None) -> ContextSpec:
+    """The run context a study's record describes (the one every process of the study uses).
+    ``cache_dir``: this machine's cache folder where it is not the creator's (a location, not a
+    setting: each machine of a study keeps its own)."""
     return ContextSpec(
         task=dict(record.task),
         train_data=record.data.train,
@@ -211,7 +213,7 @@ def context_spec(record: StudyRecord) -> ContextSpec:
         threads=record.profile.threads,
         limits=record.limits.to_dict(),
         crop_border=record.crop_border,
-        cache_dir=record.cache_dir,
+        cache_dir=cache_dir if cache_dir is not None else record.cache_dir,
         profile_seconds=record.profile.seconds,
         device_latency=[dict(d) for d in record.device_latency],
     )
@@ -573,8 +575,9 @@ def merged_settings(settings: SearchSettings, stored: StudyRecord) -> SearchSett
     return dataclasses.replace(settings, **changes)
 
 
-# record fields a run does not compare: who wrote it, where things are, and what follows from the rest
-_NOT_COMPARED = ("ehrsr_version", "record_version", "device.name", "space.name", "space.path")
+# record fields a run does not compare: who wrote it, where things are (each machine of a study has
+# its own cache folder), and what follows from the rest
+_NOT_COMPARED = ("ehrsr_version", "record_version", "device.name", "space.name", "space.path", "cache_dir")
 
 # the flag that sets each compared record field, for the refusal message
 _FLAG_OF: dict[str, str] = {
@@ -752,7 +755,8 @@ def _open_study(settings: SearchSettings, record: StudyRecord, stored: StudyReco
         if differences:  # a process that started with this one created the study with other settings
             raise SearchError(_refusal(study_name, differences))
         record = stored
-    return PreparedStudy(study, storage_url, study_dir, space, budget, context_spec(record), objectives, device,
+    return PreparedStudy(study, storage_url, study_dir, space, budget, context_spec(record, settings.cache_dir),
+                         objectives, device,
                          record.device.name, created, record, settings)
 
 
