@@ -1,6 +1,6 @@
 """Proxy fidelity of the tiny space: which brief-training score ranks configurations as long training does?
 
-    python benchmarks/proxy_fidelity.py pool        # draw the pool, run today's trial protocol, choose configurations
+    python benchmarks/proxy_fidelity.py pool        # draw the pool, run the 108-step trial protocol, choose configurations
     python benchmarks/proxy_fidelity.py reference   # long training of the chosen ones, 2 seeds (hours; resumable)
     python benchmarks/proxy_fidelity.py proxies     # the candidate brief protocols (resumable)
     python benchmarks/proxy_fidelity.py score       # the table: tau, Spearman, regret, top-3 recall, compute
@@ -40,6 +40,7 @@ from benchmarks._common import print_table
 from ehrsr.config import EHRSRConfig
 from ehrsr.data import TaskConfig, prepare_data
 from ehrsr.fulltrain import FullTrainSettings, Recipe, full_train
+from ehrsr.fulltrain.data import ValData
 from ehrsr.metrics import bicubic_baseline, evaluate
 from ehrsr.model import build_model
 from ehrsr.search.pareto import pareto_front
@@ -83,7 +84,10 @@ class Protocol:
         return sorted({*range(self.eval_every, self.steps + 1, self.eval_every), self.steps})
 
 
-TODAY = Protocol("today", 108, None, description="tiny.yaml's trial: 108 steps, the sampled lr (2e-4..2e-3, log)")
+# the tiny space's trial before this measurement: 108 steps at the learning rate the space drew
+# (log-uniform 2e-4..2e-3); the unit of compute in the table, and the pool's ranking
+TODAY = Protocol("s108-drawn-lr", 108, None,
+                 description="108 steps at the drawn lr (log-uniform 2e-4..2e-3), the pool's protocol")
 PROTOCOLS: dict[str, Protocol] = {p.name: p for p in (
     TODAY,
     Protocol("lr5e-4", 108, 5e-4, description="108 steps, lr fixed at the recipe's 5e-4"),
@@ -139,12 +143,14 @@ def _machine() -> dict[str, Any]:
 
 
 _DATA: dict[str, Any] = {}
+_FOLDERS: dict[str, Path] = {}  # "train"/"val" HR folders instead of the built-in images (the smoke run's)
 
 
 def builtin_sets() -> tuple[Any, Any]:
     """The built-in x4 training and validation images (prepared once, then from the cache)."""
     if not _DATA:
-        _DATA["train"], _DATA["val"] = prepare_data(TaskConfig(scale=SCALE), None, None)
+        _DATA["train"], _DATA["val"] = prepare_data(TaskConfig(scale=SCALE), _FOLDERS.get("train"),
+                                                    _FOLDERS.get("val"), progress=False)
     return _DATA["train"], _DATA["val"]
 
 
@@ -310,8 +316,10 @@ def reference_run(config: EHRSRConfig, protocol: ReferenceProtocol, seed: int, w
     """Long training through ``ehrsr.fulltrain.full_train`` (checkpoints in ``work``, so a killed
     run resumes); returns the EMA weights' validation curve."""
     start = time.perf_counter()
+    val = (ValData("val", _FOLDERS["val"]),) if "val" in _FOLDERS else ()
     result = full_train(FullTrainSettings(config=config, recipe=protocol.recipe(seed), out_dir=work, progress=False,
-                                          finish=False, source="benchmarks/proxy_fidelity.py"))
+                                          finish=False, source="benchmarks/proxy_fidelity.py",
+                                          train_data=_FOLDERS.get("train"), val_data=val))
     rows = [r for r in _read_curve(work / "validation.csv")]
     return {"seed": seed, "steps": protocol.steps, "recipe": protocol.recipe(seed).to_dict(),
             "psnr_curve": [[r["step"], r["psnr"], r["ssim"], r["loss"]] for r in rows],
@@ -399,7 +407,7 @@ def candidates(reference_steps: int) -> list[Candidate]:
                              combine=(f"{name}: final PSNR", "MACs (no training)")))
         out.append(Candidate(f"{name}: pow3 extrapolation + MACs (rank sum)", None,
                              combine=(f"{name}: pow3 extrapolation", "MACs (no training)")))
-    out.append(Candidate("today: PSNR at the first rung (a third of the steps)", "today",
+    out.append(Candidate(f"{TODAY.name}: PSNR at the first rung (a third of the steps)", TODAY.name,
                          lambda c, p: c.psnr_at(c.steps // 3), evals=1, compute_fraction=1 / 3))
     return out
 
@@ -421,10 +429,11 @@ def _train_pixels(protocol: Protocol) -> float:
 def score(data: Path, k: int = 3, rng: int = 0, only: Sequence[str] | None = None,
           resamples: int = 2000) -> list[dict[str, Any]]:
     """One row per candidate proxy (or those named in ``only``) over the configurations whose
-    reference (seed 0 at least; ``reference_truth``) and proxy runs are all present: compute, Kendall and Spearman with
-    95 % intervals, regret, top-k recall. ``multiple``: training pixels (steps x batch x patch^2)
-    per configuration against today's trial, the deterministic measure of compute; ``seconds``: the
-    measured median, which depends on the machine's load when the runs were made."""
+    reference (seed 0 at least; ``reference_truth``) and proxy runs are all present: compute,
+    Kendall and Spearman with 95 % intervals, regret, top-k recall. ``multiple``: training pixels
+    (steps x batch x patch^2) per configuration against the 108-step trial (``TODAY``), the
+    deterministic measure of compute; ``seconds``: the measured median, which depends on the
+    machine's load when the runs were made."""
     pool, chosen = _chosen(data)
     reference = _load_runs(data, "reference")
     brief = _load_runs(data, "brief")
@@ -436,7 +445,7 @@ def score(data: Path, k: int = 3, rng: int = 0, only: Sequence[str] | None = Non
     cost: dict[str, tuple[float, float]] = {}  # name -> (multiple, seconds)
     rows = []
     for cand in candidates(int(reference[(complete[0], 0)]["steps"])):
-        if only is not None and cand.name not in only and not any(cand.name in c.combine or ()
+        if only is not None and cand.name not in only and not any(cand.name in (c.combine or ())
                                                                   for c in candidates(1) if c.name in only):
             continue
         try:
@@ -534,7 +543,7 @@ def print_score(data: Path, write: bool = False, resamples: int = 2000) -> list[
     n = rows[0].get("n", 0)
     ordered = sorted(rows, key=lambda r: -r.get("kendall", -2))
     print_table(
-        ["proxy", "compute (x trial)", "s / config", "Kendall tau [95 % CI]", "Spearman [95 % CI]", "regret (dB)",
+        ["proxy", "compute (x 108-step trial)", "s / config", "Kendall tau [95 % CI]", "Spearman [95 % CI]", "regret (dB)",
          "top-3 recall"],
         [(r["proxy"], f"{r['multiple']:.2f}", f"{r['seconds']:.1f}",
           f"{r['kendall']:+.2f} [{r['kendall_low']:+.2f}, {r['kendall_high']:+.2f}]",
@@ -543,7 +552,7 @@ def print_score(data: Path, write: bool = False, resamples: int = 2000) -> list[
          else (r["proxy"], "-", "-", r["error"][:60], "", "", "") for r in ordered],
         title=f"proxies against long training ({n} configurations, reference = mean final PSNR of the seeds run: "
               f"{_seed_counts(_chosen(data)[1], reference)}; Y channel, crop 4, built-in x4 images; compute: "
-              "training pixels per configuration against today's trial; s / config: measured, load-dependent)",
+              "training pixels per configuration against the 108-step trial; s / config: measured, load-dependent)",
     )
     truncated = truncated_reference(data)
     if truncated:
@@ -556,10 +565,32 @@ def print_score(data: Path, write: bool = False, resamples: int = 2000) -> list[
     if write:
         doc = {"configurations": n, "reference_seeds": _seed_counts(_chosen(data)[1], reference),
                "reference": ReferenceProtocol().recipe(0).to_dict(), "default": default["proxy"] if default else None,
-               "rows": rows, "truncated_reference": truncated, "machine": _machine()}
+               "resamples": resamples, "rows": rows, "truncated_reference": truncated, "machine": _machine()}
         _write_json(data / "table.json", doc)
         print(f"written: {data / 'table.json'}")
+    if (default is not None and default["proxy"].endswith(": final PSNR")
+            and PROTOCOLS[default["proxy"].split(":")[0]].lr is not None):
+        print("\nthe space file's section for it (ehrsr/search_spaces/tiny.yaml):\n" + proxy_section(default))
     return rows
+
+
+def proxy_section(row: dict[str, Any]) -> str:
+    """The ``proxy:`` section of a space file stating ``row``'s measured agreement."""
+    protocol = PROTOCOLS[row["proxy"].split(":")[0]]
+    reference = ReferenceProtocol()
+    return "\n".join([
+        "proxy:",
+        f"  kendall: [{row['kendall']:.2f}, {row['kendall_low']:.2f}, {row['kendall_high']:.2f}]",
+        f"  spearman: [{row['spearman']:.2f}, {row['spearman_low']:.2f}, {row['spearman_high']:.2f}]",
+        f"  configurations: {row['n']}",
+        f"  regret_db: {row['regret_db']:.3f}",
+        f"  top3_recall: {row['top_k_recall']:.2f}",
+        f"  measured_on: {{task: sr, scale: {SCALE}, data: builtin}}",
+        f"  trial: {{max_steps: {protocol.steps}, batch_size: {protocol.batch_size}, "
+        f"patch_size: {protocol.patch_size}, lr: {protocol.lr:.1e}}}",
+        f"  reference: \"{reference.steps} steps as run_search.py train trains a pick (Adam 5e-4, cosine, EMA), "
+        f"batch {reference.batch_size}, {reference.patch_size} px; benchmarks/proxy_fidelity.py\"",
+    ])
 
 
 def _print_seed_spread(reference: dict[tuple[Any, ...], dict[str, Any]]) -> None:
@@ -591,25 +622,43 @@ def _parse_shard(text: str) -> tuple[int, int]:
     return shard
 
 
+def _smoke_images(folder: Path) -> None:
+    """Two 64 px training and two 48 px validation crops of the built-in images (HR, x4)."""
+    from PIL import Image
+    from skimage import data as skdata
+
+    for part, side, names in (("train", 64, ("astronaut", "chelsea")), ("val", 48, ("coffee", "rocket"))):
+        (folder / part).mkdir(parents=True)
+        for name in names:
+            image = getattr(skdata, name)()[:side, :side]
+            Image.fromarray(image).save(folder / part / f"{name}.png")
+        _FOLDERS[part] = folder / part
+
+
 def smoke() -> None:
-    """Every step at the smallest size in a temporary folder: a pool of 4 (no module quotas), 6-step references validated once, two 3-step protocols, then the table (with 200
-    bootstrap resamples)."""
+    """Every step at the smallest size in a temporary folder: a pool of 6 (no module quotas) trained
+    2 steps of batch 2 on two small crops and validated on two others, 4-step references validated
+    once, two 2-step protocols, then the table (with 200 bootstrap resamples)."""
     global PROTOCOLS, TODAY, MODULE_QUOTA
     saved = dict(PROTOCOLS), TODAY, MODULE_QUOTA
     try:
         MODULE_QUOTA = 0  # the quotas add configurations: not at this size
-        TODAY = Protocol("today", 3, None, eval_every=3)
-        PROTOCOLS = {"today": TODAY, "lr2e-3": Protocol("lr2e-3", 3, 2e-3, eval_every=3)}
+        TODAY = Protocol("s108-drawn-lr", 2, None, batch_size=2, patch_size=8, eval_every=2)
+        PROTOCOLS = {TODAY.name: TODAY, "lr2e-3": Protocol("lr2e-3", 2, 2e-3, batch_size=2, patch_size=8, eval_every=2)}
         with tempfile.TemporaryDirectory(prefix="proxy_fidelity_smoke_") as folder:
             data = Path(folder)
-            step_pool(data, size=4, k=4, seed=0, shard=(0, 1))
-            step_reference(data, ReferenceProtocol(steps=6, validations=1), [0], (0, 1), data / "work")
+            _smoke_images(data / "images")
+            step_pool(data, size=6, k=5, seed=0, shard=(0, 1))
+            step_reference(data, ReferenceProtocol(steps=4, batch_size=2, patch_size=8, validations=1), [0], (0, 1),
+                           data / "work")
             step_proxies(data, list(PROTOCOLS), [0], (0, 1))
             rows = print_score(data, resamples=200)
             if not any("kendall" in r for r in rows):
                 raise SystemExit("smoke: no proxy was scored")
     finally:
         PROTOCOLS, TODAY, MODULE_QUOTA = saved
+        _FOLDERS.clear()
+        _DATA.clear()
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -9,6 +9,7 @@ search reads the study from storage: a failure there is reported and never loses
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -40,7 +41,7 @@ from ehrsr.interrupts import SIGTERM, interrupt_name
 from ehrsr.reports import write_report, write_trials_csv
 from ehrsr.search.driver import SearchLog, SearchSummary, print_summary, run_search
 from ehrsr.search.pareto import front_trials
-from ehrsr.search.ranking import check_line
+from ehrsr.search.ranking import add_check, check_line, space_check_applies, study_verdict
 from ehrsr.search.storage import open_storage
 from ehrsr.search.study import (
     PreparedStudy,
@@ -51,7 +52,7 @@ from ehrsr.search.study import (
     space_of,
     stored_record,
 )
-from ehrsr.study_schema import fidelity_checks
+from ehrsr.study_schema import fidelity_checks, steps_scale
 
 __all__ = [
     "ablation_budget_seconds",
@@ -121,9 +122,9 @@ def run_pipeline(settings: SearchSettings) -> SearchSummary:
     if settings.write_reports and not summary.interrupted:
         try:
             ctx = _lazy_context(study, prepared, settings)
-            _fidelity_step(study, prepared, settings, log, ctx)  # first: the ablation runs at its verdict
+            spare = _fidelity_step(study, prepared, settings, log, ctx)  # first: the ablation runs at its verdict
             try:
-                summary.ablation = _after_search(study, prepared, settings, log)
+                summary.ablation = _after_search(study, prepared, settings, log, extra_share=spare)
             except Exception as exc:  # the search results are safe in the storage; say what went wrong
                 log(f"warning: ablation / deployment step failed: {type(exc).__name__}: {exc}")
             _baselines_step(study, prepared, settings, log, ctx)
@@ -139,27 +140,29 @@ def run_pipeline(settings: SearchSettings) -> SearchSummary:
                                           html=settings.write_html)
         except Exception as exc:  # a report problem must not hide the search results
             log(f"warning: could not write the report: {type(exc).__name__}: {exc}")
-    checks = fidelity_checks(study)
-    summary.fidelity = check_line(checks[-1]) if checks else (
+    verdict = study_verdict(fidelity_checks(study))
+    summary.fidelity = check_line(verdict) if verdict is not None else (
         "no verdict: the space states no measured agreement for this task and data, and no check ran "
         f"(run_search.py fidelity --study-name {summary.study_name})")
     print_summary(summary, prepared.objectives, log)
     return summary
 
 
-def _after_search(study: optuna.Study, prepared: PreparedStudy, settings: SearchSettings, log: SearchLog) -> str | None:
-    """The controlled ablation on its reserved budget, then deployment picks for the device
-    profiles that match this machine. Problems are reported, never fatal. Returns a line on the
-    ablation for the summary."""
+def _after_search(study: optuna.Study, prepared: PreparedStudy, settings: SearchSettings, log: SearchLog,
+                  extra_share: float = 0.0) -> str | None:
+    """The controlled ablation on its reserved budget (plus ``extra_share`` of the budget that
+    another step left unspent), then deployment picks for the device profiles that match this
+    machine. Problems are reported, never fatal. Returns a line on the ablation for the summary."""
     if not front_trials(study):
         log("no finished feasible trial: no controlled ablation and no deployment pick")
         return None
     ablation_line = None
     if settings.ablation_share > 0:
-        seconds = share_seconds(prepared.budget, study, settings.ablation_share, settings.reserved_share)
+        share = settings.ablation_share + extra_share
+        seconds = share_seconds(prepared.budget, study, share, settings.reserved_share)
         fidelity = ablation_fidelity(study, settings.fidelity_factor, settings.ablation_seeds)
-        log(f"controlled ablation: up to {seconds / 60:.1f} device-minutes ({settings.ablation_share:.0%} of the "
-            f"budget), {fidelity.note}")
+        log(f"controlled ablation: up to {seconds / 60:.1f} device-minutes ({share:.0%} of the budget"
+            f"{', the proxy-fidelity share included' if extra_share else ''}), {fidelity.note}")
         try:
             result = run_ablation(
                 study.study_name, prepared.storage_url, settings.out_dir, device=str(prepared.device),
@@ -303,11 +306,22 @@ def _early_check(prepared: PreparedStudy, log: SearchLog) -> None:
 
 
 def _fidelity_step(study: optuna.Study, prepared: PreparedStudy, settings: SearchSettings, log: SearchLog,
-                   ctx: Callable[[], Any]) -> None:
+                   ctx: Callable[[], Any]) -> float:
     """After the search: the proxy-fidelity retrains on the share (the part-way check's included),
-    and the study's verdict at the end. Problems are reported, never fatal."""
+    and the study's verdict at the end. When the space's measured agreement stands for the study
+    (its task, data and trial protocol are the benchmark's), the verdict at the end is that one and
+    the share is returned unspent for the ablation. Problems are reported, never fatal."""
     if settings.fidelity_share <= 0:
-        return
+        return 0.0
+    measured = space_check_applies(fidelity_checks(study), steps_scale(study))
+    if measured is not None:
+        check = dataclasses.replace(
+            measured, when="end", action="no retrains: their share went to the controlled ablation",
+            note="the space's measurement stands: this study trains the measured protocol on the benchmark's "
+                 "task and data (docs/proxy_fidelity.md)")
+        add_check(study, check)
+        log(f"proxy fidelity (end): {check_line(check)}")
+        return settings.fidelity_share
     seconds = share_seconds(prepared.budget, study, settings.fidelity_share, settings.reserved_share)
     log(f"proxy fidelity: up to {seconds / 60:.1f} device-minutes ({settings.fidelity_share:.0%} of the budget)")
     try:
@@ -319,6 +333,7 @@ def _fidelity_step(study: optuna.Study, prepared: PreparedStudy, settings: Searc
         log(f"proxy fidelity skipped: {exc}")
     except Exception as exc:  # the search results are safe in the storage; say what went wrong
         log(f"warning: proxy fidelity step failed: {type(exc).__name__}: {exc}")
+    return 0.0
 
 
 def _baselines_step(study: optuna.Study, prepared: PreparedStudy, settings: SearchSettings, log: SearchLog,

@@ -83,12 +83,15 @@ proxy:
   regret_db: 0.0
   top3_recall: 0.67
   measured_on: {task: sr, scale: 4, data: builtin}
+  trial: {max_steps: 8, batch_size: 4, patch_size: 16, lr: 2.0e-3}
   reference: "2400 steps as train --pick trains"
 """
+# micro.yaml searches lr; the measured protocol fixes it
+MICRO_FIXED_LR = MICRO.read_text().replace("lr: {low: 1.0e-3, high: 3.0e-3, log: true}", "lr: 2.0e-3")
 
 
 def test_a_space_carries_its_measured_proxy_agreement_and_a_study_starts_with_it() -> None:
-    space = space_from_text(MICRO.read_text() + PROXY, name="micro")
+    space = space_from_text(MICRO_FIXED_LR + PROXY, name="micro")
     assert space.proxy is not None and space.proxy.trusted and space.proxy.configurations == 18
     record = study_record(("psnr", "latency"))
     check, scale = start_check(space, record)
@@ -98,7 +101,7 @@ def test_a_space_carries_its_measured_proxy_agreement_and_a_study_starts_with_it
     other = study_record(("psnr", "latency"), scale=2)
     assert start_check(space, other) == (None, 1)
     # a measured agreement that is not trusted raises the steps before the first trial
-    weak = space_from_text(MICRO.read_text() + PROXY.replace("[0.82, 0.61, 0.95]", "[0.30, -0.10, 0.62]"))
+    weak = space_from_text(MICRO_FIXED_LR + PROXY.replace("[0.82, 0.61, 0.95]", "[0.30, -0.10, 0.62]"))
     check, scale = start_check(weak, record)
     assert check.trusted is False and scale == weak.fidelity.eta and "raised from 8 to 16" in check.action
 
@@ -108,10 +111,22 @@ def test_a_space_carries_its_measured_proxy_agreement_and_a_study_starts_with_it
     (PROXY.replace("[0.82, 0.61, 0.95]", "[0.82, 0.9, 0.95]"), "low <= value <= high"),
     (PROXY.replace("configurations: 18", "configurations: 3"), "integer >= 4"),
     (PROXY + "  extra: 1\n", "unknown key"),
+    (PROXY.replace("batch_size: 4,", "batch_size: 0,"), r"proxy\.trial\.batch_size: must be a positive integer"),
 ])
 def test_a_malformed_proxy_section_names_the_key(section: str, message: str) -> None:
     with pytest.raises(SearchSpaceError, match=message):
-        space_from_text(MICRO.read_text() + "\n" + section, name="micro")
+        space_from_text(MICRO_FIXED_LR + "\n" + section, name="micro")
+
+
+@pytest.mark.parametrize(("text", "difference"), [
+    (MICRO.read_text(), "lr searched (measured fixed at 0.002)"),
+    (MICRO_FIXED_LR.replace("max_steps: 8", "max_steps: 16"), "max_steps 16 (measured at 8)"),
+    (MICRO_FIXED_LR.replace("lr: 2.0e-3", "lr: 1.0e-3"), "lr 0.001 (measured at 0.002)"),
+])
+def test_an_agreement_measured_on_another_trial_protocol_is_refused(text: str, difference: str) -> None:
+    with pytest.raises(SearchSpaceError, match="measured on another trial protocol") as info:
+        space_from_text(text + PROXY, name="micro")
+    assert difference in str(info.value)
 
 
 def test_the_shipped_tiny_space_states_its_measured_agreement() -> None:
@@ -244,6 +259,46 @@ def test_the_ablation_trains_at_the_checked_fidelity(tmp_path: Path, monkeypatch
     assert ablation.user_attrs["plan"]["seeds"] == [0]
 
 
+def test_a_check_without_a_verdict_does_not_undo_an_earlier_one(tmp_path: Path) -> None:
+    from ehrsr.search.ranking import study_verdict
+
+    study = make_study(tmp_path, n_trials=12)
+    trusted = FidelityCheck("start", "space", 180, 0.87, 0.69, 0.97, 0.96, 18, None, True)
+    undecided = FidelityCheck("end", "retrains", 180, None, None, None, None, 2, 4.0, None, note="2 of 8 retrains")
+    assert study_verdict([trusted, undecided]) == trusted and study_verdict([undecided]) == undecided
+    assert study_verdict([]) is None
+    study.set_user_attr("fidelity_checks", [trusted.to_dict(), undecided.to_dict()])
+    assert ablation_fidelity(study, 4.0, "auto").steps is None  # the trials' own steps: the start verdict holds
+
+
+def test_where_the_spaces_measurement_stands_the_share_goes_to_the_ablation(tmp_path: Path, monkeypatch) -> None:
+    """A study on the benchmark's task, data and trial protocol: no retrains at the end (a spy
+    would see them), the verdict at the end is the space's, and its share is handed on."""
+    study = make_study(tmp_path, n_trials=12)
+    start = FidelityCheck("start", "space", 180, 0.87, 0.69, 0.97, 0.96, 18, None, True)
+    study.set_user_attr("fidelity_checks", [start.to_dict()])
+    monkeypatch.setattr(pipeline, "check_now", lambda *a, **k: pytest.fail("retrained"))
+    lines: list[str] = []
+    settings = SimpleNamespace(fidelity_share=0.1)
+    spare = pipeline._fidelity_step(study, SimpleNamespace(), settings, lines.append, lambda: None)
+    assert spare == 0.1
+    checks = fidelity_checks(study)
+    assert [c.when for c in checks] == ["start", "end"] and checks[-1].source == "space" and checks[-1].trusted
+    assert "no retrains" in lines[0] and "+0.87 [+0.69, +0.97]" in lines[0]
+    # raised steps: the trials no longer train the measured protocol, so the study checks its own
+    study.set_user_attr("steps_scale", 3)
+    study.set_user_attr("fidelity_checks", [start.to_dict()])
+    seen: list[str] = []
+    monkeypatch.setattr(pipeline, "check_now", lambda *a, **k: seen.append(k["when"]) or FidelityCheck(
+        "end", "retrains", 540, None, None, None, None, 0, 4.0, None))
+    monkeypatch.setattr(pipeline, "fidelity_sources", lambda *a: [])
+    prepared = SimpleNamespace(budget=SimpleNamespace(limits=[SimpleNamespace(seconds=600.0)]),
+                               space=SimpleNamespace(fidelity=SimpleNamespace(eta=3)))
+    settings = SimpleNamespace(fidelity_share=0.1, reserved_share=0.35, fidelity_configs=8, fidelity_factor=4.0,
+                               verbosity=0)
+    assert pipeline._fidelity_step(study, prepared, settings, lines.append, lambda: None) == 0.0 and seen == ["end"]
+
+
 def _tiny_context():
     from ehrsr.search.runner import RunContext
     from ehrsr.study_schema import resolve_objective
@@ -251,3 +306,21 @@ def _tiny_context():
     return RunContext(train_set=SimpleNamespace(), val_set=[], objectives=[resolve_objective("psnr"),
                                                                            resolve_objective("latency")],
                       profile_shape=(1, 3, 16, 16), profile_seconds=0.001)
+
+
+def test_the_scoring_code_reproduces_the_stored_table() -> None:
+    """Re-scoring the stored curves gives the stored table (the default proxy, the 108-step trial and a
+    zero-cost count), to the last digit: the table in docs/proxy_fidelity.md is what the code computes."""
+    from benchmarks import proxy_fidelity
+
+    table = json.loads((BENCHMARK_DATA / "table.json").read_text())
+    names = [table["default"], "s108-drawn-lr: final PSNR", "MACs (no training)"]
+    rows = {row["proxy"]: row for row in proxy_fidelity.score(BENCHMARK_DATA, only=names,
+                                                                resamples=table["resamples"])}
+    stored = {row["proxy"]: row for row in table["rows"]}
+    for name in names:
+        for key in ("kendall", "kendall_low", "kendall_high", "spearman", "spearman_low", "spearman_high",
+                    "regret_db", "top_k_recall", "multiple", "n"):
+            assert rows[name][key] == pytest.approx(stored[name][key], abs=1e-9), (name, key)
+    assert rows[table["default"]]["n"] == table["configurations"] >= 16
+    assert proxy_fidelity.choose_default(table["rows"])["proxy"] == table["default"]

@@ -40,6 +40,7 @@ from ehrsr.search.ranking import (
     raised_steps_text,
     retrain_check,
     retrain_points,
+    study_verdict,
 )
 from ehrsr.stats import MIN_RANK_POINTS, MIN_TRUST_POINTS
 from ehrsr.study_schema import (
@@ -293,8 +294,7 @@ def ablation_fidelity(study: optuna.Study, factor: float, seeds: int | str) -> A
     """The trials' own steps when the study's latest proxy-fidelity verdict trusts them; otherwise
     ``factor`` times longer (what that check retrained with) with one seed when ``seeds`` is
     ``"auto"``: longer runs and fewer seeds, within the same share."""
-    checks = fidelity_checks(study)
-    latest = checks[-1] if checks else None
+    latest = study_verdict(fidelity_checks(study))
     steps = max((s for s in map(trial_steps, comparable_trials(study)) if s is not None), default=None)
     if latest is not None and latest.trusted:
         return AblationFidelity(None, seeds, f"at the trials' {latest.trial_steps} steps, which the study's "

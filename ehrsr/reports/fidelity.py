@@ -17,7 +17,7 @@ import optuna
 from matplotlib.figure import Figure
 from optuna.trial import TrialState
 
-from ehrsr.search.ranking import check_line
+from ehrsr.search.ranking import check_line, study_verdict
 from ehrsr.stats import (
     MIN_RANK_POINTS,
     MIN_TRUST_POINTS,
@@ -192,7 +192,7 @@ def checks_markdown(checks: Sequence[FidelityCheck], markdown_table) -> str:
     did about each, the latest first in words."""
     if not checks:
         return ""
-    latest = checks[-1]
+    latest = study_verdict(checks)
     out = [f"**Verdict ({_WHEN[latest.when]}): {check_line(latest)}.**\n\n"]
     rows = []
     for c in checks:

@@ -105,7 +105,10 @@ def trials_table(study: optuna.Study) -> pd.DataFrame:
         return pd.DataFrame(columns=_empty_columns(objectives))
     # the ranking proxy of each trial (its final validation PSNR after its steps), the latest verdict
     # on how well that ranks like long training, and whether it is on the fronts' footing
-    verdicts = {c.trial_steps: check_line(c) for c in fidelity_checks(study)}  # the latest per length
+    verdicts: dict[int, str] = {}  # the latest verdict per length (a check without one does not undo it)
+    for check in fidelity_checks(study):
+        if check.trusted is not None or check.trial_steps not in verdicts:
+            verdicts[check.trial_steps] = check_line(check)
     comparable = {t.number for t in comparable_trials(study)}
     for trial, row in zip(study.get_trials(deepcopy=False), rows):
         steps = trial_steps(trial)

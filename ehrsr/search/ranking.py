@@ -54,6 +54,7 @@ __all__ = [
     "retrain_check",
     "retrain_points",
     "start_check",
+    "study_verdict",
 ]
 
 CurveModel = Literal["pow3", "exp3"]
@@ -202,6 +203,20 @@ def start_check(space: Any, record: Any) -> tuple[FidelityCheck | None, int]:
         return check, 1
     scale = space.fidelity.eta
     return replace(check, action=raised_steps_text(steps, steps * scale)), scale
+
+
+def study_verdict(checks: Sequence[FidelityCheck]) -> FidelityCheck | None:
+    """The check a study's ranking stands on: the latest one that reached a verdict (a later check
+    that could not, e.g. too few retrains, does not undo it), else the latest; None without checks."""
+    decided = [c for c in checks if c.trusted is not None]
+    return decided[-1] if decided else (checks[-1] if checks else None)
+
+
+def space_check_applies(checks: Sequence[FidelityCheck], steps_factor: int) -> FidelityCheck | None:
+    """The space's measured verdict when it stands for this study: it was stored at the start (the
+    study's task and data are the benchmark's), trusted, and the trials still train as measured."""
+    start = next((c for c in checks if c.source == "space"), None)
+    return start if start is not None and start.trusted and steps_factor == 1 else None
 
 
 def raised_steps_text(before: int, after: int) -> str:

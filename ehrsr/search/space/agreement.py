@@ -13,10 +13,13 @@ training section and to the data they were measured on, so they live in the spac
       regret_db: 0.0
       top3_recall: 0.67
       measured_on: {task: sr, scale: 4, data: builtin}
+      trial: {max_steps: 972, batch_size: 8, patch_size: 32, lr: 2.0e-3}
       reference: "2400 steps as `train --pick` trains, batch 8, 32 px, mean of 2 seeds"
 
-A study whose task and data are those of ``measured_on`` starts with this verdict; any other
-study has to measure its own (the in-study proxy-fidelity check).
+``trial`` is the trial protocol that was measured; the space's ``training`` section must train
+exactly so (a fixed ``lr``), or loading the space fails: numbers measured on another protocol do
+not carry over. A study whose task and data are those of ``measured_on`` starts with this
+verdict; any other study has to measure its own (the in-study proxy-fidelity check).
 """
 
 from __future__ import annotations
@@ -31,8 +34,9 @@ from ehrsr.stats import TRUST_TAU_LOW
 
 __all__ = ["ProxyAgreement", "parse_proxy"]
 
-_KEYS = ("kendall", "spearman", "configurations", "regret_db", "top3_recall", "measured_on", "reference")
+_KEYS = ("kendall", "spearman", "configurations", "regret_db", "top3_recall", "measured_on", "trial", "reference")
 _MEASURED_ON = ("task", "scale", "data")
+_TRIAL = ("max_steps", "batch_size", "patch_size", "lr")
 
 
 @dataclass(frozen=True)
@@ -52,6 +56,10 @@ class ProxyAgreement:
     scale: int
     data: str  # "builtin": the built-in sample images
     reference: str
+    max_steps: int  # the measured trial protocol
+    batch_size: int
+    patch_size: int
+    lr: float
 
     @property
     def trusted(self) -> bool:
@@ -66,6 +74,18 @@ class ProxyAgreement:
 
     def to_dict(self) -> dict[str, Any]:
         return {name: getattr(self, name) for name in self.__dataclass_fields__}
+
+    def protocol_differences(self, max_steps: int, batch_size: int, patch_size: int, lr: float | None) -> list[str]:
+        """Where a space's trial protocol (``lr`` None: searched) is not the measured one."""
+        out = [f"{name} {given} (measured at {measured})"
+               for name, given, measured in (("max_steps", max_steps, self.max_steps),
+                                             ("batch_size", batch_size, self.batch_size),
+                                             ("patch_size", patch_size, self.patch_size)) if given != measured]
+        if lr is None:
+            out.append(f"lr searched (measured fixed at {self.lr:g})")
+        elif not math.isclose(lr, self.lr, rel_tol=1e-9):
+            out.append(f"lr {lr:g} (measured at {self.lr:g})")
+        return out
 
 
 def _degraded(task: Mapping[str, Any]) -> bool:
@@ -107,9 +127,18 @@ def parse_proxy(section: Any, error: Callable[[tuple[str, ...], str], SearchSpac
         raise error(("proxy", "measured_on"), f"must be a mapping with keys {', '.join(_MEASURED_ON)}")
     if not isinstance(section["reference"], str) or not section["reference"].strip():
         raise error(("proxy", "reference"), "must be text saying what the long training was")
+    trial = section["trial"]
+    if not isinstance(trial, dict) or set(trial) != set(_TRIAL):
+        raise error(("proxy", "trial"), f"must be a mapping with keys {', '.join(_TRIAL)} (the measured protocol)")
+    for key in _TRIAL:
+        value = trial[key]
+        whole = key != "lr"
+        if not _number(value) or value <= 0 or (whole and not isinstance(value, int)):
+            raise error(("proxy", "trial", key), f"must be a positive {'integer' if whole else 'number'}, got {value!r}")
     return ProxyAgreement(
         *kendall, *spearman, configurations, number("regret_db", 0.0, math.inf), number("top3_recall", 0.0, 1.0),
         str(measured["task"]), int(measured["scale"]), str(measured["data"]), section["reference"].strip(),
+        int(trial["max_steps"]), int(trial["batch_size"]), int(trial["patch_size"]), float(trial["lr"]),
     )
 
 

@@ -78,6 +78,15 @@ class SpaceParser:
         entries = self._model_entries(model)
         fidelity, train_entries = parse_training(training, self.error, self._entry)
         proxy = parse_proxy(data["proxy"], self.error) if "proxy" in data else None
+        if proxy is not None:
+            lr = next((e for e in train_entries if e.name == "lr"), None)
+            differences = proxy.protocol_differences(
+                fidelity.max_steps, fidelity.batch_size, fidelity.patch_size,
+                None if lr is not None and lr.searched else float(lr.fixed) if lr is not None else None)
+            if differences:
+                raise self.error(("proxy", "trial"), "the agreement was measured on another trial protocol: the "
+                                 f"training section has {', '.join(differences)}; measure this protocol with "
+                                 "benchmarks/proxy_fidelity.py or remove the proxy section")
         space = SearchSpace(self.name, self.path, self.text, description.strip(), entries + train_entries, fidelity,
                             proxy)
         check_against_config(space, self.error)
