@@ -324,3 +324,12 @@ def test_the_scoring_code_reproduces_the_stored_table() -> None:
             assert rows[name][key] == pytest.approx(stored[name][key], abs=1e-9), (name, key)
     assert rows[table["default"]]["n"] == table["configurations"] >= 16
     assert proxy_fidelity.choose_default(table["rows"])["proxy"] == table["default"]
+
+
+def test_the_report_says_why_a_study_retrained_nothing() -> None:
+    from ehrsr.reports.fidelity import fidelity_markdown
+    from ehrsr.reports.render import markdown_table
+
+    space = FidelityCheck("end", "space", 972, 0.87, 0.69, 0.97, 0.96, 18, None, True)
+    assert "No retrains in this study" in fidelity_markdown(None, "s", None, markdown_table, checks=[space])
+    assert fidelity_markdown(None, "s", None, markdown_table, checks=[]).startswith("Not run.")

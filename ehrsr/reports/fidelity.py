@@ -160,8 +160,16 @@ def render_fidelity_plot(data: FidelityPlotData, path_stem: Path, formats: Seque
     return paths
 
 
-def fidelity_markdown(report: FidelityReport | None, study_name: str, figure: str | None, markdown_table) -> str:
-    """The "Proxy fidelity" section of report.md."""
+def fidelity_markdown(report: FidelityReport | None, study_name: str, figure: str | None, markdown_table,
+                      checks: Sequence[FidelityCheck] = ()) -> str:
+    """The "Proxy fidelity" section of report.md: the study's own retrains (``checks``: its
+    stored verdicts, which say why none ran when its space's measurement stands)."""
+    if report is None and any(c.source == "space" and c.when == "end" for c in checks):
+        return (
+            "No retrains in this study: its space, trial protocol, task and data are those the space's "
+            "agreement was measured on (docs/proxy_fidelity.md). `run_search.py fidelity --study-name "
+            f"{study_name}` retrains some of its configurations for longer all the same.\n\n"
+        )
     if report is None:
         return (
             f"Not run. `run_search.py fidelity --study-name {study_name}` (or a search with "

@@ -243,7 +243,7 @@ def _with_trust_sections(text: str, study: optuna.Study, info: StudyInfo, baseli
     sections = (
         "## Baselines\n\n" + baselines_markdown(study, info, markdown_table)
         + "## Proxy fidelity\n\n" + checks_markdown(fidelity_checks(study), markdown_table)
-        + fidelity_markdown(fidelity, info.name, figure, markdown_table)
+        + fidelity_markdown(fidelity, info.name, figure, markdown_table, checks=fidelity_checks(study))
     )
     marker = "## Deployment picks\n\n"
     return (text.replace(marker, sections + marker, 1) if marker in text else text + sections), figure_data
