@@ -344,6 +344,27 @@ def test_reference_must_be_a_finished_trial(tmp_path):
 # importance
 
 
+def _with_searched_lr(study: optuna.Study, tmp_path) -> optuna.Study:
+    """A copy of ``study`` whose trials also searched ``lr`` (log-uniform 2e-4..2e-3), the value
+    recorded in each trial's training settings, as a space with a searched rate would store them."""
+    copy = optuna.create_study(study_name="with-lr", storage=f"sqlite:///{tmp_path / 'lr.db'}",
+                               directions=study.directions)
+    copy.set_metric_names(study.metric_names)
+    for key, value in study.user_attrs.items():
+        copy.set_user_attr(key, value)
+    rng = np.random.default_rng(0)
+    lr_dist = optuna.distributions.FloatDistribution(2e-4, 2e-3, log=True)
+    for t in study.trials:
+        lr = float(np.exp(rng.uniform(np.log(2e-4), np.log(2e-3))))
+        attrs = dict(t.user_attrs)
+        if "train" in attrs:
+            attrs["train"] = {**attrs["train"], "lr": lr}
+        copy.add_trial(optuna.trial.create_trial(
+            state=t.state, values=t.values, params={**t.params, "lr": lr},
+            distributions={**t.distributions, "lr": lr_dist}, user_attrs=attrs))
+    return copy
+
+
 def test_param_importances_per_objective_and_for_the_front(tmp_path):
     study = make_study(tmp_path, n_trials=24)
     table = param_importances(study)
@@ -360,7 +381,11 @@ def test_param_importances_per_objective_and_for_the_front(tmp_path):
         )
     for name, value in direct.items():
         assert table.at[name, "psnr"] == pytest.approx(value)
-    # latency is a cost: only architecture parameters compete for it, the learning rate cannot
+    # latency is a cost: only architecture parameters compete for it, a searched learning rate
+    # (a space of one's own may search it; the shipped ones fix it) cannot
+    study = _with_searched_lr(study, tmp_path)
+    table = param_importances(study)
+    searched = {name for t in study.trials if t.state == TrialState.COMPLETE for name in t.params}
     assert "lr" in searched and table.at["lr", "latency"] == 0.0
     architecture = [n for n in searched if n != "lr"]
     with pytest.warns(UserWarning):

@@ -181,8 +181,10 @@ def test_shipped_spaces_load_by_name_and_path():
     assert tiny.source_text == (SPACES_DIR / "tiny.yaml").read_text()
     by_path = load_space(str(SPACES_DIR / "tiny.yaml"))
     assert by_path.distributions == tiny.distributions
-    assert tiny.fidelity.rung_steps == (36, 108)
-    assert tiny.fidelity.max_steps == 108
+    assert tiny.fidelity.rung_steps == (324, 972)
+    assert tiny.fidelity.max_steps == 972
+    assert "lr" not in tiny.distributions  # fixed: the measured protocol (docs/proxy_fidelity.md)
+    assert tiny.proxy is not None and tiny.proxy.max_steps == tiny.fidelity.max_steps
     assert tiny.fidelity.patch_size == 32 and tiny.fidelity.loss == "l1"
     full = load_space("full")
     assert full.fidelity.rung_steps == (1000, 3000, 9000, 27000)
@@ -250,7 +252,8 @@ def test_conditional_parameters_follow_their_toggles_and_levels():
         if params["wab.enabled"]:
             assert sampled.config.wab.window_size == 4
         assert sampled.config.ssm.directions == (1 if params["ssm.enabled"] else EHRSRConfig().ssm.directions)
-        assert sampled.train.lr == params["lr"] and sampled.train.steps == space.fidelity.max_steps
+        lr = params["lr"] if "lr" in space.distributions else next(e.fixed for e in space.entries if e.name == "lr")
+        assert sampled.train.lr == lr and sampled.train.steps == space.fidelity.max_steps
     assert all(seen_on.values()) and all(seen_off.values())
 
 
@@ -312,7 +315,7 @@ def test_refusal_names_the_reason(tmp_path):
     assert space.config_from_params({**params, "width": 12}).config is not None
 
 
-def test_reference_params_anchor_the_study():
+def test_reference_params_anchor_the_study(tmp_path):
     space = load_space("tiny")
     references = space.reference_params()
     assert set(references) == {"conv-only", "all-modules"}
@@ -334,8 +337,10 @@ def test_reference_params_anchor_the_study():
     assert backbone(configs["all-modules"]) == backbone(configs["conv-only"])
     assert configs["conv-only"].width == 12  # middle of [8, 12, 16, 24]: the first of the two middles
     assert configs["conv-only"].msg.levels == 1
+    assert "lr" not in references["conv-only"]  # fixed in tiny, so not a parameter
     # the geometric middle of a log range
-    assert math.isclose(references["conv-only"]["lr"], math.sqrt(2.0e-4 * 2.0e-3))
+    searched = _load(tmp_path, _with("lr: 1.0e-3", "lr: {low: 2.0e-4, high: 2.0e-3, log: true}"))
+    assert math.isclose(searched.reference_params()["conv-only"]["lr"], math.sqrt(2.0e-4 * 2.0e-3))
 
 
 def test_reference_params_with_a_module_fixed_on(tmp_path):
