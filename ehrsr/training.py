@@ -40,6 +40,7 @@ __all__ = [
     "TrainingDiverged",
     "TrainingError",
     "TrainingOutOfMemory",
+    "finite_step",
     "learning_rate_at",
     "train",
 ]
@@ -56,6 +57,17 @@ class TrainingDiverged(TrainingError):
         super().__init__(f"training diverged at step {step}: {what}")
         self.step = step
         self.what = what
+
+
+def finite_step(step: int, total: torch.Tensor, grad_norm: torch.Tensor) -> tuple[float, float]:
+    """The loss and gradient norm of update ``step`` (0-based) as floats; ``TrainingDiverged``
+    when either is not finite. One host sync per step: the check must name the step."""
+    loss_value, norm_value = float(total.detach()), float(grad_norm)
+    if not math.isfinite(loss_value):
+        raise TrainingDiverged(step + 1, f"loss is {loss_value}")
+    if not math.isfinite(norm_value):
+        raise TrainingDiverged(step + 1, f"gradient norm is {norm_value}")
+    return loss_value, norm_value
 
 
 class TrainingOutOfMemory(TrainingError):
@@ -351,12 +363,7 @@ def train(
                     torch.cuda.empty_cache()
                 raise TrainingOutOfMemory(batch_size, patch_size, device, step + 1, str(exc).splitlines()[0]) from None
             raise
-        # One host sync per step: the check must name the step, and brief runs are short.
-        loss_value, norm_value = float(total.detach()), float(grad_norm)
-        if not math.isfinite(loss_value):
-            raise TrainingDiverged(step + 1, f"loss is {loss_value}")
-        if not math.isfinite(norm_value):
-            raise TrainingDiverged(step + 1, f"gradient norm is {norm_value}")
+        loss_value, _ = finite_step(step, total, grad_norm)  # one host sync: brief runs are short
         optimizer.step()
         step += 1
         interval_losses.append(total.detach().float())

@@ -206,6 +206,17 @@ def _stub_result() -> Any:
                            seconds_spent=0.0, sources=[], factor=0.0)
 
 
+def _study_a_with_a_finished_trial(tmp_path: Path) -> tuple[str, StudyRecord]:
+    """Study "a" at the A values with one finished trial (a study without any may be re-created
+    with new settings: nothing is lost); its storage URL and record."""
+    _write_inputs(tmp_path)
+    assert main(_argv(tmp_path, 0, "a")) == 0
+    storage = f"sqlite:///{tmp_path / 'reports' / 'a' / 'study.db'}"
+    optuna.load_study(study_name="a", storage=storage).add_trial(
+        optuna.trial.create_trial(values=[30.0, 1.0, 1e6], user_attrs={"status": "complete"}))
+    return storage, _record(tmp_path, "a")
+
+
 # record flags that name a place on this machine: stored (a resume that leaves them out uses the
 # creator's), but each machine of a study may give its own
 LOCAL_FLAGS = {"cache_dir"}
@@ -214,13 +225,7 @@ LOCAL_FLAGS = {"cache_dir"}
 @pytest.mark.parametrize("dest", sorted(set(RECORD_FLAGS) - LOCAL_FLAGS))
 def test_a_resume_with_another_value_is_refused_naming_the_field(dest: str, tmp_path: Path, no_training,
                                                                    capsys) -> None:
-    _write_inputs(tmp_path)
-    assert main(_argv(tmp_path, 0, "a")) == 0
-    # one finished trial: a study without any may be re-created with new settings (nothing is lost)
-    storage = f"sqlite:///{tmp_path / 'reports' / 'a' / 'study.db'}"
-    optuna.load_study(study_name="a", storage=storage).add_trial(
-        optuna.trial.create_trial(values=[30.0, 1.0, 1e6], user_attrs={"status": "complete"}))
-    before = _record(tmp_path, "a")
+    storage, before = _study_a_with_a_finished_trial(tmp_path)
     capsys.readouterr()
     # the second study leaves --device out (this machine may have no GPU): a resume asks for cuda
     changed = ["--device", "cuda"] if dest == "device" else _argv(tmp_path, 1, "a", only=dest)
@@ -235,12 +240,7 @@ def test_a_resume_with_another_value_is_refused_naming_the_field(dest: str, tmp_
 
 
 def test_a_second_machine_keeps_its_own_cache_folder(tmp_path: Path, no_training, capsys) -> None:
-    _write_inputs(tmp_path)
-    assert main(_argv(tmp_path, 0, "a")) == 0
-    storage = f"sqlite:///{tmp_path / 'reports' / 'a' / 'study.db'}"
-    optuna.load_study(study_name="a", storage=storage).add_trial(
-        optuna.trial.create_trial(values=[30.0, 1.0, 1e6], user_attrs={"status": "complete"}))
-    before = _record(tmp_path, "a")
+    _, before = _study_a_with_a_finished_trial(tmp_path)
     no_training.clear()
     code = main([*_base(tmp_path, "a", "trials=5"), *_argv(tmp_path, 1, "a", only="cache_dir")])
     assert code == 0, capsys.readouterr().err

@@ -55,7 +55,7 @@ from ehrsr.fulltrain.ema import ModelEMA
 from ehrsr.fulltrain.recipe import FullTrainError, Recipe
 from ehrsr.interrupts import deferred_stop
 from ehrsr.model import build_model
-from ehrsr.training import TrainingDiverged, TrainingOutOfMemory, is_out_of_memory, loss_function
+from ehrsr.training import TrainingOutOfMemory, finite_step, is_out_of_memory, loss_function
 
 __all__ = ["FullTrainResult", "FullTrainSettings", "full_train"]
 
@@ -278,11 +278,7 @@ def _train_locked(settings: FullTrainSettings) -> FullTrainResult:
                 if is_out_of_memory(exc):
                     raise TrainingOutOfMemory(recipe.batch_size, recipe.patch_size, device, step + 1) from None
                 raise
-            loss_value, norm_value = float(total.detach()), float(grad_norm)
-            if not math.isfinite(loss_value):
-                raise TrainingDiverged(step + 1, f"loss is {loss_value}")
-            if not math.isfinite(norm_value):
-                raise TrainingDiverged(step + 1, f"gradient norm is {norm_value}")
+            loss_value, norm_value = finite_step(step, total, grad_norm)
             optimizer.step()
             if ema is not None:
                 ema.update(model)
