@@ -44,7 +44,7 @@ def find_chromium() -> str | None:
 
 
 class BrowserError(RuntimeError):
-    pass
+    """Chromium could not be started or did not answer (one line saying why)."""
 
 
 @dataclass

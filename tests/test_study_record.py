@@ -239,14 +239,32 @@ def test_a_resume_with_another_value_is_refused_naming_the_field(dest: str, tmp_
     assert optuna.load_study(study_name="a", storage=storage).user_attrs.get("budget") != "trials=5"
 
 
-def test_a_second_machine_keeps_its_own_cache_folder(tmp_path: Path, no_training, capsys) -> None:
-    _, before = _study_a_with_a_finished_trial(tmp_path)
+def test_a_second_machine_keeps_its_own_cache_folder(tmp_path: Path, no_training, capsys, monkeypatch) -> None:
+    storage, before = _study_a_with_a_finished_trial(tmp_path)
     no_training.clear()
     code = main([*_base(tmp_path, "a", "trials=5"), *_argv(tmp_path, 1, "a", only="cache_dir")])
     assert code == 0, capsys.readouterr().err
-    assert no_training["prepared"].spec.cache_dir == str(tmp_path / "cache_b")
-    assert no_training["driver_specs"][-1].cache_dir == str(tmp_path / "cache_b")
+    prepared = no_training["prepared"]
+    assert prepared.spec.cache_dir == str(tmp_path / "cache_b")
+    assert no_training["driver_specs"][-1].cache_dir == str(tmp_path / "cache_b")  # the search loop's data
     assert _record(tmp_path, "a") == before  # the creator's folder stays the recorded one
+    # the steps after the search build their run context (data and caches) in this machine's folder
+    built: list[Any] = []
+    monkeypatch.setattr(pipeline, "build_context", lambda spec, device, **kw: built.append(spec) or SimpleNamespace())
+    study = optuna.load_study(study_name="a", storage=storage)
+    pipeline._lazy_context(study, prepared, prepared.settings)()  # fidelity and baselines steps
+    class Built(Exception):
+        pass
+
+    def stop(*args: Any, **kwargs: Any) -> None:
+        raise Built
+
+    monkeypatch.setattr(pipeline, "run_controlled_ablation", stop)
+    with pytest.raises(Built):  # the ablation's context is built first; running it is not this test
+        pipeline.run_ablation("a", storage, tmp_path / "reports", device="cpu", reference=None, seeds=1,
+                              budget_seconds=None, lpips_weights=None, steps=8, fidelity_note="test",
+                              cache_dir=prepared.spec.cache_dir)
+    assert [spec.cache_dir for spec in built] == [str(tmp_path / "cache_b")] * 2
 
 
 def test_record_round_trip_and_strict_reading() -> None:

@@ -222,7 +222,7 @@ def _scope_node_names(path: Path) -> None:
 
 
 def onnx_session(path: Path, threads: int | None, *, profile_prefix: Path | None = None,
-                  optimized_path: Path | None = None) -> Any:
+                 optimized_path: Path | None = None) -> Any:
     """An onnxruntime CPU session; ``profile_prefix`` switches on onnxruntime's per-node profiler,
     ``optimized_path`` saves the graph it runs (after its fusions and layout changes)."""
     import onnxruntime

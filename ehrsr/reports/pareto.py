@@ -20,7 +20,7 @@ from optuna.trial import FrozenTrial
 
 from ehrsr.config import MODULE_TOGGLES
 from ehrsr.search.pareto import comparable_trials, front_trials, knee_point, knee_trial, trial_steps
-from ehrsr.search.ranking import check_line
+from ehrsr.search.ranking import check_line, study_verdict
 from ehrsr.study_schema import (
     DASH,
     METRIC_KEYS,
@@ -105,10 +105,9 @@ def trials_table(study: optuna.Study) -> pd.DataFrame:
         return pd.DataFrame(columns=_empty_columns(objectives))
     # the ranking proxy of each trial (its final validation PSNR after its steps), the latest verdict
     # on how well that ranks like long training, and whether it is on the fronts' footing
-    verdicts: dict[int, str] = {}  # the latest verdict per length (a check without one does not undo it)
-    for check in fidelity_checks(study):
-        if check.trusted is not None or check.trial_steps not in verdicts:
-            verdicts[check.trial_steps] = check_line(check)
+    checks = fidelity_checks(study)
+    verdicts = {steps: check_line(study_verdict([c for c in checks if c.trial_steps == steps]))
+                for steps in {c.trial_steps for c in checks}}  # per length: the check it stands on
     comparable = {t.number for t in comparable_trials(study)}
     for trial, row in zip(study.get_trials(deepcopy=False), rows):
         steps = trial_steps(trial)
