@@ -250,3 +250,110 @@ def test_a_full_disk_inside_a_trial_stops_the_search_too(tmp_path, monkeypatch) 
         driver._execute_guarded(job, None, None)
     monkeypatch.setattr(driver, "execute_trial", lambda job, ctx, study: (_ for _ in ()).throw(RuntimeError("bug")))
     assert driver._execute_guarded(job, None, None).status == "error"  # anything else ends only this trial
+
+
+class _EachCallSiteFailsOnce:
+    """A lost connection at every storage call of a loop: each RDBStorage method call made inside
+    the function named ``within`` fails the first time it comes through a given path of ehrsr code
+    (its ehrsr frames) and works when the loop retries it. Calls made inside a search trial (an
+    outage there ends that trial, documented) and from other threads are left alone."""
+
+    def __init__(self, monkeypatch: pytest.MonkeyPatch, within: str = "run_worker") -> None:
+        import inspect
+
+        self.within = within
+        self.failed: list[tuple[tuple[str, int], ...]] = []
+        for name, function in inspect.getmembers(optuna.storages.RDBStorage, inspect.isfunction):
+            static = isinstance(inspect.getattr_static(optuna.storages.RDBStorage, name), (staticmethod, classmethod))
+            if not name.startswith("__") and not static:
+                monkeypatch.setattr(optuna.storages.RDBStorage, name, self._wrap(function))
+
+    def _wrap(self, function):
+        def flaky(*args, **kwargs):
+            path = self._path()
+            if path is not None and path not in self.failed:
+                self.failed.append(path)
+                raise _unreachable()
+            return function(*args, **kwargs)
+
+        return flaky
+
+    def _path(self) -> tuple[tuple[str, int], ...] | None:
+        import traceback
+
+        frames = traceback.extract_stack()
+        names = {frame.name for frame in frames}
+        if self.within not in names or "execute_trial" in names:
+            return None
+        return tuple((frame.filename, frame.lineno) for frame in frames
+                     if "/ehrsr/" in frame.filename and "/tests/" not in frame.filename)
+
+
+class _RepeatTheFirstTrial(optuna.samplers.RandomSampler):
+    """Random proposals, except that trial 3 proposes what trial 2 did (a finished repeat; the
+    search's own first trials are enqueued references)."""
+
+    def sample_independent(self, study, trial, name, distribution):
+        if trial.number in (2, 3):
+            if isinstance(distribution, optuna.distributions.CategoricalDistribution):
+                return distribution.choices[-1]
+            return distribution.high
+        return super().sample_independent(study, trial, name, distribution)
+
+
+def test_every_storage_call_of_the_search_loop_waits_out_a_lost_connection(tmp_path, monkeypatch, capsys) -> None:
+    monkeypatch.setattr(ehrsr.search.driver, "build_sampler", lambda *_: _RepeatTheFirstTrial(seed=0))
+    monkeypatch.setattr(storage_module.time, "sleep", lambda s: None)
+    outage = _EachCallSiteFailsOnce(monkeypatch)
+    args = _micro_args(tmp_path, "lost")
+    args[args.index("--budget") + 1] = "trials=4"
+    assert main(args) == 0
+    out, err = capsys.readouterr()
+    monkeypatch.undo()
+    study = optuna.load_study(study_name="lost", storage=f"sqlite:///{tmp_path / 'reports' / 'lost' / 'study.db'}")
+    states = [t.state for t in study.trials]
+    assert TrialState.RUNNING not in states and TrialState.FAIL not in states, states
+    trained = [t for t in study.trials if "repeat_of" not in t.user_attrs]
+    repeats = [t for t in study.trials if "repeat_of" in t.user_attrs]
+    assert len(trained) == 4 and [(t.number, t.user_attrs["repeat_of"]) for t in repeats] == [(3, 2)]
+    said = set(re.findall(r"storage unreachable, retrying in 1 s \(([a-z ]+)\)", out + err))
+    # every storage operation of the loop met the outage once and was retried
+    assert {"fail orphaned trials", "read the steps per rung", "check the budget", "ask for a trial",
+            "read the budget", "start a trial", "look for a finished repeat", "record a trial",
+            "start the heartbeat", "write the trials table"} <= said, said
+    assert len(outage.failed) >= 20
+
+
+def test_every_storage_call_of_the_ablation_baselines_and_fidelity_runs_waits_out_a_lost_connection(
+        tmp_path, monkeypatch, capsys) -> None:
+    from ehrsr.ablation import run_controlled_ablation
+    from ehrsr.ablation.baselines import BaselineSpec, run_baselines
+    from tests.test_reports_ablation import CTX, FakeRunner, reference_study
+    from tests.test_trust import CTX as BASELINE_CTX
+    from tests.test_trust import SpyRunner, _study
+
+    monkeypatch.setattr(storage_module.time, "sleep", lambda s: None)
+    (tmp_path / "a").mkdir()
+    (tmp_path / "b").mkdir()
+    study = reference_study(tmp_path / "a")
+    outage = _EachCallSiteFailsOnce(monkeypatch, within="run_controlled_ablation")
+    result = run_controlled_ablation(study, CTX, seeds=1, progress=False, runner=FakeRunner())
+    assert result.runs_run == result.runs_planned == 5 and len(outage.failed) >= 5
+    ablation = optuna.load_study(study_name="abl-ablation", storage=study._storage)
+    assert len(ablation.trials) == 5 and all(t.state == TrialState.COMPLETE for t in ablation.trials)
+
+    study = _study(tmp_path / "b")
+    outage = _EachCallSiteFailsOnce(monkeypatch, within="run_baselines")
+    result = run_baselines(study, BASELINE_CTX, [BaselineSpec("RLFN")], progress=False, runner=SpyRunner([27.0]))
+    assert result.statuses == {"RLFN (+bicubic skip)": "complete"} and len(outage.failed) >= 3
+    side = optuna.load_study(study_name="demo-baselines", storage=study._storage)
+    assert [t.state for t in side.trials] == [TrialState.COMPLETE]
+
+    from ehrsr.ablation.fidelity import run_fidelity
+
+    outage = _EachCallSiteFailsOnce(monkeypatch, within="run_fidelity")
+    result = run_fidelity(study, BASELINE_CTX, configs=6, factor=3, progress=False, runner=SpyRunner([28.0] * 6))
+    assert result.runs_run == 6 and len(outage.failed) >= 5
+    side = optuna.load_study(study_name="demo-fidelity", storage=study._storage)
+    assert [t.state for t in side.trials] == [TrialState.COMPLETE] * 6
+    assert "storage unreachable, retrying in 1 s" in capsys.readouterr().err

@@ -147,6 +147,18 @@ def trial_protocol(study: optuna.Study, reference: FrozenTrial) -> tuple[TrainSe
     return train, int(stored.get("seed", 0)), rungs
 
 
+def _read_study(study: optuna.Study, specs: Sequence[BaselineSpec] | None) -> tuple[Any, ...]:
+    """What the baselines take from the study (storage reads, retried as one): the specs (default:
+    the space's size class), the reference trial, its protocol and the task's scale; refuses a
+    study whose objectives it does not know."""
+    StudyInfo.from_study(study)
+    if specs is None:
+        specs = default_baselines(space_size_class(study))
+    reference = _reference(study)
+    scale = int((study.user_attrs.get(STUDY.task) or {}).get("scale", 4))
+    return specs, reference, trial_protocol(study, reference), scale
+
+
 def run_baselines(
     study: optuna.Study,
     ctx: Any,
@@ -164,12 +176,7 @@ def run_baselines(
     (median of the runs so far, else the reference trial's charge) would overrun it.
     ``runner`` replaces ``ehrsr.search.runner.run_model`` (tests).
     """
-    StudyInfo.from_study(study)
-    if specs is None:
-        specs = default_baselines(space_size_class(study))
-    reference = _reference(study)
-    train, seed, rungs = trial_protocol(study, reference)
-    scale = int((study.user_attrs.get(STUDY.task) or {}).get("scale", 4))
+    specs, reference, (train, seed, rungs), scale = storage_retry("read the study", _read_study, study, specs)
     side = open_side_study(study, baselines_study_name(study.study_name))
     plan = {"reference_trial": reference.number, "train": dataclasses.asdict(train), "seed": seed,
             "rung_steps": rungs, "labels": [s.label for s in specs]}

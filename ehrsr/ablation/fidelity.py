@@ -155,8 +155,8 @@ def run_fidelity(
     spend in all; a run whose estimate (the median long run so far, else ``factor`` times its
     trial's charge) would overrun it is not started. Fewer than ``MIN_RANK_POINTS`` finished
     trials raise ``FidelityError``. ``runner`` replaces ``ehrsr.search.runner.run_configuration``."""
-    chosen = fidelity_sources(study, configs, factor)
-    info = StudyInfo.from_study(study)
+    chosen, info = storage_retry("read the study", lambda: (fidelity_sources(study, configs, factor),
+                                                             StudyInfo.from_study(study)))
     side = open_side_study(study, fidelity_study_name(study.study_name))
     plan = {"sources": [t.number for t in chosen], "factor": float(factor), "configs": configs}
     storage_retry("write the plan", side.set_user_attr, PLAN_ATTR, plan)

@@ -103,6 +103,13 @@ def _reference_trial(study: optuna.Study, reference: int | None) -> FrozenTrial:
     return trial
 
 
+def _read_study(study: optuna.Study, reference: int | None) -> tuple[FrozenTrial, Any]:
+    """The reference trial and the space's switchable modules (storage reads, retried as one);
+    refuses a study whose objectives it does not know."""
+    StudyInfo.from_study(study)
+    return _reference_trial(study, reference), module_settings_from_space(study)
+
+
 def _open_ablation_study(study: optuna.Study) -> optuna.Study:
     from ehrsr.ablation.side import open_side_study
 
@@ -180,8 +187,12 @@ def run_controlled_ablation(
         raise AblationError(f"max_seeds must be an integer >= {AUTO_MIN_SEEDS}, got {max_seeds!r}")
     if budget_seconds is not None and not budget_seconds > 0:
         raise AblationError(f"budget_seconds must be > 0 or None, got {budget_seconds!r}")
-    StudyInfo.from_study(study)  # refuses a study whose objectives it does not know
-    ref_trial = _reference_trial(study, reference)
+    from ehrsr.ablation.side import (  # the search's run path: imported when running
+        finished_runs,
+        storage_retry,
+    )
+
+    ref_trial, (switchable, settings) = storage_retry("read the study", _read_study, study, reference)
     ref_config = EHRSRConfig.from_dict(ref_trial.user_attrs[TRIAL.config])
     stored_train = dict(ref_trial.user_attrs.get(TRIAL.train) or {})
     steps = int(steps if steps is not None else stored_train.get("steps", 0))
@@ -194,14 +205,8 @@ def run_controlled_ablation(
         train = TrainSettings.from_dict({**stored_train, "steps": steps}, ignore=("seed",))
     except (TypeError, ValueError) as exc:
         raise AblationError(f"reference trial {ref_trial.number}'s stored training settings: {exc}") from None
-    switchable, settings = module_settings_from_space(study)
     variants = build_variants(ref_config, switchable, settings)
     seed_list = list(range(AUTO_MIN_SEEDS if auto else int(seeds)))
-
-    from ehrsr.ablation.side import (  # the search's run path: imported when running
-        finished_runs,
-        storage_retry,
-    )
 
     ablation = _open_ablation_study(study)  # closes runs of dead processes (fail_stale_trials)
     storage_retry("write the plan", ablation.set_user_attr, TRIAL.reference_trial, ref_trial.number)

@@ -60,10 +60,11 @@ def open_side_study(study: optuna.Study, name: str) -> optuna.Study:
             f"study {name!r} exists with directions {[d.name for d in side.directions]} but "
             f"{study.study_name!r} has {[d.name for d in study.directions]}; delete it or rename the study"
         )
-    if study.metric_names and not side.metric_names:
+    names, side_names = storage_retry("read the metric names", lambda: (study.metric_names, side.metric_names))
+    if names and not side_names:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
-            storage_retry("name the metrics", side.set_metric_names, list(study.metric_names))
+            storage_retry("name the metrics", side.set_metric_names, list(names))
     storage_retry("fail orphaned runs", fail_stale_trials, side)
     return side
 

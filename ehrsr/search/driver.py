@@ -152,13 +152,13 @@ def run_worker(prepared: PreparedStudy, settings: SearchSettings | None = None, 
             need_lpips="lpips" in prepared.spec.objectives, log=log if worker_index == 0 else None,
         )
     search_budget = search_share(budget, 1.0 - settings.reserved_share)
-    study.sampler = worker_sampler(prepared, settings, worker_index)
+    retry = retrying(log, prepared.storage_url)
+    study.sampler = retry("start the sampler", worker_sampler, prepared, settings, worker_index)
     policy = RepeatPolicy(allow_repeats=settings.allow_repeats)
     summary = WorkerSummary()
     refusals = 0
     repeats = 0  # proposals in a row that repeated a finished configuration
     running_trial: optuna.Trial | None = None
-    retry = retrying(log, prepared.storage_url)
 
     try:
         while True:
@@ -187,7 +187,8 @@ def run_worker(prepared: PreparedStudy, settings: SearchSettings | None = None, 
                 running_trial = None
                 summary.stopped_reason = why
                 break
-            if study.user_attrs.get(BUDGET_ATTR) != budget.text:  # the budget of the latest run that trains
+            if retry("read the budget", lambda: study.user_attrs.get(BUDGET_ATTR)) != budget.text:
+                # the budget of the latest run that trains
                 retry("store the budget", study.set_user_attr, BUDGET_ATTR, budget.text)
             sampled, train = retry("start a trial", _start_trial, trial, prepared, settings, fidelity)
             if sampled.refused is not None:
@@ -202,14 +203,15 @@ def run_worker(prepared: PreparedStudy, settings: SearchSettings | None = None, 
                     )
                     break
                 continue
-            earlier = policy.check(study, trial.number, sampled.config.to_dict(), train)
+            earlier = retry("look for a finished repeat", policy.check, study, trial.number,
+                            sampled.config.to_dict(), train)
             if earlier is not None:
-                _record_repeat(prepared, trial, earlier, sampled.summary(), log)
+                retry("record a trial", _record_repeat, prepared, trial, earlier, sampled.summary(), log)
                 running_trial = None
                 summary.repeats += 1
                 repeats += 1
                 if after_trial is not None:
-                    after_trial(study, prepared.study_dir)
+                    retry("write the trials table", after_trial, study, prepared.study_dir)
                 converged = policy.converged(repeats)
                 if converged is not None:
                     summary.stopped_reason = converged
