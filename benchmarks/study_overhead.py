@@ -7,9 +7,10 @@ values are drawn, nothing is trained or timed on the CPU. Each measured trial go
 
     budget       fail_stale_trials, estimate_trial_seconds, Budget.allows_new_trial (twice),
                  Budget.spent for the progress bar
-    ask + start  study.ask, the space's suggestions, the start attributes (storage writes)
-    lookups      RepeatPolicy.check (a finished repeat?) and cached_cost (profiled before?)
-    heartbeat    Heartbeat start and stop (worker and heartbeat attributes)
+    ask + start  study.ask, the space's suggestions, cached_cost (profiled before?) and the start
+                 attributes (one storage write with the parameters, the first heartbeat included)
+    lookups      RepeatPolicy.check (a finished repeat?)
+    heartbeat    Heartbeat start and stop (its thread)
     MACs         UnitMacCounter.count of the trial's network, as a fresh process counts it: its
                  memory empty, the units on disk (ehrsr/profiling/unit_counts.py)
     latency      predict_device_latencies for one device profile (a latency model covering the
@@ -31,7 +32,11 @@ random, the user attributes of a real trial, a third stopped at rung 0: storage_
 them) and grows between sizes, so "finished" counts those plus the trials measured before.
 PostgreSQL is a real server on loopback (tests/pg_server.py, fsync off). On SQLite and
 PostgreSQL the table also counts the SQL statements one trial of the loop sends (each a round trip,
-whatever the load: the sampler's included, the comparison timings' not) and times ``SELECT 1``.
+whatever the load: the sampler's included, the comparison timings' not), how many of them Optuna's
+own ``ask``, suggestions and ``tell`` send besides its sampler's reads, and times ``SELECT 1``. The loop writes as
+``run_worker`` does: a trial's parameters and start attributes in one transaction
+(``storage.suggest_and_set``), the other attributes in one per step (``storage.set_user_attrs``),
+and the checks of a loop step on one read of the study (``settled.one_read``).
 
     python benchmarks/study_overhead.py [--sizes 100,1000,5000] [--trials 20] [--backends sqlite,journal,postgresql]
     python benchmarks/study_overhead.py --smoke      # 20 trials, SQLite and journal, 2 measured: seconds
@@ -192,11 +197,13 @@ class Worker:
         from ehrsr.model import build_model
         from ehrsr.pipeline import refresh_trials_table
         from ehrsr.profiling.unit_counts import UnitMacCounter
-        from ehrsr.search.budget import estimate_trial_seconds, record_start
+        from ehrsr.search.budget import estimate_trial_seconds, start_attrs
         from ehrsr.search.device_latency import predict_device_latencies
         from ehrsr.search.record import Heartbeat, TrialOutcome, fail_stale_trials, record_outcome
+        from ehrsr.search.settled import one_read
+        from ehrsr.search.storage import suggest_and_set
         from ehrsr.search.trial import cached_cost
-        from ehrsr.study_schema import LATENCY_SOURCES_ATTR, study_storage
+        from ehrsr.study_schema import LATENCY_SOURCES_ATTR, steps_scale, study_storage
 
         study, ms = self.study, dict.fromkeys((*SUITE, "sampler", "TPE whole history", "MO-ASHA full sort"), 0.0)
         self.uncounted_statements = 0
@@ -214,33 +221,43 @@ class Worker:
             return out
 
         fidelity = self.space.fidelity
-        timed("budget", lambda: fail_stale_trials(study))
-        estimate = timed("budget", lambda: estimate_trial_seconds(study, fidelity.seconds_per_trial_estimate, "cpu"))
-        timed("budget", lambda: self.budget.allows_new_trial(study, estimate, device_kind="cpu"))
+        with one_read(study):  # as run_worker: the loop step's checks share one read
+            timed("budget", lambda: fail_stale_trials(study))
+            timed("budget", lambda: steps_scale(study.user_attrs))  # the study's settings, read once a step
+            estimate = timed("budget", lambda: estimate_trial_seconds(study, fidelity.seconds_per_trial_estimate, "cpu"))
+            timed("budget", lambda: self.budget.allows_new_trial(study, estimate, device_kind="cpu"))
+            timed("budget", lambda: self.budget.used_fraction(self.budget.spent(study)))  # the progress bar
         trial = timed("ask + start", study.ask)
+        step_read = one_read(study)  # the check after the ask, the start and the repeat lookup share one
+        step_read.__enter__()
         timed("budget", lambda: self.budget.allows_new_trial(study, estimate, device_kind="cpu",
                                                              trial_number=trial.number))
 
-        def start_trial() -> tuple[Any, dict[str, Any]]:
-            record_start(trial, "cpu", 1)
-            trial.set_user_attr("device_name", DEVICE)
-            sampled = self.space.suggest(trial, scale=4)
-            if sampled.config is not None:
-                trial.set_user_attr("config", sampled.config.to_dict())
-            train = {**asdict(sampled.train), "seed": 0}
-            trial.set_user_attr("train", train)
-            return sampled, train
+        def start_trial() -> tuple[Any, dict[str, Any]]:  # as driver._start_trial
+            def attrs_of(sampled: Any) -> dict[str, Any]:
+                attrs = {**start_attrs("cpu", 1), "device_name": DEVICE, "train": {**asdict(sampled.train), "seed": 0},
+                         **Heartbeat.first_beat()}
+                if sampled.config is not None:
+                    attrs["config"] = sampled.config.to_dict()
+                    found = cached_cost(study, attrs["config"], DEVICE, exclude=trial.number)  # profiled before?
+                    if found is not None:
+                        attrs["cost_from_trial"] = found[0]
+                return attrs
+
+            sampled = suggest_and_set(trial, lambda: self.space.suggest(trial, scale=4), attrs_of)
+            return sampled, {**asdict(sampled.train), "seed": 0}
 
         sampled, train = timed("ask + start", start_trial)
+        config = sampled.config.to_dict() if sampled.config is not None else None
+        if config is not None:
+            timed("lookups", lambda: self.policy.check(study, trial.number, config, train))
+        step_read.__exit__(None, None, None)
         self._comparison(lambda: self._time_whole_history_tpe(study_storage(study).get_trial(trial._trial_id), ms))
-        if sampled.config is None:
+        if config is None:
             timed("record", lambda: record_outcome(study, trial, TrialOutcome.failed("refused", str(sampled.refused))))
             timed("trials.csv", lambda: refresh_trials_table(study, self.folder))
             return ms
-        config = sampled.config.to_dict()
-        timed("lookups", lambda: self.policy.check(study, trial.number, config, train))
-        timed("lookups", lambda: cached_cost(study, config, DEVICE, exclude=trial.number))
-        heartbeat = Heartbeat(study, trial._trial_id)
+        heartbeat = Heartbeat(study, trial._trial_id, first_beat_written=True)
         timed("heartbeat", heartbeat.__enter__)
 
         model = build_model(sampled.config)  # a trial builds it to train it: not overhead
@@ -252,8 +269,8 @@ class Worker:
         values = [28.0 + self.rng.gauss(0, 0.5), 3.0 * math.exp(self.rng.gauss(0, 0.4))]
         promoted = True
         for rung, steps in enumerate(self.asha.rungs[:-1]):
-            timed("MO-ASHA", lambda r=rung, s=steps: trial.set_user_attr(f"rung_{r}", {"step": s, "values": values}))
-            promoted = timed("MO-ASHA", lambda r=rung: self.asha.decide(trial, r, values)).promote
+            record = {f"rung_{rung}": {"step": steps, "values": values}}  # written with the values, as execute_trial does
+            promoted = timed("MO-ASHA", lambda r=rung, a=record: self.asha.decide(trial, r, values, also=a)).promote
             self._comparison(lambda r=rung: self._time_full_sort(trial.number, r, values, ms))
             if not promoted:
                 break
@@ -269,7 +286,6 @@ class Worker:
             record_outcome(study, trial, outcome, wall_seconds=5.7)
 
         timed("record", record)
-        timed("budget", lambda: self.budget.used_fraction(self.budget.spent(study)))
         timed("trials.csv", lambda: refresh_trials_table(study, self.folder))
         return ms
 
@@ -311,6 +327,7 @@ class StatementCounter:
         storage = study_storage(study)
         self.engine = getattr(getattr(storage, "_backend", storage), "engine", None)  # None: not an RDB
         self.count = 0
+        self.optuna_protocol = 0  # of them, sent by Optuna's own ask, suggestions or tell (not its sampler)
         if self.engine is not None:
             import sqlalchemy
 
@@ -318,6 +335,26 @@ class StatementCounter:
 
     def _seen(self, *args: Any) -> None:
         self.count += 1
+        frame = sys._getframe(1)
+        while frame is not None:  # innermost first: the sampler runs inside ask and the suggestions
+            code = frame.f_code
+            if code.co_name == "_timed" and code.co_filename == __file__:
+                break  # the sampler's own reads
+            if code.co_name in ("ask", "_suggest", "tell") and "/optuna/" in code.co_filename:
+                self.optuna_protocol += 1
+                break
+            frame = frame.f_back
+
+    def settle(self) -> None:
+        """PostgreSQL: ``VACUUM ANALYZE`` after a fill, so the server's statistics know the tables'
+        new size (a study that grows a trial at a time gets that from autovacuum) and the
+        measured trials do not share the machine with a vacuum started by the fill."""
+        if self.engine is None or self.engine.name != "postgresql":
+            return
+        import sqlalchemy
+
+        with self.engine.connect().execution_options(isolation_level="AUTOCOMMIT") as connection:
+            connection.execute(sqlalchemy.text("VACUUM ANALYZE"))
 
     def round_trip_ms(self, repeats: int = 50) -> float | None:
         if self.engine is None:
@@ -336,16 +373,19 @@ class StatementCounter:
 def measure(worker: Worker, n_trials: int, statements: StatementCounter) -> dict[str, float]:
     runs = []
     counts = []
+    optuna_counts = []
     for _ in range(n_trials):
-        before = statements.count
+        before, optuna_before = statements.count, statements.optuna_protocol
         runs.append(worker.trial())  # the statements of the whole-history TPE and full sort are not counted:
         counts.append(statements.count - before - worker.uncounted_statements)
+        optuna_counts.append(statements.optuna_protocol - optuna_before)
     medians = {group: statistics.median(run.get(group, 0) for run in runs) for group in runs[-1]}
     totals = [sum(run[g] for g in SUITE) for run in runs]
     medians["suite total"] = statistics.median(totals)
     medians["suite mean"] = statistics.fmean(totals)  # paced work (trials.csv) shows here
     medians["suite max"] = max(totals)
     medians["SQL statements"] = statistics.median(counts) if statements.engine is not None else float("nan")
+    medians["Optuna SQL"] = statistics.median(optuna_counts) if statements.engine is not None else float("nan")
     return medians
 
 
@@ -397,6 +437,7 @@ def main(argv: list[str] | None = None) -> None:
                     study.add_trials(history[filled:size])
                 filled = size
                 fill_s = time.perf_counter() - t0
+                statements.settle()  # after thousands of rows at once, as autovacuum would
                 n_finished = len(study.get_trials(deepcopy=False, states=(TrialState.COMPLETE, TrialState.PRUNED)))
                 m = measure(worker, args.trials, statements)
                 round_trip = statements.round_trip_ms()
@@ -404,13 +445,13 @@ def main(argv: list[str] | None = None) -> None:
                     statement_rows.append([backend, n_finished, *(m.get(f"{g} SQL", 0) for g in SUITE),
                                            m["SQL statements"]])
                 rows.append([backend, n_finished, *(m[g] for g in SUITE), m["suite total"], m["suite mean"],
-                             m["suite max"], m["SQL statements"], round_trip if round_trip is not None else "-",
+                             m["suite max"], m["SQL statements"], m["Optuna SQL"], round_trip if round_trip is not None else "-",
                              m["sampler"], m["TPE whole history"], m["MO-ASHA full sort"], fill_s])
                 print(f"  {backend} {n_finished} finished: suite {m['suite total']:.1f} ms, sampler "
                       f"{m['sampler']:.1f} ms, TPE whole history {m['TPE whole history']:.1f} ms "
                       f"(filled in {fill_s:.1f} s, load {os.getloadavg()[0]:.1f})", flush=True)
     print_table(["storage", "finished", *SUITE, "suite total", "suite mean", "suite max", "SQL statements",
-                 "SELECT 1 ms", "sampler", "TPE whole history", "MO-ASHA full sort", "fill s"], rows,
+                 "of them Optuna's ask/tell (sampler aside)", "SELECT 1 ms", "sampler", "TPE whole history", "MO-ASHA full sort", "fill s"], rows,
                 title=f"ms per trial (medians; 'suite mean' and 'suite max': mean and slowest trial), load "
                       f"average {os.getloadavg()[0]:.1f} at the end")
     if statement_rows:

@@ -42,6 +42,7 @@ __all__ = [
     "PLAN_ATTR",
     "QUALITY_METRICS",
     "RECORD_VERSION_ATTR",
+    "REUSED_COST_REQUIRES",
     "STEPS_SCALE_ATTR",
     "STUDY",
     "STUDY_ATTRS",
@@ -488,9 +489,11 @@ def fidelity_checks(study: optuna.Study) -> list[FidelityCheck]:
     return [FidelityCheck.from_dict(d) for d in study.user_attrs.get(FIDELITY_CHECKS_ATTR) or []]
 
 
-def steps_scale(study: optuna.Study) -> int:
-    """The factor on the space's steps that new trials of ``study`` train with (1 by default)."""
-    return int(study.user_attrs.get(STEPS_SCALE_ATTR, 1))
+def steps_scale(study: optuna.Study | dict[str, Any]) -> int:
+    """The factor on the space's steps that new trials of ``study`` train with (1 by default);
+    ``study`` may also be its ``user_attrs`` as read already."""
+    attrs = study if isinstance(study, dict) else study.user_attrs
+    return int(attrs.get(STEPS_SCALE_ATTR, 1))
 
 
 STUDY_ATTRS: tuple[str, ...] = (
@@ -616,7 +619,11 @@ COST_KEYS: tuple[str, ...] = (
     "peak_memory_mb", "profile_device", "latency_repeats",
 )
 """Every metric the profiler writes (a configuration's cost, reusable across trials of one device);
-all but the last must be present for a stored cost to be reused."""
+a stored cost is reused when it has all of ``REUSED_COST_REQUIRES``."""
+
+REUSED_COST_REQUIRES: tuple[str, ...] = tuple(k for k in COST_KEYS if k not in ("macs_ptflops", "latency_repeats"))
+"""The cost metrics a stored cost must have to be reused: all but the ptflops cross-check (None
+when the search counts MACs from cached unit counts, docs/profiling.md) and the repeat count."""
 
 
 PICK_MEASURED_KEYS: tuple[str, ...] = (

@@ -263,6 +263,21 @@ def test_driver_allow_repeats_trains_every_proposal(tmp_path: Path, cache: Path,
     # the stand-in proposed one configuration at least twice, and each was trained
     keys = [repr((t.user_attrs["config"], t.user_attrs["train"])) for t in finished]
     assert len(set(keys)) < len(keys)
+    # a configuration profiled before on this device takes its cost from the earliest such trial
+    # (looked up when the trial starts, written with its start): nothing is timed again
+    first: dict[str, optuna.trial.FrozenTrial] = {}
+    reused = 0
+    for t in finished:
+        config = repr(t.user_attrs["config"])
+        earlier = first.setdefault(config, t)
+        if earlier is t:
+            assert "cost_from_trial" not in t.user_attrs
+            continue
+        reused += 1
+        assert t.user_attrs["cost_from_trial"] == earlier.number
+        for key in ("macs", "params", "latency_ms"):
+            assert t.user_attrs["metrics"][key] == earlier.user_attrs["metrics"][key]
+    assert reused >= 1
 
 
 @pytest.mark.slow

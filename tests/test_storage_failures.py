@@ -316,11 +316,12 @@ def test_every_storage_call_of_the_search_loop_waits_out_a_lost_connection(tmp_p
     trained = [t for t in study.trials if "repeat_of" not in t.user_attrs]
     repeats = [t for t in study.trials if "repeat_of" in t.user_attrs]
     assert len(trained) == 4 and [(t.number, t.user_attrs["repeat_of"]) for t in repeats] == [(3, 2)]
-    said = set(re.findall(r"storage unreachable, retrying in 1 s \(([a-z ]+)\)", out + err))
-    # every storage operation of the loop met the outage once and was retried
-    assert {"fail orphaned trials", "read the steps per rung", "check the budget", "ask for a trial",
-            "read the budget", "start a trial", "look for a finished repeat", "record a trial",
-            "start the heartbeat", "write the trials table"} <= said, said
+    said = set(re.findall(r"storage unreachable, retrying in 1 s \(([a-z' ]+)\)", out + err))
+    # every storage operation of the loop met the outage once and was retried (the progress and
+    # the repeat lookup share the reads of the budget checks, and the first heartbeat is written
+    # with the trial's start: they send nothing of their own)
+    assert {"fail orphaned trials", "read the study's settings", "check the budget", "ask for a trial",
+            "start a trial", "record a trial", "write the trials table"} <= said, said
     assert len(outage.failed) >= 20
 
 

@@ -23,10 +23,10 @@ import optuna
 from optuna.trial import FrozenTrial
 
 from ehrsr.interrupts import interrupt_name
-from ehrsr.search.budget import record_start, trial_charge
+from ehrsr.search.budget import start_attrs, trial_charge
 from ehrsr.search.record import Heartbeat, TrialOutcome, fail_stale_trials, record_outcome
 from ehrsr.search.runner import RunResult, jsonable_metrics
-from ehrsr.search.storage import retrying
+from ehrsr.search.storage import retrying, set_user_attrs
 from ehrsr.study_schema import rung_record_attr, study_storage
 
 __all__ = ["SideBudget", "finished_runs", "open_side_study", "run_recorded", "storage_retry"]
@@ -149,7 +149,6 @@ def run_recorded(
 
 
 def start_run(trial: optuna.Trial, attrs: dict[str, Any], device_kind: str) -> None:
-    """Write a run's attributes and its device (repeatable: the storage may be retried)."""
-    for key, value in attrs.items():
-        trial.set_user_attr(key, value)
-    record_start(trial, device_kind, 1)
+    """Write a run's attributes and its device, in one write on a database server (repeatable: the
+    storage may be retried)."""
+    set_user_attrs(trial, {**attrs, **start_attrs(device_kind, 1)})

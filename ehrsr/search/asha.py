@@ -207,16 +207,20 @@ class MOASHA:
         )
         return Decision(promote, reason, rank, n, n_continue, front, crowding)
 
-    def decide(self, trial: Any, rung_index: int, values: Sequence[float]) -> Decision:
+    def decide(self, trial: Any, rung_index: int, values: Sequence[float],
+               also: dict[str, Any] | None = None) -> Decision:
         """Record ``values`` for ``trial`` at ``rung_index`` in the storage, then decide against
         every other trial of the study at that rung; the decision text is stored too.
 
         ``trial`` is a running ``optuna.Trial`` (it has ``.study`` and ``.set_user_attr``).
+        ``also``: more attributes of the trial to write with its rung values (one write).
         """
+        from ehrsr.search.storage import set_user_attrs
+
         if not 0 <= rung_index < len(self.rungs):
             raise ValueError(f"rung_index must be in 0..{len(self.rungs) - 1}, got {rung_index}")
         own = self._own_values(values)
-        record_rung(trial, rung_index, values)
+        set_user_attrs(trial, {**(also or {}), rung_attr(rung_index): [float(v) for v in values]})
         table = _rung_table(trial.study, rung_index, self.directions)
         with table.lock:
             n_others = table.refresh(trial.study, rung_index, exclude=trial.number)

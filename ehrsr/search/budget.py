@@ -52,7 +52,7 @@ from typing import Any
 from optuna.trial import TrialState
 
 from ehrsr.search.liveness import orphan_of
-from ehrsr.search.settled import FinishedScan, study_cache
+from ehrsr.search.settled import FinishedScan, read_trials, study_cache
 from ehrsr.study_schema import TRIAL
 
 __all__ = [
@@ -62,12 +62,14 @@ __all__ = [
     "BudgetLimit",
     "Spent",
     "TrialCharge",
+    "charge_of",
     "check_budget_device",
     "estimate_trial_seconds",
     "parse_budget",
     "record_charge",
     "record_refused",
     "record_start",
+    "start_attrs",
     "trial_charge",
 ]
 
@@ -213,20 +215,31 @@ def check_budget_device(budget: Budget, cuda_available: bool, device_kind: str |
 # recording (called by the driver inside each trial)
 
 
+def start_attrs(device_kind: str, n_devices: int = 1) -> dict[str, Any]:
+    """The attributes ``record_start`` writes: which device kind and how many devices a trial uses."""
+    if n_devices < 1:
+        raise ValueError(f"n_devices must be >= 1, got {n_devices}")
+    return {TRIAL.device_kind: str(device_kind), TRIAL.n_devices: int(n_devices)}
+
+
 def record_start(trial: Any, device_kind: str, n_devices: int = 1) -> None:
     """Mark which device kind and how many devices a trial uses (set at its start, so a running
     trial is charged to the right limit)."""
-    if n_devices < 1:
-        raise ValueError(f"n_devices must be >= 1, got {n_devices}")
-    trial.set_user_attr(TRIAL.device_kind, str(device_kind))
-    trial.set_user_attr(TRIAL.n_devices, int(n_devices))
+    from ehrsr.search.storage import set_user_attrs
+
+    set_user_attrs(trial, start_attrs(device_kind, n_devices))
+
+
+def charge_of(trial: Any, wall_seconds: float, n_devices: int | None = None) -> float:
+    """A finished trial's charge: ``wall_seconds`` x its devices (recorded at its start)."""
+    if n_devices is None:
+        n_devices = int(getattr(trial, "user_attrs", {}).get(TRIAL.n_devices, 1))
+    return max(0.0, float(wall_seconds)) * n_devices
 
 
 def record_charge(trial: Any, wall_seconds: float, n_devices: int | None = None) -> float:
     """Record a finished trial's charge (``wall_seconds`` x devices) and return it."""
-    if n_devices is None:
-        n_devices = int(getattr(trial, "user_attrs", {}).get(TRIAL.n_devices, 1))
-    charged = max(0.0, float(wall_seconds)) * n_devices
+    charged = charge_of(trial, wall_seconds, n_devices)
     trial.set_user_attr(TRIAL.charged_seconds, charged)
     return charged
 
@@ -333,7 +346,7 @@ class _Ledger:
 
     def read(self, study: Any) -> list[Any]:
         """Take in the trials finished since the last read; returns the study's trials."""
-        trials = study.get_trials(deepcopy=False)
+        trials = read_trials(study)
         new, reset = self.scan.update(trials)
         if reset:
             self.clear()

@@ -37,6 +37,7 @@ from ehrsr.interrupts import SIGTERM, interrupt_name, sigterm_as_interrupt
 from ehrsr.search.pareto import front_trials
 from ehrsr.search.record import Heartbeat, TrialOutcome, fail_stale_trials, record_outcome
 from ehrsr.search.revisits import RepeatPolicy, record_repeat, sampler_seed
+from ehrsr.search.settled import one_read
 from ehrsr.search.storage import (
     StorageError,
     StorageFull,
@@ -56,7 +57,7 @@ from ehrsr.search.study import (
     prepare_study,
     resolve_workers,
 )
-from ehrsr.search.trial import TrialJob, execute_isolated, execute_trial
+from ehrsr.search.trial import TrialJob, cached_cost, execute_isolated, execute_trial
 from ehrsr.study_schema import (
     BASELINE_ATTR,
     BUDGET_ATTR,
@@ -162,9 +163,13 @@ def run_worker(prepared: PreparedStudy, settings: SearchSettings | None = None, 
 
     try:
         while True:
-            retry("fail orphaned trials", fail_stale_trials, study)
-            fidelity = space.fidelity.scaled(retry("read the steps per rung", steps_scale, study))
-            estimate, (ok, why) = retry("check the budget", _budget_check, study, search_budget, fidelity, device)
+            with one_read(study):  # the checks of a loop step share one read of the trials
+                retry("fail orphaned trials", fail_stale_trials, study)
+                study_attrs = retry("read the study's settings", lambda: study.user_attrs)
+                fidelity = space.fidelity.scaled(steps_scale(study_attrs))
+                estimate, (ok, why) = retry("check the budget", _budget_check, study, search_budget, fidelity, device)
+                used = search_budget.used_fraction(retry("read the budget", search_budget.spent, study))
+            log.progress(used)
             if not ok:
                 summary.stopped_reason = why
                 if settings.reserved_share > 0 and any(limit.seconds for limit in budget.limits):
@@ -173,24 +178,30 @@ def run_worker(prepared: PreparedStudy, settings: SearchSettings | None = None, 
                         "the rest is kept for the controlled ablation, baselines and proxy-fidelity check)"
                     )
                 break
-            if pause_at is not None and search_budget.used_fraction(retry("read the budget", search_budget.spent,
-                                                                           study)) >= pause_at:
+            if pause_at is not None and used >= pause_at:
                 summary.stopped_reason = f"paused at {pause_at:.0%} of the search budget for the proxy-fidelity check"
                 summary.paused = True
                 break
             trial = retry("ask for a trial", study.ask)
             running_trial = trial
-            ok, why = retry("check the budget", search_budget.allows_new_trial, study, estimate,
-                            device_kind=device.type, trial_number=trial.number)
+            sampled = earlier = None
+            with one_read(study):  # the budget's check after the ask and the repeat lookup share one read
+                ok, why = retry("check the budget", search_budget.allows_new_trial, study, estimate,
+                                device_kind=device.type, trial_number=trial.number)
+                if ok:
+                    if study_attrs.get(BUDGET_ATTR) != budget.text:  # the budget of the latest run that trains
+                        retry("store the budget", study.set_user_attr, BUDGET_ATTR, budget.text)
+                        study_attrs = {**study_attrs, BUDGET_ATTR: budget.text}
+                    sampled, train, cost_before = retry("start a trial", _start_trial, trial, prepared, settings,
+                                                        fidelity)
+                    if sampled.refused is None:  # a finished repeat of the proposal? (finished trials only)
+                        earlier = retry("look for a finished repeat", policy.check, study, trial.number,
+                                        sampled.config.to_dict(), train)
             if not ok:  # another worker took the last slot
                 retry("record a trial", record_outcome, study, trial, TrialOutcome.failed("refused", f"budget: {why}"))
                 running_trial = None
                 summary.stopped_reason = why
                 break
-            if retry("read the budget", lambda: study.user_attrs.get(BUDGET_ATTR)) != budget.text:
-                # the budget of the latest run that trains
-                retry("store the budget", study.set_user_attr, BUDGET_ATTR, budget.text)
-            sampled, train = retry("start a trial", _start_trial, trial, prepared, settings, fidelity)
             if sampled.refused is not None:
                 retry("record a trial", record_outcome, study, trial,
                       TrialOutcome.failed("refused", f"refused before training: {sampled.refused}"))
@@ -203,8 +214,6 @@ def run_worker(prepared: PreparedStudy, settings: SearchSettings | None = None, 
                     )
                     break
                 continue
-            earlier = retry("look for a finished repeat", policy.check, study, trial.number,
-                            sampled.config.to_dict(), train)
             if earlier is not None:
                 retry("record a trial", _record_repeat, prepared, trial, earlier, sampled.summary(), log)
                 running_trial = None
@@ -236,9 +245,10 @@ def run_worker(prepared: PreparedStudy, settings: SearchSettings | None = None, 
                 weights_path=str(_weights_path(prepared, trial.number)),
                 threads=settings.threads,
                 device_name=prepared.device_name,
+                cost_before=cost_before,
             )
             start = time.perf_counter()
-            heartbeat = Heartbeat(study, trial._trial_id)
+            heartbeat = Heartbeat(study, trial._trial_id, first_beat_written=True)  # with the start
             retry("start the heartbeat", heartbeat.__enter__)
             try:
                 outcome = execute_isolated(job) if isolate else _execute_guarded(job, ctx, study)
@@ -261,7 +271,6 @@ def run_worker(prepared: PreparedStudy, settings: SearchSettings | None = None, 
             log(_trial_line(trial.number, sampled.summary(), outcome, prepared.objectives, wall))
             if outcome.traceback:
                 log(outcome.traceback, 2)
-            log.progress(search_budget.used_fraction(retry("read the budget", search_budget.spent, study)))
             if after_trial is not None:
                 retry("write the trials table", after_trial, study, prepared.study_dir)
             if refusals >= MAX_CONSECUTIVE_REFUSALS:
@@ -310,19 +319,33 @@ def _budget_check(study: optuna.Study, budget: Any, fidelity: Any, device: torch
 
 
 def _start_trial(trial: optuna.Trial, prepared: PreparedStudy, settings: SearchSettings,
-                 fidelity: Any) -> tuple[Any, dict[str, Any]]:
-    """Record the trial's start and sample its configuration (repeatable: the storage may be retried)."""
-    from ehrsr.search.budget import record_start
+                 fidelity: Any) -> tuple[Any, dict[str, Any], tuple[int, dict[str, Any]] | None]:
+    """Sample the trial's configuration and record its start: device, training settings, the first
+    heartbeat and any cost measured before for the configuration (``cached_cost``), written with
+    the parameters. Returns (sampled, training settings, cost measured before). Repeatable: the
+    storage may be retried."""
+    from ehrsr.search.budget import start_attrs
+    from ehrsr.search.storage import suggest_and_set
 
-    record_start(trial, prepared.device.type, 1)
-    trial.set_user_attr(TRIAL.device_name, prepared.device_name)
-    sampled = prepared.space.suggest(trial, scale=prepared.spec.task.get("scale", 4))
-    if sampled.config is not None:
-        trial.set_user_attr(TRIAL.config, sampled.config.to_dict())
-    # the space's training settings at the study's current length (a fidelity check may raise it)
-    train = {**asdict(dataclasses.replace(sampled.train, steps=fidelity.max_steps)), "seed": settings.seed}
-    trial.set_user_attr(TRIAL.train, train)
-    return sampled, train
+    def attrs_of(sampled: Any) -> dict[str, Any]:
+        attrs = {**start_attrs(prepared.device.type, 1), TRIAL.device_name: prepared.device_name,
+                 TRIAL.train: train_of(sampled), **Heartbeat.first_beat()}
+        if sampled.config is not None:
+            attrs[TRIAL.config] = config = sampled.config.to_dict()
+            found[0] = cached_cost(prepared.study, config, prepared.device_name, exclude=trial.number)
+            if found[0] is not None:
+                attrs[TRIAL.cost_from_trial] = found[0][0]
+        return attrs
+
+    def train_of(sampled: Any) -> dict[str, Any]:
+        # the space's training settings at the study's current length (a fidelity check may raise it)
+        return {**asdict(dataclasses.replace(sampled.train, steps=fidelity.max_steps)), "seed": settings.seed}
+
+    # the parameters and the start attributes in one write on a database server
+    found: list[Any] = [None]
+    sampled = suggest_and_set(trial, lambda: prepared.space.suggest(trial, scale=prepared.spec.task.get("scale", 4)),
+                              attrs_of)
+    return sampled, train_of(sampled), found[0]
 
 
 def _execute_guarded(job: TrialJob, ctx: Any, study: optuna.Study) -> TrialOutcome:

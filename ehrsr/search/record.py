@@ -26,9 +26,10 @@ from typing import Any
 import optuna
 from optuna.trial import TrialState
 
-from ehrsr.search.budget import record_charge, record_refused
+from ehrsr.search.budget import charge_of
 from ehrsr.search.liveness import STALE_SECONDS, current_worker, orphan_of
-from ehrsr.search.settled import FinishedScan, study_cache
+from ehrsr.search.settled import FinishedScan, forget_read, read_trials, study_cache
+from ehrsr.search.storage import set_user_attrs, write_user_attrs
 from ehrsr.study_schema import PER_IMAGE_ATTR, TRIAL, study_storage
 
 __all__ = [
@@ -95,10 +96,11 @@ def record_outcome(
     paths are made relative to it (the study folder). A ``complete`` outcome whose values do not
     match the study's objectives (count or finiteness) is stored as an ``error``.
     """
+    attrs: dict[str, Any] = {}
     if outcome.status == "refused":
-        record_refused(trial, outcome.reason or "refused")
+        attrs[TRIAL.refused] = str(outcome.reason or "refused")
     elif wall_seconds is not None:
-        record_charge(trial, wall_seconds)
+        attrs[TRIAL.charged_seconds] = charge_of(trial, wall_seconds)
     values = list(outcome.values or [])
     if outcome.status == "complete" and not (
         len(values) == len(study.directions) and all(map(math.isfinite, values))
@@ -109,23 +111,24 @@ def record_outcome(
                          f"{len(study.directions)} objectives"}
         )
     if outcome.metrics is not None:
-        trial.set_user_attr(TRIAL.metrics, dict(outcome.metrics))
+        attrs[TRIAL.metrics] = dict(outcome.metrics)
     if outcome.seconds is not None:
-        trial.set_user_attr(TRIAL.seconds, dict(outcome.seconds))
+        attrs[TRIAL.seconds] = dict(outcome.seconds)
     if outcome.steps_done is not None:
-        trial.set_user_attr(TRIAL.steps_done, int(outcome.steps_done))
+        attrs[TRIAL.steps_done] = int(outcome.steps_done)
     if outcome.per_image:
-        trial.set_user_attr(PER_IMAGE_ATTR, dict(outcome.per_image))
+        attrs[PER_IMAGE_ATTR] = dict(outcome.per_image)
     if outcome.loss_history:
-        trial.set_user_attr(TRIAL.loss_history, [list(point) for point in outcome.loss_history])
+        attrs[TRIAL.loss_history] = [list(point) for point in outcome.loss_history]
     if outcome.weights:
-        weights = os.path.relpath(outcome.weights, weights_root) if weights_root is not None else outcome.weights
-        trial.set_user_attr(TRIAL.weights, weights)
+        attrs[TRIAL.weights] = (os.path.relpath(outcome.weights, weights_root) if weights_root is not None
+                                else outcome.weights)
+    attrs[TRIAL.status] = outcome.status
+    if outcome.reason:
+        attrs[TRIAL.reason] = str(outcome.reason)[:2000]
+    set_user_attrs(trial, attrs)  # one write on a database server
     for key, value in outcome.constraints.items():
         trial.set_constraint(key, value)
-    trial.set_user_attr(TRIAL.status, outcome.status)
-    if outcome.reason:
-        trial.set_user_attr(TRIAL.reason, str(outcome.reason)[:2000])
     if outcome.status == "complete":
         study.tell(trial, values)
     elif outcome.status == "pruned":
@@ -138,10 +141,18 @@ def record_outcome(
 class Heartbeat:
     """Refreshes the trial's ``heartbeat`` user attribute while it runs (see module docstring)."""
 
-    def __init__(self, study: optuna.Study, trial_id: int) -> None:
+    def __init__(self, study: optuna.Study, trial_id: int, first_beat_written: bool = False) -> None:
+        """``first_beat_written``: the trial's start wrote ``first_beat()`` already."""
         self.study, self.trial_id = study, trial_id
+        self.first_beat_written = first_beat_written
         self.stop = threading.Event()
         self.thread = threading.Thread(target=self._run, daemon=True)
+
+    @staticmethod
+    def first_beat() -> dict[str, Any]:
+        """The attributes a heartbeat starts with: who runs the trial (a worker on the same host
+        fails the trial at once if this process dies) and the time."""
+        return {TRIAL.worker: current_worker().to_dict(), TRIAL.heartbeat: time.time()}
 
     def _run(self) -> None:
         while not self.stop.wait(HEARTBEAT_SECONDS):
@@ -149,9 +160,8 @@ class Heartbeat:
                 study_storage(self.study).set_trial_user_attr(self.trial_id, TRIAL.heartbeat, time.time())
 
     def __enter__(self) -> Heartbeat:
-        # who runs it: a worker on the same host fails the trial at once if this process dies
-        study_storage(self.study).set_trial_user_attr(self.trial_id, TRIAL.worker, current_worker().to_dict())
-        study_storage(self.study).set_trial_user_attr(self.trial_id, TRIAL.heartbeat, time.time())
+        if not self.first_beat_written:
+            write_user_attrs(study_storage(self.study), self.trial_id, self.first_beat())
         self.thread.start()
         return self
 
@@ -168,7 +178,7 @@ def fail_stale_trials(study: optuna.Study, now: float | None = None) -> list[int
     failed = []
     storage = study_storage(study)
     scan = study_cache(study, "running trials", FinishedScan)  # only unfinished trials are looked at
-    trials = study.get_trials(deepcopy=False)
+    trials = read_trials(study)
     with scan.lock:
         scan.update(trials)
         running = [t for t in scan.unfinished(trials) if t.state == TrialState.RUNNING]
@@ -177,14 +187,15 @@ def fail_stale_trials(study: optuna.Study, now: float | None = None) -> list[int
         if orphan is None:
             continue
         with contextlib.suppress(Exception):
-            storage.set_trial_user_attr(frozen._trial_id, TRIAL.status, "crashed")
-            storage.set_trial_user_attr(
-                frozen._trial_id, TRIAL.reason,
-                "its worker process ended (gone from this host)" if orphan.worker_gone
-                else "its process stopped (no heartbeat)",
-            )
             n_dev = int(frozen.user_attrs.get(TRIAL.n_devices, 1))
-            storage.set_trial_user_attr(frozen._trial_id, TRIAL.charged_seconds, orphan.seconds * n_dev)
+            write_user_attrs(storage, frozen._trial_id, {
+                TRIAL.status: "crashed",
+                TRIAL.reason: "its worker process ended (gone from this host)" if orphan.worker_gone
+                else "its process stopped (no heartbeat)",
+                TRIAL.charged_seconds: orphan.seconds * n_dev,
+            })
             storage.set_trial_state_values(frozen._trial_id, state=TrialState.FAIL)
             failed.append(frozen.number)
+    if failed:
+        forget_read(study)  # the budget reads them as finished now
     return failed

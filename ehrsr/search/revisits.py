@@ -129,10 +129,10 @@ def record_repeat(trial: optuna.Trial, earlier: FrozenTrial) -> TrialOutcome:
     wall_seconds=0.0)``. Rung attributes are not copied: MO-ASHA must not count one training run
     twice at a rung.
     """
-    trial.set_user_attr(TRIAL.repeat_of, earlier.number)
-    for key in _COPIED_ATTRS:
-        if key in earlier.user_attrs:
-            trial.set_user_attr(key, earlier.user_attrs[key])
+    from ehrsr.search.storage import set_user_attrs
+
+    set_user_attrs(trial, {TRIAL.repeat_of: earlier.number,
+                           **{key: earlier.user_attrs[key] for key in _COPIED_ATTRS if key in earlier.user_attrs}})
     return repeat_outcome(earlier)
 
 

@@ -28,9 +28,12 @@ __all__ = [
     "open_storage",
     "retry_storage",
     "retrying",
+    "set_user_attrs",
     "storage_full",
     "storage_place",
     "storage_unreachable",
+    "suggest_and_set",
+    "write_user_attrs",
 ]
 
 T = TypeVar("T")
@@ -340,3 +343,184 @@ def retrying(log: Callable[[str], None] | None = None, storage_url: str | None =
         return retry_storage(lambda: function(*args, **kwargs), what=what, log=log, storage_url=storage_url)
 
     return retry
+
+
+# ---------------------------------------------------------------------------------------------
+# several attributes of a running trial in one write
+
+
+def _batching_rdb(storage: Any) -> optuna.storages.RDBStorage | None:
+    """The SQLite or PostgreSQL storage behind ``storage`` when this Optuna's storage internals that
+    the one-transaction writes use are all there, else None (Optuna's own writes are used)."""
+    rdb = getattr(storage, "_backend", storage)
+    if not isinstance(rdb, optuna.storages.RDBStorage) or _upsert_for(rdb) is None:
+        return None
+    try:
+        from optuna.storages._rdb import models
+        from optuna.storages._rdb.storage import _create_scoped_session  # noqa: F401
+    except ImportError:
+        return None
+    needed = (getattr(models, "TrialModel", None), getattr(models, "TrialParamModel", None),
+              getattr(models, "TrialUserAttributeModel", None))
+    if any(model is None for model in needed) or not hasattr(models.TrialModel, "find_or_raise_by_id") \
+            or not hasattr(rdb, "check_trial_is_updatable"):
+        return None
+    return rdb
+
+
+def write_user_attrs(storage: optuna.storages.BaseStorage, trial_id: int, attrs: dict[str, Any]) -> None:
+    """Set the user attributes ``attrs`` of the running trial ``trial_id``.
+
+    Optuna writes each attribute in a transaction of its own (read the trial, upsert, commit: three
+    or four round trips to a database server). On an SQLite or PostgreSQL storage all of ``attrs``
+    go in one transaction here: the trial read once, one multi-row upsert, one commit, with the
+    same checks as Optuna's (the trial exists and is not finished) and the same JSON encoding.
+    Other storages (journal files, the gRPC proxy, MySQL) get Optuna's own writes, one by one.
+    """
+    attrs = dict(attrs)
+    if not attrs:
+        return
+    rdb = _batching_rdb(storage) if len(attrs) > 1 else None
+    if rdb is not None:
+        _write_in_one_transaction(rdb, trial_id, attrs)
+        return
+    for key, value in attrs.items():
+        storage.set_trial_user_attr(trial_id, key, value)
+
+
+def set_user_attrs(trial: Any, attrs: dict[str, Any]) -> None:
+    """``trial.set_user_attr`` for each of ``attrs``, written as ``write_user_attrs`` writes them.
+
+    ``trial``: a running ``optuna.Trial``; its own copy of the attributes is updated as
+    ``Trial.set_user_attr`` updates it. Anything else with ``set_user_attr`` gets it called per key.
+    """
+    attrs = dict(attrs)
+    cached = getattr(trial, "_cached_frozen_trial", None)
+    storage = getattr(trial, "storage", None)
+    if not isinstance(trial, optuna.Trial) or cached is None or storage is None:
+        for key, value in attrs.items():
+            trial.set_user_attr(key, value)
+        return
+    write_user_attrs(storage, trial._trial_id, attrs)
+    cached.user_attrs.update(attrs)
+
+
+class _HeldParams:
+    """Stands in for a trial's storage while its parameters are suggested: keeps the parameter
+    writes, passes everything else to the storage."""
+
+    def __init__(self, storage: Any) -> None:
+        self._storage = storage
+        self.params: list[tuple[str, float, Any]] = []  # (name, internal value, distribution)
+
+    def set_trial_param(self, trial_id: int, name: str, internal: float, distribution: Any) -> None:
+        self.params.append((name, internal, distribution))
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._storage, name)
+
+
+def suggest_and_set(trial: Any, suggest: Callable[[], T], attrs_of: Callable[[T], dict[str, Any]]) -> T:
+    """``suggest()`` (the space's suggestions on ``trial``), then the user attributes
+    ``attrs_of(result)``, stored in one transaction with the suggested parameters.
+
+    Optuna writes each suggested parameter in a transaction of its own (about three round trips
+    each, some ten parameters a trial). On an SQLite or PostgreSQL storage the parameter writes
+    are held while ``suggest`` runs (the trial's own copy has them, so the suggestions and the
+    sampler see them as usual) and written with the attributes at the end, with Optuna's checks:
+    the trial is running, each distribution agrees with the study's earlier one of that name. If
+    ``suggest`` or the write fails, the held parameters are dropped from the trial's copy too, so
+    a retry suggests them again. Elsewhere: Optuna's own writes, then ``set_user_attrs``.
+    """
+    rdb = _batching_rdb(getattr(trial, "storage", None)) if isinstance(trial, optuna.Trial) else None
+    cached = getattr(trial, "_cached_frozen_trial", None)
+    if rdb is None or cached is None:
+        result = suggest()
+        set_user_attrs(trial, attrs_of(result))
+        return result
+    real = trial.storage
+    held = _HeldParams(real)
+    trial.storage = held
+    try:
+        result = suggest()
+        attrs = attrs_of(result)
+    except BaseException:
+        _drop_params(cached, held.params)
+        raise
+    finally:
+        trial.storage = real
+    try:
+        _write_in_one_transaction(rdb, trial._trial_id, attrs, held.params)
+    except BaseException:
+        _drop_params(cached, held.params)
+        raise
+    cached.user_attrs.update(attrs)
+    return result
+
+
+def _drop_params(cached: Any, params: list[tuple[str, float, Any]]) -> None:
+    for name, _, _ in params:
+        cached.params.pop(name, None)
+        cached.distributions.pop(name, None)
+
+
+_KNOWN_DISTRIBUTIONS: dict[tuple[int, int, str], Any] = {}  # (storage id, study id, name) -> first stored
+
+
+def _upsert_for(rdb: optuna.storages.RDBStorage) -> Callable[..., Any] | None:
+    """The dialect's ``insert`` with ``on_conflict_do_update`` (SQLite 3.24+, PostgreSQL), else None."""
+    name = rdb.engine.name
+    if name == "postgresql":
+        from sqlalchemy.dialects.postgresql import insert
+
+        return insert
+    if name == "sqlite" and sqlite3.sqlite_version_info >= (3, 24, 0):
+        from sqlalchemy.dialects.sqlite import insert
+
+        return insert
+    return None
+
+
+def _write_in_one_transaction(rdb: optuna.storages.RDBStorage, trial_id: int, attrs: dict[str, Any],
+                              params: list[tuple[str, float, Any]] = ()) -> None:
+    """``attrs`` (user attributes) and ``params`` (name, internal value, distribution) of the
+    running trial ``trial_id`` in one transaction, checked as Optuna checks them."""
+    import json
+
+    import sqlalchemy
+    from optuna.distributions import (
+        check_distribution_compatibility,
+        distribution_to_json,
+        json_to_distribution,
+    )
+    from optuna.storages._rdb import models
+    from optuna.storages._rdb.storage import _create_scoped_session
+
+    insert = _upsert_for(rdb)
+    model = models.TrialUserAttributeModel
+    rows = [{"trial_id": trial_id, "key": key, "value_json": json.dumps(value)} for key, value in attrs.items()]
+    first_seen: dict[tuple[int, int, str], Any] = {}
+    with _create_scoped_session(rdb.scoped_session, True) as session:
+        trial = models.TrialModel.find_or_raise_by_id(trial_id, session)
+        rdb.check_trial_is_updatable(trial_id, trial.state)
+        for name, _, distribution in params:
+            key = (id(rdb), trial.study_id, name)
+            previous = _KNOWN_DISTRIBUTIONS.get(key) or first_seen.get(key)
+            if previous is None:  # the study's earlier parameter of that name, as Optuna looks it up
+                record = (session.query(models.TrialParamModel).join(models.TrialModel)
+                          .filter(models.TrialModel.study_id == trial.study_id)
+                          .filter(models.TrialParamModel.param_name == name).first())
+                previous = json_to_distribution(record.distribution_json) if record is not None else None
+            if previous is not None:
+                check_distribution_compatibility(previous, distribution)
+            first_seen[key] = previous or distribution
+        if params:  # one multi-row INSERT
+            session.execute(sqlalchemy.insert(models.TrialParamModel).values([
+                {"trial_id": trial_id, "param_name": name, "param_value": internal,
+                 "distribution_json": distribution_to_json(distribution)} for name, internal, distribution in params]))
+        if rows:
+            statement = insert(model).values(rows)
+            session.execute(statement.on_conflict_do_update(
+                index_elements=[model.trial_id, model.key], set_={"value_json": statement.excluded.value_json}))
+    for key, distribution in first_seen.items():
+        _KNOWN_DISTRIBUTIONS.setdefault(key, distribution)

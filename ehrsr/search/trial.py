@@ -26,9 +26,9 @@ from ehrsr.interrupts import interrupt_name, sigterm_as_interrupt
 from ehrsr.search.record import HEARTBEAT_SECONDS, STALE_SECONDS, Heartbeat, TrialOutcome, fail_stale_trials
 from ehrsr.search.runner import RunContext, RunResult, jsonable_metrics, run_configuration
 from ehrsr.search.settled import FinishedIndex, json_key, study_cache
-from ehrsr.search.storage import open_storage
+from ehrsr.search.storage import open_storage, set_user_attrs
 from ehrsr.search.study import ContextSpec, build_context
-from ehrsr.study_schema import COST_KEYS, TRIAL, rung_record_attr
+from ehrsr.study_schema import COST_KEYS, REUSED_COST_REQUIRES, TRIAL, rung_record_attr
 from ehrsr.training import TrainSettings
 
 __all__ = [
@@ -42,6 +42,9 @@ __all__ = [
     "execute_trial",
     "fail_stale_trials",
 ]
+
+
+NOT_LOOKED_UP = "not looked up"
 
 
 @dataclass
@@ -65,6 +68,10 @@ class TrialJob:
     weights_path: str | None
     threads: int | None
     device_name: str | None = None  # readable device name; profiles are reused only on the same one
+    # the cost measured before for this configuration on this device, as the worker looked it up
+    # when the trial started (``cached_cost``: (trial number, metrics), or None); ``NOT_LOOKED_UP``:
+    # ``execute_trial`` looks it up itself
+    cost_before: tuple[int, dict[str, Any]] | str | None = "not looked up"
 
 
 def execute_trial(job: TrialJob, ctx: RunContext | None = None, study: optuna.Study | None = None) -> TrialOutcome:
@@ -88,9 +95,11 @@ def execute_trial(job: TrialJob, ctx: RunContext | None = None, study: optuna.St
     stop_reason: dict[str, str] = {}
 
     def on_rung(rung_index: int, step: int, values: list[float], metrics: dict[str, Any]) -> bool:
-        trial.set_user_attr(rung_record_attr(rung_index), {"step": step, "values": values, "metrics": jsonable_metrics(metrics)})
+        record = {rung_record_attr(rung_index): {"step": step, "values": values, "metrics": jsonable_metrics(metrics)}}
         constraints = ctx.limits.constraints(metrics)
         violated = {k: v for k, v in constraints.items() if v > 0}
+        if not job.early_stopping or violated:
+            set_user_attrs(trial, record)
         if violated and job.early_stopping:
             # cost does not change with training: an infeasible configuration stays infeasible
             stop_reason["reason"] = f"infeasible at rung {rung_index} ({step} steps): " + ", ".join(
@@ -99,15 +108,18 @@ def execute_trial(job: TrialJob, ctx: RunContext | None = None, study: optuna.St
             return False
         if not job.early_stopping:
             return True
-        decision = asha.decide(trial, rung_index, values)
+        decision = asha.decide(trial, rung_index, values, also=record)  # the record and the values in one write
         if not decision.promote:
             stop_reason["reason"] = f"stopped by MO-ASHA at {decision.reason}"
         return decision.promote
 
     rung_steps = asha.rungs[:-1] if job.early_stopping else ()
-    cached = cached_cost(study, job.config, job.device_name, exclude=job.trial_number)
-    if cached is not None:
-        trial.set_user_attr(TRIAL.cost_from_trial, cached[0])
+    if job.cost_before == NOT_LOOKED_UP:
+        cached = cached_cost(study, job.config, job.device_name, exclude=job.trial_number)
+        if cached is not None:
+            trial.set_user_attr(TRIAL.cost_from_trial, cached[0])
+    else:  # the worker looked it up and stored ``cost_from_trial`` with the trial's start
+        cached = job.cost_before
     result: RunResult = run_configuration(
         config, TrainSettings.from_dict(job.train, ignore=("seed",)), ctx, seed=job.seed, rung_steps=rung_steps, on_rung=on_rung,
         precomputed_cost=cached[1] if cached is not None else None,
@@ -177,7 +189,7 @@ def _profiled_key(frozen: optuna.trial.FrozenTrial) -> tuple[Any, str] | None:
     its cost was not measured in full."""
     metrics = frozen.user_attrs.get(TRIAL.metrics) or {}
     if frozen.state not in (TrialState.COMPLETE, TrialState.PRUNED) or not all(
-        metrics.get(k) is not None for k in COST_KEYS[:-1]
+        metrics.get(k) is not None for k in REUSED_COST_REQUIRES
     ):
         return None
     return frozen.user_attrs.get(TRIAL.device_name), json_key(frozen.user_attrs.get(TRIAL.config))
