@@ -55,8 +55,8 @@ from ehrsr.search.space import load_space, space_from_text
 PROFILES = {  # name: (runtime, threads, unit timing)
     "torch-1t": ("torch", 1, "isolated"),
     "torch-2t": ("torch", 2, "isolated"),
-    "onnxruntime-1t": ("onnxruntime", 1, "graph"),
-    "onnxruntime-1t-units": ("onnxruntime", 1, "isolated"),
+    "onnxruntime-1t": ("onnxruntime", 1, "isolated"),
+    "onnxruntime-1t-graph": ("onnxruntime", 1, "graph"),
 }
 SMOKE_SPACE = """
 model:
@@ -134,7 +134,7 @@ def main(argv: list[str] | None = None) -> None:
     if args.smoke:
         args.n, args.input, args.network_budget, args.unit_budget = 3, 16, 0.01, 0.01
         args.n_fit, args.n_holdout, patience, args.node_time = 3, 2, 50, True
-        args.profiles = args.profiles or "torch-1t,onnxruntime-1t,onnxruntime-1t-units"
+        args.profiles = args.profiles or "torch-1t,onnxruntime-1t,onnxruntime-1t-graph"
         space = space_from_text(SMOKE_SPACE, name="smoke")
     else:
         space = load_space(args.space)

@@ -207,6 +207,9 @@ def build_parser() -> dict[str, argparse.ArgumentParser]:
     calibrate.add_argument("--devices-file", help="device profiles YAML (default: the shipped devices.yaml)")
     calibrate.add_argument("--clock", choices=("wall", "cpu"), default="wall",
                            help="wall clock (default), or process CPU time (one thread; shared machines)")
+    calibrate.add_argument("--unit-timing", choices=("isolated", "graph"), default="isolated",
+                           help="isolated: each unit exported and timed alone (default); graph (onnxruntime): whole "
+                                "networks profiled, node times charged to their units (docs/latency_models.md)")
     calibrate.add_argument("--no-resume", action="store_true", help="start over instead of continuing an unfinished file")
     calibrate.add_argument("--quiet", "-q", action="store_true", help="no progress bar")
     from ehrsr.fulltrain import add_evaluate_parser, add_train_parser
@@ -340,7 +343,8 @@ def _calibrate(args: argparse.Namespace) -> int:
     from ehrsr.deploy.calibrate import calibrate_profile
 
     result = calibrate_profile(args.device_profile, args.space, args.out, devices_path=args.devices_file,
-                               clock=args.clock, resume=not args.no_resume, progress=not args.quiet)
+                               clock=args.clock, resume=not args.no_resume, progress=not args.quiet,
+                               unit_timing=args.unit_timing)
     acc = result.accuracy
     accuracy = (f"held-out accuracy on {acc.n} networks: median abs error {acc.median_abs_pct_error:.1f} %, "
                 f"p90 {acc.p90_abs_pct_error:.1f} %, Spearman {acc.spearman:.3f}") if acc is not None else "no accuracy stored"

@@ -11,6 +11,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
 import optuna
 import pytest
@@ -228,6 +229,24 @@ def test_calibrate_subcommand_writes_a_loadable_model(tmp_path: Path, monkeypatc
                  str(devices), "--clock", "cpu", "--out", str(tmp_path / "ort.json")]) == 2
     err = capsys.readouterr().err
     assert "calibrate ortdev with --clock cpu: clock 'cpu' is for the torch runtime only" in err
+    # --unit-timing reaches the calibration (isolated by default); graph is for onnxruntime only
+    asked: list[str] = []
+    real_calibrate = lm.calibrate
+
+    def spy(*args, unit_timing=None, **kwargs):
+        asked.append(unit_timing)
+        return SimpleNamespace(units={}, accuracy=None)
+
+    monkeypatch.setattr(lm, "calibrate", spy)
+    for extra in ([], ["--unit-timing", "graph"]):
+        assert main(["calibrate", "--device-profile", "ortdev", "--space", str(space_file), "--devices-file",
+                     str(devices), "--out", str(tmp_path / "ort.json"), "--quiet", *extra]) == 0
+    assert asked == ["isolated", "graph"]
+    monkeypatch.setattr(lm, "calibrate", real_calibrate)
+    devices.write_text("profiles:\n  tinydev:\n    kind: cpu\n    threads: 1\n    input_size: [8, 8]\n")
+    assert main(["calibrate", "--device-profile", "tinydev", "--space", str(space_file), "--devices-file",
+                 str(devices), "--out", str(tmp_path / "t2.json"), "--unit-timing", "graph"]) == 2
+    assert "calibrate tinydev: unit timing 'graph' reads onnxruntime's profiler" in capsys.readouterr().err
     assert len(err.strip().splitlines()) == 1
     assert not (tmp_path / "ort.json").exists()
 

@@ -219,13 +219,14 @@ def test_small_real_calibration_ranks_clearly_different_sizes(tmp_path: Path):
 
 
 def test_onnxruntime_calibration_times_units_inside_whole_networks(tmp_path: Path):
-    """onnxruntime's default: whole networks profiled, node times charged to units (the fusions
-    across units included), each key's cost the median of its occurrences; resumable."""
+    """onnxruntime's ``graph`` unit timing: whole networks profiled, node times charged to units
+    (the fusions across units included), each key's cost the median of its occurrences; resumable."""
     pytest.importorskip("onnxruntime")
     space = space_from_text(TWO_WIDTHS, name="two-widths")
     target = LatencyTarget("ort", "cpu", "onnxruntime", 1, "float32", (16, 16))
     path = tmp_path / "ort.json"
-    options = dict(n_fit=3, n_holdout=2, progress=False, enumeration_patience=200, network_budget_s=0.02)
+    options = dict(n_fit=3, n_holdout=2, progress=False, enumeration_patience=200, network_budget_s=0.02,
+                   unit_timing="graph")
     partial = calibrate(space, target, path, max_units=1, **options)  # stops after the first network
     first = json.loads(path.read_text())["graph_networks"]
     assert not partial.complete and len(first) == 1 and 0 < len(partial.units) < 6
@@ -248,9 +249,9 @@ def test_onnxruntime_calibration_times_units_inside_whole_networks(tmp_path: Pat
     loaded = LatencyModel.load(path, space=space, device=target)
     assert loaded.predict(SMALL).covered and loaded.predict(SMALL).latency_ms > 0
     with pytest.raises(ValueError, match="for the onnxruntime runtime only"):
-        calibrate(space, TARGET, tmp_path / "torch.json", unit_timing="graph", **options)
+        calibrate(space, TARGET, tmp_path / "torch.json", **options)  # unit_timing="graph"
     with pytest.raises(LatencyModelError, match="another space or device settings"):
-        calibrate(space, target, path, unit_timing="isolated", **options)  # a resume must time units alike
+        calibrate(space, target, path, **{**options, "unit_timing": "isolated"})  # a resume must time units alike
 
 
 def test_a_network_profiled_on_a_busy_machine_is_profiled_again_from_the_same_export(tmp_path: Path, monkeypatch):
@@ -281,7 +282,8 @@ def test_a_network_profiled_on_a_busy_machine_is_profiled_again_from_the_same_ex
     monkeypatch.setattr(lm, "Canary", Busy)
     space = space_from_text(TWO_WIDTHS, name="two-widths")
     target = LatencyTarget("ort", "cpu", "onnxruntime", 1, "float32", (16, 16))
-    model = calibrate(space, target, tmp_path / "ort.json", max_units=1, progress=False, enumeration_patience=200)
+    model = calibrate(space, target, tmp_path / "ort.json", max_units=1, progress=False, enumeration_patience=200,
+                      unit_timing="graph")
     assert len(exports) == 1 and profiled == [exports[0], exports[0]]  # exported once, profiled twice
     network = json.loads((tmp_path / "ort.json").read_text())["graph_networks"]
     assert len(network) == 1 and {ms for _, _, ms in network[0]["units"]} == {1.0}

@@ -51,8 +51,9 @@ def calibrate_profile(
     """Calibrate the latency model of device profile ``profile_name`` for search space
     ``space_name`` on this machine (the target) and write it to ``out_path``.
 
-    ``calibrate_kwargs`` reach ``ehrsr.profiling.latency_model.calibrate`` as they are (tests pass
-    ``max_units``, ``n_fit``...). Bad input raises a ``UserError`` (one line)."""
+    ``calibrate_kwargs`` reach ``ehrsr.profiling.latency_model.calibrate`` as they are
+    (``unit_timing``; tests pass ``max_units``, ``n_fit``...). Bad input raises a ``UserError``
+    (one line)."""
     from ehrsr.profiling.latency_model import LatencyModelError, calibrate
     from ehrsr.profiling.onnx_runtime import check_timing_settings
     from ehrsr.search.space import load_space

@@ -836,8 +836,8 @@ def calibrate(
     ``n_fit`` whole networks fit the correction; ``n_holdout`` others measure the accuracy stored
     in the file. A canary network is timed every ``CANARY_EVERY`` units; units timed while it ran
     more than ``contention_threshold`` times slower than at the start are timed again.
-    ``unit_timing`` (``UNIT_TIMINGS``; default ``graph`` for onnxruntime, ``isolated`` otherwise):
-    ``graph`` profiles whole networks through onnxruntime and charges their node times to their
+    ``unit_timing`` (``UNIT_TIMINGS``; default ``isolated``, measured the more accurate for
+    onnxruntime too on the development CPU, docs/latency_models.md): ``graph`` (onnxruntime only) profiles whole networks through onnxruntime and charges their node times to their
     units (``ehrsr.profiling.onnx_graph``), so a unit's cost includes the fusions onnxruntime
     makes with its neighbours; the networks are chosen so that every key occurs at least
     ``graph_observations`` times in them (``plan_graph_networks``), a key's cost is the median
@@ -856,7 +856,7 @@ def calibrate(
         device_profile, scale=scale, runtime=runtime, threads=threads, dtype=dtype, input_hw=input_hw
     )
     target.validate(clock)
-    unit_timing = unit_timing or ("graph" if target.runtime == "onnxruntime" else "isolated")
+    unit_timing = unit_timing or "isolated"
     if unit_timing not in UNIT_TIMINGS:
         raise ValueError(f"unit timing must be one of {', '.join(UNIT_TIMINGS)}, got {unit_timing!r}")
     if unit_timing == "graph" and target.runtime != "onnxruntime":
