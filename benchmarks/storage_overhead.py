@@ -2,10 +2,11 @@
 with 100 and 1,000 finished trials already in the study.
 
 A worker's loop (ehrsr/search/driver.py) talks to the storage around every trial: ``ask``, the
-start and outcome attributes, the heartbeat, MO-ASHA's rung queries (``asha.rung_values``, all
-trials at a rung), the budget queries (``fail_stale_trials``, ``estimate_trial_seconds``,
-``Budget.allows_new_trial`` twice, ``Budget.spent`` for the progress bar: each reads all trials)
-and ``tell``. This script replays exactly those calls without training, on a study filled with
+start attributes (one write with the first heartbeat), one heartbeat refresh, MO-ASHA's rung
+record, values and decision (``MOASHA.decide``), the budget queries (``fail_stale_trials``,
+``estimate_trial_seconds``, ``Budget.allows_new_trial``, ``Budget.spent`` for the progress bar on
+one read of the study, then ``Budget.allows_new_trial`` after the ask), the outcome attributes
+(one write) and ``tell``. This script replays exactly those calls without training, on a study filled with
 realistic finished trials (made with ``optuna.trial.create_trial`` and ``study.add_trials``), and
 reports the median milliseconds per trial of each group. With 3 workers, three processes run the
 loop at once on the same study. Sampling (the sampler's own cost) is not included.
@@ -142,8 +143,11 @@ def postgres_if_wanted(backends: list[str]) -> Iterator[Any]:
 def _worker(url: str, n_trials: int, barrier) -> dict[str, list[float]]:
     """One worker's storage calls around ``n_trials`` trials, timed per group (ms per trial)."""
     from ehrsr.search.asha import MOASHA
-    from ehrsr.search.budget import estimate_trial_seconds, parse_budget, record_charge, record_start
-    from ehrsr.search.liveness import current_worker
+    from ehrsr.search.budget import charge_of, estimate_trial_seconds, parse_budget
+    from ehrsr.search.budget import start_attrs as start_attrs_of
+    from ehrsr.search.record import Heartbeat
+    from ehrsr.search.settled import one_read
+    from ehrsr.search.storage import set_user_attrs
     from ehrsr.search.trial import fail_stale_trials
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)
@@ -162,44 +166,37 @@ def _worker(url: str, n_trials: int, barrier) -> dict[str, list[float]]:
             spent_ms[group] += (time.perf_counter() - t0) * 1e3
             return out
 
-        def budget_before():
-            fail_stale_trials(study)
-            estimate = estimate_trial_seconds(study, 5.0, "cpu")
-            budget.allows_new_trial(study, estimate, device_kind="cpu")
+        def budget_before():  # as run_worker: the checks of a loop step on one read
+            with one_read(study):
+                fail_stale_trials(study)
+                estimate = estimate_trial_seconds(study, 5.0, "cpu")
+                budget.allows_new_trial(study, estimate, device_kind="cpu")
+                budget.used_fraction(budget.spent(study))  # the progress bar
             return estimate
 
         estimate = timed("budget", budget_before)
         trial = timed("ask", study.ask)
         timed("budget", lambda: budget.allows_new_trial(study, estimate, device_kind="cpu", trial_number=trial.number))
 
-        def start_attrs():
-            record_start(trial, "cpu", 1)
-            trial.set_user_attr("device_name", "bench-cpu")
-            trial.set_user_attr("config", {"width": 8, "trunk_blocks": 2})
-            trial.set_user_attr("train", {"lr": 2e-3, "steps": 144})
+        def start_attrs():  # one write, the first heartbeat with it (driver._start_trial)
+            set_user_attrs(trial, {**start_attrs_of("cpu", 1), "device_name": "bench-cpu",
+                                   "config": {"width": 8, "trunk_blocks": 2}, "train": {"lr": 2e-3, "steps": 144},
+                                   **Heartbeat.first_beat()})
 
         timed("attributes", start_attrs)
-
-        def heartbeat():
-            study._storage.set_trial_user_attr(trial._trial_id, "worker", current_worker().to_dict())
-            study._storage.set_trial_user_attr(trial._trial_id, "heartbeat", time.time())
-
-        timed("heartbeat", heartbeat)
+        timed("heartbeat", lambda: study._storage.set_trial_user_attr(trial._trial_id, "heartbeat", time.time()))
         for rung in range(RUNGS):
             values = [28.0 + (k % 5) * 0.1, 3.0]
-            timed("asha rungs", lambda: trial.set_user_attr(f"rung_{rung}", {"step": 36 * 2**rung, "values": values}))
-            timed("asha rungs", lambda: asha.decide(trial, rung, values))
+            record = {f"rung_{rung}": {"step": 36 * 2**rung, "values": values}}
+            timed("asha rungs", lambda r=rung, v=values, a=record: asha.decide(trial, r, v, also=a))
 
-        def outcome_attrs():
-            record_charge(trial, 5.0)
-            trial.set_user_attr("metrics", {"psnr": 28.0, "latency_ms": 3.0, "macs": 1e8})
-            trial.set_user_attr("seconds", {"train": 4.0})
-            trial.set_user_attr("steps_done", 144)
-            trial.set_user_attr("status", "complete")
+        def outcome_attrs():  # one write (record_outcome)
+            set_user_attrs(trial, {"charged_seconds": charge_of(trial, 5.0),
+                                   "metrics": {"psnr": 28.0, "latency_ms": 3.0, "macs": 1e8},
+                                   "seconds": {"train": 4.0}, "steps_done": 144, "status": "complete"})
 
         timed("attributes", outcome_attrs)
         timed("tell", lambda: study.tell(trial, [28.0 + (k % 5) * 0.1, 3.0]))
-        timed("budget", lambda: budget.used_fraction(budget.spent(study)))  # the progress bar
         for group in GROUPS:
             times[group].append(spent_ms[group])
     return times
