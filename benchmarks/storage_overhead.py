@@ -106,7 +106,21 @@ def create_filled_study(url: str, trials: list[optuna.trial.FrozenTrial], study_
 
 def _fill(url: str, n_finished: int) -> None:
     start = datetime.now() - timedelta(hours=1)
-    create_filled_study(url, [_finished_trial(i, start) for i in range(n_finished)])
+    study = create_filled_study(url, [_finished_trial(i, start) for i in range(n_finished)])
+    settle(study)
+
+
+def settle(study: optuna.Study) -> None:
+    """PostgreSQL: ``VACUUM ANALYZE`` after a fill, so the server's statistics know the tables'
+    new size (a study that grows a trial at a time gets that from autovacuum) and the measured
+    trials do not share the machine with a vacuum started by the fill."""
+    engine = getattr(getattr(study._storage, "_backend", study._storage), "engine", None)
+    if engine is None or engine.name != "postgresql":
+        return
+    import sqlalchemy
+
+    with engine.connect().execution_options(isolation_level="AUTOCOMMIT") as connection:
+        connection.execute(sqlalchemy.text("VACUUM ANALYZE"))
 
 
 def storage_url(backend: str, tag: str, folder: str, server: Any) -> str:

@@ -73,6 +73,7 @@ from benchmarks._common import print_table
 from benchmarks.storage_overhead import (
     create_filled_study,
     postgres_if_wanted,
+    settle,
     storage_url,
     synthetic_outcome,
 )
@@ -345,17 +346,6 @@ class StatementCounter:
                 break
             frame = frame.f_back
 
-    def settle(self) -> None:
-        """PostgreSQL: ``VACUUM ANALYZE`` after a fill, so the server's statistics know the tables'
-        new size (a study that grows a trial at a time gets that from autovacuum) and the
-        measured trials do not share the machine with a vacuum started by the fill."""
-        if self.engine is None or self.engine.name != "postgresql":
-            return
-        import sqlalchemy
-
-        with self.engine.connect().execution_options(isolation_level="AUTOCOMMIT") as connection:
-            connection.execute(sqlalchemy.text("VACUUM ANALYZE"))
-
     def round_trip_ms(self, repeats: int = 50) -> float | None:
         if self.engine is None:
             return None
@@ -437,7 +427,7 @@ def main(argv: list[str] | None = None) -> None:
                     study.add_trials(history[filled:size])
                 filled = size
                 fill_s = time.perf_counter() - t0
-                statements.settle()  # after thousands of rows at once, as autovacuum would
+                settle(study)  # after thousands of rows at once, as autovacuum would
                 n_finished = len(study.get_trials(deepcopy=False, states=(TrialState.COMPLETE, TrialState.PRUNED)))
                 m = measure(worker, args.trials, statements)
                 round_trip = statements.round_trip_ms()
