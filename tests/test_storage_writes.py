@@ -135,3 +135,19 @@ def test_a_write_that_fails_drops_the_held_parameters_and_a_retry_stores_them(tm
     assert stored.user_attrs == {"config": drawn}
     assert stored.distributions["lr"] == FloatDistribution(1e-4, 1e-2, log=True)
     assert stored.distributions["depth"] == IntDistribution(1, 4)
+
+
+def test_a_study_made_again_under_the_same_id_may_change_a_parameters_kind(tmp_path) -> None:
+    # what this process remembers of a study's distributions never refuses what the database allows
+    storage = open_storage(f"sqlite:///{tmp_path / 'again.db'}")
+    first = optuna.create_study(storage=storage, study_name="s")
+    trial = first.ask()
+    suggest_and_set(trial, lambda: trial.suggest_int("depth", 1, 4), lambda _: {"k": 1})
+    first_id = first._study_id
+    optuna.delete_study(study_name="s", storage=storage)
+    again = optuna.create_study(storage=storage, study_name="s")
+    assert again._study_id == first_id  # SQLite gives the id again
+    trial = again.ask()
+    value = suggest_and_set(trial, lambda: trial.suggest_float("depth", 0.0, 1.0), lambda _: {"k": 2})
+    assert again.trials[0].params == {"depth": value}
+    assert again.trials[0].distributions["depth"] == FloatDistribution(0.0, 1.0)

@@ -12,6 +12,7 @@ import errno
 import re
 import sqlite3
 import time
+import weakref
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any, TypeVar
@@ -464,7 +465,8 @@ def _drop_params(cached: Any, params: list[tuple[str, float, Any]]) -> None:
         cached.distributions.pop(name, None)
 
 
-_KNOWN_DISTRIBUTIONS: dict[tuple[int, int, str], Any] = {}  # (storage id, study id, name) -> first stored
+# per storage object: (study id, parameter name) -> the distribution the study stored first
+_KNOWN_DISTRIBUTIONS: weakref.WeakKeyDictionary[Any, dict[tuple[int, str], Any]] = weakref.WeakKeyDictionary()
 
 
 def _upsert_for(rdb: optuna.storages.RDBStorage) -> Callable[..., Any] | None:
@@ -499,21 +501,24 @@ def _write_in_one_transaction(rdb: optuna.storages.RDBStorage, trial_id: int, at
     insert = _upsert_for(rdb)
     model = models.TrialUserAttributeModel
     rows = [{"trial_id": trial_id, "key": key, "value_json": json.dumps(value)} for key, value in attrs.items()]
-    first_seen: dict[tuple[int, int, str], Any] = {}
+    known = _KNOWN_DISTRIBUTIONS.setdefault(rdb, {})
+    seen: dict[tuple[int, str], Any] = {}
     with _create_scoped_session(rdb.scoped_session, True) as session:
         trial = models.TrialModel.find_or_raise_by_id(trial_id, session)
         rdb.check_trial_is_updatable(trial_id, trial.state)
         for name, _, distribution in params:
-            key = (id(rdb), trial.study_id, name)
-            previous = _KNOWN_DISTRIBUTIONS.get(key) or first_seen.get(key)
-            if previous is None:  # the study's earlier parameter of that name, as Optuna looks it up
+            key = (trial.study_id, name)
+            previous = seen.get(key) or known.get(key)
+            if previous is None or not _compatible(previous, distribution):
+                # not known here, or known otherwise (a study made again under its id): the study's
+                # earlier parameter of that name, looked up as Optuna looks it up
                 record = (session.query(models.TrialParamModel).join(models.TrialModel)
                           .filter(models.TrialModel.study_id == trial.study_id)
                           .filter(models.TrialParamModel.param_name == name).first())
                 previous = json_to_distribution(record.distribution_json) if record is not None else None
-            if previous is not None:
-                check_distribution_compatibility(previous, distribution)
-            first_seen[key] = previous or distribution
+                if previous is not None:
+                    check_distribution_compatibility(previous, distribution)  # Optuna's refusal
+            seen[key] = previous or distribution
         if params:  # one multi-row INSERT
             session.execute(sqlalchemy.insert(models.TrialParamModel).values([
                 {"trial_id": trial_id, "param_name": name, "param_value": internal,
@@ -522,5 +527,14 @@ def _write_in_one_transaction(rdb: optuna.storages.RDBStorage, trial_id: int, at
             statement = insert(model).values(rows)
             session.execute(statement.on_conflict_do_update(
                 index_elements=[model.trial_id, model.key], set_={"value_json": statement.excluded.value_json}))
-    for key, distribution in first_seen.items():
-        _KNOWN_DISTRIBUTIONS.setdefault(key, distribution)
+    known.update(seen)
+
+
+def _compatible(previous: Any, distribution: Any) -> bool:
+    from optuna.distributions import check_distribution_compatibility
+
+    try:
+        check_distribution_compatibility(previous, distribution)
+    except ValueError:
+        return False
+    return True
