@@ -114,7 +114,10 @@ def settle(study: optuna.Study) -> None:
     """PostgreSQL: ``VACUUM ANALYZE`` after a fill, so the server's statistics know the tables'
     new size (a study that grows a trial at a time gets that from autovacuum) and the measured
     trials do not share the machine with a vacuum started by the fill."""
-    engine = getattr(getattr(study._storage, "_backend", study._storage), "engine", None)
+    from ehrsr.study_schema import study_storage
+
+    storage = study_storage(study)
+    engine = getattr(getattr(storage, "_backend", storage), "engine", None)
     if engine is None or engine.name != "postgresql":
         return
     import sqlalchemy

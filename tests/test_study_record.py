@@ -254,7 +254,7 @@ def test_a_second_machine_keeps_its_own_cache_folder(tmp_path: Path, no_training
     study = optuna.load_study(study_name="a", storage=storage)
     pipeline._lazy_context(study, prepared, prepared.settings)()  # fidelity and baselines steps
     class Built(Exception):
-        pass
+        """Raised where the ablation would start running."""
 
     def stop(*args: Any, **kwargs: Any) -> None:
         raise Built

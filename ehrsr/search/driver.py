@@ -327,6 +327,8 @@ def _start_trial(trial: optuna.Trial, prepared: PreparedStudy, settings: SearchS
     from ehrsr.search.budget import start_attrs
     from ehrsr.search.storage import suggest_and_set
 
+    found: list[Any] = [None]  # the cost measured before, looked up while the start is written
+
     def attrs_of(sampled: Any) -> dict[str, Any]:
         attrs = {**start_attrs(prepared.device.type, 1), TRIAL.device_name: prepared.device_name,
                  TRIAL.train: train_of(sampled), **Heartbeat.first_beat()}
@@ -342,7 +344,6 @@ def _start_trial(trial: optuna.Trial, prepared: PreparedStudy, settings: SearchS
         return {**asdict(dataclasses.replace(sampled.train, steps=fidelity.max_steps)), "seed": settings.seed}
 
     # the parameters and the start attributes in one write on a database server
-    found: list[Any] = [None]
     sampled = suggest_and_set(trial, lambda: prepared.space.suggest(trial, scale=prepared.spec.task.get("scale", 4)),
                               attrs_of)
     return sampled, train_of(sampled), found[0]
